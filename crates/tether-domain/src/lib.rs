@@ -1,0 +1,17 @@
+//! Tether's domain: what a run is, how its status may move, how alive it is, and what a lane
+//! allows. Everything here is pure: no clocks, no I/O. Callers pass the store's `now` in, so
+//! every judgement is made by one clock (the store's), never a worker's.
+
+pub mod config;
+pub mod liveness;
+pub mod machine;
+pub mod spec;
+pub mod status;
+pub mod time;
+
+pub use config::{LanePolicy, OnFull, PoolConfig, TetherConfig};
+pub use liveness::{judge_run_liveness, judge_worker, Freshness, Liveness, LivenessState, WorkerState};
+pub use machine::{AttemptOutcome, Decision, TransitionError};
+pub use spec::{Resources, RunSpec, SubmitDefaults, SubmitRequest, ValidationError};
+pub use status::{ErrorCode, RunStatus};
+pub use time::Millis;
