@@ -1,1 +1,8 @@
+//! Tether's wire format (the JSON of SPEC §2, §3) and the HTTP client that the worker and the
+//! CLI share. The server builds these types; nothing here touches a store.
 
+pub mod client;
+mod wire;
+
+pub use client::{ClientError, TetherClient};
+pub use wire::*;

@@ -1,1 +1,141 @@
+//! The storage interface every Tether store implements, and the conformance suite that holds
+//! each implementation to it (like River's `riverdriver`: one driver interface, one shared
+//! test suite every driver runs).
+//!
+//! A store owns the clock: every stamp it writes and every freshness comparison it makes uses
+//! its own `now` (SQL `now()` on PostgreSQL), never a worker's or a server's. Every status
+//! change is one conditional write on the run's current status and attempt, decided by the
+//! domain's status machine ([`tether_domain::machine::RunState::apply`]).
 
+pub mod conformance;
+mod error;
+mod records;
+
+pub use error::StoreError;
+pub use records::*;
+
+use async_trait::async_trait;
+use tether_domain::{Millis, RunSpec};
+use tokio::sync::broadcast;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A Tether store. Implementations: `tether-store-sqlite` (embedded) and
+/// `tether-store-postgres` (many servers on one database).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The store's clock, in milliseconds since the epoch.
+    async fn now(&self) -> StoreResult<Millis>;
+
+    /// Is the store reachable right now? (`/readyz`)
+    async fn ping(&self) -> StoreResult<()>;
+
+    // ---- runs -------------------------------------------------------------------------
+
+    /// Accepts a run as `pending` (attempt 0) and writes its first `status` event. With an
+    /// idempotency key already used by an identical submission, returns that run with
+    /// `created: false`; used by a different one, fails with `IdempotencyConflict`.
+    async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun>;
+
+    /// One run, with `queue_position` filled in while it is pending.
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
+
+    /// Runs newest first, filtered, paged by an opaque cursor.
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage>;
+
+    /// The history of a run's attempts, oldest first.
+    async fn list_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>>;
+
+    /// Asks a run to stop. A pending run is cancelled at once (it never starts); an in-flight
+    /// one is flagged and its worker learns of it at its next heartbeat. Fails with `NotFound`
+    /// or `Terminal`.
+    async fn request_cancel(&self, run_id: &str) -> StoreResult<RunRecord>;
+
+    // ---- workers ----------------------------------------------------------------------
+
+    async fn register_worker(&self, worker: &NewWorker) -> StoreResult<WorkerRecord>;
+
+    /// A worker leaving on purpose: marks it gone and hands its in-flight runs back at once
+    /// (each current attempt ends as if its heartbeat was lost: retried if attempts remain).
+    /// Returns the runs it held.
+    async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Registered workers that have not deregistered, with the runs each holds.
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
+
+    /// Hands the worker up to `limits.max_runs` pending runs from its lanes, first in first out
+    /// within a lane, that fit in its advertised capacity less what it already holds, and do
+    /// not push a lane past its `max_concurrency`. Each claim is a conditional write on
+    /// `status = 'pending'`, so a run goes to exactly one worker. A claim stamps `claimed_at`
+    /// and `last_heartbeat_at` at once and writes `status` and `attempt` events.
+    async fn claim_runs(&self, worker_id: &str, limits: &ClaimLimits)
+        -> StoreResult<Vec<ClaimedRun>>;
+
+    /// One heartbeat for the worker and all its runs. Stamps the worker, and each run whose
+    /// attempt is current and held by this worker. The answer lists runs to cancel and runs the
+    /// worker no longer holds. Fails with `UnknownWorker` for a deregistered or unknown worker.
+    async fn heartbeat(&self, worker_id: &str, beats: &[RunBeat]) -> StoreResult<HeartbeatAnswer>;
+
+    // ---- attempts: worker calls, each fenced by the attempt ----------------------------
+
+    /// The process started: `claimed → running`. `StaleAttempt` if the attempt is not current.
+    async fn start_attempt(&self, run_id: &str, attempt: u32, worker_id: &str)
+        -> StoreResult<RunRecord>;
+
+    /// Appends output as `log` events, in order. Past the run's output limit, stores what fits,
+    /// notes the cut in the log and ends the run `failed`/`output_limit` in the same
+    /// transaction, answering `LimitReached`. `StaleAttempt` if the attempt is not current.
+    async fn append_output(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        chunks: &[OutputChunk],
+    ) -> StoreResult<AppendOutcome>;
+
+    /// Ends the attempt as the worker reports, retrying or finishing the run as the status
+    /// machine decides, with `status` (and, when terminal, `end`) events in the same
+    /// transaction. `StaleAttempt` if the attempt is not current.
+    async fn finish_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        report: &FinishReport,
+    ) -> StoreResult<RunRecord>;
+
+    // ---- events -----------------------------------------------------------------------
+
+    /// A run's persisted events with `seq > after_seq`, in order, at most `limit`.
+    async fn events_after(&self, run_id: &str, after_seq: i64, limit: u32)
+        -> StoreResult<Vec<EventRecord>>;
+
+    /// Notifications of changes, delivered after commit: new pending runs and new events. On
+    /// PostgreSQL they arrive from every server sharing the database. Receivers that lag lose
+    /// signals, never data: they re-read the store.
+    fn subscribe(&self) -> broadcast::Receiver<Signal>;
+
+    // ---- the reaper ---------------------------------------------------------------------
+
+    /// One sweep. Ends every in-flight attempt whose heartbeat (or claim, if it never had one)
+    /// is older than its `heartbeat_timeout` (`worker_heartbeat_lost`, or
+    /// `worker_claim_timeout` if the worker never confirmed), that ran past `timeout` plus
+    /// `policy.timeout_grace_ms` (`timeout`), or whose cancel was requested and whose worker
+    /// is gone (`cancelled`). Each end is one conditional write; sweeping the same rows twice,
+    /// or from two servers at once, changes nothing the second time.
+    async fn reap_stale_runs(&self, policy: &ReapPolicy) -> StoreResult<ReapReport>;
+
+    /// The earliest moment any in-flight run could be reaped, for the reaper's next wake-up.
+    async fn next_reap_deadline(&self, policy: &ReapPolicy) -> StoreResult<Option<Millis>>;
+}
+
+/// A store shared by the server's tasks.
+pub type SharedStore = std::sync::Arc<dyn Store>;
+
+/// The capacity of a broadcast channel of [`Signal`]s.
+pub const SIGNAL_CAPACITY: usize = 4096;
+
+/// A new broadcast channel for a store's signals.
+pub fn signal_channel() -> broadcast::Sender<Signal> {
+    broadcast::channel(SIGNAL_CAPACITY).0
+}

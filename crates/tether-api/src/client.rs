@@ -1,0 +1,1 @@
+pub struct TetherClient; #[derive(Debug)] pub struct ClientError;

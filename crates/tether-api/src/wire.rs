@@ -1,0 +1,280 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tether_domain::{ErrorCode, Liveness, Resources, RunStatus, WorkerState};
+
+pub use tether_domain::SubmitRequest;
+
+/// `{ "error": { "code", "message" } }`: every error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `malformed_json`, `invalid_field`, `unknown_lane`,
+    /// `not_found`, `terminal`, `idempotency_conflict`, `stale_attempt`, `unknown_worker`,
+    /// `unauthorized`, `body_too_large`, `store_unavailable`, ...
+    pub code: String,
+    pub message: String,
+}
+
+/// One attempt in a run's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub worker_id: String,
+    pub claimed_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// `None` while in flight.
+    pub status: Option<RunStatus>,
+    pub error_code: Option<ErrorCode>,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<String>,
+}
+
+/// A run as every API answer shows it (SPEC §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunView {
+    pub id: String,
+    pub status: RunStatus,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub lane: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub resources: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub endpoints: BTreeMap<String, String>,
+    pub timeout_s: Option<f64>,
+    pub heartbeat_timeout_s: Option<f64>,
+    pub stall_timeout_s: Option<f64>,
+    pub idempotency_key: Option<String>,
+    pub worker_id: Option<String>,
+    pub created_at: String,
+    pub claimed_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub last_heartbeat_at: Option<String>,
+    pub last_output_at: Option<String>,
+    pub cancel_requested_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error_code: Option<ErrorCode>,
+    pub error_message: Option<String>,
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
+    pub queue_position: Option<i64>,
+    pub liveness: Liveness,
+    /// Present on `GET /v1/runs/{id}`; left out of lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptView>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunList {
+    pub runs: Vec<RunView>,
+    pub next_cursor: Option<String>,
+}
+
+// ---- workers -----------------------------------------------------------------------------
+
+/// `POST /v1/workers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterWorkerRequest {
+    pub name: String,
+    pub capacity: Resources,
+    /// Empty or absent: every lane.
+    #[serde(default)]
+    pub lanes: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegisterWorkerResponse {
+    pub worker_id: String,
+    /// How often the worker must heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /v1/workers/{id}/claim`: long-polls up to `wait_ms` for work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    #[serde(default = "one")]
+    pub max_runs: u32,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a worker needs to run one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Assignment {
+    pub run_id: String,
+    pub attempt: u32,
+    pub command: Vec<String>,
+    /// The run's env, plus its resolved endpoints.
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub stall_timeout_ms: Option<u64>,
+    pub output_limit_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClaimResponse {
+    pub assignments: Vec<Assignment>,
+}
+
+/// One run's part of a worker heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunBeatWire {
+    pub run_id: String,
+    pub attempt: u32,
+    #[serde(default)]
+    pub stdout_bytes: i64,
+    #[serde(default)]
+    pub stderr_bytes: i64,
+    #[serde(default)]
+    pub since_last_output_s: Option<f64>,
+}
+
+/// `POST /v1/workers/{id}/heartbeat`: one per interval for the worker and all its runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    #[serde(default)]
+    pub runs: Vec<RunBeatWire>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunRefWire {
+    pub run_id: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeartbeatResponse {
+    /// Stop these (SIGTERM, then SIGKILL after the grace period) and finish them `cancelled`.
+    pub cancel: Vec<RunRefWire>,
+    /// Not yours any more: kill at once, report nothing.
+    pub not_owned: Vec<RunRefWire>,
+}
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub worker_id: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// One piece of output. `data` is base64 so that bytes that are not UTF-8 survive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogChunkWire {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// Milliseconds since the epoch, by the worker's clock, when the worker read it.
+    pub ts: i64,
+    /// Base64 (standard alphabet, padded) of the raw bytes.
+    pub data: String,
+}
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppendLogRequest {
+    pub worker_id: String,
+    pub chunks: Vec<LogChunkWire>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppendLogResponse {
+    pub last_seq: i64,
+    /// The run's output limit was reached and the run has ended: kill the process, finish
+    /// nothing.
+    pub stop: bool,
+}
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/finish`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    pub worker_id: String,
+    /// `succeeded`, `failed`, `timed_out` or `cancelled`.
+    pub status: RunStatus,
+    #[serde(default)]
+    pub error_code: Option<ErrorCode>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+/// A worker as `GET /v1/workers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    pub name: String,
+    pub state: WorkerState,
+    pub capacity: Resources,
+    pub reserved: Resources,
+    pub lanes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: String,
+    pub last_heartbeat_at: String,
+    pub heartbeat_age_s: f64,
+    pub runs: Vec<RunRefWire>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
+// ---- events ------------------------------------------------------------------------------
+
+/// One event as SSE `data:` and as an NDJSON line carry it. `seq` is absent on `heartbeat`
+/// events, which are never stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    pub ts: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RunStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// `log`: `stdout` or `stderr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// `log`: the output as text (invalid UTF-8 replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `log`: base64 of the raw bytes, present only when they are not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_b64: Option<String>,
+    /// `heartbeat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+}

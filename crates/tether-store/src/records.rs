@@ -1,0 +1,305 @@
+//! The records a store reads and writes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tether_domain::machine::{AttemptOutcome, RunState};
+use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: String,
+    /// Rises with every run accepted; orders lanes first in first out and pages lists.
+    pub seq: i64,
+    pub spec: RunSpec,
+    pub status: RunStatus,
+    /// 0 while the run was never claimed; then the current (or last) attempt.
+    pub attempt: u32,
+    pub worker_id: Option<String>,
+    pub created_at: Millis,
+    pub claimed_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub last_heartbeat_at: Option<Millis>,
+    pub last_output_at: Option<Millis>,
+    pub cancel_requested_at: Option<Millis>,
+    pub exit_code: Option<i32>,
+    pub error_code: Option<ErrorCode>,
+    pub error_message: Option<String>,
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
+    /// 1-based place among the lane's pending runs, while pending.
+    pub queue_position: Option<i64>,
+    /// The highest event `seq` written for this run.
+    pub last_event_seq: i64,
+}
+
+impl RunRecord {
+    /// What the status machine needs to judge a command on this run.
+    pub fn state(&self) -> RunState {
+        RunState {
+            status: self.status,
+            attempt: self.attempt,
+            max_attempts: self.spec.max_attempts,
+            worker_id: self.worker_id.clone(),
+            cancel_requested: self.cancel_requested_at.is_some(),
+        }
+    }
+}
+
+/// One execution of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub run_id: String,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub claimed_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// `None` while the attempt is in flight.
+    pub status: Option<RunStatus>,
+    pub error_code: Option<ErrorCode>,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatedRun {
+    pub run: RunRecord,
+    /// `false` when an identical submission with the same idempotency key already existed.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    pub lane: Option<String>,
+    /// 1..=500; the store clamps.
+    pub limit: u32,
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPage {
+    pub runs: Vec<RunRecord>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/workers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewWorker {
+    pub name: String,
+    pub capacity: Resources,
+    /// Empty: every lane.
+    pub lanes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub name: String,
+    pub capacity: Resources,
+    pub lanes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: Millis,
+    pub last_heartbeat_at: Millis,
+    pub draining: bool,
+    /// The runs it holds now (claimed or running), with their attempts.
+    pub runs: Vec<(String, u32)>,
+    /// The resources those runs reserve.
+    pub reserved: Resources,
+}
+
+/// What a claim may hand out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClaimLimits {
+    /// At most this many runs in one answer.
+    pub max_runs: u32,
+    /// Lanes with a `max_concurrency`: no claim pushes a lane's in-flight count past it.
+    pub lane_max_concurrency: BTreeMap<String, u32>,
+}
+
+/// A run handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedRun {
+    pub run: RunRecord,
+    pub attempt: u32,
+}
+
+/// One run's part of a worker heartbeat. The byte counts and output age are diagnostics,
+/// never a gate: liveness is the heartbeat itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunBeat {
+    pub run_id: String,
+    pub attempt: u32,
+    #[serde(default)]
+    pub stdout_bytes: i64,
+    #[serde(default)]
+    pub stderr_bytes: i64,
+    #[serde(default)]
+    pub since_last_output_s: Option<f64>,
+}
+
+/// A run named in a heartbeat answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRef {
+    pub run_id: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatAnswer {
+    /// Current attempts whose cancel was requested: the worker stops them.
+    pub cancel: Vec<RunRef>,
+    /// Attempts the worker named that it no longer holds: it kills them at once.
+    pub not_owned: Vec<RunRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OutputStream> {
+        match text {
+            "stdout" => Some(OutputStream::Stdout),
+            "stderr" => Some(OutputStream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Output as the worker read it: whole lines where it could, raw bytes (not necessarily UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: OutputStream,
+    /// When the worker read it (informational; liveness uses the store's clock).
+    pub ts: Millis,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    Accepted { last_seq: i64 },
+    /// The output limit was reached; the run has ended `failed` with `output_limit`.
+    LimitReached { run: Box<RunRecord> },
+}
+
+/// How a worker says an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishReport {
+    pub outcome: AttemptOutcome,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Every status transition.
+    Status,
+    /// A new attempt began.
+    Attempt,
+    /// Output.
+    Log,
+    /// The run is terminal; nothing follows.
+    End,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Status => "status",
+            EventKind::Attempt => "attempt",
+            EventKind::Log => "log",
+            EventKind::End => "end",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventKind> {
+        Some(match text {
+            "status" => EventKind::Status,
+            "attempt" => EventKind::Attempt,
+            "log" => EventKind::Log,
+            "end" => EventKind::End,
+            _ => return None,
+        })
+    }
+}
+
+/// A persisted event. `seq` rises by one per run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub run_id: String,
+    pub seq: i64,
+    pub kind: EventKind,
+    pub ts: Millis,
+    pub attempt: u32,
+    /// For `status` and `end`: `{ "status", "attempt", "error_code", "exit_code" }`; for
+    /// `attempt`: `{ "attempt", "worker_id" }`; for `log`: `{ "stream" }`.
+    pub body: serde_json::Value,
+    /// For `log`: the raw output bytes.
+    pub data: Option<Vec<u8>>,
+}
+
+/// A change other tasks may want to wake for. Delivered after the change commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// A run became pending in this lane (new, or back for a retry).
+    RunPending { lane: String },
+    /// A run has new events up to `seq`.
+    RunEvents { run_id: String, seq: i64 },
+}
+
+/// How the reaper judges in-flight runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReapPolicy {
+    /// After a run's `timeout` passes, how long its worker gets to end it itself before the
+    /// reaper does.
+    pub timeout_grace_ms: i64,
+    /// A run whose cancel was requested is ended `cancelled` once its heartbeat is this old,
+    /// even when it has no heartbeat timeout of its own.
+    pub cancel_stale_after_ms: i64,
+    /// At most this many runs ended in one sweep.
+    pub batch: u32,
+}
+
+impl Default for ReapPolicy {
+    fn default() -> Self {
+        ReapPolicy {
+            timeout_grace_ms: 5_000,
+            cancel_stale_after_ms: 60_000,
+            batch: 500,
+        }
+    }
+}
+
+/// One run ended by a sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReapedRun {
+    pub run_id: String,
+    pub attempt: u32,
+    pub error_code: ErrorCode,
+    /// `pending` when retried, else its terminal status.
+    pub status_after: RunStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    pub reaped: Vec<ReapedRun>,
+    /// `false` when another server holds the sweep (PostgreSQL only).
+    pub swept: bool,
+}
