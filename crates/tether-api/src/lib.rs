@@ -4,5 +4,5 @@
 pub mod client;
 mod wire;
 
-pub use client::{ClientError, TetherClient};
+pub use client::{BoxStream, ClientError, ListRunsQuery, SseItem, TetherClient};
 pub use wire::*;
