@@ -1,1 +1,1045 @@
+//! Tether's embedded store: SQLite through sqlx, in WAL mode, migrations embedded.
+//!
+//! Every write runs on one writer connection (a pool of one) inside `BEGIN IMMEDIATE`, so
+//! writers in this process queue up instead of failing with `SQLITE_BUSY`, and a writer in
+//! another process waits on the busy timeout. Reads use a separate small pool and, thanks to
+//! WAL, never wait for a writer.
 
+mod rows;
+mod write;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection, Transaction};
+use tether_domain::machine::{AttemptOutcome, Command, RunState};
+use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+use tether_store::{
+    AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun, EventKind, EventRecord,
+    FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy, ReapReport, ReapedRun,
+    RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store, StoreError, StoreResult,
+    WorkerRecord,
+};
+use tokio::sync::broadcast;
+
+use crate::rows::{
+    decode_attempt, decode_event, decode_run, decode_worker, to_u32, Loaded, ATTEMPT_SELECT,
+    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
+};
+use crate::write::{
+    end_attempt, guard, guarded, load_run, one_row, push_event, push_status, status_body,
+    transition_error, Ending, Outbox,
+};
+
+/// Any database failure: the request may be retried.
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The store's clock. Each transaction reads it once and uses that one value throughout.
+fn clock() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+fn encode<T: serde::Serialize>(value: &T, what: &str) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+const IN_FLIGHT: &str = "('claimed', 'running')";
+const PENDING: &str = "('pending', 'queued')";
+/// How many pending runs one claim looks at before giving up on finding more that fit.
+const CLAIM_SCAN_LIMIT: usize = 2048;
+const CLAIM_PAGE: i64 = 256;
+
+/// The embedded store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    signals: broadcast::Sender<Signal>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at a URL like `sqlite://./.tether/tether.db`
+    /// and applies the embedded migrations.
+    pub async fn open(url: &str) -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory {
+            if let Some(parent) = options.get_filename().parent() {
+                if parent != Path::new("") {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        StoreError::Unavailable(format!("creating {}: {e}", parent.display()))
+                    })?;
+                }
+            }
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(db)?;
+        sqlx::migrate!()
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;
+        // An in-memory database lives in one connection: read through the writer too.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .map_err(db)?
+        };
+        Ok(SqliteStore {
+            writer,
+            reader,
+            signals: tether_store::signal_channel(),
+        })
+    }
+
+    /// A write transaction. Dropping it without commit (an error, or a cancelled future)
+    /// rolls it back before the connection is used again.
+    async fn begin(&self) -> StoreResult<Transaction<'static, sqlx::Sqlite>> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+
+    async fn commit(&self, tx: Transaction<'static, sqlx::Sqlite>, out: Outbox) -> StoreResult<()> {
+        tx.commit().await.map_err(db)?;
+        for signal in out.into_signals() {
+            // No receivers is fine: nobody is waiting.
+            let _ = self.signals.send(signal);
+        }
+        Ok(())
+    }
+
+    async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
+        let mut conn = self.reader.acquire().await.map_err(db)?;
+        Ok(load_run(&mut conn, run_id).await?.map(|l| l.run))
+    }
+}
+
+/// Loads a run for a worker call, or `NotFound`.
+async fn must_load(conn: &mut SqliteConnection, run_id: &str) -> StoreResult<Loaded> {
+    load_run(conn, run_id).await?.ok_or(StoreError::NotFound)
+}
+
+async fn reload(conn: &mut SqliteConnection, run_id: &str) -> StoreResult<RunRecord> {
+    Ok(must_load(conn, run_id).await?.run)
+}
+
+/// A worker that may still act: registered and not deregistered.
+async fn live_worker(conn: &mut SqliteConnection, worker_id: &str) -> StoreResult<WorkerRecord> {
+    let row = sqlx::query(&format!("{WORKER_SELECT} WHERE id = ?"))
+        .bind(worker_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    match row.as_ref().map(decode_worker).transpose()? {
+        Some((worker, None)) => Ok(worker),
+        _ => Err(StoreError::UnknownWorker),
+    }
+}
+
+/// The in-flight runs a worker holds, with their attempts, and what they reserve.
+async fn held_by(
+    conn: &mut SqliteConnection,
+    worker_id: &str,
+) -> StoreResult<(Vec<(String, u32)>, Resources)> {
+    let rows = sqlx::query(&format!(
+        "SELECT id, attempt, cpus, memory_mb FROM runs \
+         WHERE worker_id = ? AND status IN {IN_FLIGHT} ORDER BY seq"
+    ))
+    .bind(worker_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let mut runs = Vec::with_capacity(rows.len());
+    let mut reserved = Resources {
+        cpus: 0.0,
+        memory_mb: 0,
+    };
+    for row in rows {
+        runs.push((
+            row.try_get::<String, _>("id").map_err(db)?,
+            to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
+        ));
+        reserved.cpus += row.try_get::<f64, _>("cpus").map_err(db)?;
+        reserved.memory_mb += row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64;
+    }
+    Ok((runs, reserved))
+}
+
+/// Ends a run's current attempt as the reaper would, with `error_code`, if it is still the
+/// attempt judged. Answers what happened, or `None` if the run had moved on.
+async fn reap_one(
+    conn: &mut SqliteConnection,
+    out: &mut Outbox,
+    now: Millis,
+    loaded: &Loaded,
+    error_code: ErrorCode,
+) -> StoreResult<Option<ReapedRun>> {
+    let run = &loaded.run;
+    let transition = match run.state().apply(&Command::Reap {
+        attempt: run.attempt,
+        error_code,
+    }) {
+        Ok(t) => t,
+        Err(_) => return Ok(None),
+    };
+    let Some(decision) = transition.decision else {
+        return Ok(None);
+    };
+    match end_attempt(conn, out, now, loaded, decision, Ending::default()).await {
+        Ok(()) => Ok(Some(ReapedRun {
+            run_id: run.id.clone(),
+            attempt: run.attempt,
+            error_code: decision.attempt_result().1.unwrap_or(error_code),
+            status_after: decision.run_status(),
+        })),
+        // Lost a race with another writer: it is theirs now.
+        Err(StoreError::StaleAttempt) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Which reaper deadline a run has passed first, if any.
+fn reap_reason(loaded: &Loaded, now: Millis, policy: &ReapPolicy) -> Option<ErrorCode> {
+    let run = &loaded.run;
+    let mut due: Vec<(Millis, ErrorCode)> = Vec::new();
+    if let Some(stale_at) = loaded.stale_at {
+        if stale_at < now {
+            let code = if run.status == RunStatus::Claimed && !loaded.confirmed {
+                ErrorCode::WorkerClaimTimeout
+            } else {
+                ErrorCode::WorkerHeartbeatLost
+            };
+            due.push((stale_at, code));
+        }
+    }
+    if let Some(timeout_at) = loaded.timeout_at {
+        let deadline = timeout_at.saturating_add(policy.timeout_grace_ms);
+        if deadline < now {
+            due.push((deadline, ErrorCode::Timeout));
+        }
+    }
+    if run.cancel_requested_at.is_some() {
+        if let Some(base) = run.last_heartbeat_at.or(run.claimed_at) {
+            let deadline = base.saturating_add(policy.cancel_stale_after_ms);
+            if deadline < now {
+                // The machine ends it `cancelled`: a requested cancel wins over a retry.
+                due.push((deadline, ErrorCode::WorkerHeartbeatLost));
+            }
+        }
+    }
+    due.into_iter()
+        .min_by_key(|(at, _)| *at)
+        .map(|(_, code)| code)
+}
+
+fn parse_cursor(cursor: &str) -> StoreResult<i64> {
+    match cursor.parse::<i64>() {
+        Ok(seq) if seq > 0 => Ok(seq),
+        _ => Err(StoreError::InvalidCursor),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn now(&self) -> StoreResult<Millis> {
+        Ok(clock())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        if let Some(key) = &spec.idempotency_key {
+            let existing =
+                sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if let Some(row) = existing {
+                let run_id: String = row.try_get("id").map_err(db)?;
+                let fingerprint: String = row.try_get("request_fingerprint").map_err(db)?;
+                if fingerprint != spec.request_fingerprint {
+                    return Err(StoreError::IdempotencyConflict { run_id });
+                }
+                let run = reload(&mut tx, &run_id).await?;
+                return Ok(CreatedRun {
+                    run,
+                    created: false,
+                });
+            }
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let state = RunState::new(spec.max_attempts);
+        sqlx::query(
+            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
+             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
+             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&spec.lane)
+        .bind(state.status.as_str())
+        .bind(i64::from(state.max_attempts))
+        .bind(encode(spec, "run spec")?)
+        .bind(spec.resources.cpus)
+        .bind(spec.resources.memory_mb as i64)
+        .bind(now)
+        .bind(spec.heartbeat_timeout_ms)
+        .bind(spec.timeout_ms)
+        .bind(spec.output_limit_bytes)
+        .bind(spec.idempotency_key.as_deref())
+        .bind(&spec.request_fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let body = status_body(RunStatus::Pending, 0, None, None);
+        push_status(&mut tx, &mut out, &id, now, body, RunStatus::Pending, 0).await?;
+        out.run_pending(&spec.lane);
+        let run = reload(&mut tx, &id).await?;
+        self.commit(tx, out).await?;
+        Ok(CreatedRun { run, created: true })
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
+        self.read_run(run_id).await
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
+        let limit = match filter.limit {
+            0 => 50,
+            n => n.min(500),
+        };
+        let after = filter.cursor.as_deref().map(parse_cursor).transpose()?;
+        let mut sql = format!("{RUN_SELECT} WHERE 1 = 1");
+        if after.is_some() {
+            sql.push_str(" AND r.seq < ?");
+        }
+        if let Some(status) = filter.status {
+            if status == RunStatus::Pending {
+                sql.push_str(&format!(" AND r.status IN {PENDING}"));
+            } else {
+                sql.push_str(" AND r.status = ?");
+            }
+        }
+        if filter.lane.is_some() {
+            sql.push_str(" AND r.lane = ?");
+        }
+        sql.push_str(" ORDER BY r.seq DESC LIMIT ?");
+        let mut query = sqlx::query(&sql);
+        if let Some(seq) = after {
+            query = query.bind(seq);
+        }
+        if let Some(status) = filter.status.filter(|s| *s != RunStatus::Pending) {
+            query = query.bind(status.as_str());
+        }
+        if let Some(lane) = &filter.lane {
+            query = query.bind(lane.as_str());
+        }
+        // One more than asked, to know whether another page follows.
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db)?;
+        let mut runs = rows
+            .iter()
+            .map(|row| decode_run(row).map(|l| l.run))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if runs.len() > limit as usize {
+            runs.truncate(limit as usize);
+            runs.last().map(|r| r.seq.to_string())
+        } else {
+            None
+        };
+        Ok(RunPage { runs, next_cursor })
+    }
+
+    async fn list_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let rows = sqlx::query(&format!(
+            "{ATTEMPT_SELECT} WHERE run_id = ? ORDER BY attempt"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_attempt).collect()
+    }
+
+    async fn request_cancel(&self, run_id: &str) -> StoreResult<RunRecord> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let loaded = must_load(&mut tx, run_id).await?;
+        let transition = loaded
+            .run
+            .state()
+            .apply(&Command::Cancel)
+            .map_err(transition_error)?;
+        // Keep the first request's stamp: the cancel deadline runs from it.
+        let q = sqlx::query(concat!(
+            "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, ?)",
+            guard!()
+        ))
+        .bind(now);
+        one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
+        if let Some(decision) = transition.decision {
+            end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?;
+        }
+        let run = reload(&mut tx, run_id).await?;
+        self.commit(tx, out).await?;
+        Ok(run)
+    }
+
+    async fn register_worker(&self, worker: &NewWorker) -> StoreResult<WorkerRecord> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let id = uuid::Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO workers (id, name, cpus, memory_mb, lanes, labels, registered_at, \
+             last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&worker.name)
+        .bind(worker.capacity.cpus)
+        .bind(worker.capacity.memory_mb as i64)
+        .bind(encode(&worker.lanes, "worker lanes")?)
+        .bind(encode(&worker.labels, "worker labels")?)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = live_worker(&mut tx, &id).await?;
+        self.commit(tx, Outbox::default()).await?;
+        Ok(record)
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let row = sqlx::query("SELECT deregistered_at FROM workers WHERE id = ?")
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Err(StoreError::UnknownWorker);
+        };
+        if row
+            .try_get::<Option<Millis>, _>("deregistered_at")
+            .map_err(db)?
+            .is_some()
+        {
+            // Already gone, and its runs already handed back.
+            return Ok(Vec::new());
+        }
+        sqlx::query("UPDATE workers SET deregistered_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let (held, _) = held_by(&mut tx, worker_id).await?;
+        let mut handed_back = Vec::with_capacity(held.len());
+        for (run_id, _) in held {
+            let Some(loaded) = load_run(&mut tx, &run_id).await? else {
+                continue;
+            };
+            if reap_one(
+                &mut tx,
+                &mut out,
+                now,
+                &loaded,
+                ErrorCode::WorkerHeartbeatLost,
+            )
+            .await?
+            .is_some()
+            {
+                handed_back.push(run_id);
+            }
+        }
+        self.commit(tx, out).await?;
+        Ok(handed_back)
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let mut conn = self.reader.acquire().await.map_err(db)?;
+        let rows = sqlx::query(&format!(
+            "{WORKER_SELECT} WHERE deregistered_at IS NULL ORDER BY registered_at, id"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let mut workers = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (mut worker, _) = decode_worker(row)?;
+            let (runs, reserved) = held_by(&mut conn, &worker.id).await?;
+            worker.runs = runs;
+            worker.reserved = reserved;
+            workers.push(worker);
+        }
+        Ok(workers)
+    }
+
+    async fn claim_runs(
+        &self,
+        worker_id: &str,
+        limits: &ClaimLimits,
+    ) -> StoreResult<Vec<ClaimedRun>> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let worker = live_worker(&mut tx, worker_id).await?;
+        sqlx::query("UPDATE workers SET last_heartbeat_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let (_, reserved) = held_by(&mut tx, worker_id).await?;
+        let mut room_cpus = worker.capacity.cpus - reserved.cpus;
+        let mut room_memory = worker.capacity.memory_mb.saturating_sub(reserved.memory_mb);
+
+        // Lanes with a ceiling: how many runs each has in flight now, and its ceiling.
+        let mut lane_room: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for (lane, max) in &limits.lane_max_concurrency {
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM runs WHERE lane = ? AND status IN {IN_FLIGHT}"
+            ))
+            .bind(lane)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            lane_room.insert(lane.as_str(), (n.max(0) as u32, *max));
+        }
+
+        let mut sql = format!(
+            "SELECT seq, id, lane, cpus, memory_mb FROM runs WHERE status IN {PENDING} \
+             AND cancel_requested_at IS NULL AND seq > ?"
+        );
+        if !worker.lanes.is_empty() {
+            let marks = vec!["?"; worker.lanes.len()].join(", ");
+            sql.push_str(&format!(" AND lane IN ({marks})"));
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+
+        let mut claimed: Vec<String> = Vec::new();
+        let mut after_seq = 0_i64;
+        let mut scanned = 0_usize;
+        'scan: loop {
+            let mut query = sqlx::query(&sql).bind(after_seq);
+            for lane in &worker.lanes {
+                query = query.bind(lane.as_str());
+            }
+            let rows = query
+                .bind(CLAIM_PAGE)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            if rows.is_empty() {
+                break;
+            }
+            scanned += rows.len();
+            for row in &rows {
+                if limits.max_runs > 0 && claimed.len() >= limits.max_runs as usize {
+                    break 'scan;
+                }
+                after_seq = row.try_get("seq").map_err(db)?;
+                let lane: String = row.try_get("lane").map_err(db)?;
+                let needs = Resources {
+                    cpus: row.try_get("cpus").map_err(db)?,
+                    memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
+                };
+                if let Some((n, max)) = lane_room.get(lane.as_str()) {
+                    if n >= max {
+                        continue;
+                    }
+                }
+                let room = Resources {
+                    cpus: room_cpus,
+                    memory_mb: room_memory,
+                };
+                // A run too big for what is left is skipped; smaller ones behind it still go.
+                if !needs.fits_in(&room) {
+                    continue;
+                }
+                let run_id: String = row.try_get("id").map_err(db)?;
+                let Some(loaded) = load_run(&mut tx, &run_id).await? else {
+                    continue;
+                };
+                let Ok(transition) = loaded.run.state().apply(&Command::Claim {
+                    worker_id: worker_id.to_string(),
+                }) else {
+                    continue;
+                };
+                let attempt = transition.next.attempt;
+                let q = sqlx::query(concat!(
+                    "UPDATE runs SET status = ?, attempt = ?, worker_id = ?, claimed_at = ?, \
+                     started_at = NULL, last_heartbeat_at = ?, confirmed = 0, \
+                     stale_at = ? + heartbeat_timeout_ms, timeout_at = ? + timeout_ms",
+                    guard!()
+                ))
+                .bind(transition.next.status.as_str())
+                .bind(i64::from(attempt))
+                .bind(worker_id)
+                .bind(now)
+                .bind(now)
+                .bind(now)
+                .bind(now);
+                let result = guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?;
+                if result.rows_affected() != 1 {
+                    // Someone else took it between our read and write: not ours.
+                    continue;
+                }
+                sqlx::query(
+                    "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
+                     VALUES (?, ?, ?, ?)",
+                )
+                .bind(&run_id)
+                .bind(i64::from(attempt))
+                .bind(worker_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                let body = status_body(RunStatus::Claimed, attempt, None, None);
+                push_status(
+                    &mut tx,
+                    &mut out,
+                    &run_id,
+                    now,
+                    body,
+                    RunStatus::Claimed,
+                    attempt,
+                )
+                .await?;
+                push_event(
+                    &mut tx,
+                    &mut out,
+                    &run_id,
+                    EventKind::Attempt,
+                    attempt,
+                    now,
+                    json!({ "attempt": attempt, "worker_id": worker_id }),
+                    None,
+                )
+                .await?;
+                room_cpus -= needs.cpus;
+                room_memory = room_memory.saturating_sub(needs.memory_mb);
+                if let Some((n, _)) = lane_room.get_mut(lane.as_str()) {
+                    *n += 1;
+                }
+                claimed.push(run_id);
+            }
+            if scanned >= CLAIM_SCAN_LIMIT || room_cpus <= 1e-9 || room_memory == 0 {
+                break;
+            }
+        }
+        let mut runs = Vec::with_capacity(claimed.len());
+        for run_id in &claimed {
+            let run = reload(&mut tx, run_id).await?;
+            runs.push(ClaimedRun {
+                attempt: run.attempt,
+                run,
+            });
+        }
+        self.commit(tx, out).await?;
+        Ok(runs)
+    }
+
+    async fn heartbeat(&self, worker_id: &str, beats: &[RunBeat]) -> StoreResult<HeartbeatAnswer> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        live_worker(&mut tx, worker_id).await?;
+        sqlx::query("UPDATE workers SET last_heartbeat_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut answer = HeartbeatAnswer::default();
+        for beat in beats {
+            let reference = RunRef {
+                run_id: beat.run_id.clone(),
+                attempt: beat.attempt,
+            };
+            let Some(loaded) = load_run(&mut tx, &beat.run_id).await? else {
+                answer.not_owned.push(reference);
+                continue;
+            };
+            let touch = Command::Touch {
+                attempt: beat.attempt,
+                worker_id: worker_id.to_string(),
+            };
+            if loaded.run.state().apply(&touch).is_err() {
+                answer.not_owned.push(reference);
+                continue;
+            }
+            let q = sqlx::query(concat!(
+                "UPDATE runs SET last_heartbeat_at = ?, stale_at = ? + heartbeat_timeout_ms, \
+                 confirmed = 1, reported_stdout_bytes = ?, reported_stderr_bytes = ?",
+                guard!(),
+                " \
+                 AND worker_id = ?"
+            ))
+            .bind(now)
+            .bind(now)
+            .bind(beat.stdout_bytes)
+            .bind(beat.stderr_bytes);
+            let result = guarded(q, &loaded)
+                .bind(worker_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            if result.rows_affected() != 1 {
+                answer.not_owned.push(reference);
+            } else if loaded.run.cancel_requested_at.is_some() {
+                answer.cancel.push(reference);
+            }
+        }
+        self.commit(tx, Outbox::default()).await?;
+        Ok(answer)
+    }
+
+    async fn start_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+    ) -> StoreResult<RunRecord> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let loaded = must_load(&mut tx, run_id).await?;
+        let transition = loaded
+            .run
+            .state()
+            .apply(&Command::Start {
+                attempt,
+                worker_id: worker_id.to_string(),
+            })
+            .map_err(transition_error)?;
+        if loaded.run.status == RunStatus::Running {
+            // The worker retried a start whose answer it lost: already done.
+            return Ok(loaded.run);
+        }
+        // A start is a sign of life, like a heartbeat; the timeout runs from here.
+        let q = sqlx::query(concat!(
+            "UPDATE runs SET status = ?, started_at = ?, confirmed = 1, last_heartbeat_at = ?, \
+             stale_at = ? + heartbeat_timeout_ms, timeout_at = ? + timeout_ms",
+            guard!()
+        ))
+        .bind(transition.next.status.as_str())
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(now);
+        one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
+        sqlx::query("UPDATE attempts SET started_at = ? WHERE run_id = ? AND attempt = ?")
+            .bind(now)
+            .bind(run_id)
+            .bind(i64::from(attempt))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let body = status_body(RunStatus::Running, attempt, None, None);
+        push_status(
+            &mut tx,
+            &mut out,
+            run_id,
+            now,
+            body,
+            RunStatus::Running,
+            attempt,
+        )
+        .await?;
+        let run = reload(&mut tx, run_id).await?;
+        self.commit(tx, out).await?;
+        Ok(run)
+    }
+
+    async fn append_output(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        chunks: &[OutputChunk],
+    ) -> StoreResult<AppendOutcome> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let loaded = must_load(&mut tx, run_id).await?;
+        loaded
+            .run
+            .state()
+            .apply(&Command::Touch {
+                attempt,
+                worker_id: worker_id.to_string(),
+            })
+            .map_err(transition_error)?;
+        let limit = loaded.run.spec.output_limit_bytes.max(0);
+        let mut total = loaded.output_bytes;
+        let (mut stdout, mut stderr) = (0_i64, 0_i64);
+        let mut last_seq = loaded.run.last_event_seq;
+        let mut limit_reached = false;
+        for chunk in chunks {
+            let room = usize::try_from(limit - total).unwrap_or(0);
+            let (data, cut) = if chunk.data.len() > room {
+                (&chunk.data[..room], true)
+            } else {
+                (&chunk.data[..], false)
+            };
+            if !data.is_empty() {
+                last_seq = push_event(
+                    &mut tx,
+                    &mut out,
+                    run_id,
+                    EventKind::Log,
+                    attempt,
+                    now,
+                    json!({ "stream": chunk.stream.as_str() }),
+                    Some(data),
+                )
+                .await?;
+                let n = data.len() as i64;
+                total += n;
+                match chunk.stream {
+                    tether_store::OutputStream::Stdout => stdout += n,
+                    tether_store::OutputStream::Stderr => stderr += n,
+                }
+            }
+            if cut {
+                limit_reached = true;
+                break;
+            }
+        }
+        if stdout + stderr > 0 {
+            let q = sqlx::query(concat!("UPDATE runs SET stdout_bytes = stdout_bytes + ?, stderr_bytes = stderr_bytes + ?, \
+                 output_bytes = output_bytes + ?, last_output_at = ?", guard!()))
+            .bind(stdout)
+            .bind(stderr)
+            .bind(stdout + stderr)
+            .bind(now);
+            one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
+        }
+        if !limit_reached {
+            self.commit(tx, out).await?;
+            return Ok(AppendOutcome::Accepted { last_seq });
+        }
+        // The note is not counted against the limit: it is Tether speaking, not the command.
+        let note = format!("[tether] output limit of {limit} bytes reached; the run was stopped\n");
+        push_event(
+            &mut tx,
+            &mut out,
+            run_id,
+            EventKind::Log,
+            attempt,
+            now,
+            json!({ "stream": "stderr" }),
+            Some(note.as_bytes()),
+        )
+        .await?;
+        let transition = loaded
+            .run
+            .state()
+            .apply(&Command::Finish {
+                attempt,
+                worker_id: worker_id.to_string(),
+                outcome: AttemptOutcome::Failed {
+                    error_code: ErrorCode::OutputLimit,
+                },
+            })
+            .map_err(transition_error)?;
+        if let Some(decision) = transition.decision {
+            let message = format!("output limit of {limit} bytes reached");
+            let ending = Ending {
+                exit_code: None,
+                error_message: Some(&message),
+            };
+            end_attempt(&mut tx, &mut out, now, &loaded, decision, ending).await?;
+        }
+        let run = reload(&mut tx, run_id).await?;
+        self.commit(tx, out).await?;
+        Ok(AppendOutcome::LimitReached { run: Box::new(run) })
+    }
+
+    async fn finish_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        report: &FinishReport,
+    ) -> StoreResult<RunRecord> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let loaded = must_load(&mut tx, run_id).await?;
+        let transition = loaded
+            .run
+            .state()
+            .apply(&Command::Finish {
+                attempt,
+                worker_id: worker_id.to_string(),
+                outcome: report.outcome,
+            })
+            .map_err(transition_error)?;
+        if let Some(decision) = transition.decision {
+            let ending = Ending {
+                exit_code: report.exit_code,
+                error_message: report.error_message.as_deref(),
+            };
+            end_attempt(&mut tx, &mut out, now, &loaded, decision, ending).await?;
+        }
+        let run = reload(&mut tx, run_id).await?;
+        self.commit(tx, out).await?;
+        Ok(run)
+    }
+
+    async fn events_after(
+        &self,
+        run_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let limit = match limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let rows = sqlx::query(&format!(
+            "{EVENT_SELECT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(run_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Signal> {
+        self.signals.subscribe()
+    }
+
+    async fn reap_stale_runs(&self, policy: &ReapPolicy) -> StoreResult<ReapReport> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let batch = i64::from(policy.batch.max(1));
+        // One query per deadline, each served by its partial index over in-flight rows.
+        let queries = [
+            (
+                format!(
+                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} AND stale_at < ? \
+                     ORDER BY stale_at LIMIT ?"
+                ),
+                now,
+            ),
+            (
+                format!(
+                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} AND timeout_at < ? \
+                     ORDER BY timeout_at LIMIT ?"
+                ),
+                now.saturating_sub(policy.timeout_grace_ms),
+            ),
+            (
+                format!(
+                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} \
+                     AND cancel_requested_at IS NOT NULL \
+                     AND coalesce(last_heartbeat_at, claimed_at) < ? LIMIT ?"
+                ),
+                now.saturating_sub(policy.cancel_stale_after_ms),
+            ),
+        ];
+        let mut due: BTreeMap<i64, String> = BTreeMap::new();
+        for (sql, bound) in &queries {
+            let rows = sqlx::query(sql)
+                .bind(*bound)
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            for row in rows {
+                due.insert(
+                    row.try_get("seq").map_err(db)?,
+                    row.try_get("id").map_err(db)?,
+                );
+            }
+        }
+        let mut reaped = Vec::new();
+        for run_id in due.into_values().take(batch as usize) {
+            let Some(loaded) = load_run(&mut tx, &run_id).await? else {
+                continue;
+            };
+            // Judged again on the row as loaded in this transaction: a run another sweep has
+            // already ended is no longer in flight, and one that heartbeated is no longer due.
+            let Some(code) = reap_reason(&loaded, now, policy) else {
+                continue;
+            };
+            if let Some(r) = reap_one(&mut tx, &mut out, now, &loaded, code).await? {
+                reaped.push(r);
+            }
+        }
+        self.commit(tx, out).await?;
+        Ok(ReapReport {
+            reaped,
+            swept: true,
+        })
+    }
+
+    async fn next_reap_deadline(&self, policy: &ReapPolicy) -> StoreResult<Option<Millis>> {
+        let row = sqlx::query(&format!(
+            "SELECT \
+               (SELECT MIN(stale_at) FROM runs WHERE status IN {IN_FLIGHT}) AS stale, \
+               (SELECT MIN(timeout_at) FROM runs WHERE status IN {IN_FLIGHT}) AS timeout, \
+               (SELECT MIN(coalesce(last_heartbeat_at, claimed_at)) FROM runs \
+                  WHERE status IN {IN_FLIGHT} AND cancel_requested_at IS NOT NULL) AS cancel"
+        ))
+        .fetch_one(&self.reader)
+        .await
+        .map_err(db)?;
+        let stale: Option<Millis> = row.try_get("stale").map_err(db)?;
+        let timeout: Option<Millis> = row.try_get("timeout").map_err(db)?;
+        let cancel: Option<Millis> = row.try_get("cancel").map_err(db)?;
+        Ok([
+            stale,
+            timeout.map(|t| t.saturating_add(policy.timeout_grace_ms)),
+            cancel.map(|c| c.saturating_add(policy.cancel_stale_after_ms)),
+        ]
+        .into_iter()
+        .flatten()
+        .min())
+    }
+}

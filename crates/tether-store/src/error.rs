@@ -17,6 +17,9 @@ pub enum StoreError {
     /// The database could not be reached or failed; the request may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A list cursor that no page of this store handed out.
+    #[error("invalid cursor")]
+    InvalidCursor,
     /// Stored data that the code cannot read: a bug or a foreign write.
     #[error("store data is corrupt: {0}")]
     Corrupt(String),

@@ -68,8 +68,11 @@ pub trait Store: Send + Sync + 'static {
     /// not push a lane past its `max_concurrency`. Each claim is a conditional write on
     /// `status = 'pending'`, so a run goes to exactly one worker. A claim stamps `claimed_at`
     /// and `last_heartbeat_at` at once and writes `status` and `attempt` events.
-    async fn claim_runs(&self, worker_id: &str, limits: &ClaimLimits)
-        -> StoreResult<Vec<ClaimedRun>>;
+    async fn claim_runs(
+        &self,
+        worker_id: &str,
+        limits: &ClaimLimits,
+    ) -> StoreResult<Vec<ClaimedRun>>;
 
     /// One heartbeat for the worker and all its runs. Stamps the worker, and each run whose
     /// attempt is current and held by this worker. The answer lists runs to cancel and runs the
@@ -79,8 +82,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- attempts: worker calls, each fenced by the attempt ----------------------------
 
     /// The process started: `claimed → running`. `StaleAttempt` if the attempt is not current.
-    async fn start_attempt(&self, run_id: &str, attempt: u32, worker_id: &str)
-        -> StoreResult<RunRecord>;
+    async fn start_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+    ) -> StoreResult<RunRecord>;
 
     /// Appends output as `log` events, in order. Past the run's output limit, stores what fits,
     /// notes the cut in the log and ends the run `failed`/`output_limit` in the same
@@ -107,8 +114,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- events -----------------------------------------------------------------------
 
     /// A run's persisted events with `seq > after_seq`, in order, at most `limit`.
-    async fn events_after(&self, run_id: &str, after_seq: i64, limit: u32)
-        -> StoreResult<Vec<EventRecord>>;
+    async fn events_after(
+        &self,
+        run_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>>;
 
     /// Notifications of changes, delivered after commit: new pending runs and new events. On
     /// PostgreSQL they arrive from every server sharing the database. Receivers that lag lose

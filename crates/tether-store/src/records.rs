@@ -116,7 +116,7 @@ pub struct WorkerRecord {
 /// What a claim may hand out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClaimLimits {
-    /// At most this many runs in one answer.
+    /// At most this many runs in one answer; 0 sets no count limit (capacity still does).
     pub max_runs: u32,
     /// Lanes with a `max_concurrency`: no claim pushes a lane's in-flight count past it.
     pub lane_max_concurrency: BTreeMap<String, u32>,
@@ -193,9 +193,13 @@ pub struct OutputChunk {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AppendOutcome {
-    Accepted { last_seq: i64 },
+    Accepted {
+        last_seq: i64,
+    },
     /// The output limit was reached; the run has ended `failed` with `output_limit`.
-    LimitReached { run: Box<RunRecord> },
+    LimitReached {
+        run: Box<RunRecord>,
+    },
 }
 
 /// How a worker says an attempt ended.
