@@ -1,1 +1,130 @@
+//! Tether's server: the HTTP API (SPEC §2, §3), the event streams, and the background services
+//! that keep runs honest (the reaper). It owns no state of its own beyond caches and channels:
+//! every fact lives in the store, so any number of servers can share one database.
 
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod events;
+mod extract;
+pub mod metrics;
+pub mod openapi;
+pub mod reaper;
+mod routes;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tether_store::SharedStore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServerConfig;
+pub use error::ApiError;
+
+/// The largest request body accepted (log appends are the largest the worker sends).
+pub const BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SharedStore,
+    pub config: Arc<ServerConfig>,
+    pub hub: events::EventHub,
+    pub shutdown: CancellationToken,
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store at {url}: {source}")]
+    Store {
+        url: String,
+        source: tether_store::StoreError,
+    },
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://…")]
+    UnsupportedDatabase(String),
+    #[error("listening on {0}, which is not loopback, requires --api-token and --worker-token")]
+    TokensRequired(SocketAddr),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store a database URL names, applying its migrations.
+pub async fn open_store(url: &str) -> Result<SharedStore, StartError> {
+    let to_start_error = |source| StartError::Store {
+        url: url.to_string(),
+        source,
+    };
+    if url.starts_with("sqlite:") {
+        let store = tether_store_sqlite::SqliteStore::open(url)
+            .await
+            .map_err(to_start_error)?;
+        Ok(Arc::new(store))
+    } else {
+        Err(StartError::UnsupportedDatabase(url.to_string()))
+    }
+}
+
+/// A server that is serving: its address, and the handle to stop it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops taking requests, stops the background services, and waits for both.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts serving on `listener` with `store`, and starts the background services.
+pub async fn start(
+    config: ServerConfig,
+    store: SharedStore,
+    listener: TcpListener,
+) -> Result<RunningServer, StartError> {
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none())
+    {
+        return Err(StartError::TokensRequired(addr));
+    }
+    let shutdown = CancellationToken::new();
+    let hub = events::EventHub::start(store.clone(), shutdown.clone());
+    let state = AppState {
+        store: store.clone(),
+        config: Arc::new(config),
+        hub,
+        shutdown: shutdown.clone(),
+    };
+    let app = routes::router(state.clone());
+    let serve_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(serve_shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "server stopped with an error");
+        }
+    });
+    let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
+    tracing::info!(%addr, "tether server listening");
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown,
+        tasks: vec![server, reaper],
+    })
+}

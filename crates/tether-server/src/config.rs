@@ -1,0 +1,56 @@
+//! What a server is told at start.
+
+use std::time::Duration;
+
+use tether_domain::{SubmitDefaults, TetherConfig};
+
+/// A server's settings (SPEC §6). The CLI fills these from flags and `TETHER_*` variables.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `sqlite://…` or `postgres://…`.
+    pub database: String,
+    /// Lanes and pools from `--config`.
+    pub lanes: TetherConfig,
+    /// Handed to workers when they register.
+    pub heartbeat_interval: Duration,
+    /// The `heartbeat_timeout_s` of runs whose lane sets none.
+    pub stale_after: Duration,
+    pub sse_heartbeat: Duration,
+    /// The longest gap between two reaper sweeps.
+    pub reaper_interval: Duration,
+    pub probe_interval: Duration,
+    pub api_token: Option<String>,
+    pub worker_token: Option<String>,
+    /// How long a claim may be held open waiting for work, at most.
+    pub max_claim_wait: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            database: "sqlite://./.tether/tether.db".into(),
+            lanes: TetherConfig::default(),
+            heartbeat_interval: Duration::from_secs(10),
+            stale_after: Duration::from_secs(60),
+            sse_heartbeat: Duration::from_secs(15),
+            reaper_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(30),
+            api_token: None,
+            worker_token: None,
+            max_claim_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn submit_defaults(&self) -> SubmitDefaults {
+        SubmitDefaults {
+            stale_after_ms: self.stale_after.as_millis() as i64,
+            ..SubmitDefaults::default()
+        }
+    }
+
+    pub fn heartbeat_interval_ms(&self) -> i64 {
+        self.heartbeat_interval.as_millis() as i64
+    }
+}

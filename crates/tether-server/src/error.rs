@@ -1,0 +1,106 @@
+//! Every error the API can answer, and the one place each maps to an HTTP status and a stable
+//! `code`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tether_api::{ErrorBody, ErrorDetail};
+use tether_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("no such run")]
+    RunNotFound,
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("no such worker, or it has deregistered: register again")]
+    UnknownWorker,
+    #[error("that attempt is no longer current: the run was retried, ended or reassigned")]
+    StaleAttempt,
+    #[error("the run is already terminal")]
+    Terminal,
+    #[error("idempotency key already used by a different submission (run {run_id})")]
+    IdempotencyConflict { run_id: String },
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::RunNotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::UnknownWorker => (StatusCode::NOT_FOUND, "unknown_worker"),
+            ApiError::StaleAttempt => (StatusCode::CONFLICT, "stale_attempt"),
+            ApiError::Terminal => (StatusCode::CONFLICT, "terminal"),
+            ApiError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
+            ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::RunNotFound,
+            StoreError::UnknownWorker => ApiError::UnknownWorker,
+            StoreError::StaleAttempt => ApiError::StaleAttempt,
+            StoreError::Terminal => ApiError::Terminal,
+            StoreError::IdempotencyConflict { run_id } => ApiError::IdempotencyConflict { run_id },
+            StoreError::InvalidCursor => ApiError::invalid("invalid_cursor", "the cursor is not one this server gave out"),
+            StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
+            StoreError::Corrupt(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::warn!(code, error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,41 @@
+//! The OpenAPI document served at `/openapi.json`.
+
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tether", description = "Runs commands and always knows which of them are alive."),
+    paths(
+        crate::routes::runs::create_run,
+        crate::routes::runs::get_run,
+        crate::routes::runs::list_runs,
+        crate::routes::runs::cancel_run,
+    ),
+    components(schemas(
+        tether_api::RunView,
+        tether_api::RunList,
+        tether_api::AttemptView,
+        tether_api::ErrorBody,
+        tether_api::ErrorDetail,
+        tether_api::SubmitRequest,
+        tether_api::EventView,
+        tether_api::RegisterWorkerRequest,
+        tether_api::RegisterWorkerResponse,
+        tether_api::ClaimRequest,
+        tether_api::ClaimResponse,
+        tether_api::Assignment,
+        tether_api::HeartbeatRequest,
+        tether_api::HeartbeatResponse,
+        tether_api::StartRequest,
+        tether_api::AppendLogRequest,
+        tether_api::AppendLogResponse,
+        tether_api::FinishRequest,
+        tether_api::WorkerList,
+        tether_api::WorkerView,
+    ))
+)]
+struct ApiDoc;
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

@@ -1,0 +1,106 @@
+//! Worker calls about one attempt: start, log append, finish. Each names its attempt, and the
+//! store refuses any attempt that is no longer current (`409 stale_attempt`).
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine;
+use tether_api::{AppendLogRequest, AppendLogResponse, FinishRequest, RunView, StartRequest};
+use tether_domain::{AttemptOutcome, ErrorCode, RunStatus};
+use tether_store::{AppendOutcome, FinishReport, OutputChunk, OutputStream};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath};
+use crate::views::run_view;
+use crate::AppState;
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/start`.
+pub async fn start(
+    State(state): State<AppState>,
+    ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
+    ApiJson(request): ApiJson<StartRequest>,
+) -> ApiResult<Json<RunView>> {
+    let run = state
+        .store
+        .start_attempt(&run_id, attempt, &request.worker_id)
+        .await?;
+    let now = state.store.now().await?;
+    Ok(Json(run_view(&run, None, &state.config, now)))
+}
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
+pub async fn append_logs(
+    State(state): State<AppState>,
+    ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
+    ApiJson(request): ApiJson<AppendLogRequest>,
+) -> ApiResult<Json<AppendLogResponse>> {
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut chunks = Vec::with_capacity(request.chunks.len());
+    for chunk in request.chunks {
+        let stream = OutputStream::parse(&chunk.stream).ok_or_else(|| {
+            ApiError::invalid("invalid_field", "chunks.stream: must be stdout or stderr")
+        })?;
+        let data = engine
+            .decode(chunk.data.as_bytes())
+            .map_err(|_| ApiError::invalid("invalid_field", "chunks.data: must be base64"))?;
+        chunks.push(OutputChunk {
+            stream,
+            ts: chunk.ts,
+            data,
+        });
+    }
+    let outcome = state
+        .store
+        .append_output(&run_id, attempt, &request.worker_id, &chunks)
+        .await?;
+    Ok(Json(match outcome {
+        AppendOutcome::Accepted { last_seq } => AppendLogResponse {
+            last_seq,
+            stop: false,
+        },
+        AppendOutcome::LimitReached { run } => AppendLogResponse {
+            last_seq: run.last_event_seq,
+            stop: true,
+        },
+    }))
+}
+
+/// The outcome a finish call reports, checked: only terminal statuses, with fitting codes.
+fn outcome(request: &FinishRequest) -> ApiResult<AttemptOutcome> {
+    Ok(match request.status {
+        RunStatus::Succeeded => AttemptOutcome::Succeeded,
+        RunStatus::Failed => AttemptOutcome::Failed {
+            error_code: request.error_code.unwrap_or(ErrorCode::ExitNonzero),
+        },
+        RunStatus::TimedOut => AttemptOutcome::TimedOut {
+            error_code: request.error_code.unwrap_or(ErrorCode::Timeout),
+        },
+        RunStatus::Cancelled => AttemptOutcome::Cancelled,
+        other => {
+            return Err(ApiError::invalid(
+                "invalid_field",
+                format!("status: an attempt cannot finish as `{other}`"),
+            ))
+        }
+    })
+}
+
+/// `POST /v1/runs/{id}/attempts/{attempt}/finish`.
+pub async fn finish(
+    State(state): State<AppState>,
+    ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
+    ApiJson(request): ApiJson<FinishRequest>,
+) -> ApiResult<Json<RunView>> {
+    let report = FinishReport {
+        outcome: outcome(&request)?,
+        exit_code: request.exit_code,
+        error_message: request.error_message.clone(),
+    };
+    let run = state
+        .store
+        .finish_attempt(&run_id, attempt, &request.worker_id, &report)
+        .await?;
+    metrics::counter!("tether_attempts_finished_total", "status" => request.status.as_str())
+        .increment(1);
+    let now = state.store.now().await?;
+    Ok(Json(run_view(&run, None, &state.config, now)))
+}

@@ -1,0 +1,71 @@
+//! The HTTP surface: which path goes to which handler, and which token guards it.
+
+mod attempts;
+mod ops;
+pub(crate) mod runs;
+mod workers;
+
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth::{require_client_token, require_worker_token};
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router(state: AppState) -> Router {
+    let client = Router::new()
+        .route("/v1/runs", post(runs::create_run).get(runs::list_runs))
+        .route("/v1/runs/{id}", get(runs::get_run))
+        .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
+        .route("/v1/runs/{id}/logs", get(runs::run_logs))
+        .route("/v1/runs/{id}/events", get(crate::events::run_events))
+        .route("/v1/workers", get(workers::list_workers))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_client_token,
+        ));
+    let worker = Router::new()
+        .route("/v1/workers", post(workers::register_worker))
+        .route(
+            "/v1/workers/{id}",
+            axum::routing::delete(workers::deregister_worker),
+        )
+        .route("/v1/workers/{id}/claim", post(workers::claim))
+        .route("/v1/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route(
+            "/v1/runs/{id}/attempts/{attempt}/start",
+            post(attempts::start),
+        )
+        .route(
+            "/v1/runs/{id}/attempts/{attempt}/logs",
+            post(attempts::append_logs),
+        )
+        .route(
+            "/v1/runs/{id}/attempts/{attempt}/finish",
+            post(attempts::finish),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_worker_token,
+        ));
+    let open = Router::new()
+        .route("/", get(ops::dashboard))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi));
+    // `merge` keeps each route's own guard: GET /v1/workers is a client call, POST a worker's.
+    Router::new()
+        .merge(client)
+        .merge(worker)
+        .merge(open)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async {
+            ApiError::invalid("method_not_allowed", "that method is not allowed on this path")
+        })
+        .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

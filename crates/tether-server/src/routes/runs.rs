@@ -1,0 +1,156 @@
+//! Client calls on runs: submit, read, list, cancel, logs.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream;
+use serde::Deserialize;
+use tether_api::{RunList, RunView, SubmitRequest};
+use tether_domain::RunStatus;
+use tether_store::{EventKind, RunFilter};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::views::run_view;
+use crate::AppState;
+
+/// `POST /v1/runs`.
+#[utoipa::path(post, path = "/v1/runs", request_body = SubmitRequest,
+    responses((status = 202, body = RunView), (status = 400, body = tether_api::ErrorBody),
+              (status = 422, body = tether_api::ErrorBody), (status = 409, body = tether_api::ErrorBody)))]
+pub async fn create_run(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<SubmitRequest>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    let lane_name = request.lane.as_deref().unwrap_or(tether_domain::config::DEFAULT_LANE);
+    let lane = state.config.lanes.lane(lane_name);
+    let spec = request
+        .resolve(lane.as_ref(), &state.config.submit_defaults())
+        .map_err(|e| ApiError::invalid(e.code, e.to_string()))?;
+    let created = state.store.create_run(&spec).await?;
+    if created.created {
+        metrics::counter!("tether_runs_created_total", "lane" => spec.lane.clone()).increment(1);
+    }
+    let now = state.store.now().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(run_view(&created.run, None, &state.config, now)),
+    ))
+}
+
+/// `GET /v1/runs/{id}`: the run with its attempt history.
+#[utoipa::path(get, path = "/v1/runs/{id}",
+    responses((status = 200, body = RunView), (status = 404, body = tether_api::ErrorBody)))]
+pub async fn get_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<RunView>> {
+    let run = state.store.get_run(&id).await?.ok_or(ApiError::RunNotFound)?;
+    let attempts = state.store.list_attempts(&id).await?;
+    let now = state.store.now().await?;
+    Ok(Json(run_view(&run, Some(&attempts), &state.config, now)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    lane: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/runs?status=&lane=&limit=&cursor=`: newest first.
+#[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = RunList)))]
+pub async fn list_runs(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Json<RunList>> {
+    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid("invalid_field", format!("status: `{s}` is not a run status"))
+        })?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("invalid_field", "limit: must be 1 to 500"));
+    }
+    let page = state
+        .store
+        .list_runs(&RunFilter {
+            status,
+            lane: query.lane.filter(|l| !l.is_empty()),
+            limit,
+            cursor: query.cursor.filter(|c| !c.is_empty()),
+        })
+        .await?;
+    let now = state.store.now().await?;
+    Ok(Json(RunList {
+        runs: page
+            .runs
+            .iter()
+            .map(|r| run_view(r, None, &state.config, now))
+            .collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// `POST /v1/runs/{id}/cancel`: immediate for a pending run; delivered to the worker at its
+/// next heartbeat otherwise.
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel",
+    responses((status = 202, body = RunView), (status = 404, body = tether_api::ErrorBody),
+              (status = 409, body = tether_api::ErrorBody)))]
+pub async fn cancel_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    let run = state.store.request_cancel(&id).await?;
+    let now = state.store.now().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(run_view(&run, None, &state.config, now)),
+    ))
+}
+
+/// Log events read from the store per page while streaming `/logs`.
+const LOG_PAGE: u32 = 256;
+
+/// `GET /v1/runs/{id}/logs`: the combined output so far, byte for byte, streamed page by page
+/// so a large log never sits in memory whole.
+pub async fn run_logs(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    if state.store.get_run(&id).await?.is_none() {
+        return Err(ApiError::RunNotFound);
+    }
+    let store = state.store.clone();
+    let pages = stream::unfold(Some(0i64), move |after| {
+        let store = store.clone();
+        let id = id.clone();
+        async move {
+            let after = after?;
+            match store.events_after(&id, after, LOG_PAGE).await {
+                Ok(events) if events.is_empty() => None,
+                Ok(events) => {
+                    let next = events.last().map(|e| e.seq);
+                    let bytes: Vec<u8> = events
+                        .into_iter()
+                        .filter(|e| e.kind == EventKind::Log)
+                        .flat_map(|e| e.data.unwrap_or_default())
+                        .collect();
+                    Some((Ok::<_, std::io::Error>(bytes), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(pages),
+    )
+        .into_response())
+}

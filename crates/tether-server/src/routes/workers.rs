@@ -1,0 +1,182 @@
+//! Worker calls: register, claim (long-poll), heartbeat, deregister; and the client's view of
+//! workers.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use tether_api::{
+    Assignment, ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse,
+    RegisterWorkerRequest, RegisterWorkerResponse, RunRefWire, WorkerList,
+};
+use tether_store::{ClaimLimits, ClaimedRun, NewWorker, RunBeat, RunRef, Signal};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath};
+use crate::views::worker_view;
+use crate::AppState;
+
+const MAX_RUNS_PER_CLAIM: u32 = 64;
+
+/// `POST /v1/workers`.
+pub async fn register_worker(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RegisterWorkerRequest>,
+) -> ApiResult<(StatusCode, Json<RegisterWorkerResponse>)> {
+    if request.name.trim().is_empty() || request.name.len() > 255 {
+        return Err(ApiError::invalid("invalid_field", "name: must be 1 to 255 bytes"));
+    }
+    let cap = request.capacity;
+    if !cap.cpus.is_finite() || cap.cpus <= 0.0 || cap.memory_mb == 0 {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            "capacity: cpus and memory_mb must be positive",
+        ));
+    }
+    for lane in &request.lanes {
+        if state.config.lanes.lane(lane).is_none() {
+            return Err(ApiError::invalid("unknown_lane", format!("lanes: no lane is named `{lane}`")));
+        }
+    }
+    let worker = state
+        .store
+        .register_worker(&NewWorker {
+            name: request.name,
+            capacity: cap,
+            lanes: request.lanes,
+            labels: request.labels,
+        })
+        .await?;
+    tracing::info!(worker_id = %worker.id, name = %worker.name, "worker registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterWorkerResponse {
+            worker_id: worker.id,
+            heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+        }),
+    ))
+}
+
+/// `DELETE /v1/workers/{id}`: a worker leaving on purpose; its runs are handed back at once.
+pub async fn deregister_worker(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let runs = state.store.deregister_worker(&id).await?;
+    tracing::info!(worker_id = %id, handed_back = runs.len(), "worker deregistered");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/workers`.
+pub async fn list_workers(State(state): State<AppState>) -> ApiResult<Json<WorkerList>> {
+    let workers = state.store.list_workers().await?;
+    let now = state.store.now().await?;
+    Ok(Json(WorkerList {
+        workers: workers
+            .iter()
+            .map(|w| worker_view(w, &state.config, now))
+            .collect(),
+    }))
+}
+
+fn assignment(claimed: ClaimedRun) -> Assignment {
+    let spec = claimed.run.spec;
+    Assignment {
+        run_id: claimed.run.id,
+        attempt: claimed.attempt,
+        command: spec.command,
+        env: spec.env,
+        cwd: spec.cwd,
+        timeout_ms: spec.timeout_ms.map(|ms| ms.max(0) as u64),
+        stall_timeout_ms: spec.stall_timeout_ms.map(|ms| ms.max(0) as u64),
+        output_limit_bytes: spec.output_limit_bytes.max(0) as u64,
+    }
+}
+
+/// While a claim waits, it retries this often even without a wake-up, so capacity freed
+/// elsewhere (a lane's `max_concurrency`) is noticed.
+const CLAIM_RECHECK: Duration = Duration::from_millis(1_000);
+
+/// `POST /v1/workers/{id}/claim`: hands out what fits now, or waits up to `wait_ms` for a run
+/// to become pending, woken by the store's signal rather than a poll.
+pub async fn claim(
+    State(state): State<AppState>,
+    ApiPath(worker_id): ApiPath<String>,
+    ApiJson(request): ApiJson<ClaimRequest>,
+) -> ApiResult<Json<ClaimResponse>> {
+    let limits = ClaimLimits {
+        max_runs: request.max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
+        lane_max_concurrency: state
+            .config
+            .lanes
+            .lanes
+            .iter()
+            .filter_map(|(name, lane)| lane.max_concurrency.map(|m| (name.clone(), m)))
+            .collect(),
+    };
+    let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribe before the first try so a run submitted in between is not missed.
+    let mut signals = state.store.subscribe();
+    loop {
+        let claimed = state.store.claim_runs(&worker_id, &limits).await?;
+        if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+            metrics::counter!("tether_runs_claimed_total").increment(claimed.len() as u64);
+            return Ok(Json(ClaimResponse {
+                assignments: claimed.into_iter().map(assignment).collect(),
+            }));
+        }
+        let recheck = (tokio::time::Instant::now() + CLAIM_RECHECK).min(deadline);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => {
+                    return Ok(Json(ClaimResponse { assignments: Vec::new() }));
+                }
+                _ = tokio::time::sleep_until(recheck) => break,
+                signal = signals.recv() => match signal {
+                    Ok(Signal::RunPending { .. }) | Err(RecvError::Lagged(_)) => break,
+                    Ok(_) => continue,
+                    Err(RecvError::Closed) => {
+                        tokio::time::sleep_until(recheck).await;
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {
+    refs.into_iter()
+        .map(|r| RunRefWire {
+            run_id: r.run_id,
+            attempt: r.attempt,
+        })
+        .collect()
+}
+
+/// `POST /v1/workers/{id}/heartbeat`: one call for the worker and all its runs.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    ApiPath(worker_id): ApiPath<String>,
+    ApiJson(request): ApiJson<HeartbeatRequest>,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let beats: Vec<RunBeat> = request
+        .runs
+        .into_iter()
+        .map(|b| RunBeat {
+            run_id: b.run_id,
+            attempt: b.attempt,
+            stdout_bytes: b.stdout_bytes,
+            stderr_bytes: b.stderr_bytes,
+            since_last_output_s: b.since_last_output_s,
+        })
+        .collect();
+    let answer = state.store.heartbeat(&worker_id, &beats).await?;
+    Ok(Json(HeartbeatResponse {
+        cancel: wire_refs(answer.cancel),
+        not_owned: wire_refs(answer.not_owned),
+    }))
+}

@@ -1,0 +1,187 @@
+//! Store records as the API shows them. Liveness is judged here, at the store's `now`.
+
+use base64::Engine;
+use tether_api::{AttemptView, EventView, RunRefWire, RunView, WorkerView};
+use tether_domain::liveness::RunLivenessInput;
+use tether_domain::time::{age_s, format_rfc3339};
+use tether_domain::{judge_run_liveness, judge_worker, Liveness, Millis};
+use tether_store::{AttemptRecord, EventKind, EventRecord, RunRecord, WorkerRecord};
+
+use crate::config::ServerConfig;
+
+fn ts(ms: Option<Millis>) -> Option<String> {
+    ms.map(format_rfc3339)
+}
+
+fn seconds(ms: Option<i64>) -> Option<f64> {
+    ms.map(|ms| ms as f64 / 1000.0)
+}
+
+pub fn liveness(run: &RunRecord, config: &ServerConfig, now: Millis) -> Liveness {
+    judge_run_liveness(
+        RunLivenessInput {
+            status: run.status,
+            claimed_at: run.claimed_at,
+            started_at: run.started_at,
+            last_heartbeat_at: run.last_heartbeat_at,
+            last_output_at: run.last_output_at,
+            heartbeat_interval_ms: config.heartbeat_interval_ms(),
+            heartbeat_timeout_ms: run.spec.heartbeat_timeout_ms,
+        },
+        now,
+    )
+}
+
+pub fn run_view(
+    run: &RunRecord,
+    attempts: Option<&[AttemptRecord]>,
+    config: &ServerConfig,
+    now: Millis,
+) -> RunView {
+    let spec = &run.spec;
+    RunView {
+        id: run.id.clone(),
+        status: run.status,
+        attempt: run.attempt,
+        max_attempts: spec.max_attempts,
+        lane: spec.lane.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        cwd: spec.cwd.clone(),
+        resources: spec.resources,
+        labels: spec.labels.clone(),
+        endpoints: spec.endpoints.clone(),
+        timeout_s: seconds(spec.timeout_ms),
+        heartbeat_timeout_s: seconds(spec.heartbeat_timeout_ms),
+        stall_timeout_s: seconds(spec.stall_timeout_ms),
+        idempotency_key: spec.idempotency_key.clone(),
+        worker_id: run.worker_id.clone(),
+        created_at: format_rfc3339(run.created_at),
+        claimed_at: ts(run.claimed_at),
+        started_at: ts(run.started_at),
+        finished_at: ts(run.finished_at),
+        last_heartbeat_at: ts(run.last_heartbeat_at),
+        last_output_at: ts(run.last_output_at),
+        cancel_requested_at: ts(run.cancel_requested_at),
+        exit_code: run.exit_code,
+        error_code: run.error_code,
+        error_message: run.error_message.clone(),
+        stdout_bytes: run.stdout_bytes,
+        stderr_bytes: run.stderr_bytes,
+        queue_position: run.queue_position,
+        liveness: liveness(run, config, now),
+        attempts: attempts.map(|a| a.iter().map(attempt_view).collect()),
+    }
+}
+
+pub fn attempt_view(a: &AttemptRecord) -> AttemptView {
+    AttemptView {
+        attempt: a.attempt,
+        worker_id: a.worker_id.clone(),
+        claimed_at: format_rfc3339(a.claimed_at),
+        started_at: ts(a.started_at),
+        finished_at: ts(a.finished_at),
+        status: a.status,
+        error_code: a.error_code,
+        exit_code: a.exit_code,
+        error_message: a.error_message.clone(),
+    }
+}
+
+fn body_str(e: &EventRecord, key: &str) -> Option<String> {
+    e.body.get(key).and_then(|v| v.as_str()).map(str::to_string)
+}
+
+/// A stored event as SSE `data:` and NDJSON carry it.
+pub fn event_view(e: &EventRecord) -> EventView {
+    let mut view = EventView {
+        kind: e.kind.as_str().to_string(),
+        seq: Some(e.seq),
+        ts: format_rfc3339(e.ts),
+        attempt: Some(e.attempt),
+        status: None,
+        error_code: None,
+        exit_code: None,
+        worker_id: None,
+        stream: None,
+        text: None,
+        data_b64: None,
+        queue_position: None,
+        liveness: None,
+    };
+    match e.kind {
+        EventKind::Status | EventKind::End => {
+            view.status = body_str(e, "status").and_then(|s| tether_domain::RunStatus::parse(&s));
+            view.error_code =
+                body_str(e, "error_code").and_then(|s| tether_domain::ErrorCode::parse(&s));
+            view.exit_code = e
+                .body
+                .get("exit_code")
+                .and_then(|v| v.as_i64())
+                .map(|c| c as i32);
+        }
+        EventKind::Attempt => {
+            view.worker_id = body_str(e, "worker_id");
+        }
+        EventKind::Log => {
+            view.stream = body_str(e, "stream");
+            let data = e.data.as_deref().unwrap_or_default();
+            match std::str::from_utf8(data) {
+                Ok(text) => view.text = Some(text.to_string()),
+                Err(_) => {
+                    view.text = Some(String::from_utf8_lossy(data).into_owned());
+                    view.data_b64 = Some(base64::engine::general_purpose::STANDARD.encode(data));
+                }
+            }
+        }
+    }
+    view
+}
+
+/// The `heartbeat` event: never stored, so it has no `seq`.
+pub fn heartbeat_view(run: &RunRecord, config: &ServerConfig, now: Millis) -> EventView {
+    EventView {
+        kind: "heartbeat".into(),
+        seq: None,
+        ts: format_rfc3339(now),
+        attempt: Some(run.attempt),
+        status: Some(run.status),
+        error_code: None,
+        exit_code: None,
+        worker_id: None,
+        stream: None,
+        text: None,
+        data_b64: None,
+        queue_position: run.queue_position,
+        liveness: Some(liveness(run, config, now)),
+    }
+}
+
+pub fn worker_view(w: &WorkerRecord, config: &ServerConfig, now: Millis) -> WorkerView {
+    WorkerView {
+        id: w.id.clone(),
+        name: w.name.clone(),
+        state: judge_worker(
+            w.last_heartbeat_at,
+            w.draining,
+            config.heartbeat_interval_ms(),
+            config.stale_after.as_millis() as i64,
+            now,
+        ),
+        capacity: w.capacity,
+        reserved: w.reserved,
+        lanes: w.lanes.clone(),
+        labels: w.labels.clone(),
+        registered_at: format_rfc3339(w.registered_at),
+        last_heartbeat_at: format_rfc3339(w.last_heartbeat_at),
+        heartbeat_age_s: age_s(now, w.last_heartbeat_at),
+        runs: w
+            .runs
+            .iter()
+            .map(|(run_id, attempt)| RunRefWire {
+                run_id: run_id.clone(),
+                attempt: *attempt,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,249 @@
+//! `tether up`, `tether server`, `tether worker`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use tether_domain::time::parse_duration_ms;
+use tether_domain::{Resources, TetherConfig};
+use tether_server::ServerConfig;
+use tether_worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::CliError;
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration_ms(text).map(Duration::from_millis)
+}
+
+/// The name `tether up` gives its local worker; a restarted `up` hands back the runs of the
+/// previous one at once instead of waiting for them to go stale.
+pub const LOCAL_WORKER_NAME: &str = "tether-up-local";
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (embedded) or `postgres://…`.
+    #[arg(long, env = "TETHER_DATABASE", default_value = "sqlite://./.tether/tether.db")]
+    pub database: String,
+    /// TOML file naming lanes and pools.
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Heartbeat interval handed to workers when they register.
+    #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+    /// A run is stale this long after its last heartbeat (unless its lane or itself says otherwise).
+    #[arg(long, env = "TETHER_STALE_AFTER", default_value = "60s", value_parser = duration)]
+    pub stale_after: Duration,
+    /// Cadence of `heartbeat` events on event streams.
+    #[arg(long, env = "TETHER_SSE_HEARTBEAT", default_value = "15s", value_parser = duration)]
+    pub sse_heartbeat: Duration,
+    /// The longest gap between two reaper sweeps.
+    #[arg(long, env = "TETHER_REAPER_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub reaper_interval: Duration,
+    /// How often endpoints' readiness is probed.
+    #[arg(long, env = "TETHER_PROBE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub probe_interval: Duration,
+    /// Bearer token clients must present.
+    #[arg(long, env = "TETHER_API_TOKEN")]
+    pub api_token: Option<String>,
+    /// Bearer token workers must present.
+    #[arg(long, env = "TETHER_WORKER_TOKEN")]
+    pub worker_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// CPUs the local worker offers (default: this machine's cores).
+    #[arg(long, env = "TETHER_CPUS")]
+    pub cpus: Option<f64>,
+    /// Memory the local worker offers, in MiB (default: this machine's memory).
+    #[arg(long, env = "TETHER_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// The server to work for.
+    #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// This worker's name (default: the host name).
+    #[arg(long, env = "TETHER_NAME")]
+    pub name: Option<String>,
+    /// CPUs offered (default: this machine's cores).
+    #[arg(long, env = "TETHER_CPUS")]
+    pub cpus: Option<f64>,
+    /// Memory offered, in MiB (default: this machine's memory).
+    #[arg(long, env = "TETHER_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    /// Lanes served, comma-separated (default: every lane).
+    #[arg(long, env = "TETHER_LANES", value_delimiter = ',')]
+    pub lanes: Vec<String>,
+    /// Bearer token for the worker scope.
+    #[arg(long, env = "TETHER_TOKEN")]
+    pub token: Option<String>,
+    /// Grace between SIGTERM and SIGKILL when a run is cancelled or times out.
+    #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
+    pub kill_grace: Duration,
+}
+
+fn machine_cpus() -> f64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0)
+}
+
+fn machine_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(1024)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<TetherConfig, CliError> {
+    let Some(path) = path else {
+        return Ok(TetherConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read --config {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("--config {} is not valid: {e}", path.display())))
+}
+
+fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
+    Ok(ServerConfig {
+        database: args.database.clone(),
+        lanes: load_config(args.config.as_deref())?,
+        heartbeat_interval: args.heartbeat_interval,
+        stale_after: args.stale_after,
+        sse_heartbeat: args.sse_heartbeat,
+        reaper_interval: args.reaper_interval,
+        probe_interval: args.probe_interval,
+        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+        worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
+        ..ServerConfig::default()
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn termination() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer, CliError> {
+    let config = server_config(args)?;
+    let store = tether_server::open_store(&config.database).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| {
+        CliError::Usage(format!("cannot listen on {}: {e}", args.listen))
+    })?;
+    Ok(tether_server::start(config, store, listener).await?)
+}
+
+pub async fn server(args: ServerArgs) -> Result<u8, CliError> {
+    let running = start_server(&args).await?;
+    termination().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(0)
+}
+
+pub async fn up(args: UpArgs) -> Result<u8, CliError> {
+    let running = start_server(&args.server).await?;
+    // The previous `tether up` on this database is gone: hand its local worker's runs back now
+    // (retried if attempts remain) rather than after the stale window.
+    let store = running.state.store.clone();
+    match store.list_workers().await {
+        Ok(workers) => {
+            for w in workers.iter().filter(|w| w.name == LOCAL_WORKER_NAME) {
+                match store.deregister_worker(&w.id).await {
+                    Ok(runs) if !runs.is_empty() => {
+                        tracing::info!(worker_id = %w.id, runs = runs.len(), "recovered runs of the previous local worker")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot recover the previous local worker"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list workers to recover"),
+    }
+    let worker_config = WorkerConfig {
+        server: format!("http://{}", running.addr),
+        token: running.state.config.worker_token.clone(),
+        name: LOCAL_WORKER_NAME.into(),
+        capacity: Resources {
+            cpus: args.cpus.unwrap_or_else(machine_cpus),
+            memory_mb: args.memory_mb.unwrap_or_else(machine_memory_mb),
+        },
+        ..WorkerConfig::default()
+    };
+    let stop_worker = CancellationToken::new();
+    let worker = tokio::spawn(tether_worker::run_worker(worker_config, stop_worker.clone()));
+    eprintln!(
+        "tether is up: http://{}  (dashboard at /, API under /v1; Ctrl-C to stop)",
+        running.addr
+    );
+    termination().await;
+    tracing::info!("shutting down");
+    // The worker leaves first, while the server can still take its deregistration.
+    stop_worker.cancel();
+    let _ = worker.await;
+    running.stop().await;
+    Ok(0)
+}
+
+pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
+    let config = WorkerConfig {
+        server: args.server,
+        token: args.token.filter(|t| !t.is_empty()),
+        name: args.name.unwrap_or_else(host_name),
+        capacity: Resources {
+            cpus: args.cpus.unwrap_or_else(machine_cpus),
+            memory_mb: args.memory_mb.unwrap_or_else(machine_memory_mb),
+        },
+        lanes: args.lanes.into_iter().filter(|l| !l.is_empty()).collect(),
+        kill_grace: args.kill_grace,
+        ..WorkerConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let mut task = tokio::spawn(tether_worker::run_worker(config, stop.clone()));
+    let joined = tokio::select! {
+        _ = termination() => {
+            stop.cancel();
+            task.await
+        }
+        joined = &mut task => joined,
+    };
+    match joined {
+        Ok(result) => result?,
+        Err(e) => return Err(CliError::Usage(format!("worker task failed: {e}"))),
+    }
+    Ok(0)
+}
