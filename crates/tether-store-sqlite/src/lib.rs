@@ -959,25 +959,27 @@ impl Store for SqliteStore {
         let mut out = Outbox::default();
         let batch = i64::from(policy.batch.max(1));
         // One query per deadline, each served by its partial index over in-flight rows.
+        // `INDEXED BY` pins the index (SQLite refuses the query rather than scan without it):
+        // on a young database without statistics the planner would pick `runs_status_seq`.
         let queries = [
             (
                 format!(
-                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} AND stale_at < ? \
-                     ORDER BY stale_at LIMIT ?"
+                    "SELECT seq, id FROM runs INDEXED BY runs_stale_at \
+                     WHERE status IN {IN_FLIGHT} AND stale_at < ? ORDER BY stale_at LIMIT ?"
                 ),
                 now,
             ),
             (
                 format!(
-                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} AND timeout_at < ? \
-                     ORDER BY timeout_at LIMIT ?"
+                    "SELECT seq, id FROM runs INDEXED BY runs_timeout_at \
+                     WHERE status IN {IN_FLIGHT} AND timeout_at < ? ORDER BY timeout_at LIMIT ?"
                 ),
                 now.saturating_sub(policy.timeout_grace_ms),
             ),
             (
                 format!(
-                    "SELECT seq, id FROM runs WHERE status IN {IN_FLIGHT} \
-                     AND cancel_requested_at IS NOT NULL \
+                    "SELECT seq, id FROM runs INDEXED BY runs_cancel_requested \
+                     WHERE status IN {IN_FLIGHT} AND cancel_requested_at IS NOT NULL \
                      AND coalesce(last_heartbeat_at, claimed_at) < ? LIMIT ?"
                 ),
                 now.saturating_sub(policy.cancel_stale_after_ms),
@@ -1022,9 +1024,12 @@ impl Store for SqliteStore {
     async fn next_reap_deadline(&self, policy: &ReapPolicy) -> StoreResult<Option<Millis>> {
         let row = sqlx::query(&format!(
             "SELECT \
-               (SELECT MIN(stale_at) FROM runs WHERE status IN {IN_FLIGHT}) AS stale, \
-               (SELECT MIN(timeout_at) FROM runs WHERE status IN {IN_FLIGHT}) AS timeout, \
-               (SELECT MIN(coalesce(last_heartbeat_at, claimed_at)) FROM runs \
+               (SELECT MIN(stale_at) FROM runs INDEXED BY runs_stale_at \
+                  WHERE status IN {IN_FLIGHT}) AS stale, \
+               (SELECT MIN(timeout_at) FROM runs INDEXED BY runs_timeout_at \
+                  WHERE status IN {IN_FLIGHT}) AS timeout, \
+               (SELECT MIN(coalesce(last_heartbeat_at, claimed_at)) \
+                  FROM runs INDEXED BY runs_cancel_requested \
                   WHERE status IN {IN_FLIGHT} AND cancel_requested_at IS NOT NULL) AS cancel"
         ))
         .fetch_one(&self.reader)
