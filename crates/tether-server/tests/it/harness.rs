@@ -1,0 +1,120 @@
+//! A server on a free loopback port over a fresh SQLite file, and a raw HTTP client.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_server::{RunningServer, ServerConfig};
+
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub base: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub fn fast_config() -> ServerConfig {
+    ServerConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        stale_after: Duration::from_secs(1),
+        sse_heartbeat: Duration::from_millis(300),
+        reaper_interval: Duration::from_secs(5),
+        max_claim_wait: Duration::from_secs(5),
+        ..ServerConfig::default()
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(fast_config()).await
+    }
+
+    pub async fn start_with(mut config: ServerConfig) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        config.database = format!("sqlite://{}/tether.db", dir.path().display());
+        let store = tether_server::open_store(&config.database).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = tether_server::start(config, store, listener).await.unwrap();
+        TestServer {
+            base: format!("http://{}", server.addr),
+            server: Some(server),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn state(&self) -> &tether_server::AppState {
+        &self.server.as_ref().unwrap().state
+    }
+
+    /// POSTs JSON, returns status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn submit(&self, body: Value) -> Value {
+        let (status, run) = self.post("/v1/runs", body).await;
+        assert_eq!(status, 202, "{run}");
+        run
+    }
+
+    pub async fn register(&self, cpus: f64) -> String {
+        let (status, body) = self
+            .post(
+                "/v1/workers",
+                json!({"name": "test", "capacity": {"cpus": cpus, "memory_mb": 4096}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["worker_id"].as_str().unwrap().to_string()
+    }
+
+    /// Claims without waiting.
+    pub async fn claim(&self, worker: &str, max_runs: u32) -> Vec<Value> {
+        let (status, body) = self
+            .post(
+                &format!("/v1/workers/{worker}/claim"),
+                json!({"max_runs": max_runs, "wait_ms": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["assignments"].as_array().unwrap().clone()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/runs/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls the run until `done` says so, or fails after `within`.
+    pub async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let run = self.run(id).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting; last: {run}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Asserts an error answer's status and code.
+pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+}

@@ -1,0 +1,6 @@
+//! The server's HTTP tests: every endpoint, every status code, against a real SQLite store.
+
+mod harness;
+mod http_api;
+mod protocol;
+mod stream;
