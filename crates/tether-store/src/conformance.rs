@@ -70,6 +70,7 @@ macro_rules! store_conformance_tests {
             heartbeat_stamps_held_runs_and_names_the_rest_not_owned,
             list_workers_shows_held_runs_and_reserved_resources,
             a_stale_run_is_retried_then_timed_out,
+            a_stale_run_with_one_attempt_ends_timed_out,
             a_claim_never_confirmed_ends_worker_claim_timeout,
             no_heartbeat_timeout_means_reaped_only_for_timeout,
             cancel_requested_with_the_worker_gone_ends_cancelled,
@@ -1267,6 +1268,32 @@ pub async fn a_stale_run_is_retried_then_timed_out(h: &dyn Harness) {
     assert_eq!(events.last().map(|e| e.kind), Some(EventKind::End));
 }
 
+pub async fn a_stale_run_with_one_attempt_ends_timed_out(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (run_id, worker_id) = claimed_run(store, &stale_after(200, 1)).await;
+    store.start_attempt(&run_id, 1, &worker_id).await.unwrap();
+    let reaped = reap_until_some(store, &quick_policy()).await;
+    assert_eq!(reaped[0].error_code, ErrorCode::WorkerHeartbeatLost);
+    assert_eq!(reaped[0].status_after, RunStatus::TimedOut);
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::TimedOut);
+    assert_eq!(run.error_code, Some(ErrorCode::WorkerHeartbeatLost));
+    assert_eq!(run.worker_id, None);
+    let attempts = store.list_attempts(&run_id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, Some(RunStatus::TimedOut));
+    let events = all_events(store, &run_id).await;
+    assert_eq!(
+        kinds(&events[events.len() - 2..]),
+        vec![EventKind::Status, EventKind::End]
+    );
+    assert_eq!(
+        events.last().unwrap().body["error_code"].as_str(),
+        Some("worker_heartbeat_lost")
+    );
+}
+
 pub async fn a_claim_never_confirmed_ends_worker_claim_timeout(h: &dyn Harness) {
     let fx = h.fresh().await;
     let store = &fx.store;
@@ -1568,6 +1595,14 @@ pub async fn signals_are_delivered_after_commit(h: &dyn Harness) {
             .await
             .expect("the append's signal arrives in time")
             .expect("the channel is open");
+        if let Signal::RunEvents { run_id: id, seq } = &signal {
+            // Delivered after commit: whatever a signal names can already be read.
+            let stored = store.events_after(id, 0, 10_000).await.unwrap();
+            assert!(
+                stored.iter().any(|e| e.seq == *seq),
+                "signalled seq {seq} is stored"
+            );
+        }
         if signal == expected {
             break;
         }
