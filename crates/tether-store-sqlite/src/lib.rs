@@ -22,10 +22,10 @@ use sqlx::{Row, SqliteConnection, Transaction};
 use tether_domain::machine::{AttemptOutcome, Command, RunState};
 use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
 use tether_store::{
-    AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun, EventKind, EventRecord,
-    FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy, ReapReport, ReapedRun,
-    RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store, StoreError, StoreResult,
-    WorkerRecord,
+    Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
+    EventKind, EventRecord, FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy,
+    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store,
+    StoreError, StoreResult, WorkerRecord,
 };
 use tokio::sync::broadcast;
 
@@ -131,6 +131,71 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Accepts a run, deciding its admission first when a policy is given, in one transaction.
+    async fn create(
+        &self,
+        spec: &RunSpec,
+        policy: Option<&AdmissionPolicy>,
+    ) -> StoreResult<Admission> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        if let Some(key) = &spec.idempotency_key {
+            let existing =
+                sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if let Some(row) = existing {
+                let run_id: String = row.try_get("id").map_err(db)?;
+                let fingerprint: String = row.try_get("request_fingerprint").map_err(db)?;
+                if fingerprint != spec.request_fingerprint {
+                    return Err(StoreError::IdempotencyConflict { run_id });
+                }
+                let run = reload(&mut tx, &run_id).await?;
+                return Ok(Admission::Accepted(CreatedRun {
+                    run,
+                    created: false,
+                }));
+            }
+        }
+        if let Some(policy) = policy {
+            if let Some(refusal) = admission_refusal(&mut tx, now, spec, policy).await? {
+                return Ok(refusal);
+            }
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let state = RunState::new(spec.max_attempts);
+        sqlx::query(
+            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
+             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
+             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&spec.lane)
+        .bind(state.status.as_str())
+        .bind(i64::from(state.max_attempts))
+        .bind(encode(spec, "run spec")?)
+        .bind(spec.resources.cpus)
+        .bind(spec.resources.memory_mb as i64)
+        .bind(now)
+        .bind(spec.heartbeat_timeout_ms)
+        .bind(spec.timeout_ms)
+        .bind(spec.output_limit_bytes)
+        .bind(spec.idempotency_key.as_deref())
+        .bind(&spec.request_fingerprint)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let body = status_body(RunStatus::Pending, 0, None, None);
+        push_status(&mut tx, &mut out, &id, now, body, RunStatus::Pending, 0).await?;
+        out.run_pending(&spec.lane);
+        let run = reload(&mut tx, &id).await?;
+        self.commit(tx, out).await?;
+        Ok(Admission::Accepted(CreatedRun { run, created: true }))
+    }
+
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         let mut conn = self.reader.acquire().await.map_err(db)?;
         Ok(load_run(&mut conn, run_id).await?.map(|l| l.run))
@@ -186,6 +251,76 @@ async fn held_by(
         reserved.memory_mb += row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64;
     }
     Ok((runs, reserved))
+}
+
+/// Why a submission may not be accepted now, judged inside the accepting transaction.
+async fn admission_refusal(
+    conn: &mut SqliteConnection,
+    now: Millis,
+    spec: &RunSpec,
+    policy: &AdmissionPolicy,
+) -> StoreResult<Option<Admission>> {
+    let rows = sqlx::query(&format!(
+        "{WORKER_SELECT} WHERE deregistered_at IS NULL AND last_heartbeat_at >= ?"
+    ))
+    .bind(now.saturating_sub(policy.worker_fresh_ms))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let mut serving = Vec::new();
+    for row in &rows {
+        let (worker, _) = decode_worker(row)?;
+        if worker.lanes.is_empty() || worker.lanes.contains(&spec.lane) {
+            serving.push(worker);
+        }
+    }
+    let needs = spec.resources;
+    if !serving.is_empty() && !serving.iter().any(|w| needs.fits_in(&w.capacity)) {
+        return Ok(Some(Admission::NeverFits));
+    }
+    if !policy.reject_when_full {
+        return Ok(None);
+    }
+    let mut free_cpus = 0.0;
+    let mut free_memory: i64 = 0;
+    for worker in &serving {
+        let (_, reserved) = held_by(conn, &worker.id).await?;
+        free_cpus += worker.capacity.cpus - reserved.cpus;
+        free_memory += worker.capacity.memory_mb as i64 - reserved.memory_mb as i64;
+    }
+    // Runs admitted to the lane and not yet claimed have a claim on that room too.
+    let waiting = sqlx::query(&format!(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(cpus), 0.0) AS cpus, \
+         COALESCE(SUM(memory_mb), 0) AS memory_mb FROM runs \
+         WHERE lane = ? AND status IN {PENDING} AND cancel_requested_at IS NULL"
+    ))
+    .bind(&spec.lane)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    free_cpus -= waiting.try_get::<f64, _>("cpus").map_err(db)?;
+    free_memory -= waiting.try_get::<i64, _>("memory_mb").map_err(db)?;
+    let room = Resources {
+        cpus: free_cpus,
+        memory_mb: free_memory.max(0) as u64,
+    };
+    if free_memory < 0 || !needs.fits_in(&room) {
+        return Ok(Some(Admission::LaneFull));
+    }
+    if let Some(max) = policy.max_concurrency {
+        let in_flight: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM runs WHERE lane = ? AND status IN {IN_FLIGHT}"
+        ))
+        .bind(&spec.lane)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let waiting_n: i64 = waiting.try_get("n").map_err(db)?;
+        if in_flight + waiting_n >= i64::from(max) {
+            return Ok(Some(Admission::LaneFull));
+        }
+    }
+    Ok(None)
 }
 
 /// Ends a run's current attempt as the reaper would, with `error_code`, if it is still the
@@ -277,58 +412,17 @@ impl Store for SqliteStore {
     }
 
     async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {
-        let mut tx = self.begin().await?;
-        let now = clock();
-        let mut out = Outbox::default();
-        if let Some(key) = &spec.idempotency_key {
-            let existing =
-                sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            if let Some(row) = existing {
-                let run_id: String = row.try_get("id").map_err(db)?;
-                let fingerprint: String = row.try_get("request_fingerprint").map_err(db)?;
-                if fingerprint != spec.request_fingerprint {
-                    return Err(StoreError::IdempotencyConflict { run_id });
-                }
-                let run = reload(&mut tx, &run_id).await?;
-                return Ok(CreatedRun {
-                    run,
-                    created: false,
-                });
-            }
+        match self.create(spec, None).await? {
+            Admission::Accepted(created) => Ok(created),
+            // Without a policy nothing is refused; kept total rather than panicking.
+            Admission::LaneFull | Admission::NeverFits => Err(StoreError::Corrupt(
+                "a run without an admission policy was refused".into(),
+            )),
         }
-        let id = uuid::Uuid::now_v7().to_string();
-        let state = RunState::new(spec.max_attempts);
-        sqlx::query(
-            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
-             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
-             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(&spec.lane)
-        .bind(state.status.as_str())
-        .bind(i64::from(state.max_attempts))
-        .bind(encode(spec, "run spec")?)
-        .bind(spec.resources.cpus)
-        .bind(spec.resources.memory_mb as i64)
-        .bind(now)
-        .bind(spec.heartbeat_timeout_ms)
-        .bind(spec.timeout_ms)
-        .bind(spec.output_limit_bytes)
-        .bind(spec.idempotency_key.as_deref())
-        .bind(&spec.request_fingerprint)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let body = status_body(RunStatus::Pending, 0, None, None);
-        push_status(&mut tx, &mut out, &id, now, body, RunStatus::Pending, 0).await?;
-        out.run_pending(&spec.lane);
-        let run = reload(&mut tx, &id).await?;
-        self.commit(tx, out).await?;
-        Ok(CreatedRun { run, created: true })
+    }
+
+    async fn admit_run(&self, spec: &RunSpec, policy: &AdmissionPolicy) -> StoreResult<Admission> {
+        self.create(spec, Some(policy)).await
     }
 
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {

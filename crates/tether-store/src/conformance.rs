@@ -23,8 +23,9 @@ use tether_domain::{
 };
 
 use crate::{
-    AppendOutcome, ClaimLimits, EventKind, EventRecord, FinishReport, NewWorker, OutputChunk,
-    OutputStream, ReapPolicy, RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError,
+    Admission, AdmissionPolicy, AppendOutcome, ClaimLimits, EventKind, EventRecord, FinishReport,
+    NewWorker, OutputChunk, OutputStream, ReapPolicy, RunBeat, RunFilter, RunRef, SharedStore,
+    Signal, StoreError,
 };
 
 /// A fresh store, and whatever must stay alive while it is used (a temp dir, a database).
@@ -54,6 +55,7 @@ macro_rules! store_conformance_tests {
             create_get_and_list_newest_first,
             legacy_queued_reads_as_pending,
             idempotency_key_returns_the_same_run_or_conflicts,
+            a_reject_lane_admits_only_what_fits_at_once,
             concurrent_claims_hand_each_run_to_one_worker,
             claims_are_first_in_first_out_within_a_lane,
             claims_stay_within_worker_capacity,
@@ -454,6 +456,123 @@ pub async fn idempotency_key_returns_the_same_run_or_conflicts(h: &dyn Harness) 
     let page = store.list_runs(&RunFilter::default()).await.unwrap();
     assert_eq!(page.runs.len(), 1, "no second run was made");
     assert_eq!(all_events(store, &first.run.id).await.len(), 1);
+}
+
+pub async fn a_reject_lane_admits_only_what_fits_at_once(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = fx.store.clone();
+    let reject = AdmissionPolicy {
+        reject_when_full: true,
+        max_concurrency: None,
+        worker_fresh_ms: 60_000,
+    };
+    let strict = || spec_with(|r| r.lane = Some("strict".into()));
+    // No live worker serves the lane: a reject lane has no room.
+    assert_eq!(
+        store.admit_run(&strict(), &reject).await.unwrap(),
+        Admission::LaneFull
+    );
+    register(&store, 2.0).await;
+
+    // Eight submissions at once into room for two: exactly two are accepted.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            let spec = strict();
+            tokio::spawn(async move { store.admit_run(&spec, &reject).await.unwrap() })
+        })
+        .collect();
+    let mut accepted = 0;
+    let mut full = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Admission::Accepted(created) => {
+                assert!(created.created);
+                accepted += 1;
+            }
+            Admission::LaneFull => full += 1,
+            Admission::NeverFits => panic!("a 1-cpu run fits a 2-cpu worker"),
+        }
+    }
+    assert_eq!((accepted, full), (2, 6));
+    let page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 2, "a refusal writes nothing");
+
+    // Too big for any live worker: refused in every lane.
+    let huge = |lane: &str| {
+        let lane = lane.to_string();
+        spec_with(move |r| {
+            r.lane = Some(lane);
+            r.resources = Some(Resources {
+                cpus: 64.0,
+                memory_mb: 256,
+            });
+        })
+    };
+    assert_eq!(
+        store.admit_run(&huge("strict"), &reject).await.unwrap(),
+        Admission::NeverFits
+    );
+    let queue = AdmissionPolicy {
+        reject_when_full: false,
+        ..reject
+    };
+    assert_eq!(
+        store.admit_run(&huge("default"), &queue).await.unwrap(),
+        Admission::NeverFits
+    );
+    // A queue lane that is full still accepts: the run waits.
+    assert!(matches!(
+        store.admit_run(&spec(), &queue).await.unwrap(),
+        Admission::Accepted(_)
+    ));
+
+    // An accepted idempotent submission is answered as accepted even when the lane is full.
+    let keyed = spec_with(|r| {
+        r.lane = Some("capped".into());
+        r.idempotency_key = Some("once".into());
+    });
+    let capped = AdmissionPolicy {
+        max_concurrency: Some(1),
+        ..reject
+    };
+    let worker_b = register(&store, 8.0).await;
+    let Admission::Accepted(first) = store.admit_run(&keyed, &capped).await.unwrap() else {
+        panic!("room for one in the capped lane");
+    };
+    let other = spec_with(|r| r.lane = Some("capped".into()));
+    assert_eq!(
+        store.admit_run(&other, &capped).await.unwrap(),
+        Admission::LaneFull,
+        "max_concurrency counts admitted runs"
+    );
+    match store.admit_run(&keyed, &capped).await.unwrap() {
+        Admission::Accepted(again) => {
+            assert!(!again.created);
+            assert_eq!(again.run.id, first.run.id);
+        }
+        other => panic!("a resubmission is accepted, got {other:?}"),
+    }
+    // Once claimed it still counts, until it ends.
+    let claimed = store.claim_runs(&worker_b, &limits(10)).await.unwrap();
+    let held = claimed.iter().find(|c| c.run.id == first.run.id).unwrap();
+    assert_eq!(
+        store.admit_run(&other, &capped).await.unwrap(),
+        Admission::LaneFull
+    );
+    store
+        .finish_attempt(
+            &held.run.id,
+            1,
+            &worker_b,
+            &finish(AttemptOutcome::Succeeded, Some(0)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.admit_run(&other, &capped).await.unwrap(),
+        Admission::Accepted(_)
+    ));
 }
 
 // ---- claims -------------------------------------------------------------------------------

@@ -37,6 +37,15 @@ pub trait Store: Send + Sync + 'static {
     /// `created: false`; used by a different one, fails with `IdempotencyConflict`.
     async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun>;
 
+    /// [`Store::create_run`] with the lane's admission decided in the same transaction, so
+    /// concurrent submissions cannot all see room that only one of them gets. A run is
+    /// `NeverFits` when live workers serve its lane and none advertises enough for it (with no
+    /// live worker it may still queue). In a `reject` lane it is `LaneFull` unless the live
+    /// workers serving the lane, less what their in-flight runs and the lane's waiting runs
+    /// reserve, have room for it now and the lane is under its `max_concurrency`. A resubmission
+    /// under an accepted idempotency key is accepted (`created: false`) whatever the room.
+    async fn admit_run(&self, spec: &RunSpec, policy: &AdmissionPolicy) -> StoreResult<Admission>;
+
     /// One run, with `queue_position` filled in while it is pending.
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
 

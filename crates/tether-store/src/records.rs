@@ -71,6 +71,29 @@ pub struct CreatedRun {
     pub created: bool,
 }
 
+/// How a lane admits a submission (SPEC §4), decided by [`crate::Store::admit_run`] in the
+/// same transaction that accepts the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionPolicy {
+    /// The lane's `on_full = "reject"`: refuse what does not fit now instead of queueing it.
+    pub reject_when_full: bool,
+    /// The lane's `max_concurrency`: runs in flight plus runs admitted and waiting.
+    pub max_concurrency: Option<u32>,
+    /// A worker counts as live while its last heartbeat is younger than this.
+    pub worker_fresh_ms: i64,
+}
+
+/// What admission decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    Accepted(CreatedRun),
+    /// A `reject` lane has no room now: `503` with `Retry-After`. Nothing was written.
+    LaneFull,
+    /// Live workers serve the lane but none could ever hold the run: `422`. Nothing was
+    /// written.
+    NeverFits,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunFilter {
     pub status: Option<RunStatus>,
