@@ -154,10 +154,10 @@ impl SqliteStore {
                     return Err(StoreError::IdempotencyConflict { run_id });
                 }
                 let run = reload(&mut tx, &run_id).await?;
-                return Ok(Admission::Accepted(CreatedRun {
+                return Ok(Admission::Accepted(Box::new(CreatedRun {
                     run,
                     created: false,
-                }));
+                })));
             }
         }
         if let Some(policy) = policy {
@@ -193,7 +193,10 @@ impl SqliteStore {
         out.run_pending(&spec.lane);
         let run = reload(&mut tx, &id).await?;
         self.commit(tx, out).await?;
-        Ok(Admission::Accepted(CreatedRun { run, created: true }))
+        Ok(Admission::Accepted(Box::new(CreatedRun {
+            run,
+            created: true,
+        })))
     }
 
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
@@ -413,7 +416,7 @@ impl Store for SqliteStore {
 
     async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {
         match self.create(spec, None).await? {
-            Admission::Accepted(created) => Ok(created),
+            Admission::Accepted(created) => Ok(*created),
             // Without a policy nothing is refused; kept total rather than panicking.
             Admission::LaneFull | Admission::NeverFits => Err(StoreError::Corrupt(
                 "a run without an admission policy was refused".into(),

@@ -86,7 +86,7 @@ pub struct AdmissionPolicy {
 /// What admission decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    Accepted(CreatedRun),
+    Accepted(Box<CreatedRun>),
     /// A `reject` lane has no room now: `503` with `Retry-After`. Nothing was written.
     LaneFull,
     /// Live workers serve the lane but none could ever hold the run: `422`. Nothing was
