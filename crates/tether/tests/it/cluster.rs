@@ -1,0 +1,278 @@
+//! Servers and workers as separate `tether` processes on loopback, with small intervals.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+
+/// The intervals every test cluster runs with: heartbeat 200 ms, stale after 1 s.
+pub const FAST: &[&str] = &[
+    "--heartbeat-interval",
+    "200ms",
+    "--stale-after",
+    "1s",
+    "--sse-heartbeat",
+    "500ms",
+    "--reaper-interval",
+    "2s",
+];
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after `within`).
+    pub fn stop(mut self, within: Duration) -> Option<i32> {
+        self.signal(Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn(args: &[&str], cwd: &Path) -> Proc {
+    let log = std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let child = Command::new(TETHER)
+        .args(args)
+        .current_dir(cwd)
+        .env("TETHER_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child }
+}
+
+/// A test's database and server processes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub database: String,
+    pub http: reqwest::Client,
+    pub servers: Vec<(String, Proc)>,
+}
+
+impl Cluster {
+    /// A cluster on a fresh SQLite file, with no server yet.
+    pub fn sqlite() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let database = format!("sqlite://{}/tether.db", dir.path().display());
+        Cluster {
+            dir,
+            database,
+            http: reqwest::Client::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Starts a `tether server` and waits until it answers. Returns its base URL.
+    pub async fn start_server(&mut self, extra: &[&str]) -> String {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["server", "--listen", &listen, "--database", &self.database];
+        args.extend_from_slice(FAST);
+        args.extend_from_slice(extra);
+        let proc = spawn(&args, self.dir.path());
+        let base = format!("http://{listen}");
+        wait_ready(&self.http, &base).await;
+        self.servers.push((base.clone(), proc));
+        base
+    }
+
+    pub fn base(&self) -> &str {
+        &self.servers[0].0
+    }
+
+    pub fn worker(&self, name: &str, cpus: &str, extra: &[&str]) -> Proc {
+        self.worker_on(self.base(), name, cpus, extra)
+    }
+
+    pub fn worker_on(&self, base: &str, name: &str, cpus: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "worker", "--server", base, "--name", name, "--cpus", cpus, "--memory-mb", "8192",
+            "--kill-grace", "1s",
+        ];
+        args.extend_from_slice(extra);
+        spawn(&args, self.dir.path())
+    }
+
+    pub async fn submit(&self, body: Value) -> Value {
+        submit_to(&self.http, self.base(), body).await
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        get_run(&self.http, self.base(), id).await
+    }
+
+    pub async fn logs(&self, id: &str) -> Vec<u8> {
+        self.http
+            .get(format!("{}/v1/runs/{id}/logs", self.base()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    /// Polls until `done(run)`, failing after `within`.
+    pub async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        wait_for(&self.http, self.base(), id, within, done).await
+    }
+
+    pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
+        self.wait_for(id, within, |r| {
+            ["succeeded", "failed", "cancelled", "timed_out"].contains(&r["status"].as_str().unwrap_or(""))
+        })
+        .await
+    }
+
+    pub async fn workers(&self) -> Vec<Value> {
+        let body: Value = self
+            .http
+            .get(format!("{}/v1/workers", self.base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["workers"].as_array().unwrap().clone()
+    }
+
+    /// Waits until `n` workers are registered and active.
+    pub async fn wait_workers(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let active = self
+                .workers()
+                .await
+                .iter()
+                .filter(|w| w["state"] == "active")
+                .count();
+            if active >= n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "workers did not register");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server at {base} never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn submit_to(http: &reqwest::Client, base: &str, body: Value) -> Value {
+    let r = http.post(format!("{base}/v1/runs")).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let run: Value = r.json().await.unwrap();
+    assert_eq!(status, 202, "{run}");
+    run
+}
+
+pub async fn get_run(http: &reqwest::Client, base: &str, id: &str) -> Value {
+    let r = http.get(format!("{base}/v1/runs/{id}")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.unwrap()
+}
+
+pub async fn wait_for(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let run = get_run(http, base, id).await;
+        if done(&run) {
+            return run;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting; last: {run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Is a process with this pid still there?
+pub fn process_exists(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+pub fn id(run: &Value) -> String {
+    run["id"].as_str().unwrap().to_string()
+}
+
+pub fn sleep_cmd(seconds: u32) -> Value {
+    json!(["sleep", seconds.to_string()])
+}
+
+/// How many processes run with exactly this argv (read from /proc).
+pub fn processes_running(argv: &[&str]) -> usize {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0u8])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .count()
+}

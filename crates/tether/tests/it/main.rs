@@ -1,0 +1,8 @@
+//! End-to-end tests of the `tether` binary: real servers, real worker processes, real commands,
+//! killed the way failures happen (SIGKILL, SIGSTOP, restarts).
+
+mod cli;
+mod cluster;
+mod liveness;
+mod outcomes;
+mod restart;
