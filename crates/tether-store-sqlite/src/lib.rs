@@ -90,8 +90,13 @@ impl SqliteStore {
                 }
             }
         }
+        // The one writer connection is kept for the store's life: an in-memory database dies
+        // with its connection, and a file's is cheap to keep.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
