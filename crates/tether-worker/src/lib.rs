@@ -1,1 +1,16 @@
+//! Tether's worker (SPEC §3): registers with a server over HTTP, long-polls it for runs,
+//! supervises each attempt's process group, uploads output, heartbeats for itself and all of
+//! its runs on a fixed interval, and obeys cancel and "not yours any more" answers.
 
+mod backoff;
+pub mod control;
+pub mod group;
+pub mod output;
+pub mod reporter;
+pub mod supervisor;
+
+pub use control::{AttemptControl, AttemptStats, Directive};
+pub use reporter::{
+    AppendAck, AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
+};
+pub use supervisor::{supervise, AttemptEnd, SupervisorOptions, Unreported};

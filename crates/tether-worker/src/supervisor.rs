@@ -1,0 +1,531 @@
+//! Supervision of one attempt: spawn the command in its own process group, report its start,
+//! stream its output, enforce its timeouts, obey the worker's orders, and report how it ended.
+//!
+//! Nothing here speaks HTTP: reports go through an [`AttemptReporter`].
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tether_api::Assignment;
+use tether_domain::{ErrorCode, RunStatus};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::backoff::Backoff;
+use crate::control::{AttemptStats, Directive};
+use crate::group::{signal_group, signal_name};
+use crate::output::{output_queue, read_pipe, upload, UploadEnd};
+use crate::reporter::{AttemptReporter, Finish, OutputStream, ReportError};
+
+/// How long `start` and `finish` keep retrying a server that cannot be reached.
+const REPORT_PATIENCE: Duration = Duration::from_secs(30);
+/// After the command exits, how long its pipes get to reach their end on their own before the
+/// rest of its process group is killed.
+const EXIT_SETTLE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupervisorOptions {
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+}
+
+impl Default for SupervisorOptions {
+    fn default() -> Self {
+        SupervisorOptions {
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why an attempt ended without a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreported {
+    /// The server said the attempt is no longer current.
+    Stale,
+    /// The output limit was reached; the server ended the run itself.
+    OutputLimit,
+    /// The server said this worker no longer owns the run.
+    NotOwned,
+    /// The worker is shutting down; the server gets the run back when the worker deregisters.
+    Shutdown,
+    /// The start could not be confirmed; the process was killed.
+    StartNotConfirmed,
+}
+
+/// How supervision of an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// Finished and the server took the report.
+    Reported(Finish),
+    /// Finished, but the report was not taken (stale, refused, or the server stayed out of
+    /// reach).
+    NotAccepted(Finish),
+    /// Stopped without a report.
+    Unreported(Unreported),
+}
+
+/// Why the process is being stopped (or stopped by itself).
+#[derive(Debug)]
+enum Ending {
+    Exited(std::io::Result<ExitStatus>),
+    TimedOut(Duration),
+    Stalled(Duration),
+    Cancel,
+    Shutdown,
+    Abandon,
+    Upload(UploadEnd),
+}
+
+/// Runs `assignment` to its end. Returns once the process group is gone and everything that
+/// should be reported is.
+pub async fn supervise(
+    assignment: Assignment,
+    reporter: Arc<dyn AttemptReporter>,
+    stats: Arc<AttemptStats>,
+    directives: watch::Receiver<Directive>,
+    options: SupervisorOptions,
+) -> AttemptEnd {
+    let mut orders = Orders::new(directives);
+    let run_id = assignment.run_id.clone();
+    let attempt = assignment.attempt;
+    if orders.current() >= Directive::Shutdown {
+        return AttemptEnd::Unreported(unreported_for(orders.current()));
+    }
+    let mut child = match spawn(&assignment) {
+        Ok(child) => child,
+        Err(message) => {
+            tracing::info!(run_id, attempt, %message, "spawn failed");
+            let finish = Finish {
+                status: RunStatus::Failed,
+                error_code: Some(ErrorCode::SpawnFailed),
+                exit_code: None,
+                error_message: Some(message),
+            };
+            return report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await;
+        }
+    };
+    let Some(pgid) = child.id() else {
+        // Only a reaped child has no id, and this one was just spawned.
+        return AttemptEnd::Unreported(Unreported::StartNotConfirmed);
+    };
+    let started = Instant::now();
+    tracing::info!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
+
+    let (queue, rx) = output_queue();
+    let exited = CancellationToken::new();
+    let mut readers = JoinSet::new();
+    if let Some(stdout) = child.stdout.take() {
+        readers.spawn(read_pipe(
+            stdout,
+            OutputStream::Stdout,
+            queue.clone(),
+            stats.clone(),
+            exited.clone(),
+        ));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        readers.spawn(read_pipe(
+            stderr,
+            OutputStream::Stderr,
+            queue.clone(),
+            stats.clone(),
+            exited.clone(),
+        ));
+    }
+    // Only the readers may hold senders: the uploader drains once both are done.
+    drop(queue);
+
+    if let Err(why) = start_with_retry(&*reporter, &run_id, attempt, pgid, &mut orders).await {
+        signal_group(pgid, Signal::SIGKILL);
+        let _ = child.wait().await;
+        return AttemptEnd::Unreported(why);
+    }
+
+    let abort_upload = CancellationToken::new();
+    let mut uploader = AbortOnDropHandle::new(tokio::spawn(upload(
+        rx,
+        reporter.clone(),
+        run_id.clone(),
+        attempt,
+        abort_upload.clone(),
+    )));
+    let mut upload_end: Option<UploadEnd> = None;
+
+    let timeout_at = assignment
+        .timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
+    let stall = assignment.stall_timeout_ms.map(Duration::from_millis);
+
+    let ending = loop {
+        match orders.current() {
+            Directive::Run => {}
+            Directive::Cancel => break Ending::Cancel,
+            Directive::Shutdown => break Ending::Shutdown,
+            Directive::Abandon => break Ending::Abandon,
+        }
+        let stall_at = stall.map(|s| last_progress(&stats, started) + s);
+        tokio::select! {
+            status = child.wait() => break Ending::Exited(status),
+            _ = sleep_until_maybe(timeout_at) => {
+                break Ending::TimedOut(Duration::from_millis(assignment.timeout_ms.unwrap_or(0)));
+            }
+            _ = sleep_until_maybe(stall_at) => {
+                // Output may have come in since the deadline was computed: look again.
+                if let Some(s) = stall {
+                    if last_progress(&stats, started) + s <= Instant::now() {
+                        break Ending::Stalled(s);
+                    }
+                }
+            }
+            _ = orders.changed() => {}
+            end = &mut uploader, if upload_end.is_none() => {
+                match end.unwrap_or(UploadEnd::Aborted) {
+                    // Both pipes closed while the command runs on: fine, keep waiting.
+                    UploadEnd::Drained => upload_end = Some(UploadEnd::Drained),
+                    other => break Ending::Upload(other),
+                }
+            }
+        }
+    };
+
+    let finish = match ending {
+        Ending::Abandon => {
+            return stop_unreported(&mut child, pgid, Unreported::NotOwned, &abort_upload).await
+        }
+        Ending::Upload(UploadEnd::Stale) => {
+            return stop_unreported(&mut child, pgid, Unreported::Stale, &abort_upload).await
+        }
+        Ending::Upload(UploadEnd::Stop) => {
+            return stop_unreported(&mut child, pgid, Unreported::OutputLimit, &abort_upload).await
+        }
+        Ending::Upload(UploadEnd::Drained | UploadEnd::Aborted) => {
+            // The uploader only aborts when told to, and we have not told it.
+            return stop_unreported(&mut child, pgid, Unreported::Stale, &abort_upload).await;
+        }
+        Ending::Shutdown => {
+            terminate(&mut child, pgid, options.kill_grace, &mut orders).await;
+            abort_upload.cancel();
+            return AttemptEnd::Unreported(Unreported::Shutdown);
+        }
+        Ending::Cancel => {
+            tracing::info!(run_id, attempt, "cancelling");
+            terminate(&mut child, pgid, options.kill_grace, &mut orders).await;
+            Finish {
+                status: RunStatus::Cancelled,
+                error_code: Some(ErrorCode::Cancelled),
+                exit_code: None,
+                error_message: Some("cancelled on request".into()),
+            }
+        }
+        Ending::TimedOut(limit) => {
+            tracing::info!(run_id, attempt, ?limit, "timed out");
+            terminate(&mut child, pgid, options.kill_grace, &mut orders).await;
+            Finish {
+                status: RunStatus::TimedOut,
+                error_code: Some(ErrorCode::Timeout),
+                exit_code: None,
+                error_message: Some(format!("ran past its timeout of {}", seconds(limit))),
+            }
+        }
+        Ending::Stalled(limit) => {
+            tracing::info!(run_id, attempt, ?limit, "stalled");
+            terminate(&mut child, pgid, options.kill_grace, &mut orders).await;
+            Finish {
+                status: RunStatus::TimedOut,
+                error_code: Some(ErrorCode::Stalled),
+                exit_code: None,
+                error_message: Some(format!("printed nothing for {}", seconds(limit))),
+            }
+        }
+        Ending::Exited(status) => finish_for_exit(status),
+    };
+
+    // The command is gone. Let its pipes reach their end on their own for a moment, then kill
+    // what is left of its group: a stray grandchild holding a pipe must not hang the attempt.
+    exited.cancel();
+    let _ = tokio::time::timeout(EXIT_SETTLE, wait_all(&mut readers)).await;
+    signal_group(pgid, Signal::SIGKILL);
+    if orders.until_dropped(wait_all(&mut readers)).await.is_none() {
+        abort_upload.cancel();
+        return AttemptEnd::Unreported(unreported_for(orders.current()));
+    }
+    // The readers are done, so the queue is closed: the uploader ends once it is empty.
+    let end = match upload_end {
+        Some(end) => end,
+        None => match orders.until_dropped(&mut uploader).await {
+            Some(end) => end.unwrap_or(UploadEnd::Aborted),
+            None => {
+                abort_upload.cancel();
+                return AttemptEnd::Unreported(unreported_for(orders.current()));
+            }
+        },
+    };
+    match end {
+        UploadEnd::Drained => {}
+        UploadEnd::Stale | UploadEnd::Aborted => {
+            return AttemptEnd::Unreported(Unreported::Stale);
+        }
+        UploadEnd::Stop => return AttemptEnd::Unreported(Unreported::OutputLimit),
+    }
+    tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
+    report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await
+}
+
+fn spawn(assignment: &Assignment) -> Result<Child, String> {
+    let Some((program, args)) = assignment.command.split_first() else {
+        return Err("the command is empty".into());
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(&assignment.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so one signal reaches everything it starts.
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = &assignment.cwd {
+        command.current_dir(cwd);
+    }
+    command
+        .spawn()
+        .map_err(|err| format!("cannot run `{program}`: {err}"))
+}
+
+fn finish_for_exit(status: std::io::Result<ExitStatus>) -> Finish {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(0), _) => Finish {
+                status: RunStatus::Succeeded,
+                error_code: None,
+                exit_code: Some(0),
+                error_message: None,
+            },
+            (Some(code), _) => Finish {
+                status: RunStatus::Failed,
+                error_code: Some(ErrorCode::ExitNonzero),
+                exit_code: Some(code),
+                error_message: Some(format!("exited with code {code}")),
+            },
+            (None, Some(signal)) => Finish {
+                status: RunStatus::Failed,
+                error_code: Some(ErrorCode::ExitNonzero),
+                // The shell's convention, so scripts read it the same way.
+                exit_code: Some(128 + signal),
+                error_message: Some(format!("killed by {}", signal_name(signal))),
+            },
+            (None, None) => Finish {
+                status: RunStatus::Failed,
+                error_code: Some(ErrorCode::ExitNonzero),
+                exit_code: None,
+                error_message: Some(format!("ended with {status}")),
+            },
+        },
+        Err(err) => Finish {
+            status: RunStatus::Failed,
+            error_code: Some(ErrorCode::ExitNonzero),
+            exit_code: None,
+            error_message: Some(format!("lost track of the process: {err}")),
+        },
+    }
+}
+
+/// SIGTERM to the group, then SIGKILL once the grace period is over (or at once if the
+/// attempt is abandoned meanwhile). Returns once the command has been reaped.
+async fn terminate(child: &mut Child, pgid: u32, grace: Duration, orders: &mut Orders) {
+    signal_group(pgid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if orders.current() == Directive::Abandon {
+            break;
+        }
+        tokio::select! {
+            _ = child.wait() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = orders.changed() => {}
+        }
+    }
+    // Whatever of the group survived SIGTERM (or ignored it) goes now.
+    signal_group(pgid, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// SIGKILL the group at once and report nothing more.
+async fn stop_unreported(
+    child: &mut Child,
+    pgid: u32,
+    why: Unreported,
+    abort_upload: &CancellationToken,
+) -> AttemptEnd {
+    abort_upload.cancel();
+    signal_group(pgid, Signal::SIGKILL);
+    let _ = child.wait().await;
+    AttemptEnd::Unreported(why)
+}
+
+async fn start_with_retry(
+    reporter: &dyn AttemptReporter,
+    run_id: &str,
+    attempt: u32,
+    pid: u32,
+    orders: &mut Orders,
+) -> Result<(), Unreported> {
+    let deadline = Instant::now() + REPORT_PATIENCE;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let result = match orders
+            .until_dropped(reporter.start(run_id, attempt, pid))
+            .await
+        {
+            Some(result) => result,
+            None => return Err(unreported_for(orders.current())),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(ReportError::Stale) => {
+                tracing::info!(run_id, attempt, "start refused: the attempt is not current");
+                return Err(Unreported::Stale);
+            }
+            Err(ReportError::Refused(err)) => {
+                tracing::error!(run_id, attempt, %err, "start refused");
+                return Err(Unreported::StartNotConfirmed);
+            }
+            Err(ReportError::Transient(err)) => {
+                let delay = backoff.next_delay();
+                if Instant::now() + delay > deadline {
+                    tracing::error!(run_id, attempt, %err, "cannot report the start; giving up");
+                    return Err(Unreported::StartNotConfirmed);
+                }
+                tracing::warn!(run_id, attempt, %err, "cannot report the start; retrying");
+                if orders
+                    .until_dropped(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return Err(unreported_for(orders.current()));
+                }
+            }
+        }
+    }
+}
+
+async fn report_finish(
+    reporter: &dyn AttemptReporter,
+    run_id: &str,
+    attempt: u32,
+    finish: Finish,
+    orders: &mut Orders,
+) -> AttemptEnd {
+    let deadline = Instant::now() + REPORT_PATIENCE;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match reporter.finish(run_id, attempt, &finish).await {
+            Ok(()) => return AttemptEnd::Reported(finish),
+            Err(ReportError::Stale) => {
+                tracing::info!(
+                    run_id,
+                    attempt,
+                    "finish refused: the attempt is not current"
+                );
+                return AttemptEnd::NotAccepted(finish);
+            }
+            Err(ReportError::Refused(err)) => {
+                tracing::error!(run_id, attempt, %err, "finish refused");
+                return AttemptEnd::NotAccepted(finish);
+            }
+            Err(ReportError::Transient(err)) => {
+                let delay = backoff.next_delay();
+                if Instant::now() + delay > deadline {
+                    tracing::error!(run_id, attempt, %err, "cannot report the finish; giving up");
+                    return AttemptEnd::NotAccepted(finish);
+                }
+                tracing::warn!(run_id, attempt, %err, "cannot report the finish; retrying");
+                // A worker shutting down does not wait out a server that is away.
+                if orders
+                    .until_dropped(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return AttemptEnd::NotAccepted(finish);
+                }
+            }
+        }
+    }
+}
+
+/// When the command last showed progress: its last output, else its start.
+fn last_progress(stats: &AttemptStats, started: Instant) -> Instant {
+    match stats.last_output() {
+        Some(t) => Instant::from_std(t).max(started),
+        None => started,
+    }
+}
+
+async fn wait_all(readers: &mut JoinSet<()>) {
+    while readers.join_next().await.is_some() {}
+}
+
+async fn sleep_until_maybe(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn unreported_for(directive: Directive) -> Unreported {
+    match directive {
+        Directive::Abandon => Unreported::NotOwned,
+        _ => Unreported::Shutdown,
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+/// The worker's orders to this attempt, watched while it runs.
+struct Orders {
+    rx: watch::Receiver<Directive>,
+    /// The worker dropped its side: no more orders will come.
+    closed: bool,
+}
+
+impl Orders {
+    fn new(rx: watch::Receiver<Directive>) -> Orders {
+        Orders { rx, closed: false }
+    }
+
+    fn current(&self) -> Directive {
+        *self.rx.borrow()
+    }
+
+    /// Resolves when the order changes; never, once the worker's side is gone.
+    async fn changed(&mut self) {
+        if self.closed || self.rx.changed().await.is_err() {
+            self.closed = true;
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Runs `fut` unless the worker drops the attempt (shutdown or abandon) first.
+    async fn until_dropped<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            if self.current() >= Directive::Shutdown {
+                return None;
+            }
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                _ = self.changed() => {}
+            }
+        }
+    }
+}

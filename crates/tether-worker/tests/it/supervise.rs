@@ -1,0 +1,423 @@
+//! One attempt, supervised with real processes against the fake reporter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg};
+use nix::unistd::Pid;
+use tether_domain::{ErrorCode, RunStatus};
+use tether_worker::{
+    supervise, AttemptControl, AttemptEnd, AttemptStats, Finish, OutputStream, Unreported,
+};
+
+use crate::fake::{assignment, options, run, sh, Behaviour, FakeReporter};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+fn reported(end: &AttemptEnd) -> &Finish {
+    match end {
+        AttemptEnd::Reported(finish) => finish,
+        other => panic!("expected a reported finish, got {other:?}"),
+    }
+}
+
+/// Whether nothing of the group is left running. Killed grandchildren are reaped by init, not
+/// by us, so they may stay zombies for a moment: poll, and count zombies as gone.
+fn group_gone(pgid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if killpg(Pid::from_raw(pgid as i32), None) == Err(Errno::ESRCH) || only_zombies(pgid) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn only_zombies(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the `(comm)` field: state, ppid, pgrp.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z") {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_command_that_succeeds_reports_its_output_and_exit_code() {
+    let fake = FakeReporter::new();
+    let end = run(assignment(&["echo", "hi"]), fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Succeeded);
+    assert_eq!(finish.exit_code, Some(0));
+    assert_eq!(finish.error_code, None);
+    assert!(fake.pid().is_some(), "start was reported");
+    assert_eq!(fake.output(OutputStream::Stdout), b"hi\n");
+    assert_eq!(fake.finishes().len(), 1);
+}
+
+#[tokio::test]
+async fn a_nonzero_exit_fails_with_its_code() {
+    let fake = FakeReporter::new();
+    let end = run(sh("exit 3"), fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Failed);
+    assert_eq!(finish.error_code, Some(ErrorCode::ExitNonzero));
+    assert_eq!(finish.exit_code, Some(3));
+}
+
+#[tokio::test]
+async fn a_signal_we_did_not_send_is_named() {
+    let fake = FakeReporter::new();
+    let end = run(sh("kill -SEGV $$"), fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Failed);
+    assert_eq!(finish.error_code, Some(ErrorCode::ExitNonzero));
+    assert_eq!(finish.exit_code, Some(128 + 11));
+    assert!(
+        finish
+            .error_message
+            .as_deref()
+            .unwrap_or("")
+            .contains("SIGSEGV"),
+        "{finish:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_binary_is_a_spawn_failure_without_a_start() {
+    let fake = FakeReporter::new();
+    let end = run(assignment(&["/no/such/binary-tether"]), fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Failed);
+    assert_eq!(finish.error_code, Some(ErrorCode::SpawnFailed));
+    let message = finish.error_message.clone().unwrap_or_default();
+    assert!(message.contains("No such file"), "{message}");
+    assert!(
+        fake.pid().is_none(),
+        "no start for a process that never ran"
+    );
+}
+
+#[tokio::test]
+async fn env_and_cwd_reach_the_command() {
+    let fake = FakeReporter::new();
+    let mut a = sh("echo \"$TETHER_TEST_VALUE\"; pwd");
+    a.env
+        .insert("TETHER_TEST_VALUE".into(), "from-the-run".into());
+    a.cwd = Some("/tmp".into());
+    let end = run(a, fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"from-the-run\n/tmp\n");
+}
+
+#[tokio::test]
+async fn a_command_past_its_timeout_is_timed_out() {
+    let fake = FakeReporter::new();
+    let mut a = assignment(&["sleep", "30"]);
+    a.timeout_ms = Some(300);
+    let began = Instant::now();
+    let end = run(a, fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::TimedOut);
+    assert_eq!(finish.error_code, Some(ErrorCode::Timeout));
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    let pid = fake.pid().expect("started");
+    assert!(group_gone(pid));
+}
+
+#[tokio::test]
+async fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let fake = FakeReporter::new();
+    let mut a = sh("trap '' TERM; sleep 30 & wait; sleep 30");
+    a.timeout_ms = Some(200);
+    let began = Instant::now();
+    let end = run(a, fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).error_code, Some(ErrorCode::Timeout));
+    // 200 ms timeout + 500 ms grace, then SIGKILL.
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(group_gone(fake.pid().expect("started")));
+}
+
+#[tokio::test]
+async fn a_silent_command_stalls() {
+    let fake = FakeReporter::new();
+    let mut a = sh("echo one; sleep 30");
+    a.stall_timeout_ms = Some(300);
+    let end = run(a, fake.clone(), LIMIT).await;
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::TimedOut);
+    assert_eq!(finish.error_code, Some(ErrorCode::Stalled));
+    assert_eq!(fake.output(OutputStream::Stdout), b"one\n");
+}
+
+#[tokio::test]
+async fn output_keeps_a_command_from_stalling() {
+    let fake = FakeReporter::new();
+    let mut a = sh("for i in 1 2 3 4 5 6; do echo $i; sleep 0.1; done");
+    a.stall_timeout_ms = Some(400);
+    let end = run(a, fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn cancel_stops_the_whole_process_group() {
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        sh("sleep 30 & sleep 30"),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let pid = fake.wait_for_pid(LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    control.cancel();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Cancelled);
+    assert_eq!(finish.error_code, Some(ErrorCode::Cancelled));
+    assert_eq!(kill(Pid::from_raw(pid as i32), None), Err(Errno::ESRCH));
+    assert!(group_gone(pid));
+}
+
+#[tokio::test]
+async fn not_owned_kills_at_once_and_reports_nothing() {
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        sh("trap '' TERM; echo up; sleep 30"),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let pid = fake.wait_for_pid(LIMIT).await;
+    control.abandon();
+    let end = tokio::time::timeout(Duration::from_millis(400), task)
+        .await
+        .expect("abandon does not wait out the grace")
+        .expect("joined");
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::NotOwned));
+    assert!(fake.finishes().is_empty());
+    assert!(group_gone(pid));
+}
+
+#[tokio::test]
+async fn shutdown_terminates_and_reports_nothing() {
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        assignment(&["sleep", "30"]),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let pid = fake.wait_for_pid(LIMIT).await;
+    control.shut_down();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::Shutdown));
+    assert!(fake.finishes().is_empty());
+    assert!(group_gone(pid));
+}
+
+#[tokio::test]
+async fn a_stale_start_kills_the_process_and_reports_nothing() {
+    let fake = FakeReporter::with(Behaviour {
+        start_stale: true,
+        ..Behaviour::default()
+    });
+    let end = run(assignment(&["sleep", "30"]), fake.clone(), LIMIT).await;
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::Stale));
+    assert!(fake.finishes().is_empty());
+    assert!(group_gone(fake.pid().expect("start was tried")));
+}
+
+#[tokio::test]
+async fn the_output_limit_stops_the_command_without_a_finish() {
+    let fake = FakeReporter::with(Behaviour {
+        stop_after_bytes: Some(1000),
+        ..Behaviour::default()
+    });
+    let end = run(sh("while true; do echo flood; done"), fake.clone(), LIMIT).await;
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::OutputLimit));
+    assert!(fake.finishes().is_empty());
+    assert!(group_gone(fake.pid().expect("started")));
+}
+
+#[tokio::test]
+async fn a_late_line_after_a_silence_arrives() {
+    let fake = FakeReporter::new();
+    let end = run(sh("sleep 1; echo late"), fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"late\n");
+}
+
+#[tokio::test]
+async fn fifty_megabytes_arrive_complete() {
+    let fake = FakeReporter::new();
+    let end = run(
+        sh("head -c 50000000 /dev/zero | tr '\\0' 'x'"),
+        fake.clone(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let out = fake.output(OutputStream::Stdout);
+    assert_eq!(out.len(), 50_000_000);
+    assert!(out.iter().all(|b| *b == b'x'));
+    assert!(fake.chunks().iter().all(|c| c.data.len() <= 64 * 1024));
+}
+
+#[tokio::test]
+async fn many_lines_arrive_complete_and_in_order() {
+    let fake = FakeReporter::new();
+    // 200,000 numbered lines of 100 bytes: 20 MB.
+    let end = run(
+        sh("awk 'BEGIN { for (i = 0; i < 200000; i++) printf \"%09d%090d\\n\", i, 0 }'"),
+        fake.clone(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let chunks = fake.chunks();
+    assert_eq!(chunks.len(), 200_000, "one chunk per line");
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert_eq!(chunk.data.len(), 100, "line {i}");
+        assert_eq!(&chunk.data[..9], format!("{i:09}").as_bytes(), "line {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_slow_server_holds_a_fast_command_back_without_losing_output() {
+    let fake = FakeReporter::with(Behaviour {
+        append_delay: Some(Duration::from_millis(20)),
+        transient_append_failures: 3,
+        ..Behaviour::default()
+    });
+    let end = run(
+        sh("head -c 8000000 /dev/zero | tr '\\0' 'y'"),
+        fake.clone(),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout).len(), 8_000_000);
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_utf8_arrive_exactly() {
+    let fake = FakeReporter::new();
+    let end = run(sh("printf '\\377\\376abc\\n'"), fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"\xff\xfeabc\n");
+}
+
+#[tokio::test]
+async fn a_partial_line_arrives_without_a_newline() {
+    let fake = FakeReporter::new();
+    let end = run(sh("printf 'no newline'"), fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"no newline");
+}
+
+#[tokio::test]
+async fn a_partial_line_is_sent_while_the_command_still_runs() {
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        sh("printf 'progress: '; sleep 30"),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while fake.output(OutputStream::Stdout) != b"progress: " {
+        assert!(Instant::now() < deadline, "the partial line never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    control.cancel();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    assert_eq!(reported(&end).status, RunStatus::Cancelled);
+}
+
+#[tokio::test]
+async fn lines_are_split_and_the_order_between_streams_is_kept() {
+    let fake = FakeReporter::new();
+    let end = run(
+        sh("echo a; sleep 0.05; echo b >&2; sleep 0.05; echo c; echo d"),
+        fake.clone(),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let seen: Vec<(OutputStream, Vec<u8>)> = fake
+        .chunks()
+        .into_iter()
+        .map(|c| (c.stream, c.data.to_vec()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (OutputStream::Stdout, b"a\n".to_vec()),
+            (OutputStream::Stderr, b"b\n".to_vec()),
+            (OutputStream::Stdout, b"c\n".to_vec()),
+            (OutputStream::Stdout, b"d\n".to_vec()),
+        ]
+    );
+    let chunks = fake.chunks();
+    assert!(chunks.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
+    assert!(
+        chunks[0].ts_ms > 1_600_000_000_000,
+        "wall-clock milliseconds"
+    );
+}
+
+#[tokio::test]
+async fn a_grandchild_holding_the_pipe_does_not_hang_the_attempt() {
+    let fake = FakeReporter::new();
+    let began = Instant::now();
+    let end = run(sh("sleep 100 & echo done"), fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"done\n");
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(group_gone(fake.pid().expect("started")));
+}
