@@ -8,9 +8,11 @@ pub mod group;
 pub mod output;
 pub mod reporter;
 pub mod supervisor;
+mod worker;
 
 pub use control::{AttemptControl, AttemptStats, Directive};
 pub use reporter::{
     AppendAck, AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
 };
 pub use supervisor::{supervise, AttemptEnd, SupervisorOptions, Unreported};
+pub use worker::{run_worker, WorkerConfig, WorkerError};

@@ -1,5 +1,7 @@
 //! Integration tests of the worker: supervision against an in-memory reporter with real
-//! processes.
+//! processes, and the whole worker against a fake server over HTTP.
 
 mod fake;
+mod server;
 mod supervise;
+mod worker;

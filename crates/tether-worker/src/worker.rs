@@ -1,0 +1,412 @@
+//! The worker process: register, claim, supervise, heartbeat, and leave cleanly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tether_api::{
+    Assignment, ClaimRequest, ClientError, HeartbeatRequest, HeartbeatResponse,
+    RegisterWorkerRequest, RunBeatWire, TetherClient,
+};
+use tether_domain::Resources;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::control::{AttemptControl, AttemptStats, Directive};
+use crate::reporter::{HttpReporter, OutputStream};
+use crate::supervisor::{supervise, SupervisorOptions};
+
+/// How a worker runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    /// The server's root URL, e.g. `http://127.0.0.1:7070`.
+    pub server: String,
+    /// The worker token, sent as `Authorization: Bearer`.
+    pub token: Option<String>,
+    pub name: String,
+    /// What this worker offers; the server places runs within it.
+    pub capacity: Resources,
+    /// Empty: every lane.
+    pub lanes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// How long one claim may wait at the server for work.
+    pub claim_wait: Duration,
+    pub max_runs_per_claim: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            server: "http://127.0.0.1:7070".into(),
+            token: None,
+            name: "worker".into(),
+            capacity: Resources::default(),
+            lanes: Vec::new(),
+            labels: BTreeMap::new(),
+            kill_grace: Duration::from_secs(10),
+            claim_wait: Duration::from_secs(20),
+            max_runs_per_claim: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid worker configuration: {0}")]
+    Config(#[from] ClientError),
+    /// The server refused to register this worker (a bad token, a bad request): retrying
+    /// would be refused again.
+    #[error("the server refused to register this worker: {0}")]
+    Registration(ClientError),
+}
+
+/// The shortest heartbeat interval we accept from a server, so a bad answer cannot make the
+/// worker spin.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// A claim answered faster than this with nothing in it is followed by a short pause, in case
+/// the server does not hold claims.
+const EMPTY_CLAIM_PAUSE: Duration = Duration::from_millis(200);
+/// How long leaving (`DELETE /v1/workers/{id}`) may take before we give up on it.
+const DEREGISTER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Runs a worker until `shutdown` is cancelled: then it stops claiming, stops every process
+/// it holds (SIGTERM, SIGKILL after the grace), reports nothing for them, deregisters (the
+/// server hands those runs back at once) and returns.
+///
+/// A server that cannot be reached is waited for; a server that forgot this worker (it
+/// answers `unknown_worker`) gets everything killed and a new registration.
+pub async fn run_worker(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let client = TetherClient::new(&config.server, config.token.clone())?;
+    loop {
+        let Some((worker_id, interval)) = register(&client, &config, &shutdown).await? else {
+            return Ok(());
+        };
+        tracing::info!(
+            worker_id,
+            ?interval,
+            server = client.base_url(),
+            "registered"
+        );
+        let session = Session {
+            client: client.clone(),
+            config: config.clone(),
+            worker_id: worker_id.clone(),
+            held: Held::default(),
+            tracker: TaskTracker::new(),
+        };
+        match session.run(interval, &shutdown).await {
+            SessionEnd::Shutdown => {
+                deregister(&client, &worker_id).await;
+                return Ok(());
+            }
+            SessionEnd::Forgotten => {
+                tracing::warn!(
+                    worker_id,
+                    "the server no longer knows this worker; registering again"
+                );
+            }
+        }
+    }
+}
+
+/// Registers, retrying while the server is away. `None`: shut down meanwhile.
+async fn register(
+    client: &TetherClient,
+    config: &WorkerConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<(String, Duration)>, WorkerError> {
+    let request = RegisterWorkerRequest {
+        name: config.name.clone(),
+        capacity: config.capacity,
+        lanes: config.lanes.clone(),
+        labels: config.labels.clone(),
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = client.register_worker(&request) => r,
+        };
+        match result {
+            Ok(answer) => {
+                let interval =
+                    Duration::from_millis(answer.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
+                return Ok(Some((answer.worker_id, interval)));
+            }
+            Err(err) if err.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%err, ?delay, "cannot register; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(err) => return Err(WorkerError::Registration(err)),
+        }
+    }
+}
+
+async fn deregister(client: &TetherClient, worker_id: &str) {
+    let attempt = async {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        loop {
+            match client.deregister_worker(worker_id).await {
+                Ok(()) => return true,
+                Err(err) if err.is_retryable() => {
+                    tracing::warn!(worker_id, %err, "cannot deregister; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(err) => {
+                    // Already forgotten (404) is as good as gone.
+                    tracing::info!(worker_id, %err, "deregistration refused");
+                    return false;
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(DEREGISTER_PATIENCE, attempt).await {
+        Ok(true) => tracing::info!(worker_id, "deregistered"),
+        Ok(false) => {}
+        Err(_) => tracing::warn!(
+            worker_id,
+            "could not deregister; the server will reap this worker's runs when its heartbeat goes stale"
+        ),
+    }
+}
+
+/// The attempts a registration holds, by run id and attempt.
+#[derive(Debug, Clone, Default)]
+struct Held(Arc<Mutex<HashMap<(String, u32), HeldAttempt>>>);
+
+#[derive(Debug)]
+struct HeldAttempt {
+    control: AttemptControl,
+    stats: Arc<AttemptStats>,
+}
+
+impl Held {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, u32), HeldAttempt>> {
+        // A panic while holding the lock leaves a map that is still valid.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every attempt's part of a heartbeat.
+    fn beats(&self) -> Vec<RunBeatWire> {
+        self.lock()
+            .iter()
+            .map(|((run_id, attempt), held)| RunBeatWire {
+                run_id: run_id.clone(),
+                attempt: *attempt,
+                stdout_bytes: held.stats.bytes(OutputStream::Stdout),
+                stderr_bytes: held.stats.bytes(OutputStream::Stderr),
+                since_last_output_s: held.stats.since_last_output().map(|d| d.as_secs_f64()),
+            })
+            .collect()
+    }
+
+    fn order(&self, run_id: &str, attempt: u32, directive: Directive) {
+        if let Some(held) = self.lock().get(&(run_id.to_string(), attempt)) {
+            held.control.order(directive);
+        }
+    }
+
+    fn order_all(&self, directive: Directive) {
+        for held in self.lock().values() {
+            held.control.order(directive);
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// The server answered `unknown_worker`.
+    Forgotten,
+}
+
+/// One registration's life.
+struct Session {
+    client: TetherClient,
+    config: WorkerConfig,
+    worker_id: String,
+    held: Held,
+    tracker: TaskTracker,
+}
+
+impl Session {
+    async fn run(self, interval: Duration, shutdown: &CancellationToken) -> SessionEnd {
+        let forgotten = CancellationToken::new();
+        let stop_beating = CancellationToken::new();
+        // Its own task: neither claims nor log uploads may delay a heartbeat.
+        let beats = tokio::spawn(heartbeat_loop(
+            self.client.clone(),
+            self.worker_id.clone(),
+            interval,
+            self.held.clone(),
+            forgotten.clone(),
+            stop_beating.clone(),
+        ));
+        let end = self.claim_loop(shutdown, &forgotten).await;
+        let directive = match end {
+            SessionEnd::Shutdown => Directive::Shutdown,
+            SessionEnd::Forgotten => Directive::Abandon,
+        };
+        self.held.order_all(directive);
+        self.tracker.close();
+        // Heartbeats go on while the processes wind down, so the server does not judge the
+        // runs lost meanwhile.
+        self.tracker.wait().await;
+        stop_beating.cancel();
+        let _ = beats.await;
+        end
+    }
+
+    async fn claim_loop(
+        &self,
+        shutdown: &CancellationToken,
+        forgotten: &CancellationToken,
+    ) -> SessionEnd {
+        let request = ClaimRequest {
+            max_runs: self.config.max_runs_per_claim.max(1),
+            wait_ms: self.config.claim_wait.as_millis() as u64,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            let asked = Instant::now();
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = forgotten.cancelled() => return SessionEnd::Forgotten,
+                r = self.client.claim(&self.worker_id, &request) => r,
+            };
+            let pause = match result {
+                Ok(answer) => {
+                    backoff.reset();
+                    let empty = answer.assignments.is_empty();
+                    for assignment in answer.assignments {
+                        self.launch(assignment);
+                    }
+                    (empty && asked.elapsed() < EMPTY_CLAIM_PAUSE / 4).then_some(EMPTY_CLAIM_PAUSE)
+                }
+                Err(err) if err.is_unknown_worker() => {
+                    forgotten.cancel();
+                    return SessionEnd::Forgotten;
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    if err.is_retryable() {
+                        tracing::warn!(%err, ?delay, "claim failed; retrying");
+                    } else {
+                        tracing::error!(%err, ?delay, "claim refused; retrying");
+                    }
+                    Some(delay)
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                    _ = forgotten.cancelled() => return SessionEnd::Forgotten,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    fn launch(&self, assignment: Assignment) {
+        let key = (assignment.run_id.clone(), assignment.attempt);
+        let (control, directives) = AttemptControl::new();
+        let stats = Arc::new(AttemptStats::new());
+        {
+            let mut held = self.held.lock();
+            if held.contains_key(&key) {
+                tracing::warn!(
+                    run_id = key.0,
+                    attempt = key.1,
+                    "assigned an attempt it already holds; ignoring"
+                );
+                return;
+            }
+            held.insert(
+                key.clone(),
+                HeldAttempt {
+                    control,
+                    stats: stats.clone(),
+                },
+            );
+        }
+        tracing::info!(run_id = key.0, attempt = key.1, "claimed");
+        let reporter = Arc::new(HttpReporter::new(
+            self.client.clone(),
+            self.worker_id.clone(),
+        ));
+        let options = SupervisorOptions {
+            kill_grace: self.config.kill_grace,
+        };
+        let held = self.held.clone();
+        self.tracker.spawn(async move {
+            let end = supervise(assignment, reporter, stats, directives, options).await;
+            tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
+            held.lock().remove(&key);
+        });
+    }
+}
+
+/// One heartbeat per interval for the worker and every attempt it holds, whether or not they
+/// print; applies the answer's cancels and "not yours any more".
+async fn heartbeat_loop(
+    client: TetherClient,
+    worker_id: String,
+    interval: Duration,
+    held: Held,
+    forgotten: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A heartbeat that takes longer than this is abandoned, so the next one goes out in time.
+    let patience = interval.clamp(Duration::from_secs(2), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let request = HeartbeatRequest { runs: held.beats() };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(patience, client.heartbeat(&worker_id, &request)) => r,
+        };
+        match result {
+            Ok(Ok(answer)) => apply(&held, &answer),
+            Ok(Err(err)) if err.is_unknown_worker() => {
+                forgotten.cancel();
+                return;
+            }
+            Ok(Err(err)) => tracing::warn!(worker_id, %err, "heartbeat failed"),
+            Err(_) => tracing::warn!(worker_id, ?patience, "heartbeat timed out"),
+        }
+    }
+}
+
+fn apply(held: &Held, answer: &HeartbeatResponse) {
+    for run in &answer.cancel {
+        tracing::info!(
+            run_id = run.run_id,
+            attempt = run.attempt,
+            "cancel requested"
+        );
+        held.order(&run.run_id, run.attempt, Directive::Cancel);
+    }
+    for run in &answer.not_owned {
+        tracing::warn!(
+            run_id = run.run_id,
+            attempt = run.attempt,
+            "no longer ours; killing"
+        );
+        held.order(&run.run_id, run.attempt, Directive::Abandon);
+    }
+}
