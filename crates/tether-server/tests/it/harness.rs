@@ -52,7 +52,13 @@ impl TestServer {
 
     /// POSTs JSON, returns status and body.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(self.url(path)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -99,14 +105,22 @@ impl TestServer {
     }
 
     /// Polls the run until `done` says so, or fails after `within`.
-    pub async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let run = self.run(id).await;
             if done(&run) {
                 return run;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting; last: {run}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting; last: {run}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -116,5 +130,7 @@ impl TestServer {
 pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
     assert_eq!(status, want_status, "{body}");
     assert_eq!(body["error"]["code"], want_code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
 }

@@ -41,9 +41,20 @@ async fn bad_input_gets_a_stable_code_and_changes_nothing() {
     let status = r.status().as_u16();
     assert_error(status, &r.json().await.unwrap(), 400, "malformed_json");
     // 415: not sent as JSON.
-    let r = s.http.post(s.url("/v1/runs")).body("{}").send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/v1/runs"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
-    assert_error(status, &r.json().await.unwrap(), 415, "unsupported_media_type");
+    assert_error(
+        status,
+        &r.json().await.unwrap(),
+        415,
+        "unsupported_media_type",
+    );
     // 422: invalid fields.
     let cases: Vec<(Value, &str)> = vec![
         (json!({"command": []}), "invalid_field"),
@@ -53,10 +64,22 @@ async fn bad_input_gets_a_stable_code_and_changes_nothing() {
         (json!({"command": ["x"], "bogus": 1}), "invalid_field"),
         (json!({"command": ["x"], "lane": "nope"}), "unknown_lane"),
         (json!({"command": ["x"], "timeout_s": -1}), "invalid_field"),
-        (json!({"command": ["x"], "max_attempts": 0}), "invalid_field"),
-        (json!({"command": ["x"], "heartbeat_timeout_s": null}), "invalid_field"),
-        (json!({"command": ["x"], "resources": {"cpus": 0}}), "invalid_field"),
-        (json!({"command": ["x"], "env": {"A=B": "c"}}), "invalid_field"),
+        (
+            json!({"command": ["x"], "max_attempts": 0}),
+            "invalid_field",
+        ),
+        (
+            json!({"command": ["x"], "heartbeat_timeout_s": null}),
+            "invalid_field",
+        ),
+        (
+            json!({"command": ["x"], "resources": {"cpus": 0}}),
+            "invalid_field",
+        ),
+        (
+            json!({"command": ["x"], "env": {"A=B": "c"}}),
+            "invalid_field",
+        ),
     ];
     for (body, code) in cases {
         let (status, answer) = s.post("/v1/runs", body.clone()).await;
@@ -93,7 +116,10 @@ async fn idempotency_keys_return_the_same_run_or_409() {
     let second = s.submit(body).await;
     assert_eq!(first["id"], second["id"]);
     let (status, answer) = s
-        .post("/v1/runs", json!({"command": ["echo", "other"], "idempotency_key": "k-1"}))
+        .post(
+            "/v1/runs",
+            json!({"command": ["echo", "other"], "idempotency_key": "k-1"}),
+        )
         .await;
     assert_error(status, &answer, 409, "idempotency_conflict");
     assert_eq!(count_runs(&s).await, 1);
@@ -123,7 +149,9 @@ async fn list_pages_newest_first_with_filters() {
         let lane_run = s.submit(json!({"command": ["echo", i.to_string()]})).await;
         ids.push(lane_run["id"].as_str().unwrap().to_string());
     }
-    let (_, cancelled) = s.post(&format!("/v1/runs/{}/cancel", ids[0]), json!({})).await;
+    let (_, cancelled) = s
+        .post(&format!("/v1/runs/{}/cancel", ids[0]), json!({}))
+        .await;
     assert_eq!(cancelled["status"], "cancelled");
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
@@ -174,7 +202,11 @@ async fn tokens_guard_each_scope() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 401, "a worker token is not a client token");
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "a worker token is not a client token"
+    );
     let r = s
         .http
         .get(s.url("/v1/runs"))
@@ -192,7 +224,11 @@ async fn tokens_guard_each_scope() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 401, "a client token is not a worker token");
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "a client token is not a worker token"
+    );
     let r = s
         .http
         .post(s.url("/v1/workers"))
@@ -215,7 +251,10 @@ async fn listening_beyond_loopback_needs_tokens() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let result = tether_server::start(fast_config(), store, listener).await;
-    assert!(matches!(result, Err(tether_server::StartError::TokensRequired(_))));
+    assert!(matches!(
+        result,
+        Err(tether_server::StartError::TokensRequired(_))
+    ));
 }
 
 #[tokio::test]

@@ -3,4 +3,5 @@
 mod harness;
 mod http_api;
 mod protocol;
+mod proxy;
 mod stream;

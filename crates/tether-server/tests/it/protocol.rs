@@ -42,11 +42,21 @@ async fn a_run_goes_through_its_whole_life() {
     let run = a["run_id"].as_str().unwrap();
     let claimed = s.run(run).await;
     assert_eq!(claimed["status"], "claimed");
-    assert!(claimed["last_heartbeat_at"].is_string(), "a claim stamps the heartbeat");
+    assert!(
+        claimed["last_heartbeat_at"].is_string(),
+        "a claim stamps the heartbeat"
+    );
     let (status, body) = s
-        .post(&attempt_path(run, 1, "start"), json!({"worker_id": worker, "pid": 42}))
+        .post(
+            &attempt_path(run, 1, "start"),
+            json!({"worker_id": worker, "pid": 42}),
+        )
         .await;
-    assert_eq!((status, body["status"].clone()), (200, json!("running")), "{body}");
+    assert_eq!(
+        (status, body["status"].clone()),
+        (200, json!("running")),
+        "{body}"
+    );
     let (status, body) = s
         .post(
             &attempt_path(run, 1, "logs"),
@@ -56,14 +66,22 @@ async fn a_run_goes_through_its_whole_life() {
             ]}),
         )
         .await;
-    assert_eq!((status, body["stop"].clone()), (200, json!(false)), "{body}");
+    assert_eq!(
+        (status, body["stop"].clone()),
+        (200, json!(false)),
+        "{body}"
+    );
     let (status, body) = s
         .post(
             &attempt_path(run, 1, "finish"),
             json!({"worker_id": worker, "status": "succeeded", "exit_code": 0}),
         )
         .await;
-    assert_eq!((status, body["status"].clone()), (200, json!("succeeded")), "{body}");
+    assert_eq!(
+        (status, body["status"].clone()),
+        (200, json!("succeeded")),
+        "{body}"
+    );
     let done = s.run(run).await;
     assert_eq!(done["exit_code"], 0);
     assert_eq!(done["liveness"]["state"], "done");
@@ -75,37 +93,54 @@ async fn a_run_goes_through_its_whole_life() {
         .send()
         .await
         .unwrap();
-    assert!(logs.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(logs.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     assert_eq!(logs.bytes().await.unwrap().as_ref(), b"hi\n\xff\xfe raw\n");
 }
 
 #[tokio::test]
 async fn every_worker_call_for_an_old_attempt_is_409_and_writes_nothing() {
     let s = TestServer::start().await;
-    s.submit(json!({"command": ["sleep", "1"], "heartbeat_timeout_s": 0.3})).await;
+    s.submit(json!({"command": ["sleep", "1"], "heartbeat_timeout_s": 0.3}))
+        .await;
     let zombie = s.register(1.0).await;
     let (run, attempt) = claim_one(&s, &zombie).await;
     let (status, _) = s
-        .post(&attempt_path(&run, attempt, "start"), json!({"worker_id": zombie}))
+        .post(
+            &attempt_path(&run, attempt, "start"),
+            json!({"worker_id": zombie}),
+        )
         .await;
     assert_eq!(status, 200);
     // The zombie goes silent; the reaper retries the run; another worker takes attempt 2.
-    s.wait_for(&run, Duration::from_secs(5), |r| r["status"] == "pending").await;
+    s.wait_for(&run, Duration::from_secs(5), |r| r["status"] == "pending")
+        .await;
     let fresh = s.register(1.0).await;
     let (run2, attempt2) = claim_one(&s, &fresh).await;
     assert_eq!((run2.as_str(), attempt2), (run.as_str(), 2));
     let before = s.run(&run).await;
     for (call, body) in [
         ("start", json!({"worker_id": zombie})),
-        ("logs", json!({"worker_id": zombie, "chunks": [{"stream": "stdout", "ts": 1, "data": b64(b"late\n")}]})),
-        ("finish", json!({"worker_id": zombie, "status": "succeeded", "exit_code": 0})),
+        (
+            "logs",
+            json!({"worker_id": zombie, "chunks": [{"stream": "stdout", "ts": 1, "data": b64(b"late\n")}]}),
+        ),
+        (
+            "finish",
+            json!({"worker_id": zombie, "status": "succeeded", "exit_code": 0}),
+        ),
     ] {
         let (status, answer) = s.post(&attempt_path(&run, 1, call), body).await;
         assert_error(status, &answer, 409, "stale_attempt");
     }
     // The current attempt, named by the wrong worker, is fenced too.
     let (status, answer) = s
-        .post(&attempt_path(&run, 2, "finish"), json!({"worker_id": zombie, "status": "failed"}))
+        .post(
+            &attempt_path(&run, 2, "finish"),
+            json!({"worker_id": zombie, "status": "failed"}),
+        )
         .await;
     assert_error(status, &answer, 409, "stale_attempt");
     // The zombie's heartbeat is told the run is not its own.
@@ -127,16 +162,25 @@ async fn every_worker_call_for_an_old_attempt_is_409_and_writes_nothing() {
 #[tokio::test]
 async fn heartbeats_keep_a_quiet_run_alive_and_carry_cancels() {
     let s = TestServer::start().await;
-    let run = s.submit(json!({"command": ["sleep", "100"], "heartbeat_timeout_s": 0.5})).await;
+    let run = s
+        .submit(json!({"command": ["sleep", "100"], "heartbeat_timeout_s": 0.5}))
+        .await;
     let id = run["id"].as_str().unwrap().to_string();
     let worker = s.register(1.0).await;
     let (_, attempt) = claim_one(&s, &worker).await;
-    s.post(&attempt_path(&id, attempt, "start"), json!({"worker_id": worker})).await;
-    let beat = json!({"runs": [{"run_id": id, "attempt": attempt, "stdout_bytes": 0, "stderr_bytes": 0}]});
+    s.post(
+        &attempt_path(&id, attempt, "start"),
+        json!({"worker_id": worker}),
+    )
+    .await;
+    let beat =
+        json!({"runs": [{"run_id": id, "attempt": attempt, "stdout_bytes": 0, "stderr_bytes": 0}]});
     // Heartbeat for three stale windows, printing nothing: never reaped, and shown quiet.
     let until = tokio::time::Instant::now() + Duration::from_millis(1_500);
     while tokio::time::Instant::now() < until {
-        let (status, answer) = s.post(&format!("/v1/workers/{worker}/heartbeat"), beat.clone()).await;
+        let (status, answer) = s
+            .post(&format!("/v1/workers/{worker}/heartbeat"), beat.clone())
+            .await;
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["cancel"], json!([]));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,10 +190,18 @@ async fn heartbeats_keep_a_quiet_run_alive_and_carry_cancels() {
     assert_eq!(alive["liveness"]["state"], "quiet");
     let (status, body) = s.post(&format!("/v1/runs/{id}/cancel"), json!({})).await;
     assert_eq!((status, body["status"].clone()), (202, json!("running")));
-    let (_, answer) = s.post(&format!("/v1/workers/{worker}/heartbeat"), beat).await;
-    assert_eq!(answer["cancel"], json!([{"run_id": id, "attempt": attempt}]));
+    let (_, answer) = s
+        .post(&format!("/v1/workers/{worker}/heartbeat"), beat)
+        .await;
+    assert_eq!(
+        answer["cancel"],
+        json!([{"run_id": id, "attempt": attempt}])
+    );
     let (status, body) = s
-        .post(&attempt_path(&id, attempt, "finish"), json!({"worker_id": worker, "status": "cancelled"}))
+        .post(
+            &attempt_path(&id, attempt, "finish"),
+            json!({"worker_id": worker, "status": "cancelled"}),
+        )
         .await;
     assert_eq!((status, body["status"].clone()), (200, json!("cancelled")));
 }
@@ -157,41 +209,77 @@ async fn heartbeats_keep_a_quiet_run_alive_and_carry_cancels() {
 #[tokio::test]
 async fn unknown_workers_are_404_and_bad_worker_input_is_422() {
     let s = TestServer::start().await;
-    let (status, body) = s.post("/v1/workers/nope/heartbeat", json!({"runs": []})).await;
-    assert_error(status, &body, 404, "unknown_worker");
-    let (status, body) = s.post("/v1/workers/nope/claim", json!({"wait_ms": 0})).await;
+    let (status, body) = s
+        .post("/v1/workers/nope/heartbeat", json!({"runs": []}))
+        .await;
     assert_error(status, &body, 404, "unknown_worker");
     let (status, body) = s
-        .post("/v1/workers", json!({"name": "", "capacity": {"cpus": 1, "memory_mb": 1}}))
+        .post("/v1/workers/nope/claim", json!({"wait_ms": 0}))
+        .await;
+    assert_error(status, &body, 404, "unknown_worker");
+    let (status, body) = s
+        .post(
+            "/v1/workers",
+            json!({"name": "", "capacity": {"cpus": 1, "memory_mb": 1}}),
+        )
         .await;
     assert_error(status, &body, 422, "invalid_field");
     let (status, body) = s
-        .post("/v1/workers", json!({"name": "w", "capacity": {"cpus": -1, "memory_mb": 1}}))
+        .post(
+            "/v1/workers",
+            json!({"name": "w", "capacity": {"cpus": -1, "memory_mb": 1}}),
+        )
         .await;
     assert_error(status, &body, 422, "invalid_field");
     let (status, body) = s
-        .post("/v1/workers", json!({"name": "w", "capacity": {"cpus": 1, "memory_mb": 1}, "lanes": ["nope"]}))
+        .post(
+            "/v1/workers",
+            json!({"name": "w", "capacity": {"cpus": 1, "memory_mb": 1}, "lanes": ["nope"]}),
+        )
         .await;
     assert_error(status, &body, 422, "unknown_lane");
     let worker = s.register(1.0).await;
     s.submit(json!({"command": ["true"]})).await;
     let (run, attempt) = claim_one(&s, &worker).await;
     let (status, body) = s
-        .post(&attempt_path(&run, attempt, "logs"), json!({"worker_id": worker, "chunks": [{"stream": "stdin", "ts": 0, "data": ""}]}))
+        .post(
+            &attempt_path(&run, attempt, "logs"),
+            json!({"worker_id": worker, "chunks": [{"stream": "stdin", "ts": 0, "data": ""}]}),
+        )
         .await;
     assert_error(status, &body, 422, "invalid_field");
     let (status, body) = s
-        .post(&attempt_path(&run, attempt, "logs"), json!({"worker_id": worker, "chunks": [{"stream": "stdout", "ts": 0, "data": "%%%"}]}))
+        .post(
+            &attempt_path(&run, attempt, "logs"),
+            json!({"worker_id": worker, "chunks": [{"stream": "stdout", "ts": 0, "data": "%%%"}]}),
+        )
         .await;
     assert_error(status, &body, 422, "invalid_field");
     let (status, body) = s
-        .post(&attempt_path(&run, attempt, "finish"), json!({"worker_id": worker, "status": "running"}))
+        .post(
+            &attempt_path(&run, attempt, "finish"),
+            json!({"worker_id": worker, "status": "running"}),
+        )
         .await;
     assert_error(status, &body, 422, "invalid_field");
-    let (status, body) = s.post(&format!("/v1/runs/{run}/attempts/one/start"), json!({"worker_id": worker})).await;
+    let (status, body) = s
+        .post(
+            &format!("/v1/runs/{run}/attempts/one/start"),
+            json!({"worker_id": worker}),
+        )
+        .await;
     assert_error(status, &body, 422, "invalid_field");
-    assert_eq!(s.run(&run).await["status"], "claimed", "bad input changed the run");
-    let r = s.http.delete(s.url(&format!("/v1/workers/{worker}"))).send().await.unwrap();
+    assert_eq!(
+        s.run(&run).await["status"],
+        "claimed",
+        "bad input changed the run"
+    );
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/workers/{worker}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 204);
     // Deregistering hands the run back at once.
     assert_eq!(s.run(&run).await["status"], "pending");
@@ -222,7 +310,11 @@ async fn a_claim_long_polls_until_a_run_is_submitted() {
     let (body, _) = waiting.await.unwrap();
     assert_eq!(body["assignments"][0]["run_id"], run["id"]);
     // Woken by the submission, not by a poll interval.
-    assert!(submitted_at.elapsed() < Duration::from_millis(500), "{:?}", submitted_at.elapsed());
+    assert!(
+        submitted_at.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        submitted_at.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -19,7 +19,10 @@ struct Sse {
 
 impl Sse {
     fn of(s: &TestServer) -> Sse {
-        Sse { http: s.http.clone(), base: s.base.clone() }
+        Sse {
+            http: s.http.clone(),
+            base: s.base.clone(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -89,7 +92,10 @@ async fn drive_run(s: &TestServer, run: &str, lines: usize) {
         assert_eq!(status, 200);
     }
     let (status, _) = s
-        .post(&path("finish"), json!({"worker_id": worker, "status": "succeeded", "exit_code": 0}))
+        .post(
+            &path("finish"),
+            json!({"worker_id": worker, "status": "succeeded", "exit_code": 0}),
+        )
         .await;
     assert_eq!(status, 200);
 }
@@ -110,7 +116,10 @@ async fn a_follower_sees_every_event_in_order_then_end() {
         let path = format!("/v1/runs/{id}/events");
         let sse = Sse::of(&s);
         tokio::spawn(async move {
-            collect_sse(&sse, &path, None, Duration::from_secs(10), |e| e.event == "end").await
+            collect_sse(&sse, &path, None, Duration::from_secs(10), |e| {
+                e.event == "end"
+            })
+            .await
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -119,7 +128,10 @@ async fn a_follower_sees_every_event_in_order_then_end() {
     let kinds: Vec<String> = stored(&events).into_iter().map(|(_, k)| k).collect();
     assert_eq!(
         kinds,
-        ["status", "status", "attempt", "status", "log", "log", "log", "log", "log", "status", "end"]
+        [
+            "status", "status", "attempt", "status", "log", "log", "log", "log", "log", "status",
+            "end"
+        ]
     );
     let seqs: Vec<i64> = stored(&events).into_iter().map(|(s, _)| s).collect();
     assert_eq!(seqs, (1..=11).collect::<Vec<i64>>(), "seq rises by one");
@@ -138,14 +150,32 @@ async fn last_event_id_resumes_with_nothing_lost_or_repeated() {
     let id = run["id"].as_str().unwrap().to_string();
     drive_run(&s, &id, 20).await;
     let path = format!("/v1/runs/{id}/events");
-    let full = stored(&collect_sse(&Sse::of(&s), &path, None, Duration::from_secs(5), |e| e.event == "end").await);
+    let full = stored(
+        &collect_sse(&Sse::of(&s), &path, None, Duration::from_secs(5), |e| {
+            e.event == "end"
+        })
+        .await,
+    );
     // Cut after the 7th stored event, resume from there by header, then by ?after=.
-    let first = collect_sse(&Sse::of(&s), &path, None, Duration::from_secs(5), |e| e.id == Some(7)).await;
-    let rest = collect_sse(&Sse::of(&s), &path, Some(7), Duration::from_secs(5), |e| e.event == "end").await;
+    let first = collect_sse(&Sse::of(&s), &path, None, Duration::from_secs(5), |e| {
+        e.id == Some(7)
+    })
+    .await;
+    let rest = collect_sse(&Sse::of(&s), &path, Some(7), Duration::from_secs(5), |e| {
+        e.event == "end"
+    })
+    .await;
     let mut joined = stored(&first);
     joined.extend(stored(&rest));
     assert_eq!(joined, full);
-    let by_query = collect_sse(&Sse::of(&s), &format!("{path}?after=7"), None, Duration::from_secs(5), |e| e.event == "end").await;
+    let by_query = collect_sse(
+        &Sse::of(&s),
+        &format!("{path}?after=7"),
+        None,
+        Duration::from_secs(5),
+        |e| e.event == "end",
+    )
+    .await;
     assert_eq!(stored(&by_query), stored(&rest));
 }
 
@@ -154,7 +184,14 @@ async fn heartbeats_flow_while_a_run_waits() {
     let s = TestServer::start().await; // --sse-heartbeat 300ms
     let run = s.submit(json!({"command": ["echo"]})).await;
     let id = run["id"].as_str().unwrap();
-    let events = collect_sse(&Sse::of(&s), &format!("/v1/runs/{id}/events"), None, Duration::from_millis(1_000), |_| false).await;
+    let events = collect_sse(
+        &Sse::of(&s),
+        &format!("/v1/runs/{id}/events"),
+        None,
+        Duration::from_millis(1_000),
+        |_| false,
+    )
+    .await;
     let beats: Vec<&Received> = events.iter().filter(|e| e.event == "heartbeat").collect();
     assert!(beats.len() >= 3, "{events:?}");
     for b in beats {
@@ -181,9 +218,15 @@ async fn ndjson_gives_the_same_events_and_closes_when_not_following() {
         .text()
         .await
         .unwrap();
-    let lines: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["status", "status", "attempt", "status", "log", "log", "status", "end"]);
+    assert_eq!(
+        kinds,
+        ["status", "status", "attempt", "status", "log", "log", "status", "end"]
+    );
     assert_eq!(lines[4]["text"], "line 0\n");
     assert_eq!(lines[4]["seq"], 5);
 }
@@ -194,7 +237,12 @@ async fn a_follower_that_leaves_is_freed() {
     let run = s.submit(json!({"command": ["echo"]})).await;
     let id = run["id"].as_str().unwrap();
     let hub = s.state().hub.clone();
-    let response = s.http.get(s.url(&format!("/v1/runs/{id}/events"))).send().await.unwrap();
+    let response = s
+        .http
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
     let mut body = response.bytes_stream();
     let _first = body.next().await;
     assert_eq!(hub.follower_count(), 1);
@@ -202,7 +250,10 @@ async fn a_follower_that_leaves_is_freed() {
     // Gone within one heartbeat interval (300 ms here).
     let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
     while hub.follower_count() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "follower still held");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "follower still held"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
