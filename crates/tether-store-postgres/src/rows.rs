@@ -1,0 +1,159 @@
+//! Reading rows back into the store's records.
+
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+use tether_store::{
+    AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
+};
+
+/// A column that would not decode: the row is not what this code wrote.
+pub(crate) fn col(e: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Every column a [`Loaded`] run is read from, with its queue position while pending (legacy
+/// `queued` rows count as pending). The position is served by `runs_pending_lane_seq`.
+pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.spec::text AS spec, \
+    r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
+    r.last_output_at, r.cancel_requested_at, r.exit_code, r.error_code, r.error_message, \
+    r.stdout_bytes, r.stderr_bytes, r.last_event_seq, r.output_bytes, r.confirmed, r.stale_at, \
+    r.timeout_at, \
+    CASE WHEN r.status IN ('pending', 'queued') THEN 1 + (SELECT count(*) FROM runs p \
+        WHERE p.lane = r.lane AND p.status IN ('pending', 'queued') AND p.seq < r.seq) \
+    END AS queue_position \
+    FROM runs r";
+
+/// A run as loaded inside a transaction: the record, plus what the store needs to write it
+/// back conditionally and to judge it.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub run: RunRecord,
+    /// The status exactly as stored (maybe the legacy `queued`), for conditional writes.
+    pub raw_status: String,
+    pub output_bytes: i64,
+    pub confirmed: bool,
+    pub stale_at: Option<Millis>,
+    pub timeout_at: Option<Millis>,
+}
+
+pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+}
+
+fn status(text: &str) -> StoreResult<RunStatus> {
+    RunStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status `{text}`")))
+}
+
+fn error_code(text: Option<String>) -> StoreResult<Option<ErrorCode>> {
+    text.map(|t| {
+        ErrorCode::parse(&t).ok_or_else(|| StoreError::Corrupt(format!("unknown error code `{t}`")))
+    })
+    .transpose()
+}
+
+fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+pub(crate) fn decode_run(row: &PgRow) -> StoreResult<Loaded> {
+    let raw_status: String = row.try_get("status").map_err(col)?;
+    let spec: RunSpec = json(&row.try_get::<String, _>("spec").map_err(col)?, "run spec")?;
+    let run = RunRecord {
+        id: row.try_get("id").map_err(col)?,
+        seq: row.try_get("seq").map_err(col)?,
+        spec,
+        status: status(&raw_status)?,
+        attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
+        worker_id: row.try_get("worker_id").map_err(col)?,
+        created_at: row.try_get("created_at").map_err(col)?,
+        claimed_at: row.try_get("claimed_at").map_err(col)?,
+        started_at: row.try_get("started_at").map_err(col)?,
+        finished_at: row.try_get("finished_at").map_err(col)?,
+        last_heartbeat_at: row.try_get("last_heartbeat_at").map_err(col)?,
+        last_output_at: row.try_get("last_output_at").map_err(col)?,
+        cancel_requested_at: row.try_get("cancel_requested_at").map_err(col)?,
+        exit_code: row.try_get("exit_code").map_err(col)?,
+        error_code: error_code(row.try_get("error_code").map_err(col)?)?,
+        error_message: row.try_get("error_message").map_err(col)?,
+        stdout_bytes: row.try_get("stdout_bytes").map_err(col)?,
+        stderr_bytes: row.try_get("stderr_bytes").map_err(col)?,
+        queue_position: row.try_get("queue_position").map_err(col)?,
+        last_event_seq: row.try_get("last_event_seq").map_err(col)?,
+    };
+    Ok(Loaded {
+        run,
+        raw_status,
+        output_bytes: row.try_get("output_bytes").map_err(col)?,
+        confirmed: row.try_get("confirmed").map_err(col)?,
+        stale_at: row.try_get("stale_at").map_err(col)?,
+        timeout_at: row.try_get("timeout_at").map_err(col)?,
+    })
+}
+
+pub(crate) const ATTEMPT_SELECT: &str = "SELECT run_id, attempt, worker_id, claimed_at, \
+    started_at, finished_at, status, error_code, exit_code, error_message FROM attempts";
+
+pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
+    let status_text: Option<String> = row.try_get("status").map_err(col)?;
+    Ok(AttemptRecord {
+        run_id: row.try_get("run_id").map_err(col)?,
+        attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
+        worker_id: row.try_get("worker_id").map_err(col)?,
+        claimed_at: row.try_get("claimed_at").map_err(col)?,
+        started_at: row.try_get("started_at").map_err(col)?,
+        finished_at: row.try_get("finished_at").map_err(col)?,
+        status: status_text.as_deref().map(status).transpose()?,
+        error_code: error_code(row.try_get("error_code").map_err(col)?)?,
+        exit_code: row.try_get("exit_code").map_err(col)?,
+        error_message: row.try_get("error_message").map_err(col)?,
+    })
+}
+
+pub(crate) const EVENT_SELECT: &str =
+    "SELECT run_id, seq, kind, attempt, ts, body::text AS body, data FROM run_events";
+
+pub(crate) fn decode_event(row: &PgRow) -> StoreResult<EventRecord> {
+    let kind: String = row.try_get("kind").map_err(col)?;
+    Ok(EventRecord {
+        run_id: row.try_get("run_id").map_err(col)?,
+        seq: row.try_get("seq").map_err(col)?,
+        kind: EventKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind `{kind}`")))?,
+        ts: row.try_get("ts").map_err(col)?,
+        attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
+        body: json(&row.try_get::<String, _>("body").map_err(col)?, "event body")?,
+        data: row.try_get("data").map_err(col)?,
+    })
+}
+
+pub(crate) const WORKER_SELECT: &str = "SELECT id, name, cpus, memory_mb, lanes, \
+    labels::text AS labels, registered_at, last_heartbeat_at, draining, deregistered_at \
+    FROM workers";
+
+/// A worker row; `runs` and `reserved` are filled in by the caller.
+pub(crate) fn decode_worker(row: &PgRow) -> StoreResult<(WorkerRecord, Option<Millis>)> {
+    let memory_mb: i64 = row.try_get("memory_mb").map_err(col)?;
+    let worker = WorkerRecord {
+        id: row.try_get("id").map_err(col)?,
+        name: row.try_get("name").map_err(col)?,
+        capacity: Resources {
+            cpus: row.try_get("cpus").map_err(col)?,
+            memory_mb: memory_mb.max(0) as u64,
+        },
+        lanes: row.try_get("lanes").map_err(col)?,
+        labels: json(
+            &row.try_get::<String, _>("labels").map_err(col)?,
+            "worker labels",
+        )?,
+        registered_at: row.try_get("registered_at").map_err(col)?,
+        last_heartbeat_at: row.try_get("last_heartbeat_at").map_err(col)?,
+        draining: row.try_get("draining").map_err(col)?,
+        runs: Vec::new(),
+        reserved: Resources {
+            cpus: 0.0,
+            memory_mb: 0,
+        },
+    };
+    Ok((worker, row.try_get("deregistered_at").map_err(col)?))
+}

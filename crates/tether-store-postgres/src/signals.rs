@@ -1,0 +1,256 @@
+//! Signals across servers: each commit that earns signals sends them with `pg_notify` inside its
+//! transaction (PostgreSQL delivers a NOTIFY only when, and only if, the transaction commits),
+//! and every store holds one `LISTEN` connection that rebroadcasts what other servers sent into
+//! its local channel.
+//!
+//! Payloads are compact JSON: `{"s": schema, "o": origin, "k": "p", "lane": …}` for a run
+//! pending, `{"s", "o", "k": "e", "run": …, "seq": …}` for new events. The channel is shared by
+//! the whole database, so `s` keeps stores in other schemas apart, and `o` (one per store
+//! instance) lets a store skip its own notifications: it already broadcast them right after its
+//! commit, without a round trip.
+//!
+//! Reconnects: notifications sent while the listening connection is down are lost. After any
+//! gap (a lost connection, a failed reconnect, a payload too big to send) the listener, once
+//! `LISTEN` is active again, re-reads the store and broadcasts a `RunPending` for every lane with
+//! pending runs and a `RunEvents` at the latest seq for every run that is not terminal or
+//! ended recently (up to the channel's capacity; past it, slow receivers see `Lagged`, which
+//! they treat the same way: re-read). Receivers re-read on any signal, so these duplicates are
+//! harmless, and nothing a receiver waits for is missed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::Row;
+use tether_store::Signal;
+use tokio::sync::broadcast;
+
+/// The one channel every Tether server on a database listens on.
+pub const CHANNEL: &str = "tether_signals";
+
+/// PostgreSQL refuses payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7900;
+
+/// The longest wait between attempts to reconnect the listener.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The notification payload for `signal`, or a bare wake-up when it would be too big to send.
+pub(crate) fn encode(schema: &str, origin: &str, signal: &Signal) -> String {
+    let value = match signal {
+        Signal::RunPending { lane } => json!({ "s": schema, "o": origin, "k": "p", "lane": lane }),
+        Signal::RunEvents { run_id, seq } => {
+            json!({ "s": schema, "o": origin, "k": "e", "run": run_id, "seq": seq })
+        }
+    };
+    let text = value.to_string();
+    if text.len() <= MAX_PAYLOAD {
+        text
+    } else {
+        json!({ "s": schema, "o": origin, "k": "w" }).to_string()
+    }
+}
+
+/// What a notification asks of this store.
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    /// Not for this store (another schema, or this store's own).
+    Ignore,
+    Signal(Signal),
+    /// Something changed that the payload could not name: re-read.
+    CatchUp,
+}
+
+fn decode(schema: &str, origin: &str, payload: &str) -> Decoded {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return Decoded::Ignore;
+    };
+    if value["s"].as_str() != Some(schema) || value["o"].as_str() == Some(origin) {
+        return Decoded::Ignore;
+    }
+    match value["k"].as_str() {
+        Some("p") => match value["lane"].as_str() {
+            Some(lane) => Decoded::Signal(Signal::RunPending {
+                lane: lane.to_string(),
+            }),
+            None => Decoded::CatchUp,
+        },
+        Some("e") => match (value["run"].as_str(), value["seq"].as_i64()) {
+            (Some(run_id), Some(seq)) => Decoded::Signal(Signal::RunEvents {
+                run_id: run_id.to_string(),
+                seq,
+            }),
+            _ => Decoded::CatchUp,
+        },
+        _ => Decoded::CatchUp,
+    }
+}
+
+/// The listener task of one store. `pool` is its own (one connection, `search_path` set), so
+/// listening never takes a connection from the store's requests.
+pub(crate) struct Listener {
+    pub pool: PgPool,
+    pub schema: String,
+    pub origin: String,
+    pub signals: broadcast::Sender<Signal>,
+}
+
+impl Listener {
+    /// Runs until the store is dropped (the task is aborted) or its pool is closed. Survives the
+    /// database going away and coming back.
+    pub async fn run(self, first: PgListener) {
+        let mut listener = Some(first);
+        let mut backoff = Duration::from_millis(100);
+        // When the stream was last known to be whole; a gap since then is caught up.
+        let mut whole_since = Instant::now();
+        // Only the first connection has no gap behind it: every later one catches up.
+        let mut gap = false;
+        loop {
+            let mut current = match listener.take() {
+                Some(l) => l,
+                None => match self.connect().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        if matches!(e, sqlx::Error::PoolClosed) {
+                            return;
+                        }
+                        tracing::warn!(error = %e, "signal listener: reconnect failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            if gap {
+                match self.catch_up(&mut current, whole_since).await {
+                    Ok(()) => {
+                        tracing::info!("signal listener: reconnected and caught up");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "signal listener: catch-up failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            backoff = Duration::from_millis(100);
+            loop {
+                match current.try_recv().await {
+                    Ok(Some(notification)) => {
+                        whole_since = Instant::now();
+                        match decode(&self.schema, &self.origin, notification.payload()) {
+                            Decoded::Ignore => {}
+                            Decoded::Signal(signal) => {
+                                // No receivers is fine: nobody is waiting.
+                                let _ = self.signals.send(signal);
+                            }
+                            Decoded::CatchUp => {
+                                if let Err(e) = self.catch_up(&mut current, whole_since).await {
+                                    tracing::warn!(error = %e, "signal listener: catch-up failed");
+                                    gap = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // The connection was lost (and re-established, LISTEN included): whatever
+                    // was sent in between is gone, so catch up.
+                    Ok(None) => {
+                        if let Err(e) = self.catch_up(&mut current, whole_since).await {
+                            tracing::warn!(error = %e, "signal listener: catch-up failed");
+                            gap = true;
+                            break;
+                        }
+                        whole_since = Instant::now();
+                    }
+                    Err(sqlx::Error::PoolClosed) => return,
+                    Err(e) => {
+                        // Drop this listener and build a new one: a fresh connection, LISTEN,
+                        // then catch up.
+                        tracing::warn!(error = %e, "signal listener: connection failed");
+                        gap = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<PgListener, sqlx::Error> {
+        connect(&self.pool).await
+    }
+
+    /// Broadcasts wake-ups for everything a lost notification could have been about.
+    async fn catch_up(
+        &self,
+        listener: &mut PgListener,
+        whole_since: Instant,
+    ) -> Result<(), sqlx::Error> {
+        // Runs that ended during the gap (plus a margin for clock and commit delays).
+        let gap_ms = i64::try_from(whole_since.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let window_ms = gap_ms.saturating_add(60_000);
+        let lanes = sqlx::query(
+            "SELECT DISTINCT lane FROM runs WHERE status IN ('pending', 'queued') LIMIT $1",
+        )
+        .bind(tether_store::SIGNAL_CAPACITY as i64)
+        .fetch_all(&mut *listener)
+        .await?;
+        let runs = sqlx::query(
+            "SELECT id, last_event_seq FROM runs \
+             WHERE status IN ('pending', 'queued', 'claimed', 'running') \
+                OR finished_at >= tether_now_ms() - $1 \
+             ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(window_ms)
+        .bind(tether_store::SIGNAL_CAPACITY as i64)
+        .fetch_all(&mut *listener)
+        .await?;
+        for row in &runs {
+            let _ = self.signals.send(Signal::RunEvents {
+                run_id: row.try_get("id")?,
+                seq: row.try_get("last_event_seq")?,
+            });
+        }
+        for row in &lanes {
+            let _ = self.signals.send(Signal::RunPending {
+                lane: row.try_get("lane")?,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A listener on [`CHANNEL`] over a connection from `pool`.
+pub(crate) async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_foreign_ones_are_ignored() {
+        let signal = Signal::RunEvents {
+            run_id: "r1".into(),
+            seq: 7,
+        };
+        let payload = encode("s1", "a", &signal);
+        assert_eq!(decode("s1", "b", &payload), Decoded::Signal(signal));
+        assert_eq!(decode("s1", "a", &payload), Decoded::Ignore, "our own");
+        assert_eq!(decode("s2", "b", &payload), Decoded::Ignore, "another schema");
+        let pending = Signal::RunPending { lane: "x".into() };
+        assert_eq!(
+            decode("s1", "b", &encode("s1", "a", &pending)),
+            Decoded::Signal(pending)
+        );
+        let huge = Signal::RunPending {
+            lane: "x".repeat(10_000),
+        };
+        let payload = encode("s1", "a", &huge);
+        assert!(payload.len() < MAX_PAYLOAD);
+        assert_eq!(decode("s1", "b", &payload), Decoded::CatchUp);
+    }
+}

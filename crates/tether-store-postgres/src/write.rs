@@ -1,0 +1,267 @@
+//! What every write transaction shares: loading and locking a run, conditional writes, events,
+//! and ending an attempt as the status machine decided.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::json;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres};
+use tether_domain::machine::{Decision, TransitionError};
+use tether_domain::{Millis, RunStatus};
+use tether_store::{EventKind, Signal, StoreError, StoreResult};
+
+use crate::db;
+use crate::rows::{decode_run, Loaded, RUN_SELECT};
+
+/// Signals a transaction earns, sent only once it commits.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    last_seq: BTreeMap<String, i64>,
+    pending_lanes: BTreeSet<String>,
+}
+
+impl Outbox {
+    pub fn run_pending(&mut self, lane: &str) {
+        self.pending_lanes.insert(lane.to_string());
+    }
+
+    pub fn into_signals(self) -> Vec<Signal> {
+        let events = self
+            .last_seq
+            .into_iter()
+            .map(|(run_id, seq)| Signal::RunEvents { run_id, seq });
+        let lanes = self
+            .pending_lanes
+            .into_iter()
+            .map(|lane| Signal::RunPending { lane });
+        events.chain(lanes).collect()
+    }
+}
+
+/// How a run is read inside a write transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lock {
+    /// A plain read: the row is already locked by this transaction, or only read.
+    None,
+    /// `FOR UPDATE`: wait for other writers, then judge the latest committed version.
+    Wait,
+    /// `FOR UPDATE SKIP LOCKED`: a row another transaction is writing reads as absent.
+    Skip,
+}
+
+pub(crate) async fn load_run(
+    conn: &mut PgConnection,
+    run_id: &str,
+    lock: Lock,
+) -> StoreResult<Option<Loaded>> {
+    let suffix = match lock {
+        Lock::None => "",
+        Lock::Wait => " FOR UPDATE OF r",
+        Lock::Skip => " FOR UPDATE OF r SKIP LOCKED",
+    };
+    let row = sqlx::query(&format!("{RUN_SELECT} WHERE r.id = $1{suffix}"))
+        .bind(run_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(decode_run).transpose()
+}
+
+pub(crate) fn transition_error(e: TransitionError) -> StoreError {
+    match e {
+        TransitionError::Terminal => StoreError::Terminal,
+        // Not pending / cancel requested only arise on claims, which skip such runs; any other
+        // refusal names an attempt that is not current.
+        TransitionError::StaleAttempt
+        | TransitionError::NotPending
+        | TransitionError::CancelRequested => StoreError::StaleAttempt,
+    }
+}
+
+/// `UPDATE runs SET <set>` guarded by the run's id, status and attempt, which take the
+/// placeholders after the `binds` ones `set` uses; bind them with [`guarded`].
+pub(crate) fn guarded_update(set: &str, binds: usize) -> String {
+    format!(
+        "UPDATE runs SET {set} WHERE id = ${} AND status = ${} AND attempt = ${}",
+        binds + 1,
+        binds + 2,
+        binds + 3
+    )
+}
+
+/// Binds the guard of [`guarded_update`]: the write lands only if the run still has the status
+/// and attempt it was judged on. This is the invariant that keeps terminal runs terminal and
+/// fences zombie attempts even against another server writing the same database: a judgement
+/// made on a state that has since changed writes nothing. (Writers also lock the row first, so
+/// in practice the guard confirms what the lock already ensured.)
+pub(crate) fn guarded<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    loaded: &'q Loaded,
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(loaded.run.id.as_str())
+        .bind(loaded.raw_status.as_str())
+        .bind(i64::from(loaded.run.attempt))
+}
+
+/// Fails with `StaleAttempt` when a guarded write found the run changed underneath it.
+pub(crate) fn one_row(result: sqlx::postgres::PgQueryResult) -> StoreResult<()> {
+    if result.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::StaleAttempt)
+    }
+}
+
+/// Appends one event to a run, taking the next `seq` (the row lock the `UPDATE` takes orders
+/// concurrent appends, so seq rises by one with no gaps).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn push_event(
+    conn: &mut PgConnection,
+    out: &mut Outbox,
+    run_id: &str,
+    kind: EventKind,
+    attempt: u32,
+    now: Millis,
+    body: serde_json::Value,
+    data: Option<&[u8]>,
+) -> StoreResult<i64> {
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE id = $1 \
+         RETURNING last_event_seq",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)",
+    )
+    .bind(run_id)
+    .bind(seq)
+    .bind(kind.as_str())
+    .bind(i64::from(attempt))
+    .bind(now)
+    .bind(body.to_string())
+    .bind(data)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    out.last_seq.insert(run_id.to_string(), seq);
+    Ok(seq)
+}
+
+pub(crate) fn status_body(
+    status: RunStatus,
+    attempt: u32,
+    error_code: Option<tether_domain::ErrorCode>,
+    exit_code: Option<i32>,
+) -> serde_json::Value {
+    json!({
+        "status": status.as_str(),
+        "attempt": attempt,
+        "error_code": error_code.map(|c| c.as_str()),
+        "exit_code": exit_code,
+    })
+}
+
+/// Writes a `status` event, and an `end` event after it when the status is terminal.
+pub(crate) async fn push_status(
+    conn: &mut PgConnection,
+    out: &mut Outbox,
+    run_id: &str,
+    now: Millis,
+    body: serde_json::Value,
+    status: RunStatus,
+    attempt: u32,
+) -> StoreResult<i64> {
+    let mut seq = push_event(
+        conn,
+        out,
+        run_id,
+        EventKind::Status,
+        attempt,
+        now,
+        body.clone(),
+        None,
+    )
+    .await?;
+    if status.is_terminal() {
+        seq = push_event(conn, out, run_id, EventKind::End, attempt, now, body, None).await?;
+    }
+    Ok(seq)
+}
+
+/// How an attempt's end is described beyond the decision.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ending<'a> {
+    pub exit_code: Option<i32>,
+    pub error_message: Option<&'a str>,
+}
+
+/// Writes what the status machine decided when the current attempt ended (or, for a pending
+/// run being cancelled, when the run ended without one): the attempt's record, the run going
+/// back to `pending` for a retry or to its terminal status, and the events — one transaction.
+pub(crate) async fn end_attempt(
+    conn: &mut PgConnection,
+    out: &mut Outbox,
+    now: Millis,
+    loaded: &Loaded,
+    decision: Decision,
+    ending: Ending<'_>,
+) -> StoreResult<()> {
+    let run = &loaded.run;
+    let (ended, error_code) = decision.attempt_result();
+    let error_code_text = error_code.map(|c| c.as_str());
+    match decision {
+        Decision::Retry { .. } => {
+            // The next claim stamps these afresh; the run's own error fields describe only its
+            // final outcome, the attempt keeps this one.
+            let sql = guarded_update(
+                "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+                 last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, \
+                 timeout_at = NULL, exit_code = NULL, error_code = NULL, error_message = NULL",
+                0,
+            );
+            let q = sqlx::query(&sql);
+            one_row(guarded(q, loaded).execute(&mut *conn).await.map_err(db)?)?;
+            out.run_pending(&run.spec.lane);
+        }
+        Decision::Terminal { status, .. } => {
+            let sql = guarded_update(
+                "status = $1, worker_id = NULL, finished_at = $2, stale_at = NULL, \
+                 timeout_at = NULL, exit_code = $3, error_code = $4, error_message = $5",
+                5,
+            );
+            let q = sqlx::query(&sql)
+                .bind(status.as_str())
+                .bind(now)
+                .bind(ending.exit_code)
+                .bind(error_code_text)
+                .bind(ending.error_message);
+            one_row(guarded(q, loaded).execute(&mut *conn).await.map_err(db)?)?;
+        }
+    }
+    if run.status.is_in_flight() {
+        sqlx::query(
+            "UPDATE attempts SET finished_at = $1, status = $2, error_code = $3, exit_code = $4, \
+             error_message = $5 WHERE run_id = $6 AND attempt = $7 AND status IS NULL",
+        )
+        .bind(now)
+        .bind(ended.as_str())
+        .bind(error_code_text)
+        .bind(ending.exit_code)
+        .bind(ending.error_message)
+        .bind(run.id.as_str())
+        .bind(i64::from(run.attempt))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    let after = decision.run_status();
+    let body = status_body(after, run.attempt, error_code, ending.exit_code);
+    push_status(conn, out, &run.id, now, body, after, run.attempt).await?;
+    Ok(())
+}
