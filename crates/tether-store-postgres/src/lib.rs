@@ -31,10 +31,10 @@ use sqlx::{Connection, Executor, PgConnection, Postgres, Row, Transaction};
 use tether_domain::machine::{AttemptOutcome, Command, RunState};
 use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
 use tether_store::{
-    Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun,
-    CreatedRun, EventKind, EventRecord, FinishReport, HeartbeatAnswer, NewWorker, OutputChunk,
-    ReapPolicy, ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal,
-    Store, StoreError, StoreResult, WorkerRecord,
+    Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
+    EventKind, EventRecord, FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy,
+    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store,
+    StoreError, StoreResult, WorkerRecord,
 };
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -44,8 +44,8 @@ use crate::rows::{
     EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
 };
 use crate::write::{
-    end_attempt, guarded, guarded_update, load_run, one_row, push_event, push_status,
-    status_body, transition_error, Ending, Lock, Outbox,
+    end_attempt, guarded, guarded_update, load_run, one_row, push_event, push_status, status_body,
+    transition_error, Ending, Lock, Outbox,
 };
 
 /// Any database failure: the request may be retried. A value that would not decode is a
@@ -75,6 +75,8 @@ pub const REAPER_LOCK: i32 = 0x7465_7472; // "tetr"
 const LANE_LOCK: i32 = 0x7465_746c; // "tetl"
 /// Connections per store; the listener has one more of its own.
 const POOL_SIZE: u32 = 10;
+/// How long `ping` waits for the database.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request waits for a connection before the store answers `Unavailable`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -283,7 +285,9 @@ impl PgStore {
 
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         let mut conn = self.inner.pool.acquire().await.map_err(db)?;
-        Ok(load_run(&mut conn, run_id, Lock::None).await?.map(|l| l.run))
+        Ok(load_run(&mut conn, run_id, Lock::None)
+            .await?
+            .map(|l| l.run))
     }
 
     /// Accepts a run (after `admission`, if given, lets it in), or answers the run an
@@ -551,10 +555,7 @@ async fn reload(conn: &mut PgConnection, run_id: &str) -> StoreResult<RunRecord>
 
 /// A worker that may still act (registered and not deregistered), its row locked: the claims
 /// and heartbeats of one worker go one at a time, so its capacity check sees what it holds.
-async fn lock_live_worker(
-    conn: &mut PgConnection,
-    worker_id: &str,
-) -> StoreResult<WorkerRecord> {
+async fn lock_live_worker(conn: &mut PgConnection, worker_id: &str) -> StoreResult<WorkerRecord> {
     let row = sqlx::query(&format!("{WORKER_SELECT} WHERE id = $1 FOR UPDATE"))
         .bind(worker_id)
         .fetch_optional(&mut *conn)
@@ -677,11 +678,14 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.inner.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
+        // Readiness probes want a quick answer, not the pool's full acquire timeout.
+        let probe = sqlx::query("SELECT 1").execute(&self.inner.pool);
+        match tokio::time::timeout(PING_TIMEOUT, probe).await {
+            Ok(result) => result.map(|_| ()).map_err(db),
+            Err(_) => Err(StoreError::Unavailable(
+                "the database did not answer".into(),
+            )),
+        }
     }
 
     async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {

@@ -14,7 +14,8 @@ pub(crate) fn col(e: sqlx::Error) -> StoreError {
 
 /// Every column a [`Loaded`] run is read from, with its queue position while pending (legacy
 /// `queued` rows count as pending). The position is served by `runs_pending_lane_seq`.
-pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.spec::text AS spec, \
+pub(crate) const RUN_SELECT: &str =
+    "SELECT r.seq, r.id, r.status, r.attempt, r.spec::text AS spec, \
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
     r.last_output_at, r.cancel_requested_at, r.exit_code, r.error_code, r.error_message, \
     r.stdout_bytes, r.stderr_bytes, r.last_event_seq, r.output_bytes, r.confirmed, r.stale_at, \
@@ -122,7 +123,10 @@ pub(crate) fn decode_event(row: &PgRow) -> StoreResult<EventRecord> {
             .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind `{kind}`")))?,
         ts: row.try_get("ts").map_err(col)?,
         attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
-        body: json(&row.try_get::<String, _>("body").map_err(col)?, "event body")?,
+        body: json(
+            &row.try_get::<String, _>("body").map_err(col)?,
+            "event body",
+        )?,
         data: row.try_get("data").map_err(col)?,
     })
 }

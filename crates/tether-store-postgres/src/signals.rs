@@ -240,7 +240,11 @@ mod tests {
         let payload = encode("s1", "a", &signal);
         assert_eq!(decode("s1", "b", &payload), Decoded::Signal(signal));
         assert_eq!(decode("s1", "a", &payload), Decoded::Ignore, "our own");
-        assert_eq!(decode("s2", "b", &payload), Decoded::Ignore, "another schema");
+        assert_eq!(
+            decode("s2", "b", &payload),
+            Decoded::Ignore,
+            "another schema"
+        );
         let pending = Signal::RunPending { lane: "x".into() };
         assert_eq!(
             decode("s1", "b", &encode("s1", "a", &pending)),

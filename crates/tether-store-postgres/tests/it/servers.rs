@@ -111,7 +111,13 @@ async fn two_servers_hand_each_of_200_runs_to_exactly_one_of_10_workers() {
     }
     let mut workers = Vec::new();
     for i in 0..10 {
-        workers.push(servers[i % 2].register_worker(&worker(1000.0)).await.unwrap().id);
+        workers.push(
+            servers[i % 2]
+                .register_worker(&worker(1000.0))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let tasks: Vec<_> = workers
         .iter()
@@ -160,10 +166,12 @@ async fn two_servers_hand_each_of_200_runs_to_exactly_one_of_10_workers() {
     }
     assert_eq!(holder.keys().cloned().collect::<BTreeSet<_>>(), ids);
     assert!(busy_workers > 1, "the claims ran side by side");
-    let rows = sqlx::query("SELECT run_id, count(*) AS n, min(worker_id) AS w FROM attempts GROUP BY run_id")
-        .fetch_all(servers[0].pool())
-        .await
-        .unwrap();
+    let rows = sqlx::query(
+        "SELECT run_id, count(*) AS n, min(worker_id) AS w FROM attempts GROUP BY run_id",
+    )
+    .fetch_all(servers[0].pool())
+    .await
+    .unwrap();
     assert_eq!(rows.len(), 200);
     for row in rows {
         let run_id: String = row.get("run_id");
@@ -228,7 +236,11 @@ async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
     }
     let worker_id = servers[1].register_worker(&worker(100.0)).await.unwrap().id;
     assert_eq!(
-        servers[1].claim_runs(&worker_id, &limits(50)).await.unwrap().len(),
+        servers[1]
+            .claim_runs(&worker_id, &limits(50))
+            .await
+            .unwrap()
+            .len(),
         20
     );
     let beats: Vec<RunBeat> = ids
@@ -271,7 +283,11 @@ async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
     }
     assert!(swept >= 1);
     let reaped_ids: BTreeSet<String> = reaped.iter().map(|r| r.run_id.clone()).collect();
-    assert_eq!(reaped.len(), 20, "each stale run reaped by exactly one sweep");
+    assert_eq!(
+        reaped.len(),
+        20,
+        "each stale run reaped by exactly one sweep"
+    );
     assert_eq!(reaped_ids, ids);
     for id in &ids {
         let run = servers[0].get_run(id).await.unwrap().unwrap();
@@ -315,7 +331,14 @@ async fn while_one_server_sweeps_the_others_skip_the_sweep() {
 
     // A store in another schema sweeps regardless: the lock is per schema.
     let elsewhere = TestSchema::new();
-    assert!(open(&elsewhere).await.reap_stale_runs(&policy).await.unwrap().swept);
+    assert!(
+        open(&elsewhere)
+            .await
+            .reap_stale_runs(&policy)
+            .await
+            .unwrap()
+            .swept
+    );
 
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
     assert!(store.reap_stale_runs(&policy).await.unwrap().swept);
@@ -342,7 +365,11 @@ async fn the_reaper_query_uses_partial_indexes_over_100k_finished_runs() {
         store.create_run(&spec_with(|_| {})).await.unwrap();
     }
     assert_eq!(
-        store.claim_runs(&worker_id, &limits(5)).await.unwrap().len(),
+        store
+            .claim_runs(&worker_id, &limits(5))
+            .await
+            .unwrap()
+            .len(),
         5
     );
     let spec = serde_json::to_string(&spec_with(|_| {})).unwrap();
@@ -442,10 +469,15 @@ async fn lost_connections_come_back_and_so_does_the_listener() {
     let schema = TestSchema::new();
     let a = open(&schema).await;
     let b = open(&schema).await;
+    let mut on_b = b.subscribe();
     a.create_run(&spec_with(|r| r.lane = Some("waiting".into())))
         .await
         .unwrap();
-    let mut on_b = b.subscribe();
+    let waiting = Signal::RunPending {
+        lane: "waiting".into(),
+    };
+    // The submission's own notification, so what follows can only come from the reconnect.
+    assert!(expect_signal(&mut on_b, Duration::from_secs(2), |s| *s == waiting).await);
 
     // Every session of both servers dies, as in a database restart.
     let mut admin = schema.connect().await;
@@ -456,7 +488,10 @@ async fn lost_connections_come_back_and_so_does_the_listener() {
     .fetch_all(&mut admin)
     .await
     .unwrap();
-    assert!(killed.len() >= 2, "the stores' sessions, listeners included");
+    assert!(
+        killed.len() >= 2,
+        "the stores' sessions, listeners included"
+    );
 
     // B's listener reconnects by itself and wakes its receivers to re-read what they may
     // have missed.
@@ -496,17 +531,77 @@ async fn a_store_without_its_database_answers_unavailable() {
     let schema = TestSchema::new();
     let store = open(&schema).await;
     store.close().await;
-    assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
     assert!(matches!(store.now().await, Err(StoreError::Unavailable(_))));
     assert!(matches!(
         store.create_run(&spec_with(|_| {})).await,
         Err(StoreError::Unavailable(_))
     ));
     // Nobody listens on a port of 1: opening fails the same way, never panics.
-    let refused = PgStore::open("postgres://postgres@127.0.0.1:1/test").await;
+    let refused = PgStore::open("postgres://postgres@127.0.0.1:1/test?connect_timeout=1").await;
     assert!(matches!(refused, Err(StoreError::Unavailable(_))));
     assert!(matches!(
         PgStore::open_in_schema(&schema.url, "Bad-Name").await,
         Err(StoreError::Unavailable(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_submitted_at_once_on_two_servers_makes_one_run() {
+    let schema = TestSchema::new();
+    let servers = [open(&schema).await, open(&schema).await];
+    let keyed = spec_with(|r| r.idempotency_key = Some("deploy-7".into()));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = servers[i % 2].clone();
+            let keyed = keyed.clone();
+            tokio::spawn(async move { store.create_run(&keyed).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        created += usize::from(answer.created);
+        ids.insert(answer.run.id);
+    }
+    assert_eq!(created, 1, "one submission made the run");
+    assert_eq!(ids.len(), 1, "every other one got the same run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_lane_admits_only_what_fits_across_servers() {
+    use tether_store::{Admission, AdmissionPolicy};
+    let schema = TestSchema::new();
+    let servers = [open(&schema).await, open(&schema).await];
+    servers[0].register_worker(&worker(4.0)).await.unwrap();
+    let policy = AdmissionPolicy {
+        reject_when_full: true,
+        max_concurrency: None,
+        worker_fresh_ms: 60_000,
+    };
+    let spec = spec_with(|_| {});
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let store = servers[i % 2].clone();
+            let spec = spec.clone();
+            tokio::spawn(async move { store.admit_run(&spec, &policy).await.unwrap() })
+        })
+        .collect();
+    let (mut accepted, mut full) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Admission::Accepted(_) => accepted += 1,
+            Admission::LaneFull => full += 1,
+            Admission::NeverFits => panic!("a 1-cpu run fits a 4-cpu worker"),
+        }
+    }
+    assert_eq!(
+        (accepted, full),
+        (4, 8),
+        "room for four, decided one at a time"
+    );
 }
