@@ -605,3 +605,18 @@ async fn a_reject_lane_admits_only_what_fits_across_servers() {
         "room for four, decided one at a time"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_path_in_the_url_picks_the_schema() {
+    let schema = TestSchema::new();
+    let first = open(&schema).await;
+    let run = first.create_run(&spec_with(|_| {})).await.unwrap().run;
+    let join = if schema.url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{}{join}options=-csearch_path%3D{}",
+        schema.url, schema.name
+    );
+    let by_url = PgStore::open(&url).await.unwrap();
+    assert_eq!(by_url.schema(), schema.name);
+    assert_eq!(by_url.get_run(&run.id).await.unwrap(), Some(run));
+}
