@@ -56,7 +56,11 @@ pub struct SubmitRequest {
     pub timeout_s: Option<f64>,
     /// Absent: the lane's default, else `--stale-after`. `null`: never reaped for a missing
     /// heartbeat (then `timeout_s` is required).
-    #[serde(default, deserialize_with = "present_or_null")]
+    #[serde(
+        default,
+        deserialize_with = "present_or_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<f64>)]
     pub heartbeat_timeout_s: Option<Option<f64>>,
     pub stall_timeout_s: Option<f64>,
@@ -294,6 +298,22 @@ mod tests {
             .unwrap();
         assert_eq!(never.heartbeat_timeout_ms, None);
         assert_eq!(never.timeout_ms, Some(5_000));
+    }
+
+    #[test]
+    fn an_absent_heartbeat_timeout_stays_absent_when_sent_on() {
+        let absent = SubmitRequest {
+            command: vec!["x".into()],
+            ..SubmitRequest::default()
+        };
+        let json = serde_json::to_string(&absent).unwrap();
+        assert!(!json.contains("heartbeat_timeout_s"), "{json}");
+        let null = SubmitRequest {
+            heartbeat_timeout_s: Some(None),
+            ..absent
+        };
+        let back: SubmitRequest = serde_json::from_str(&serde_json::to_string(&null).unwrap()).unwrap();
+        assert_eq!(back.heartbeat_timeout_s, Some(None));
     }
 
     #[test]

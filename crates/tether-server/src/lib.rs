@@ -63,6 +63,11 @@ pub async fn open_store(url: &str) -> Result<SharedStore, StartError> {
             .await
             .map_err(to_start_error)?;
         Ok(Arc::new(store))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let store = tether_store_postgres::PgStore::open(url)
+            .await
+            .map_err(to_start_error)?;
+        Ok(Arc::new(store))
     } else {
         Err(StartError::UnsupportedDatabase(url.to_string()))
     }
@@ -97,8 +102,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none())
-    {
+    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
         return Err(StartError::TokensRequired(addr));
     }
     let shutdown = CancellationToken::new();

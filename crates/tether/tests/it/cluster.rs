@@ -109,6 +109,16 @@ impl Cluster {
         }
     }
 
+    /// A cluster on an existing database (a PostgreSQL URL), with no server yet.
+    pub fn on_database(url: &str) -> Cluster {
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            database: url.to_string(),
+            http: reqwest::Client::new(),
+            servers: Vec::new(),
+        }
+    }
+
     pub fn path(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
@@ -253,18 +263,10 @@ pub async fn wait_for(
     }
 }
 
-/// Is a process with this pid still there?
-pub fn process_exists(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
-}
-
 pub fn id(run: &Value) -> String {
     run["id"].as_str().unwrap().to_string()
 }
 
-pub fn sleep_cmd(seconds: u32) -> Value {
-    json!(["sleep", seconds.to_string()])
-}
 
 /// How many processes run with exactly this argv (read from /proc).
 pub fn processes_running(argv: &[&str]) -> usize {

@@ -4,5 +4,7 @@
 mod cli;
 mod cluster;
 mod liveness;
+mod multi_server;
 mod outcomes;
+mod pg;
 mod restart;
