@@ -5,6 +5,8 @@
 //! get none (they are meant to stay open).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -155,9 +157,14 @@ impl SseItem {
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send + 'static>>;
 
 /// The client. Cheap to clone: clones share one connection pool.
+///
+/// It may be given several servers (`http://a:7070,http://b:7070`, all sharing one database):
+/// calls go to one of them, and a call that cannot reach it moves the client on to the next,
+/// so the caller's own retry lands on a server that answers.
 #[derive(Debug, Clone)]
 pub struct TetherClient {
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
@@ -166,28 +173,46 @@ impl TetherClient {
     /// `base_url` is the server's root, e.g. `http://127.0.0.1:7070` (a trailing `/` is fine).
     /// An empty token counts as none.
     pub fn new(base_url: &str, token: Option<String>) -> Result<TetherClient, ClientError> {
-        let base = base_url.trim_end_matches('/').to_string();
-        let url = reqwest::Url::parse(&base)
-            .map_err(|e| ClientError::InvalidUrl(format!("{base_url}: {e}")))?;
-        if url.scheme() != "http" {
-            return Err(ClientError::InvalidUrl(format!(
-                "{base_url}: only http:// is supported"
-            )));
+        let mut bases = Vec::new();
+        for one in base_url.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let base = one.trim_end_matches('/').to_string();
+            let url = reqwest::Url::parse(&base)
+                .map_err(|e| ClientError::InvalidUrl(format!("{one}: {e}")))?;
+            if url.scheme() != "http" {
+                return Err(ClientError::InvalidUrl(format!(
+                    "{one}: only http:// is supported"
+                )));
+            }
+            bases.push(base);
+        }
+        if bases.is_empty() {
+            return Err(ClientError::InvalidUrl("no server URL given".into()));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(ClientError::transport)?;
         Ok(TetherClient {
-            base,
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             token: token.filter(|t| !t.is_empty()),
             http,
         })
     }
 
-    /// The server's root URL, without a trailing `/`.
+    /// The server calls go to now, without a trailing `/`.
     pub fn base_url(&self) -> &str {
-        &self.base
+        let i = self.current.load(Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
+    }
+
+    /// Sends a request; a call that could not reach its server moves the client to the next.
+    async fn send(&self, req: RequestBuilder) -> Result<Response, ClientError> {
+        let result = send(req).await;
+        if matches!(result, Err(ClientError::Transport(_))) && self.bases.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     // ---- runs ---------------------------------------------------------------------------
@@ -220,7 +245,7 @@ impl TetherClient {
     /// them.
     pub async fn logs(&self, run_id: &str) -> Result<Bytes, ClientError> {
         let path = format!("/v1/runs/{}/logs", segment(run_id));
-        let resp = send(self.request(Method::GET, &path)).await?;
+        let resp = self.send(self.request(Method::GET, &path)).await?;
         resp.bytes().await.map_err(ClientError::transport)
     }
 
@@ -230,7 +255,8 @@ impl TetherClient {
         let req = self
             .events_request(run_id, after, follow)
             .header(ACCEPT, "text/event-stream");
-        let stream = send(req)
+        let this = self.clone();
+        let stream = async move { this.send(req).await }
             .map_ok(|resp| {
                 resp.bytes_stream().eventsource().map(|item| match item {
                     Ok(event) => sse_item(event),
@@ -254,7 +280,8 @@ impl TetherClient {
         let req = self
             .events_request(run_id, after, follow)
             .header(ACCEPT, "application/x-ndjson");
-        let stream = send(req)
+        let this = self.clone();
+        let stream = async move { this.send(req).await }
             .map_ok(|resp| ndjson_lines(resp.bytes_stream()))
             .try_flatten_stream();
         Box::pin(stream)
@@ -290,7 +317,9 @@ impl TetherClient {
     /// `DELETE /v1/workers/{id}`: the server hands the worker's in-flight runs back at once.
     pub async fn deregister_worker(&self, worker_id: &str) -> Result<(), ClientError> {
         let path = format!("/v1/workers/{}", segment(worker_id));
-        send(self.request(Method::DELETE, &path)).await.map(drop)
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
     }
 
     /// `POST /v1/workers/{id}/claim`: long-polls for up to `request.wait_ms`.
@@ -363,7 +392,9 @@ impl TetherClient {
     }
 
     fn request_without_timeout(&self, method: Method, path: &str) -> RequestBuilder {
-        let req = self.http.request(method, format!("{}{}", self.base, path));
+        let req = self
+            .http
+            .request(method, format!("{}{}", self.base_url(), path));
         match &self.token {
             Some(token) => req.bearer_auth(token),
             None => req,
@@ -371,7 +402,7 @@ impl TetherClient {
     }
 
     async fn call<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
-        let resp = send(req).await?;
+        let resp = self.send(req).await?;
         let body = resp.bytes().await.map_err(ClientError::transport)?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
     }

@@ -10,7 +10,9 @@ pub mod status;
 pub mod time;
 
 pub use config::{LanePolicy, OnFull, PoolConfig, TetherConfig};
-pub use liveness::{judge_run_liveness, judge_worker, Freshness, Liveness, LivenessState, WorkerState};
+pub use liveness::{
+    judge_run_liveness, judge_worker, Freshness, Liveness, LivenessState, WorkerState,
+};
 pub use machine::{AttemptOutcome, Decision, TransitionError};
 pub use spec::{Resources, RunSpec, SubmitDefaults, SubmitRequest, ValidationError};
 pub use status::{ErrorCode, RunStatus};

@@ -208,9 +208,21 @@ mod tests {
 
     #[test]
     fn workers_go_suspect_then_lost() {
-        assert_eq!(judge_worker(0, false, 1_000, 5_000, 500), WorkerState::Active);
-        assert_eq!(judge_worker(0, true, 1_000, 5_000, 500), WorkerState::Draining);
-        assert_eq!(judge_worker(0, false, 1_000, 5_000, 2_000), WorkerState::Suspect);
-        assert_eq!(judge_worker(0, false, 1_000, 5_000, 6_000), WorkerState::Lost);
+        assert_eq!(
+            judge_worker(0, false, 1_000, 5_000, 500),
+            WorkerState::Active
+        );
+        assert_eq!(
+            judge_worker(0, true, 1_000, 5_000, 500),
+            WorkerState::Draining
+        );
+        assert_eq!(
+            judge_worker(0, false, 1_000, 5_000, 2_000),
+            WorkerState::Suspect
+        );
+        assert_eq!(
+            judge_worker(0, false, 1_000, 5_000, 6_000),
+            WorkerState::Lost
+        );
     }
 }

@@ -377,7 +377,9 @@ mod tests {
     fn arb_command() -> impl Strategy<Value = Command> {
         let worker = prop_oneof![Just("w1".to_string()), Just("w2".to_string())];
         prop_oneof![
-            worker.clone().prop_map(|worker_id| Command::Claim { worker_id }),
+            worker
+                .clone()
+                .prop_map(|worker_id| Command::Claim { worker_id }),
             (0u32..5, worker.clone())
                 .prop_map(|(attempt, worker_id)| Command::Start { attempt, worker_id }),
             (0u32..5, worker.clone())

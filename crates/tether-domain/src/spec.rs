@@ -176,7 +176,10 @@ impl SubmitRequest {
             ));
         }
         if self.command.iter().any(|a| a.contains('\0')) {
-            return Err(ValidationError::field("command", "must not contain NUL bytes"));
+            return Err(ValidationError::field(
+                "command",
+                "must not contain NUL bytes",
+            ));
         }
         for (k, v) in &self.env {
             if !valid_env_name(k) || v.contains('\0') {
@@ -199,7 +202,11 @@ impl SubmitRequest {
                 return Err(ValidationError::field("cwd", "must be a non-empty path"));
             }
         }
-        if self.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+        if self
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+        {
             return Err(ValidationError::field(
                 "idempotency_key",
                 format!("must be 1 to {MAX_KEY_LEN} bytes"),
@@ -287,7 +294,9 @@ mod tests {
     fn null_and_absent_heartbeat_timeouts_differ() {
         let d = SubmitDefaults::default();
         let lane = LanePolicy::default();
-        let absent = submit(r#"{"command":["true"]}"#).resolve(Some(&lane), &d).unwrap();
+        let absent = submit(r#"{"command":["true"]}"#)
+            .resolve(Some(&lane), &d)
+            .unwrap();
         assert_eq!(absent.heartbeat_timeout_ms, Some(60_000));
         let err = submit(r#"{"command":["true"],"heartbeat_timeout_s":null}"#)
             .resolve(Some(&lane), &d)
@@ -312,7 +321,8 @@ mod tests {
             heartbeat_timeout_s: Some(None),
             ..absent
         };
-        let back: SubmitRequest = serde_json::from_str(&serde_json::to_string(&null).unwrap()).unwrap();
+        let back: SubmitRequest =
+            serde_json::from_str(&serde_json::to_string(&null).unwrap()).unwrap();
         assert_eq!(back.heartbeat_timeout_s, Some(None));
     }
 

@@ -74,7 +74,10 @@ impl From<StoreError> for ApiError {
             StoreError::StaleAttempt => ApiError::StaleAttempt,
             StoreError::Terminal => ApiError::Terminal,
             StoreError::IdempotencyConflict { run_id } => ApiError::IdempotencyConflict { run_id },
-            StoreError::InvalidCursor => ApiError::invalid("invalid_cursor", "the cursor is not one this server gave out"),
+            StoreError::InvalidCursor => ApiError::invalid(
+                "invalid_cursor",
+                "the cursor is not one this server gave out",
+            ),
             StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
             StoreError::Corrupt(m) => ApiError::Internal(m),
         }

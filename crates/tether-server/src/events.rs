@@ -264,7 +264,10 @@ pub async fn run_events(
         (Some(seq), _) => seq,
         (None, Some(seq)) if seq >= 0 => seq,
         (None, Some(_)) => {
-            return Err(ApiError::invalid("invalid_field", "after: must be an event seq"))
+            return Err(ApiError::invalid(
+                "invalid_field",
+                "after: must be an event seq",
+            ))
         }
         (None, None) => 0,
     };

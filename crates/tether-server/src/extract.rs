@@ -16,7 +16,9 @@ pub struct ApiJson<T>(pub T);
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
         match r {
-            JsonRejection::JsonDataError(e) => ApiError::invalid("invalid_field", body_text(&e.body_text())),
+            JsonRejection::JsonDataError(e) => {
+                ApiError::invalid("invalid_field", body_text(&e.body_text()))
+            }
             JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(body_text(&e.body_text())),
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
                 "send the body as JSON with `Content-Type: application/json`".into(),

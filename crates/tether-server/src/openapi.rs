@@ -4,7 +4,10 @@ use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Tether", description = "Runs commands and always knows which of them are alive."),
+    info(
+        title = "Tether",
+        description = "Runs commands and always knows which of them are alive."
+    ),
     paths(
         crate::routes::runs::create_run,
         crate::routes::runs::get_run,

@@ -29,6 +29,7 @@ use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection, Postgres, Row, Transaction};
 use tether_domain::machine::{AttemptOutcome, Command, RunState};
+use tether_domain::Freshness;
 use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
 use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
@@ -892,12 +893,11 @@ impl Store for PgStore {
         let mut out = Outbox::default();
         // The worker's row lock serializes its claims: the room computed below stays true.
         let worker = lock_live_worker(&mut tx, worker_id).await?;
-        sqlx::query("UPDATE workers SET last_heartbeat_at = $1 WHERE id = $2")
-            .bind(now)
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        if limits.worker_fresh_ms > 0
+            && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now)
+        {
+            return Ok(Vec::new());
+        }
         let (_, reserved) = held_by(&mut tx, worker_id).await?;
         let mut room_cpus = worker.capacity.cpus - reserved.cpus;
         let mut room_memory = worker.capacity.memory_mb.saturating_sub(reserved.memory_mb);

@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqliteConnection, Transaction};
 use tether_domain::machine::{AttemptOutcome, Command, RunState};
+use tether_domain::Freshness;
 use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
 use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
@@ -624,12 +625,11 @@ impl Store for SqliteStore {
         let now = clock();
         let mut out = Outbox::default();
         let worker = live_worker(&mut tx, worker_id).await?;
-        sqlx::query("UPDATE workers SET last_heartbeat_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        if limits.worker_fresh_ms > 0
+            && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now)
+        {
+            return Ok(Vec::new());
+        }
         let (_, reserved) = held_by(&mut tx, worker_id).await?;
         let mut room_cpus = worker.capacity.cpus - reserved.cpus;
         let mut room_memory = worker.capacity.memory_mb.saturating_sub(reserved.memory_mb);

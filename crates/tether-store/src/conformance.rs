@@ -62,6 +62,7 @@ macro_rules! store_conformance_tests {
             a_run_too_big_is_skipped_without_blocking_smaller_ones,
             claims_respect_lane_max_concurrency,
             unknown_and_deregistered_workers_are_refused,
+            a_worker_with_a_stale_heartbeat_is_handed_nothing,
             a_run_goes_from_pending_to_succeeded_with_events_in_order,
             old_attempts_and_other_workers_are_fenced,
             terminal_runs_never_change,
@@ -152,6 +153,7 @@ fn limits(max_runs: u32) -> ClaimLimits {
     ClaimLimits {
         max_runs,
         lane_max_concurrency: BTreeMap::new(),
+        worker_fresh_ms: 0,
     }
 }
 
@@ -745,6 +747,7 @@ pub async fn claims_respect_lane_max_concurrency(h: &dyn Harness) {
     let lane_limits = ClaimLimits {
         max_runs: 10,
         lane_max_concurrency: BTreeMap::from([("builds".to_string(), 2)]),
+        worker_fresh_ms: 0,
     };
     let w1 = register(store, 8.0).await;
     let w2 = register(store, 8.0).await;
@@ -763,6 +766,35 @@ pub async fn claims_respect_lane_max_concurrency(h: &dyn Harness) {
             .is_empty(),
         "the lane's ceiling holds across workers"
     );
+}
+
+/// A claim is not a heartbeat, and a worker whose heartbeat went stale gets nothing: a frozen
+/// worker's long-poll must not take runs it will never start.
+pub async fn a_worker_with_a_stale_heartbeat_is_handed_nothing(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let run = create(store, &spec()).await;
+    let worker_id = register(store, 1.0).await;
+    let fresh_only = ClaimLimits {
+        worker_fresh_ms: 150,
+        ..limits(1)
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store
+        .claim_runs(&worker_id, &fresh_only)
+        .await
+        .unwrap()
+        .is_empty());
+    // Claiming did not make it look alive.
+    assert!(store
+        .claim_runs(&worker_id, &fresh_only)
+        .await
+        .unwrap()
+        .is_empty());
+    store.heartbeat(&worker_id, &[]).await.unwrap();
+    let claimed = store.claim_runs(&worker_id, &fresh_only).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].run.id, run);
 }
 
 pub async fn unknown_and_deregistered_workers_are_refused(h: &dyn Harness) {

@@ -143,6 +143,10 @@ pub struct ClaimLimits {
     pub max_runs: u32,
     /// Lanes with a `max_concurrency`: no claim pushes a lane's in-flight count past it.
     pub lane_max_concurrency: BTreeMap<String, u32>,
+    /// Hand nothing to a worker whose own last heartbeat is older than this (a frozen worker
+    /// whose long-poll is still open must not take runs); 0 checks nothing. A claim is not a
+    /// heartbeat: only the heartbeat call says the worker is alive.
+    pub worker_fresh_ms: i64,
 }
 
 /// A run handed to a worker.

@@ -193,6 +193,29 @@ pub enum UploadEnd {
     Aborted,
 }
 
+/// Joins adjacent chunks of one stream up to [`MAX_CHUNK`], so many short lines travel (and
+/// are stored) as a few events. Only neighbours are joined: order across streams is kept.
+pub fn join_neighbours(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
+    let mut out: Vec<(OutputStream, i64, BytesMut)> = Vec::new();
+    for chunk in chunks {
+        match out.last_mut() {
+            Some((stream, _, data))
+                if *stream == chunk.stream && data.len() + chunk.data.len() <= MAX_CHUNK =>
+            {
+                data.extend_from_slice(&chunk.data);
+            }
+            _ => out.push((chunk.stream, chunk.ts_ms, BytesMut::from(&chunk.data[..]))),
+        }
+    }
+    out.into_iter()
+        .map(|(stream, ts_ms, data)| OutputChunk {
+            stream,
+            ts_ms,
+            data: data.freeze(),
+        })
+        .collect()
+}
+
 /// Uploads the queue in order, in batches of up to [`BATCH_BYTES`] or [`BATCH_WINDOW`].
 /// Transient failures are retried with backoff, never dropped: the queue fills meanwhile and
 /// holds the command back.
@@ -231,6 +254,7 @@ pub async fn upload(
         }
         let (chunks, permits): (Vec<OutputChunk>, Vec<OwnedSemaphorePermit>) =
             batch.into_iter().map(|q| (q.chunk, q._permit)).unzip();
+        let chunks = join_neighbours(chunks);
         loop {
             let result = tokio::select! {
                 _ = abort.cancelled() => return UploadEnd::Aborted,

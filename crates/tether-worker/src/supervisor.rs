@@ -295,6 +295,18 @@ fn spawn(assignment: &Assignment) -> Result<Child, String> {
     if let Some(cwd) = &assignment.cwd {
         command.current_dir(cwd);
     }
+    // If this worker dies without cleaning up (SIGKILL, OOM), the command dies with it instead
+    // of running on beside the retry the server will start. (Linux; it reaches the direct
+    // child, which is the group leader.)
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the child between fork and exec and only makes one
+    // async-signal-safe system call.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     command
         .spawn()
         .map_err(|err| format!("cannot run `{program}`: {err}"))

@@ -16,7 +16,12 @@ use crate::CliError;
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// The server's URL.
-    #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "TETHER_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub server: String,
     /// Bearer token for the client scope.
     #[arg(long, env = "TETHER_TOKEN", global = true)]
@@ -137,7 +142,10 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
         })
         .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&page).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&page).unwrap_or_default()
+        );
         return Ok(0);
     }
     println!(
@@ -237,7 +245,10 @@ pub async fn workers(args: WorkersArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
     let list = client.list_workers().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
         return Ok(0);
     }
     println!(

@@ -17,7 +17,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The exit code `tether run` and `tether logs -f` end with: the command's own, or a
 /// conventional one when it has none (124 timed out, 130 cancelled, 1 otherwise).
-pub fn exit_code(status: Option<RunStatus>, exit_code: Option<i32>, error: Option<ErrorCode>) -> u8 {
+pub fn exit_code(
+    status: Option<RunStatus>,
+    exit_code: Option<i32>,
+    error: Option<ErrorCode>,
+) -> u8 {
     match status {
         Some(RunStatus::Succeeded) => 0,
         Some(RunStatus::TimedOut) => 124,
@@ -38,7 +42,8 @@ fn spinner() -> ProgressBar {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
@@ -171,9 +176,25 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_run() {
         assert_eq!(exit_code(Some(RunStatus::Succeeded), Some(0), None), 0);
-        assert_eq!(exit_code(Some(RunStatus::Failed), Some(3), Some(ErrorCode::ExitNonzero)), 3);
-        assert_eq!(exit_code(Some(RunStatus::Failed), None, Some(ErrorCode::SpawnFailed)), 1);
-        assert_eq!(exit_code(Some(RunStatus::TimedOut), None, Some(ErrorCode::Timeout)), 124);
-        assert_eq!(exit_code(Some(RunStatus::Cancelled), None, Some(ErrorCode::Cancelled)), 130);
+        assert_eq!(
+            exit_code(
+                Some(RunStatus::Failed),
+                Some(3),
+                Some(ErrorCode::ExitNonzero)
+            ),
+            3
+        );
+        assert_eq!(
+            exit_code(Some(RunStatus::Failed), None, Some(ErrorCode::SpawnFailed)),
+            1
+        );
+        assert_eq!(
+            exit_code(Some(RunStatus::TimedOut), None, Some(ErrorCode::Timeout)),
+            124
+        );
+        assert_eq!(
+            exit_code(Some(RunStatus::Cancelled), None, Some(ErrorCode::Cancelled)),
+            130
+        );
     }
 }

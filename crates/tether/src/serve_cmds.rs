@@ -26,7 +26,11 @@ pub struct ServerArgs {
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// `sqlite://PATH` (embedded) or `postgres://…`.
-    #[arg(long, env = "TETHER_DATABASE", default_value = "sqlite://./.tether/tether.db")]
+    #[arg(
+        long,
+        env = "TETHER_DATABASE",
+        default_value = "sqlite://./.tether/tether.db"
+    )]
     pub database: String,
     /// TOML file naming lanes and pools.
     #[arg(long, env = "TETHER_CONFIG")]
@@ -161,9 +165,9 @@ async fn termination() {
 async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer, CliError> {
     let config = server_config(args)?;
     let store = tether_server::open_store(&config.database).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| {
-        CliError::Usage(format!("cannot listen on {}: {e}", args.listen))
-    })?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
     Ok(tether_server::start(config, store, listener).await?)
 }
 
@@ -188,7 +192,9 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
                         tracing::info!(worker_id = %w.id, runs = runs.len(), "recovered runs of the previous local worker")
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot recover the previous local worker"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot recover the previous local worker")
+                    }
                 }
             }
         }
@@ -205,7 +211,10 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         ..WorkerConfig::default()
     };
     let stop_worker = CancellationToken::new();
-    let worker = tokio::spawn(tether_worker::run_worker(worker_config, stop_worker.clone()));
+    let worker = tokio::spawn(tether_worker::run_worker(
+        worker_config,
+        stop_worker.clone(),
+    ));
     eprintln!(
         "tether is up: http://{}  (dashboard at /, API under /v1; Ctrl-C to stop)",
         running.addr

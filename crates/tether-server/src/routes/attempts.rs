@@ -27,6 +27,28 @@ pub async fn start(
     Ok(Json(run_view(&run, None, &state.config, now)))
 }
 
+/// The largest `log` event: adjacent output of one stream is joined up to this size.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// Joins adjacent chunks of the same stream, so a command printing many short lines costs a
+/// few events per batch instead of one per line. Order across streams is kept: only neighbours
+/// are joined.
+fn coalesce(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
+    let mut out: Vec<OutputChunk> = Vec::with_capacity(chunks.len().min(64));
+    for chunk in chunks {
+        match out.last_mut() {
+            Some(last)
+                if last.stream == chunk.stream
+                    && last.data.len() + chunk.data.len() <= MAX_EVENT_BYTES =>
+            {
+                last.data.extend_from_slice(&chunk.data);
+            }
+            _ => out.push(chunk),
+        }
+    }
+    out
+}
+
 /// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
 pub async fn append_logs(
     State(state): State<AppState>,
@@ -48,6 +70,7 @@ pub async fn append_logs(
             data,
         });
     }
+    let chunks = coalesce(chunks);
     let outcome = state
         .store
         .append_output(&run_id, attempt, &request.worker_id, &chunks)
@@ -103,4 +126,52 @@ pub async fn finish(
         .increment(1);
     let now = state.store.now().await?;
     Ok(Json(run_view(&run, None, &state.config, now)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(stream: OutputStream, data: &[u8]) -> OutputChunk {
+        OutputChunk {
+            stream,
+            ts: 0,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn neighbours_of_one_stream_are_joined_and_order_is_kept() {
+        use OutputStream::{Stderr, Stdout};
+        let joined = coalesce(vec![
+            chunk(Stdout, b"a\n"),
+            chunk(Stdout, b"b\n"),
+            chunk(Stderr, b"c\n"),
+            chunk(Stdout, b"d\n"),
+        ]);
+        let got: Vec<(OutputStream, &[u8])> = joined
+            .iter()
+            .map(|c| (c.stream, c.data.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Stdout, &b"a\nb\n"[..]),
+                (Stderr, &b"c\n"[..]),
+                (Stdout, &b"d\n"[..])
+            ]
+        );
+    }
+
+    #[test]
+    fn joined_events_stay_under_the_size_cap() {
+        let line = vec![b'x'; 1000];
+        let joined = coalesce(
+            (0..200)
+                .map(|_| chunk(OutputStream::Stdout, &line))
+                .collect(),
+        );
+        assert!(joined.iter().all(|c| c.data.len() <= MAX_EVENT_BYTES));
+        assert_eq!(joined.iter().map(|c| c.data.len()).sum::<usize>(), 200_000);
+    }
 }

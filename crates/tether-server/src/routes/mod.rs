@@ -63,7 +63,10 @@ pub fn router(state: AppState) -> Router {
         .merge(open)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async {
-            ApiError::invalid("method_not_allowed", "that method is not allowed on this path")
+            ApiError::invalid(
+                "method_not_allowed",
+                "that method is not allowed on this path",
+            )
         })
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -24,7 +24,10 @@ pub async fn create_run(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SubmitRequest>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
-    let lane_name = request.lane.as_deref().unwrap_or(tether_domain::config::DEFAULT_LANE);
+    let lane_name = request
+        .lane
+        .as_deref()
+        .unwrap_or(tether_domain::config::DEFAULT_LANE);
     let lane = state.config.lanes.lane(lane_name);
     let spec = request
         .resolve(lane.as_ref(), &state.config.submit_defaults())
@@ -47,7 +50,11 @@ pub async fn get_run(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<RunView>> {
-    let run = state.store.get_run(&id).await?.ok_or(ApiError::RunNotFound)?;
+    let run = state
+        .store
+        .get_run(&id)
+        .await?
+        .ok_or(ApiError::RunNotFound)?;
     let attempts = state.store.list_attempts(&id).await?;
     let now = state.store.now().await?;
     Ok(Json(run_view(&run, Some(&attempts), &state.config, now)))
@@ -70,13 +77,19 @@ pub async fn list_runs(
 ) -> ApiResult<Json<RunList>> {
     let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid("invalid_field", format!("status: `{s}` is not a run status"))
+            ApiError::invalid(
+                "invalid_field",
+                format!("status: `{s}` is not a run status"),
+            )
         })?),
         None => None,
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::invalid("invalid_field", "limit: must be 1 to 500"));
+        return Err(ApiError::invalid(
+            "invalid_field",
+            "limit: must be 1 to 500",
+        ));
     }
     let page = state
         .store

@@ -26,7 +26,10 @@ pub async fn register_worker(
     ApiJson(request): ApiJson<RegisterWorkerRequest>,
 ) -> ApiResult<(StatusCode, Json<RegisterWorkerResponse>)> {
     if request.name.trim().is_empty() || request.name.len() > 255 {
-        return Err(ApiError::invalid("invalid_field", "name: must be 1 to 255 bytes"));
+        return Err(ApiError::invalid(
+            "invalid_field",
+            "name: must be 1 to 255 bytes",
+        ));
     }
     let cap = request.capacity;
     if !cap.cpus.is_finite() || cap.cpus <= 0.0 || cap.memory_mb == 0 {
@@ -37,7 +40,10 @@ pub async fn register_worker(
     }
     for lane in &request.lanes {
         if state.config.lanes.lane(lane).is_none() {
-            return Err(ApiError::invalid("unknown_lane", format!("lanes: no lane is named `{lane}`")));
+            return Err(ApiError::invalid(
+                "unknown_lane",
+                format!("lanes: no lane is named `{lane}`"),
+            ));
         }
     }
     let worker = state
@@ -115,6 +121,8 @@ pub async fn claim(
             .iter()
             .filter_map(|(name, lane)| lane.max_concurrency.map(|m| (name.clone(), m)))
             .collect(),
+        // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
+        worker_fresh_ms: state.config.heartbeat_interval_ms() * 3 / 2,
     };
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;

@@ -28,7 +28,16 @@ fn tether(base: &str, args: &[&str]) -> Output {
 #[tokio::test]
 async fn run_streams_output_and_exits_with_the_run_s_code() {
     let (_dir, _up, base) = up().await;
-    let out = tether(&base, &["run", "--", "sh", "-c", "echo one; sleep 0.3; echo two >&2; echo three"]);
+    let out = tether(
+        &base,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo one; sleep 0.3; echo two >&2; echo three",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "one\nthree\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("two\n"));
@@ -53,7 +62,10 @@ async fn detach_ps_logs_cancel_workers_and_events() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "detached\n");
     let out = tether(&base, &["ps"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains(&run_id) && table.contains("succeeded"), "{table}");
+    assert!(
+        table.contains(&run_id) && table.contains("succeeded"),
+        "{table}"
+    );
     let out = tether(&base, &["events", &run_id]);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -66,7 +78,9 @@ async fn detach_ps_logs_cancel_workers_and_events() {
     let out = tether(&base, &["run", "-d", "--", "sleep", "762"]);
     let sleeper = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&tether(&base, &["ps", "--status", "running"]).stdout).contains(&sleeper) {
+    while !String::from_utf8_lossy(&tether(&base, &["ps", "--status", "running"]).stdout)
+        .contains(&sleeper)
+    {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -77,5 +91,8 @@ async fn detach_ps_logs_cancel_workers_and_events() {
     // Errors are said plainly, with a non-zero exit.
     let out = tether(&base, &["cancel", "no-such-run"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found") || String::from_utf8_lossy(&out.stderr).contains("no such run"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_found")
+            || String::from_utf8_lossy(&out.stderr).contains("no such run")
+    );
 }

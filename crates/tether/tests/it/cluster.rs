@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 
@@ -22,6 +22,15 @@ pub const FAST: &[&str] = &[
     "--reaper-interval",
     "2s",
 ];
+
+/// The FAST flags, less those `extra` sets itself (a flag may be given once).
+pub fn fast_except<'a>(extra: &[&str]) -> Vec<&'a str> {
+    FAST.chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten()
+        .copied()
+        .collect()
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -128,7 +137,7 @@ impl Cluster {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["server", "--listen", &listen, "--database", &self.database];
-        args.extend_from_slice(FAST);
+        args.extend(fast_except(extra));
         args.extend_from_slice(extra);
         let proc = spawn(&args, self.dir.path());
         let base = format!("http://{listen}");
@@ -147,8 +156,17 @@ impl Cluster {
 
     pub fn worker_on(&self, base: &str, name: &str, cpus: &str, extra: &[&str]) -> Proc {
         let mut args = vec![
-            "worker", "--server", base, "--name", name, "--cpus", cpus, "--memory-mb", "8192",
-            "--kill-grace", "1s",
+            "worker",
+            "--server",
+            base,
+            "--name",
+            name,
+            "--cpus",
+            cpus,
+            "--memory-mb",
+            "8192",
+            "--kill-grace",
+            "1s",
         ];
         args.extend_from_slice(extra);
         spawn(&args, self.dir.path())
@@ -175,13 +193,19 @@ impl Cluster {
     }
 
     /// Polls until `done(run)`, failing after `within`.
-    pub async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         wait_for(&self.http, self.base(), id, within, done).await
     }
 
     pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
         self.wait_for(id, within, |r| {
-            ["succeeded", "failed", "cancelled", "timed_out"].contains(&r["status"].as_str().unwrap_or(""))
+            ["succeeded", "failed", "cancelled", "timed_out"]
+                .contains(&r["status"].as_str().unwrap_or(""))
         })
         .await
     }
@@ -212,7 +236,10 @@ impl Cluster {
             if active >= n {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "workers did not register");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "workers did not register"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -226,13 +253,21 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str) {
                 return;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "server at {base} never got ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server at {base} never got ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 pub async fn submit_to(http: &reqwest::Client, base: &str, body: Value) -> Value {
-    let r = http.post(format!("{base}/v1/runs")).json(&body).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/v1/runs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     let run: Value = r.json().await.unwrap();
     assert_eq!(status, 202, "{run}");
@@ -240,7 +275,11 @@ pub async fn submit_to(http: &reqwest::Client, base: &str, body: Value) -> Value
 }
 
 pub async fn get_run(http: &reqwest::Client, base: &str, id: &str) -> Value {
-    let r = http.get(format!("{base}/v1/runs/{id}")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/v1/runs/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     r.json().await.unwrap()
 }
@@ -258,7 +297,10 @@ pub async fn wait_for(
         if done(&run) {
             return run;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting; last: {run}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting; last: {run}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -267,14 +309,18 @@ pub fn id(run: &Value) -> String {
     run["id"].as_str().unwrap().to_string()
 }
 
-
 /// How many processes run with exactly this argv (read from /proc).
 pub fn processes_running(argv: &[&str]) -> usize {
     let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0u8])).collect();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
         .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
         .count()
 }

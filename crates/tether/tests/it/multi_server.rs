@@ -30,7 +30,12 @@ async fn two_servers_three_workers_five_hundred_runs_each_once() {
                 let http = c.http.clone();
                 let base = if i % 2 == 0 { a.clone() } else { b.clone() };
                 tokio::spawn(async move {
-                    submit_to(&http, &base, json!({"command": ["echo", format!("{batch}-{i}")]})).await
+                    submit_to(
+                        &http,
+                        &base,
+                        json!({"command": ["echo", format!("{batch}-{i}")]}),
+                    )
+                    .await
                 })
             })
             .collect();
@@ -44,7 +49,10 @@ async fn two_servers_three_workers_five_hundred_runs_each_once() {
         assert_eq!(done["attempt"], 1, "{done}");
         assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done}");
     }
-    eprintln!("500 runs through 2 servers and 3 workers in {:?}", started.elapsed());
+    eprintln!(
+        "500 runs through 2 servers and 3 workers in {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -61,7 +69,12 @@ async fn a_server_sigkilled_mid_way_strands_nothing() {
     let mut ids = Vec::new();
     for i in 0..40 {
         let base = if i % 2 == 0 { &a } else { &b };
-        let run = submit_to(&c.http, base, json!({"command": ["sh", "-c", "sleep 0.2; echo ok"]})).await;
+        let run = submit_to(
+            &c.http,
+            base,
+            json!({"command": ["sh", "-c", "sleep 0.2; echo ok"]}),
+        )
+        .await;
         ids.push(id(&run));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -87,11 +100,16 @@ async fn a_sigkilled_worker_is_retried_exactly_once_with_both_servers_sweeping()
         m = marker.display()
     );
     let run = submit_to(&c.http, &a, json!({"command": ["sh", "-c", script]})).await;
-    wait_for(&c.http, &a, &id(&run), Duration::from_secs(10), |r| r["status"] == "running").await;
+    wait_for(&c.http, &a, &id(&run), Duration::from_secs(10), |r| {
+        r["status"] == "running"
+    })
+    .await;
     let _w2 = c.worker_on(&b, "w2", "1", &[]);
     w1.kill9();
     let done = wait_for(&c.http, &b, &id(&run), Duration::from_secs(10), terminal).await;
-    let _ = std::process::Command::new("pkill").args(["-KILL", "-x", "-f", "sleep 771"]).status();
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-x", "-f", "sleep 771"])
+        .status();
     assert_eq!(done["status"], "succeeded", "{done}");
     let attempts = done["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{done}");
@@ -108,13 +126,19 @@ async fn postgres_restarting_mid_run_loses_nothing() {
     c.wait_workers(1).await;
     let script = "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done";
     let run = submit_to(&c.http, &base, json!({"command": ["sh", "-c", script]})).await;
-    wait_for(&c.http, &base, &id(&run), Duration::from_secs(10), |r| r["stdout_bytes"].as_i64() > Some(0)).await;
+    wait_for(&c.http, &base, &id(&run), Duration::from_secs(10), |r| {
+        r["stdout_bytes"].as_i64() > Some(0)
+    })
+    .await;
     pg.stop();
     // Not ready while the database is unreachable.
     let http = c.http.clone();
     let ready_url = format!("{base}/readyz");
     wait_until(Duration::from_secs(10), async || {
-        http.get(&ready_url).send().await.is_ok_and(|r| r.status().as_u16() == 503)
+        http.get(&ready_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 503)
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -125,10 +149,21 @@ async fn postgres_restarting_mid_run_loses_nothing() {
     assert_eq!(done["attempt"], 1, "{done}");
     let logs = c.logs(&id(&run)).await;
     let expected: String = (1..=8).map(|i| format!("tick {i}\n")).collect();
-    assert_eq!(String::from_utf8_lossy(&logs), expected, "output lost or doubled across the restart");
+    assert_eq!(
+        String::from_utf8_lossy(&logs),
+        expected,
+        "output lost or doubled across the restart"
+    );
     // A run submitted after the restart runs too.
     let after = submit_to(&c.http, &base, json!({"command": ["echo", "after"]})).await;
-    let done = wait_for(&c.http, &base, &id(&after), Duration::from_secs(20), terminal).await;
+    let done = wait_for(
+        &c.http,
+        &base,
+        &id(&after),
+        Duration::from_secs(20),
+        terminal,
+    )
+    .await;
     assert_eq!(done["status"], "succeeded");
     drop(c);
     drop(db);

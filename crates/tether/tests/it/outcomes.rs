@@ -18,7 +18,7 @@ async fn cluster_with_worker() -> (Cluster, crate::cluster::Proc) {
 async fn success_records_exit_0_and_the_output() {
     let (c, _w) = cluster_with_worker().await;
     let run = c
-        .submit(json!({"command": ["sh", "-c", "echo out; echo err >&2; echo $GREETING"], "env": {"GREETING": "hello"}}))
+        .submit(json!({"command": ["sh", "-c", "echo out; sleep 0.1; echo err >&2; sleep 0.1; echo $GREETING"], "env": {"GREETING": "hello"}}))
         .await;
     let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -41,11 +41,15 @@ async fn exit_3_is_failed_exit_nonzero() {
 #[tokio::test]
 async fn a_missing_binary_is_spawn_failed() {
     let (c, _w) = cluster_with_worker().await;
-    let run = c.submit(json!({"command": ["/no/such/binary-tether"]})).await;
+    let run = c
+        .submit(json!({"command": ["/no/such/binary-tether"]}))
+        .await;
     let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error_code"], "spawn_failed");
-    assert!(done["error_message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(done["error_message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
 }
 
 #[tokio::test]
@@ -60,7 +64,9 @@ async fn cwd_is_honoured() {
 #[tokio::test]
 async fn timeout_ends_timed_out() {
     let (c, _w) = cluster_with_worker().await;
-    let run = c.submit(json!({"command": ["sleep", "731"], "timeout_s": 0.5})).await;
+    let run = c
+        .submit(json!({"command": ["sleep", "731"], "timeout_s": 0.5}))
+        .await;
     let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
     assert_eq!(done["status"], "timed_out", "{done}");
     assert_eq!(done["error_code"], "timeout");
@@ -71,7 +77,10 @@ async fn timeout_ends_timed_out() {
 async fn cancel_of_a_running_sleep_ends_cancelled_and_kills_it() {
     let (c, _w) = cluster_with_worker().await;
     let run = c.submit(json!({"command": ["sleep", "732"]})).await;
-    c.wait_for(&id(&run), Duration::from_secs(10), |r| r["status"] == "running").await;
+    c.wait_for(&id(&run), Duration::from_secs(10), |r| {
+        r["status"] == "running"
+    })
+    .await;
     assert_eq!(processes_running(&["sleep", "732"]), 1);
     let r = c
         .http
@@ -83,16 +92,24 @@ async fn cancel_of_a_running_sleep_ends_cancelled_and_kills_it() {
     let done = c.wait_terminal(&id(&run), Duration::from_secs(5)).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     assert_eq!(done["error_code"], "cancelled");
-    assert_eq!(processes_running(&["sleep", "732"]), 0, "the process group was not killed");
+    assert_eq!(
+        processes_running(&["sleep", "732"]),
+        0,
+        "the process group was not killed"
+    );
 }
 
 #[tokio::test]
 async fn a_command_quiet_for_longer_than_the_stale_window_is_not_reaped() {
     let (c, _w) = cluster_with_worker().await;
     // Stale after 1 s; silent for 3 s, then a line.
-    let run = c.submit(json!({"command": ["sh", "-c", "sleep 3; echo late"]})).await;
+    let run = c
+        .submit(json!({"command": ["sh", "-c", "sleep 3; echo late"]}))
+        .await;
     let quiet = c
-        .wait_for(&id(&run), Duration::from_secs(10), |r| r["liveness"]["state"] == "quiet")
+        .wait_for(&id(&run), Duration::from_secs(10), |r| {
+            r["liveness"]["state"] == "quiet"
+        })
         .await;
     assert_eq!(quiet["status"], "running");
     let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
@@ -105,7 +122,7 @@ async fn a_command_quiet_for_longer_than_the_stale_window_is_not_reaped() {
 async fn fifty_megabytes_of_output_arrive_whole() {
     let (c, _w) = cluster_with_worker().await;
     // 50 MB in 100-byte lines.
-    let script = "yes 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' | head -c 50000000";
+    let script = format!("yes {} | head -c 50000000", "x".repeat(99));
     let run = c.submit(json!({"command": ["sh", "-c", script]})).await;
     let done = c.wait_terminal(&id(&run), Duration::from_secs(120)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -131,7 +148,8 @@ async fn output_past_the_lane_limit_ends_failed_output_limit() {
     let mut c = Cluster::sqlite();
     let config = c.path().join("tether.toml");
     std::fs::write(&config, "[lanes.small]\noutput_limit_mb = 1\n").unwrap();
-    c.start_server(&["--config", config.to_str().unwrap()]).await;
+    c.start_server(&["--config", config.to_str().unwrap()])
+        .await;
     let _w = c.worker("w1", "2", &[]);
     let run = c
         .submit(json!({"lane": "small", "command": ["sh", "-c", "yes line | head -c 5000000; sleep 733"]}))
@@ -144,7 +162,10 @@ async fn output_past_the_lane_limit_ends_failed_output_limit() {
     assert!(String::from_utf8_lossy(&logs).contains("output limit"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while processes_running(&["sleep", "733"]) > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the command was not stopped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command was not stopped"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -156,7 +177,12 @@ async fn two_hundred_runs_at_once_all_succeed_exactly_once() {
         let http = c.http.clone();
         let base = c.base().to_string();
         tokio::spawn(async move {
-            crate::cluster::submit_to(&http, &base, json!({"command": ["echo", format!("run {i}")]})).await
+            crate::cluster::submit_to(
+                &http,
+                &base,
+                json!({"command": ["echo", format!("run {i}")]}),
+            )
+            .await
         })
     });
     let mut ids = Vec::new();

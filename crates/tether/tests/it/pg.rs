@@ -16,7 +16,11 @@ fn psql(url: &str, sql: &str) {
         .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
         .output()
         .expect("psql runs");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Replaces the database name in a `postgres://…/name[?…]` URL.
@@ -55,7 +59,11 @@ impl PgDatabase {
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let _ = Command::new("psql")
-            .args([&self.admin, "-qAtc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .args([
+                &self.admin,
+                "-qAtc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
             .output();
     }
 }
@@ -76,7 +84,11 @@ fn as_postgres(args: &[&str]) -> std::process::Output {
 
 fn pg_bin(name: &str) -> String {
     let versions = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<PathBuf>>())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .collect::<Vec<PathBuf>>()
+        })
         .unwrap_or_default();
     versions
         .iter()
@@ -96,8 +108,20 @@ impl PrivateCluster {
             .unwrap();
         assert!(status.success());
         let data = dir.path().join("data");
-        let out = as_postgres(&[&pg_bin("initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"]);
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let out = as_postgres(&[
+            &pg_bin("initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ]);
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let cluster = PrivateCluster { dir, port };
         cluster.pg_ctl("start");
         cluster
@@ -111,7 +135,12 @@ impl PrivateCluster {
             self.port,
             self.dir.path().display()
         );
-        let mut args = vec![pg_bin("pg_ctl"), "-D".into(), data.display().to_string(), "-w".into()];
+        let mut args = vec![
+            pg_bin("pg_ctl"),
+            "-D".into(),
+            data.display().to_string(),
+            "-w".into(),
+        ];
         if action == "stop" {
             args.extend(["-m".into(), "fast".into()]);
         } else {
@@ -120,7 +149,11 @@ impl PrivateCluster {
         args.push(action.into());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = as_postgres(&argv);
-        assert!(out.status.success(), "pg_ctl {action}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn url(&self, database: &str) -> String {
@@ -139,14 +172,24 @@ impl PrivateCluster {
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
-        let _ = as_postgres(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
+        let _ = as_postgres(&[
+            &pg_bin("pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
     }
 }
 
 pub async fn wait_until(within: Duration, mut ok: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
     while !ok().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met in {within:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -9,7 +9,15 @@ use serde_json::json;
 use crate::cluster::{free_port, get_run, id, spawn, submit_to, wait_for, wait_ready, Proc, FAST};
 
 fn up(dir: &Path, listen: &str) -> Proc {
-    let mut args = vec!["up", "--listen", listen, "--cpus", "1", "--memory-mb", "4096"];
+    let mut args = vec![
+        "up",
+        "--listen",
+        listen,
+        "--cpus",
+        "1",
+        "--memory-mb",
+        "4096",
+    ];
     args.extend_from_slice(FAST);
     spawn(&args, dir)
 }
@@ -28,9 +36,19 @@ async fn restarting_tether_up_loses_nothing() {
     // First life: one run finishes, one hangs on the only cpu, one waits behind it.
     let first = up(dir.path(), &listen);
     wait_ready(&http, &base).await;
-    assert!(dir.path().join(".tether/tether.db").exists(), "SQLite lives under ./.tether/");
+    assert!(
+        dir.path().join(".tether/tether.db").exists(),
+        "SQLite lives under ./.tether/"
+    );
     let finished = submit_to(&http, &base, json!({"command": ["echo", "kept"]})).await;
-    let done = wait_for(&http, &base, &id(&finished), Duration::from_secs(10), terminal).await;
+    let done = wait_for(
+        &http,
+        &base,
+        &id(&finished),
+        Duration::from_secs(10),
+        terminal,
+    )
+    .await;
     assert_eq!(done["status"], "succeeded");
     let marker = dir.path().join("marker");
     let script = format!(
@@ -38,13 +56,21 @@ async fn restarting_tether_up_loses_nothing() {
         m = marker.display()
     );
     let held = submit_to(&http, &base, json!({"command": ["sh", "-c", script]})).await;
-    wait_for(&http, &base, &id(&held), Duration::from_secs(10), |r| r["status"] == "running").await;
+    wait_for(&http, &base, &id(&held), Duration::from_secs(10), |r| {
+        r["status"] == "running"
+    })
+    .await;
     let waiting = submit_to(&http, &base, json!({"command": ["echo", "after restart"]})).await;
-    assert_eq!(get_run(&http, &base, &id(&waiting)).await["status"], "pending");
+    assert_eq!(
+        get_run(&http, &base, &id(&waiting)).await["status"],
+        "pending"
+    );
 
     // Crash: SIGKILL, no chance to clean up.
     first.kill9();
-    let _ = std::process::Command::new("pkill").args(["-KILL", "-x", "-f", "sleep 751"]).status();
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-x", "-f", "sleep 751"])
+        .status();
 
     // Second life on the same ./.tether.
     let second = up(dir.path(), &listen);
@@ -52,8 +78,18 @@ async fn restarting_tether_up_loses_nothing() {
     let held_done = wait_for(&http, &base, &id(&held), Duration::from_secs(15), terminal).await;
     assert_eq!(held_done["status"], "succeeded", "{held_done}");
     assert_eq!(held_done["attempt"], 2, "{held_done}");
-    assert_eq!(held_done["attempts"][0]["error_code"], "worker_heartbeat_lost");
-    let waiting_done = wait_for(&http, &base, &id(&waiting), Duration::from_secs(15), terminal).await;
+    assert_eq!(
+        held_done["attempts"][0]["error_code"],
+        "worker_heartbeat_lost"
+    );
+    let waiting_done = wait_for(
+        &http,
+        &base,
+        &id(&waiting),
+        Duration::from_secs(15),
+        terminal,
+    )
+    .await;
     assert_eq!(waiting_done["status"], "succeeded");
     let kept = get_run(&http, &base, &id(&finished)).await;
     assert_eq!(kept["status"], "succeeded");
@@ -69,7 +105,10 @@ async fn restarting_tether_up_loses_nothing() {
 
     // A clean stop with a run still pending: it runs after the next start.
     let blocker = submit_to(&http, &base, json!({"command": ["sleep", "752"]})).await;
-    wait_for(&http, &base, &id(&blocker), Duration::from_secs(10), |r| r["status"] == "running").await;
+    wait_for(&http, &base, &id(&blocker), Duration::from_secs(10), |r| {
+        r["status"] == "running"
+    })
+    .await;
     let pending = submit_to(&http, &base, json!({"command": ["echo", "still here"]})).await;
     assert_eq!(second.stop(Duration::from_secs(15)), Some(0));
     let third = up(dir.path(), &listen);
@@ -80,7 +119,14 @@ async fn restarting_tether_up_loses_nothing() {
         .await
         .unwrap();
     assert!(cancel.status().is_success() || cancel.status().as_u16() == 409);
-    let pending_done = wait_for(&http, &base, &id(&pending), Duration::from_secs(15), terminal).await;
+    let pending_done = wait_for(
+        &http,
+        &base,
+        &id(&pending),
+        Duration::from_secs(15),
+        terminal,
+    )
+    .await;
     assert_eq!(pending_done["status"], "succeeded", "{pending_done}");
     drop(third);
 }
