@@ -123,16 +123,14 @@ pub async fn follow_run(client: &TetherClient, run_id: &str) -> Result<u8, CliEr
                         return Ok(0);
                     }
                 }
-                "attempt" => {
-                    if view.attempt.unwrap_or(1) > 1 {
-                        bar.suspend(|| {
-                            eprintln!(
-                                "[tether] attempt {} started on worker {}",
-                                view.attempt.unwrap_or(0),
-                                view.worker_id.as_deref().unwrap_or("?")
-                            )
-                        });
-                    }
+                "attempt" if view.attempt.unwrap_or(1) > 1 => {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "[tether] attempt {} started on worker {}",
+                            view.attempt.unwrap_or(0),
+                            view.worker_id.as_deref().unwrap_or("?")
+                        )
+                    });
                 }
                 "status" => {
                     if view.status == Some(RunStatus::Pending) && view.error_code.is_some() {
