@@ -3,6 +3,7 @@
 //! every judgement is made by one clock (the store's), never a worker's.
 
 pub mod config;
+pub mod dispatch;
 pub mod liveness;
 pub mod machine;
 pub mod spec;
@@ -10,6 +11,7 @@ pub mod status;
 pub mod time;
 
 pub use config::{LanePolicy, OnFull, PoolConfig, TetherConfig};
+pub use dispatch::{Dispatch, DispatchSource, EndpointKind};
 pub use liveness::{
     judge_run_liveness, judge_worker, Freshness, Liveness, LivenessState, WorkerState,
 };

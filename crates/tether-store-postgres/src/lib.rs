@@ -16,6 +16,7 @@
 //! the reaper and claims never wait on a run row), so these transactions cannot deadlock.
 
 mod rows;
+mod seed;
 pub mod signals;
 mod write;
 

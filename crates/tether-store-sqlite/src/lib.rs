@@ -6,6 +6,7 @@
 //! WAL, never wait for a writer.
 
 mod rows;
+mod seed;
 mod write;
 
 use std::collections::BTreeMap;
