@@ -15,6 +15,7 @@
 //! Row locks are always taken in the same order (worker, then lane locks, then runs by `seq`;
 //! the reaper and claims never wait on a run row), so these transactions cannot deadlock.
 
+mod endpoints;
 mod rows;
 mod seed;
 pub mod signals;

@@ -93,7 +93,8 @@ pub(crate) fn decode_run(row: &PgRow) -> StoreResult<Loaded> {
 }
 
 pub(crate) const ATTEMPT_SELECT: &str = "SELECT run_id, attempt, worker_id, claimed_at, \
-    started_at, finished_at, status, error_code, exit_code, error_message FROM attempts";
+    started_at, finished_at, status, error_code, exit_code, error_message, \
+    endpoints::text AS endpoints FROM attempts";
 
 pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
     let status_text: Option<String> = row.try_get("status").map_err(col)?;
@@ -108,6 +109,10 @@ pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
         error_code: error_code(row.try_get("error_code").map_err(col)?)?,
         exit_code: row.try_get("exit_code").map_err(col)?,
         error_message: row.try_get("error_message").map_err(col)?,
+        endpoints: match row.try_get::<Option<String>, _>("endpoints").map_err(col)? {
+            Some(text) => json(&text, "attempt endpoints")?,
+            None => Default::default(),
+        },
     })
 }
 

@@ -5,6 +5,7 @@
 //! another process waits on the busy timeout. Reads use a separate small pool and, thanks to
 //! WAL, never wait for a writer.
 
+mod endpoints;
 mod rows;
 mod seed;
 mod write;

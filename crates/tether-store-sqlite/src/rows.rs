@@ -90,7 +90,7 @@ pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
 }
 
 pub(crate) const ATTEMPT_SELECT: &str = "SELECT run_id, attempt, worker_id, claimed_at, \
-    started_at, finished_at, status, error_code, exit_code, error_message FROM attempts";
+    started_at, finished_at, status, error_code, exit_code, error_message, endpoints FROM attempts";
 
 pub(crate) fn decode_attempt(row: &SqliteRow) -> StoreResult<AttemptRecord> {
     let status_text: Option<String> = row.try_get("status").map_err(db)?;
@@ -106,6 +106,10 @@ pub(crate) fn decode_attempt(row: &SqliteRow) -> StoreResult<AttemptRecord> {
         error_code: error_code(row.try_get("error_code").map_err(db)?)?,
         exit_code: exit_code.map(|c| c as i32),
         error_message: row.try_get("error_message").map_err(db)?,
+        endpoints: match row.try_get::<Option<String>, _>("endpoints").map_err(db)? {
+            Some(text) => json(&text, "attempt endpoints")?,
+            None => Default::default(),
+        },
     })
 }
 

@@ -8,9 +8,11 @@
 //! domain's status machine ([`tether_domain::machine::RunState::apply`]).
 
 pub mod conformance;
+mod endpoints;
 mod error;
 mod records;
 
+pub use endpoints::*;
 pub use error::StoreError;
 pub use records::*;
 
@@ -23,7 +25,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// A Tether store. Implementations: `tether-store-sqlite` (embedded) and
 /// `tether-store-postgres` (many servers on one database).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EndpointStore + Send + Sync + 'static {
     /// The store's clock, in milliseconds since the epoch.
     async fn now(&self) -> StoreResult<Millis>;
 

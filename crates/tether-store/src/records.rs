@@ -62,6 +62,8 @@ pub struct AttemptRecord {
     pub error_code: Option<ErrorCode>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
+    /// What this attempt's `endpoints` resolved to when it was claimed, by env var.
+    pub endpoints: BTreeMap<String, tether_domain::Dispatch>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
