@@ -384,6 +384,54 @@ impl TetherClient {
             .await
     }
 
+    // ---- endpoints (SPEC §5) --------------------------------------------------------------
+
+    /// `GET /v1/endpoints`: every endpoint with its readiness and stamp age.
+    pub async fn list_endpoints(&self) -> Result<crate::EndpointList, ClientError> {
+        self.call(self.request(Method::GET, "/v1/endpoints")).await
+    }
+
+    /// `PUT /v1/endpoints/{name}`.
+    pub async fn put_endpoint(
+        &self,
+        name: &str,
+        request: &crate::PutEndpointRequest,
+    ) -> Result<crate::EndpointView, ClientError> {
+        let path = format!("/v1/endpoints/{}", segment(name));
+        self.call(self.request(Method::PUT, &path).json(request))
+            .await
+    }
+
+    /// `DELETE /v1/endpoints/{name}`.
+    pub async fn delete_endpoint(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/endpoints/{}", segment(name));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /v1/pools`.
+    pub async fn list_pools(&self) -> Result<crate::PoolList, ClientError> {
+        self.call(self.request(Method::GET, "/v1/pools")).await
+    }
+
+    /// `PUT /v1/pools/{pool}`.
+    pub async fn put_pool(
+        &self,
+        pool: &str,
+        request: &crate::PutPoolRequest,
+    ) -> Result<crate::PoolView, ClientError> {
+        let path = format!("/v1/pools/{}", segment(pool));
+        self.call(self.request(Method::PUT, &path).json(request))
+            .await
+    }
+
+    /// `GET /v1/pools/{pool}/dispatch`: what the pool hands out now.
+    pub async fn dispatch(&self, pool: &str) -> Result<crate::DispatchView, ClientError> {
+        let path = format!("/v1/pools/{}/dispatch", segment(pool));
+        self.call(self.request(Method::GET, &path)).await
+    }
+
     // ---- plumbing -----------------------------------------------------------------------
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {

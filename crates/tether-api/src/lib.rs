@@ -2,7 +2,9 @@
 //! CLI share. The server builds these types; nothing here touches a store.
 
 pub mod client;
+mod endpoints;
 mod wire;
 
 pub use client::{BoxStream, ClientError, ListRunsQuery, SseItem, TetherClient};
+pub use endpoints::*;
 pub use wire::*;

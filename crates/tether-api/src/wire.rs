@@ -33,6 +33,9 @@ pub struct AttemptView {
     pub error_code: Option<ErrorCode>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
+    /// What the run's `endpoints` resolved to when this attempt was claimed, by env var.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, crate::DispatchView>,
 }
 
 /// A run as every API answer shows it (SPEC §2).
@@ -67,6 +70,11 @@ pub struct RunView {
     pub stdout_bytes: i64,
     pub stderr_bytes: i64,
     pub queue_position: Option<i64>,
+    /// While pending: why it is not running yet, when something other than its turn holds it
+    /// (no live worker serves its lane, it is larger than every worker, the lane is at its
+    /// `max_concurrency`, no worker has room now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
     pub liveness: Liveness,
     /// Present on `GET /v1/runs/{id}`; left out of lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,4 +285,31 @@ pub struct EventView {
     pub queue_position: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<Liveness>,
+}
+
+// ---- lanes -------------------------------------------------------------------------------
+
+/// A lane as `GET /v1/lanes` shows it: its policy and what it holds now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LaneView {
+    pub name: String,
+    pub on_full: tether_domain::OnFull,
+    pub max_concurrency: Option<u32>,
+    pub heartbeat_timeout_s: Option<f64>,
+    pub max_attempts: Option<u32>,
+    pub timeout_s: Option<f64>,
+    pub resources: Option<Resources>,
+    pub output_limit_mb: Option<u64>,
+    /// What live workers serving the lane advertise, summed.
+    pub capacity: Resources,
+    /// What the lane's in-flight runs reserve.
+    pub reserved: Resources,
+    pub live_workers: u32,
+    pub in_flight: i64,
+    pub pending: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LaneList {
+    pub lanes: Vec<LaneView>,
 }

@@ -2,6 +2,7 @@
 //! allows. Everything here is pure: no clocks, no I/O. Callers pass the store's `now` in, so
 //! every judgement is made by one clock (the store's), never a worker's.
 
+pub mod admission;
 pub mod config;
 pub mod dispatch;
 pub mod liveness;

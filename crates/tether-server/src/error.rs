@@ -31,6 +31,16 @@ pub enum ApiError {
     Terminal,
     #[error("idempotency key already used by a different submission (run {run_id})")]
     IdempotencyConflict { run_id: String },
+    #[error("lane `{lane}` has no room for this run now; retry after {retry_after_s} s")]
+    ResourcesExhausted { lane: String, retry_after_s: u64 },
+    #[error("no live worker serving lane `{lane}` could ever hold this run ({needs})")]
+    NeverFits { lane: String, needs: String },
+    /// An endpoint or pool that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A pool with nothing to hand out: no ready endpoint and no fallback.
+    #[error("{0}")]
+    NoReadyEndpoint(String),
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
     #[error("internal error: {0}")]
@@ -60,6 +70,12 @@ impl ApiError {
             ApiError::StaleAttempt => (StatusCode::CONFLICT, "stale_attempt"),
             ApiError::Terminal => (StatusCode::CONFLICT, "terminal"),
             ApiError::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
+            ApiError::ResourcesExhausted { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "resources_exhausted")
+            }
+            ApiError::NeverFits { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "never_fits"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::NoReadyEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint"),
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -87,6 +103,10 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry_after = match &self {
+            ApiError::ResourcesExhausted { retry_after_s, .. } => *retry_after_s,
+            _ => 1,
+        };
         if status.is_server_error() {
             tracing::warn!(code, error = %self, "request failed");
         }
@@ -100,7 +120,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         response
     }

@@ -2,14 +2,17 @@
 //! that keep runs honest (the reaper). It owns no state of its own beyond caches and channels:
 //! every fact lives in the store, so any number of servers can share one database.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod events;
 mod extract;
 pub mod metrics;
 pub mod openapi;
 pub mod reaper;
+pub mod reconciler;
 mod routes;
 pub mod views;
 
@@ -50,6 +53,8 @@ pub enum StartError {
     TokensRequired(SocketAddr),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("invalid pool in the config file: {0}")]
+    InvalidPool(String),
 }
 
 /// Opens the store a database URL names, applying its migrations.
@@ -105,6 +110,7 @@ pub async fn start(
     if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
         return Err(StartError::TokensRequired(addr));
     }
+    upsert_config_pools(&config, &store).await?;
     let shutdown = CancellationToken::new();
     let hub = events::EventHub::start(store.clone(), shutdown.clone());
     let state = AppState {
@@ -124,11 +130,30 @@ pub async fn start(
         }
     });
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
+    let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
     tracing::info!(%addr, "tether server listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper],
+        tasks: vec![server, reaper, reconciler],
     })
+}
+
+/// Writes the config file's pools to the store, so every server sharing it sees them; a pool
+/// set through the API is left as the API set it.
+async fn upsert_config_pools(config: &ServerConfig, store: &SharedStore) -> Result<(), StartError> {
+    for (name, pool) in &config.lanes.pools {
+        let new =
+            routes::endpoints::new_pool(name, pool.fallback_url.clone(), Some(pool.freshness_s))
+                .map_err(|e| StartError::InvalidPool(format!("{name}: {e}")))?;
+        store
+            .upsert_pool(&new, tether_store::PoolSource::Config)
+            .await
+            .map_err(|source| StartError::Store {
+                url: config.database.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }

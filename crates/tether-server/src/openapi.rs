@@ -13,6 +13,7 @@ use utoipa::OpenApi;
         crate::routes::runs::get_run,
         crate::routes::runs::list_runs,
         crate::routes::runs::cancel_run,
+        crate::routes::lanes::list_lanes,
     ),
     components(schemas(
         tether_api::RunView,
@@ -35,6 +36,8 @@ use utoipa::OpenApi;
         tether_api::FinishRequest,
         tether_api::WorkerList,
         tether_api::WorkerView,
+        tether_api::LaneView,
+        tether_api::LaneList,
     ))
 )]
 struct ApiDoc;

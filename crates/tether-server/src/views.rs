@@ -69,6 +69,8 @@ pub fn run_view(
         stdout_bytes: run.stdout_bytes,
         stderr_bytes: run.stderr_bytes,
         queue_position: run.queue_position,
+        // Filled in by handlers that read capacity (see `admission::Capacity`).
+        waiting_reason: None,
         liveness: liveness(run, config, now),
         attempts: attempts.map(|a| a.iter().map(attempt_view).collect()),
     }
@@ -85,6 +87,11 @@ pub fn attempt_view(a: &AttemptRecord) -> AttemptView {
         error_code: a.error_code,
         exit_code: a.exit_code,
         error_message: a.error_message.clone(),
+        endpoints: a
+            .endpoints
+            .iter()
+            .map(|(var, d)| (var.clone(), d.clone().into()))
+            .collect(),
     }
 }
 
@@ -183,5 +190,44 @@ pub fn worker_view(w: &WorkerRecord, config: &ServerConfig, now: Millis) -> Work
                 attempt: *attempt,
             })
             .collect(),
+    }
+}
+
+/// An endpoint with its readiness judged at the snapshot's `now` by its pool's freshness.
+pub fn endpoint_view(
+    e: &tether_store::EndpointRecord,
+    snapshot: &crate::dispatch::PoolSnapshot,
+) -> tether_api::EndpointView {
+    let ready = snapshot.pools.get(&e.pool).is_some_and(|pool| {
+        tether_domain::dispatch::is_ready(
+            e.kind,
+            e.last_ready_at,
+            crate::dispatch::freshness(pool),
+            snapshot.now,
+        )
+    });
+    tether_api::EndpointView {
+        name: e.name.clone(),
+        pool: e.pool.clone(),
+        url: e.url.clone(),
+        readiness_url: e.readiness_url.clone(),
+        kind: e.kind,
+        ready,
+        last_ready_at: ts(e.last_ready_at),
+        stamp_age_s: e.last_ready_at.map(|t| age_s(snapshot.now, t)),
+        last_probe_at: ts(e.last_probe_at),
+        last_error: e.last_error.clone(),
+        created_at: format_rfc3339(e.created_at),
+        updated_at: format_rfc3339(e.updated_at),
+    }
+}
+
+pub fn pool_view(p: &tether_store::PoolRecord) -> tether_api::PoolView {
+    tether_api::PoolView {
+        name: p.name.clone(),
+        fallback_url: p.fallback_url.clone(),
+        freshness_s: p.freshness_ms as f64 / 1000.0,
+        source: p.source.as_str().to_string(),
+        updated_at: format_rfc3339(p.updated_at),
     }
 }

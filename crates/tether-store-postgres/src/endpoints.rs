@@ -90,11 +90,12 @@ impl EndpointStore for PgStore {
 
     async fn upsert_endpoint(&self, endpoint: &NewEndpoint) -> StoreResult<EndpointSaved> {
         let (mut tx, now) = self.begin().await?;
-        let pool_exists: Option<i64> = sqlx::query_scalar("SELECT 1::bigint FROM pools WHERE name = $1")
-            .bind(&endpoint.pool)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let pool_exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1::bigint FROM pools WHERE name = $1")
+                .bind(&endpoint.pool)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
         if pool_exists.is_none() {
             return Ok(EndpointSaved::UnknownPool);
         }

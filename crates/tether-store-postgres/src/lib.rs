@@ -16,6 +16,7 @@
 //! the reaper and claims never wait on a run row), so these transactions cannot deadlock.
 
 mod endpoints;
+mod lanes;
 mod rows;
 mod seed;
 pub mod signals;
@@ -865,6 +866,10 @@ impl Store for PgStore {
         }
         self.commit(tx, out).await?;
         Ok(handed_back)
+    }
+
+    async fn lane_loads(&self) -> StoreResult<Vec<tether_store::LaneLoad>> {
+        lanes::lane_loads(self.pool()).await
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {

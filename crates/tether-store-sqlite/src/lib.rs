@@ -6,6 +6,7 @@
 //! WAL, never wait for a writer.
 
 mod endpoints;
+mod lanes;
 mod rows;
 mod seed;
 mod write;
@@ -597,6 +598,10 @@ impl Store for SqliteStore {
         }
         self.commit(tx, out).await?;
         Ok(handed_back)
+    }
+
+    async fn lane_loads(&self) -> StoreResult<Vec<tether_store::LaneLoad>> {
+        lanes::lane_loads(&self.reader).await
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {

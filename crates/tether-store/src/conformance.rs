@@ -63,6 +63,7 @@ macro_rules! store_conformance_tests {
             claims_respect_lane_max_concurrency,
             unknown_and_deregistered_workers_are_refused,
             a_worker_with_a_stale_heartbeat_is_handed_nothing,
+            lane_loads_count_pending_and_in_flight_runs,
             a_run_goes_from_pending_to_succeeded_with_events_in_order,
             old_attempts_and_other_workers_are_fenced,
             terminal_runs_never_change,
@@ -800,6 +801,28 @@ pub async fn a_worker_with_a_stale_heartbeat_is_handed_nothing(h: &dyn Harness) 
     let claimed = store.claim_runs(&worker_id, &fresh_only).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].run.id, run);
+}
+
+/// Lane loads are counted from the runs: pending, in flight, and what the in-flight reserve.
+pub async fn lane_loads_count_pending_and_in_flight_runs(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    for _ in 0..3 {
+        create(store, &spec()).await;
+    }
+    create(store, &spec_with(|r| r.lane = Some("builds".into()))).await;
+    let worker = register(store, 2.0).await;
+    let claimed = store.claim_runs(&worker, &limits(2)).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let loads = store.lane_loads().await.unwrap();
+    let lane = |name: &str| loads.iter().find(|l| l.lane == name).cloned().unwrap();
+    let total_in_flight: i64 = loads.iter().map(|l| l.in_flight).sum();
+    let total_pending: i64 = loads.iter().map(|l| l.pending).sum();
+    assert_eq!((total_in_flight, total_pending), (2, 2));
+    let reserved: f64 = loads.iter().map(|l| l.reserved.cpus).sum();
+    assert!((reserved - 2.0).abs() < 1e-9);
+    assert_eq!(lane("default").pending + lane("default").in_flight, 3);
+    assert_eq!(lane("builds").pending + lane("builds").in_flight, 1);
 }
 
 pub async fn unknown_and_deregistered_workers_are_refused(h: &dyn Harness) {
@@ -1848,7 +1871,8 @@ pub async fn endpoints_register_replace_and_delete(h: &dyn Harness) {
         .upsert_pool(&pool("cache", "http://fb", 60_000), PoolSource::Config)
         .await
         .unwrap();
-    let EndpointSaved::Created(created) = store.upsert_endpoint(&probed("a", "cache")).await.unwrap()
+    let EndpointSaved::Created(created) =
+        store.upsert_endpoint(&probed("a", "cache")).await.unwrap()
     else {
         panic!("created");
     };
@@ -1918,12 +1942,19 @@ pub async fn probes_are_claimed_once_per_interval_across_callers(h: &dyn Harness
     assert_eq!(claimed, ["a", "b", "c"]);
     let first = store.now().await.unwrap();
     assert!(
-        store.claim_due_probes(interval, 100).await.unwrap().is_empty(),
+        store
+            .claim_due_probes(interval, 100)
+            .await
+            .unwrap()
+            .is_empty(),
         "not due again within the interval"
     );
     wait_past(store, first + interval).await;
     assert_eq!(store.claim_due_probes(interval, 2).await.unwrap().len(), 2);
-    assert_eq!(store.claim_due_probes(interval, 100).await.unwrap().len(), 1);
+    assert_eq!(
+        store.claim_due_probes(interval, 100).await.unwrap().len(),
+        1
+    );
 }
 
 pub async fn probe_results_stamp_only_ready_answers_for_the_current_claim(h: &dyn Harness) {
@@ -1939,7 +1970,10 @@ pub async fn probe_results_stamp_only_ready_answers_for_the_current_claim(h: &dy
     let claim = store.claim_due_probes(0, 10).await.unwrap().remove(0);
     assert_eq!(claim.readiness_url, "http://a.internal/ready");
     assert_eq!(claim.pool, "cache");
-    assert!(store.record_probe(&claim, &ProbeOutcome::Ready).await.unwrap());
+    assert!(store
+        .record_probe(&claim, &ProbeOutcome::Ready)
+        .await
+        .unwrap());
     let ready = endpoint(store, "a").await.unwrap();
     let stamp = ready.last_ready_at.expect("a ready answer stamps");
     assert_eq!(ready.last_probe_at, Some(stamp));
@@ -1960,12 +1994,21 @@ pub async fn probe_results_stamp_only_ready_answers_for_the_current_claim(h: &dy
     let slow = store.claim_due_probes(0, 10).await.unwrap().remove(0);
     wait_past(store, slow.claimed_at).await;
     let fresh = store.claim_due_probes(0, 10).await.unwrap().remove(0);
-    assert!(!store.record_probe(&slow, &ProbeOutcome::Ready).await.unwrap());
-    assert_eq!(endpoint(store, "a").await.unwrap().last_ready_at, Some(stamp));
+    assert!(!store
+        .record_probe(&slow, &ProbeOutcome::Ready)
+        .await
+        .unwrap());
+    assert_eq!(
+        endpoint(store, "a").await.unwrap().last_ready_at,
+        Some(stamp)
+    );
     let mut moved = probed("a", "cache");
     moved.readiness_url = Some("http://a.internal/healthz".into());
     store.upsert_endpoint(&moved).await.unwrap();
-    assert!(!store.record_probe(&fresh, &ProbeOutcome::Ready).await.unwrap());
+    assert!(!store
+        .record_probe(&fresh, &ProbeOutcome::Ready)
+        .await
+        .unwrap());
     assert_eq!(endpoint(store, "a").await.unwrap().last_ready_at, None);
 }
 
@@ -1984,7 +2027,9 @@ pub async fn an_attempts_dispatch_is_recorded_once_while_current(h: &dyn Harness
         dispatch("http://a", DispatchSource::Endpoint, Some("a")),
     )]);
     assert_err(
-        store.record_dispatch(&run_id, 1, "someone-else", &first).await,
+        store
+            .record_dispatch(&run_id, 1, "someone-else", &first)
+            .await,
         is_stale,
         "another worker's dispatch",
     );

@@ -74,6 +74,11 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// Registered workers that have not deregistered, with the runs each holds.
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
 
+    /// Per lane with any unfinished run: how many are pending and in flight, and what the
+    /// in-flight ones reserve. Computed from the runs themselves, never from a counter, so
+    /// after a restart or a crash the totals are recomputed, not trusted.
+    async fn lane_loads(&self) -> StoreResult<Vec<LaneLoad>>;
+
     /// Hands the worker up to `limits.max_runs` pending runs from its lanes, first in first out
     /// within a lane, that fit in its advertised capacity less what it already holds, and do
     /// not push a lane past its `max_concurrency`. Each claim is a conditional write on

@@ -138,6 +138,16 @@ pub struct WorkerRecord {
     pub reserved: Resources,
 }
 
+/// What a lane holds right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneLoad {
+    pub lane: String,
+    pub pending: i64,
+    pub in_flight: i64,
+    /// What the in-flight runs reserve.
+    pub reserved: Resources,
+}
+
 /// What a claim may hand out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClaimLimits {

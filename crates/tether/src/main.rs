@@ -1,5 +1,6 @@
 //! `tether`: one binary for the server, the worker, the all-in-one `up`, and the client.
 
+mod bench;
 mod client_cmds;
 mod follow;
 mod serve_cmds;
@@ -39,6 +40,8 @@ enum Command {
     Cancel(client_cmds::CancelArgs),
     /// List workers with their liveness.
     Workers(client_cmds::WorkersArgs),
+    /// Measure throughput, latency and reaper sweep time.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing() {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             Command::Events(args) => client_cmds::events(args).await,
             Command::Cancel(args) => client_cmds::cancel(args).await,
             Command::Workers(args) => client_cmds::workers(args).await,
+            Command::Bench(args) => bench::bench(args).await,
         }
     });
     match result {

@@ -1,6 +1,8 @@
 //! The HTTP surface: which path goes to which handler, and which token guards it.
 
 mod attempts;
+pub(crate) mod endpoints;
+pub(crate) mod lanes;
 mod ops;
 pub(crate) mod runs;
 mod workers;
@@ -22,6 +24,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/logs", get(runs::run_logs))
         .route("/v1/runs/{id}/events", get(crate::events::run_events))
         .route("/v1/workers", get(workers::list_workers))
+        .route("/v1/endpoints", get(endpoints::list_endpoints))
+        .route(
+            "/v1/endpoints/{name}",
+            axum::routing::put(endpoints::put_endpoint).delete(endpoints::delete_endpoint),
+        )
+        .route("/v1/pools", get(endpoints::list_pools))
+        .route("/v1/pools/{pool}", axum::routing::put(endpoints::put_pool))
+        .route("/v1/pools/{pool}/dispatch", get(endpoints::dispatch))
+        .route("/v1/lanes", get(lanes::list_lanes))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_client_token,

@@ -9,7 +9,9 @@ use futures::stream;
 use serde::Deserialize;
 use tether_api::{RunList, RunView, SubmitRequest};
 use tether_domain::RunStatus;
-use tether_store::{EventKind, RunFilter};
+use tether_store::{Admission, EventKind, RunFilter, RunRecord};
+
+use crate::admission::{admission_policy, retry_after, Capacity};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
@@ -19,7 +21,8 @@ use crate::AppState;
 /// `POST /v1/runs`.
 #[utoipa::path(post, path = "/v1/runs", request_body = SubmitRequest,
     responses((status = 202, body = RunView), (status = 400, body = tether_api::ErrorBody),
-              (status = 422, body = tether_api::ErrorBody), (status = 409, body = tether_api::ErrorBody)))]
+              (status = 422, body = tether_api::ErrorBody), (status = 409, body = tether_api::ErrorBody),
+              (status = 503, body = tether_api::ErrorBody, description = "the lane rejects when full and has no room now; see Retry-After")))]
 pub async fn create_run(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SubmitRequest>,
@@ -32,15 +35,45 @@ pub async fn create_run(
     let spec = request
         .resolve(lane.as_ref(), &state.config.submit_defaults())
         .map_err(|e| ApiError::invalid(e.code, e.to_string()))?;
-    let created = state.store.create_run(&spec).await?;
+    crate::dispatch::check_run_endpoints(&state, &spec.endpoints).await?;
+    let policy = admission_policy(&state, &lane.unwrap_or_default());
+    // Admit-or-refuse is decided in the store, in the transaction that accepts the run.
+    let created = match state.store.admit_run(&spec, &policy).await? {
+        Admission::Accepted(created) => created,
+        Admission::LaneFull => {
+            metrics::counter!("tether_runs_refused_total", "lane" => spec.lane.clone(), "reason" => "full")
+                .increment(1);
+            return Err(ApiError::ResourcesExhausted {
+                retry_after_s: retry_after(&state, &spec.lane).await?,
+                lane: spec.lane,
+            });
+        }
+        Admission::NeverFits => {
+            return Err(ApiError::NeverFits {
+                needs: format!(
+                    "it needs {} cpus and {} MB",
+                    spec.resources.cpus, spec.resources.memory_mb
+                ),
+                lane: spec.lane,
+            })
+        }
+    };
     if created.created {
         metrics::counter!("tether_runs_created_total", "lane" => spec.lane.clone()).increment(1);
     }
     let now = state.store.now().await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(run_view(&created.run, None, &state.config, now)),
-    ))
+    let mut view = run_view(&created.run, None, &state.config, now);
+    view.waiting_reason = waiting_reason(&state, &created.run).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Why a pending run waits, read fresh (lists read capacity once for the whole page).
+async fn waiting_reason(state: &AppState, run: &RunRecord) -> ApiResult<Option<String>> {
+    if run.status != RunStatus::Pending {
+        return Ok(None);
+    }
+    let capacity = Capacity::read(state).await?;
+    Ok(capacity.waiting_reason(run, state.config.lanes.lane(&run.spec.lane).as_ref()))
 }
 
 /// `GET /v1/runs/{id}`: the run with its attempt history.
@@ -57,7 +90,9 @@ pub async fn get_run(
         .ok_or(ApiError::RunNotFound)?;
     let attempts = state.store.list_attempts(&id).await?;
     let now = state.store.now().await?;
-    Ok(Json(run_view(&run, Some(&attempts), &state.config, now)))
+    let mut view = run_view(&run, Some(&attempts), &state.config, now);
+    view.waiting_reason = waiting_reason(&state, &run).await?;
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,12 +136,24 @@ pub async fn list_runs(
         })
         .await?;
     let now = state.store.now().await?;
+    let capacity = if page.runs.iter().any(|r| r.status == RunStatus::Pending) {
+        Some(Capacity::read(&state).await?)
+    } else {
+        None
+    };
+    let runs = page
+        .runs
+        .iter()
+        .map(|r| {
+            let mut view = run_view(r, None, &state.config, now);
+            view.waiting_reason = capacity
+                .as_ref()
+                .and_then(|c| c.waiting_reason(r, state.config.lanes.lane(&r.spec.lane).as_ref()));
+            view
+        })
+        .collect();
     Ok(Json(RunList {
-        runs: page
-            .runs
-            .iter()
-            .map(|r| run_view(r, None, &state.config, now))
-            .collect(),
+        runs,
         next_cursor: page.next_cursor,
     }))
 }

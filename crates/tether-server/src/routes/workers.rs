@@ -132,9 +132,18 @@ pub async fn claim(
         let claimed = state.store.claim_runs(&worker_id, &limits).await?;
         if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
             metrics::counter!("tether_runs_claimed_total").increment(claimed.len() as u64);
-            return Ok(Json(ClaimResponse {
-                assignments: claimed.into_iter().map(assignment).collect(),
-            }));
+            // Endpoints resolve per claim, so a retried attempt gets a fresh answer.
+            let dispatched = crate::dispatch::resolve_claimed(&state, &worker_id, &claimed).await;
+            let assignments = claimed
+                .into_iter()
+                .zip(dispatched)
+                .map(|(c, env)| {
+                    let mut a = assignment(c);
+                    a.env.extend(env);
+                    a
+                })
+                .collect();
+            return Ok(Json(ClaimResponse { assignments }));
         }
         let recheck = (tokio::time::Instant::now() + CLAIM_RECHECK).min(deadline);
         loop {

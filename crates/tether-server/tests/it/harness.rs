@@ -32,6 +32,19 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         config.database = format!("sqlite://{}/tether.db", dir.path().display());
         let store = tether_server::open_store(&config.database).await.unwrap();
+        TestServer::serve(config, store, dir).await
+    }
+
+    /// A server over a store the test opened itself (e.g. PostgreSQL in a fresh schema).
+    pub async fn start_on(config: ServerConfig, store: tether_store::SharedStore) -> TestServer {
+        TestServer::serve(config, store, tempfile::tempdir().unwrap()).await
+    }
+
+    async fn serve(
+        config: ServerConfig,
+        store: tether_store::SharedStore,
+        dir: tempfile::TempDir,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = tether_server::start(config, store, listener).await.unwrap();
         TestServer {

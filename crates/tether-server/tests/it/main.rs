@@ -2,6 +2,7 @@
 
 mod harness;
 mod http_api;
+mod lanes;
 mod protocol;
 mod proxy;
 mod stream;

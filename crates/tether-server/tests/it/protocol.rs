@@ -306,7 +306,12 @@ async fn a_claim_long_polls_until_a_run_is_submitted() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A worker that stopped heartbeating gets nothing, even with a claim open: beat first.
-    let (status, _) = s.post(&format!("/v1/workers/{worker}/heartbeat"), json!({"runs": []})).await;
+    let (status, _) = s
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            json!({"runs": []}),
+        )
+        .await;
     assert_eq!(status, 200);
     let submitted_at = tokio::time::Instant::now();
     let run = s.submit(json!({"command": ["true"]})).await;

@@ -1,0 +1,26 @@
+//! `GET /v1/lanes`: each lane's policy and what it holds now.
+
+use axum::extract::State;
+use axum::Json;
+use tether_api::{LaneList, LaneView};
+
+use crate::admission::Capacity;
+use crate::error::ApiResult;
+use crate::AppState;
+
+/// `GET /v1/lanes`.
+#[utoipa::path(get, path = "/v1/lanes", responses((status = 200, body = LaneList)))]
+pub async fn list_lanes(State(state): State<AppState>) -> ApiResult<Json<LaneList>> {
+    let capacity = Capacity::read(&state).await?;
+    let lanes: Vec<LaneView> = state
+        .config
+        .lanes
+        .lane_names()
+        .iter()
+        .filter_map(|name| {
+            let policy = state.config.lanes.lane(name)?;
+            Some(capacity.lane_view(name, &policy))
+        })
+        .collect();
+    Ok(Json(LaneList { lanes }))
+}

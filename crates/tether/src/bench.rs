@@ -1,0 +1,1321 @@
+//! `tether bench`: throughput, submit-to-start latency and the reaper's sweep time (issue 5;
+//! method and figures in `BENCHMARKS.md`).
+//!
+//! An in-process server on 127.0.0.1:0, driven over real HTTP by the same client the CLI and
+//! the worker use. Submitters post no-op runs (`["true"]`); synthetic workers register,
+//! heartbeat once per interval, long-poll claims, and for each assignment call `start`, one
+//! `logs` with one short line, and `finish` succeeded — no process is spawned, so the figures
+//! are the system's own cost per run (HTTP, JSON, the store's transactions, signals), not a
+//! fork/exec. A sample of runs is followed over SSE to its `end` event to prove events flow.
+//!
+//! Then, optionally, a long history is written straight into the store (`--seed-finished`,
+//! default one million finished runs) and the reaper's sweep, its next-deadline query, a list
+//! page and a claim are timed against it, with a handful of runs in flight, and the throughput
+//! run is repeated on the big table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use clap::Args;
+use futures::StreamExt;
+use serde::Serialize;
+use tether_api::{
+    AppendLogRequest, Assignment, ClaimRequest, ClientError, FinishRequest, HeartbeatRequest,
+    ListRunsQuery, LogChunkWire, RegisterWorkerRequest, RunBeatWire, StartRequest, SubmitRequest,
+    TetherClient,
+};
+use tether_domain::{Resources, RunStatus};
+use tether_server::ServerConfig;
+use tether_store::{EventKind, ReapPolicy, SharedStore, StoreError};
+use tether_store_postgres::PgStore;
+use tether_store_sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::CliError;
+
+/// The most runs one claim may ask for (the server's own ceiling).
+const MAX_CLAIM_BATCH: u32 = 64;
+/// Runs left in flight while the big table is measured.
+const IN_FLIGHT: u32 = 8;
+/// How long a claim long-polls.
+const CLAIM_WAIT_MS: u64 = 1000;
+/// How long a followed event stream may take to reach `end` once every run has finished.
+const FOLLOW_GRACE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// `sqlite://PATH` or `postgres://…` (default: a fresh SQLite file in a temporary
+    /// directory, removed afterwards). On PostgreSQL the bench works in a schema of its own,
+    /// `tether_bench_…`, which it creates and drops.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// No-op runs pushed through submit, claim, start, logs and finish.
+    #[arg(long, default_value_t = 2000)]
+    pub runs: u64,
+    /// Synthetic workers: HTTP clients that claim, start, log and finish without spawning
+    /// anything.
+    #[arg(long, default_value_t = 4)]
+    pub workers: u32,
+    /// Concurrent submitters.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// Runs one claim may take (each worker offers capacity for this many at once).
+    #[arg(long, default_value_t = 16)]
+    pub claim_batch: u32,
+    /// Follow the events of every Nth run over SSE to its `end` (0: none).
+    #[arg(long, default_value_t = 50)]
+    pub follow_every: u64,
+    /// Finished runs written straight into the store before the reaper, a list and a claim
+    /// are timed against the big table (0 skips that part).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub seed_finished: u64,
+    /// How many times each big-table call is timed.
+    #[arg(long, default_value_t = 50)]
+    pub samples: u32,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// ---- the report ------------------------------------------------------------------------------
+
+/// Milliseconds: how many samples, and their nearest-rank percentiles.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(mut samples: Vec<f64>) -> Percentiles {
+        samples.sort_by(f64::total_cmp);
+        Percentiles {
+            count: samples.len(),
+            p50: percentile(&samples, 50.0),
+            p90: percentile(&samples, 90.0),
+            p99: percentile(&samples, 99.0),
+            max: samples.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The nearest-rank percentile of sorted samples: the smallest sample with at least `p`% of
+/// the samples at or below it. 0 for no samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One pass of N runs through the whole cycle.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub runs: u64,
+    /// From the first submit to the last finish.
+    pub seconds: f64,
+    pub runs_per_s: f64,
+    /// From the submit's answer to the start's answer, per run.
+    pub submit_to_start_ms: Percentiles,
+    /// Each worker call's round trip (`claim` only for claims that brought work; it includes
+    /// the long-poll's wait for that work).
+    pub calls_ms: BTreeMap<String, Percentiles>,
+    /// Claims that brought work, and the runs they brought.
+    pub claims: u64,
+    pub runs_per_claim: f64,
+    /// Heartbeats the synthetic workers sent (one per interval each).
+    pub heartbeats: u64,
+    /// Stored events of the N runs, read back from the store afterwards.
+    pub events_written: u64,
+    /// Runs whose stored events end with `end`.
+    pub runs_ended: u64,
+    /// Runs followed over SSE, and those whose stream gave every seq from 1 up to `end`.
+    pub followed: u64,
+    pub followed_complete: u64,
+    /// Runs finished exactly once, `succeeded` on attempt 1.
+    pub succeeded_once: u64,
+}
+
+impl Throughput {
+    fn ok(&self) -> bool {
+        self.succeeded_once == self.runs
+            && self.runs_ended == self.runs
+            && self.followed_complete == self.followed
+    }
+}
+
+/// The calls that must not degrade with a long history, timed against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BigTable {
+    pub seeded_runs: u64,
+    pub seed_seconds: f64,
+    /// The store's tables with their indexes (SQLite: the database file's pages in use).
+    pub database_bytes: u64,
+    pub in_flight: u32,
+    /// `Store::reap_stale_runs(&ReapPolicy::default())`, called directly.
+    pub reap_sweep_ms: Percentiles,
+    /// Runs the timed sweeps ended (0 expected: nothing in flight is due).
+    pub reaped: u64,
+    /// `Store::next_reap_deadline`, called directly.
+    pub next_deadline_ms: Percentiles,
+    /// `GET /v1/runs?limit=50`, over HTTP.
+    pub list_runs_ms: Percentiles,
+    /// `POST /v1/workers/{id}/claim` with `max_runs: 1, wait_ms: 0` right after a submit,
+    /// over HTTP.
+    pub claim_ms: Percentiles,
+    /// Claims that came back empty (0 expected).
+    pub empty_claims: u64,
+    /// The same throughput pass, on the big table.
+    pub throughput: Throughput,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    /// The database URL, without its password.
+    pub database: String,
+    pub runs: u64,
+    pub workers: u32,
+    pub concurrency: u32,
+    pub claim_batch: u32,
+    pub throughput: Throughput,
+    pub big_table: Option<BigTable>,
+}
+
+impl Report {
+    /// Every run succeeded exactly once with all its events, in every pass.
+    pub fn ok(&self) -> bool {
+        self.throughput.ok()
+            && self
+                .big_table
+                .as_ref()
+                .is_none_or(|b| b.throughput.ok() && b.empty_claims == 0)
+    }
+}
+
+// ---- the command -------------------------------------------------------------------------------
+
+pub async fn bench(args: BenchArgs) -> Result<u8, CliError> {
+    validate(&args)?;
+    let db = BenchDb::open(args.database.as_deref()).await?;
+    let result = run_bench(&args, &db).await;
+    db.cleanup().await;
+    let report = result?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::Usage(format!("cannot write the report: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&report));
+    }
+    if report.ok() {
+        Ok(0)
+    } else {
+        eprintln!("tether bench: some runs did not succeed exactly once with all their events");
+        Ok(1)
+    }
+}
+
+fn validate(args: &BenchArgs) -> Result<(), CliError> {
+    if args.runs == 0 || args.workers == 0 || args.concurrency == 0 || args.samples == 0 {
+        return Err(CliError::Usage(
+            "--runs, --workers, --concurrency and --samples must be at least 1".into(),
+        ));
+    }
+    if !(1..=MAX_CLAIM_BATCH).contains(&args.claim_batch) {
+        return Err(CliError::Usage(format!(
+            "--claim-batch must be 1 to {MAX_CLAIM_BATCH}"
+        )));
+    }
+    Ok(())
+}
+
+fn store_error(what: &str) -> impl FnOnce(StoreError) -> CliError + '_ {
+    move |e| CliError::Usage(format!("{what}: {e}"))
+}
+
+/// The store under test, with what it needs to be cleaned up.
+enum BenchDb {
+    Sqlite {
+        store: Arc<SqliteStore>,
+        url: String,
+        /// The default database's directory, removed when this is dropped.
+        _dir: Option<tempfile::TempDir>,
+    },
+    Postgres {
+        store: Arc<PgStore>,
+        url: String,
+    },
+}
+
+impl BenchDb {
+    async fn open(database: Option<&str>) -> Result<BenchDb, CliError> {
+        let url = database.map(str::to_string);
+        match url {
+            None => {
+                let dir = tempfile::tempdir()?;
+                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+                let store = SqliteStore::open(&url)
+                    .await
+                    .map_err(store_error("cannot open the SQLite store"))?;
+                Ok(BenchDb::Sqlite {
+                    store: Arc::new(store),
+                    url,
+                    _dir: Some(dir),
+                })
+            }
+            Some(url) if url.starts_with("sqlite:") => {
+                let store = SqliteStore::open(&url)
+                    .await
+                    .map_err(store_error("cannot open the SQLite store"))?;
+                Ok(BenchDb::Sqlite {
+                    store: Arc::new(store),
+                    url,
+                    _dir: None,
+                })
+            }
+            Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+                let stamp = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros())
+                    .unwrap_or(0);
+                let schema = format!("tether_bench_{}_{stamp}", std::process::id());
+                let store = PgStore::open_in_schema(&url, &schema)
+                    .await
+                    .map_err(store_error("cannot open the PostgreSQL store"))?;
+                Ok(BenchDb::Postgres {
+                    store: Arc::new(store),
+                    url,
+                })
+            }
+            Some(url) => Err(CliError::Usage(format!(
+                "unsupported --database `{url}`: use sqlite://PATH or postgres://…"
+            ))),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            BenchDb::Sqlite { .. } => "sqlite",
+            BenchDb::Postgres { .. } => "postgres",
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            BenchDb::Sqlite { url, .. } => url.clone(),
+            BenchDb::Postgres { url, store } => {
+                format!("{} (schema {})", redact(url), store.schema())
+            }
+        }
+    }
+
+    fn shared(&self) -> SharedStore {
+        match self {
+            BenchDb::Sqlite { store, .. } => store.clone(),
+            BenchDb::Postgres { store, .. } => store.clone(),
+        }
+    }
+
+    async fn seed(&self, n: u64) -> Result<(), StoreError> {
+        match self {
+            BenchDb::Sqlite { store, .. } => store.seed_finished_runs(n).await,
+            BenchDb::Postgres { store, .. } => store.seed_finished_runs(n).await,
+        }
+    }
+
+    async fn bytes(&self) -> Result<u64, StoreError> {
+        match self {
+            BenchDb::Sqlite { store, .. } => store.database_bytes().await,
+            BenchDb::Postgres { store, .. } => store.database_bytes().await,
+        }
+    }
+
+    /// Drops the bench's PostgreSQL schema; the default SQLite directory goes with `self`.
+    async fn cleanup(self) {
+        if let BenchDb::Postgres { store, .. } = &self {
+            if let Err(e) = store.drop_schema().await {
+                eprintln!(
+                    "tether bench: could not drop schema {}: {e}",
+                    store.schema()
+                );
+            }
+        }
+    }
+}
+
+/// A URL without the password of its user info.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+async fn run_bench(args: &BenchArgs, db: &BenchDb) -> Result<Report, CliError> {
+    let store = db.shared();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let config = ServerConfig {
+        database: db.label(),
+        ..ServerConfig::default()
+    };
+    let server = tether_server::start(config, store.clone(), listener).await?;
+    let client = TetherClient::new(&format!("http://{}", server.addr), None)?;
+    let result = phases(args, db, &store, &client).await;
+    if tokio::time::timeout(Duration::from_secs(10), server.stop())
+        .await
+        .is_err()
+    {
+        eprintln!("tether bench: the server took more than 10 s to stop");
+    }
+    result
+}
+
+async fn phases(
+    args: &BenchArgs,
+    db: &BenchDb,
+    store: &SharedStore,
+    client: &TetherClient,
+) -> Result<Report, CliError> {
+    progress(args, &format!("{} runs on an empty table…", args.runs));
+    let throughput = throughput(args, client, store, "empty").await?;
+    let big_table = if args.seed_finished > 0 {
+        Some(big_table(args, db, store, client).await?)
+    } else {
+        None
+    };
+    Ok(Report {
+        store: db.kind().to_string(),
+        database: db.label(),
+        runs: args.runs,
+        workers: args.workers,
+        concurrency: args.concurrency,
+        claim_batch: args.claim_batch,
+        throughput,
+        big_table,
+    })
+}
+
+fn progress(args: &BenchArgs, text: &str) {
+    if !args.json {
+        eprintln!("tether bench: {text}");
+    }
+}
+
+// ---- the throughput pass -----------------------------------------------------------------------
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A task that panicked holding the lock left data we only append to: keep going.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the tasks of one pass share.
+struct Pass {
+    total: u64,
+    submitted: Mutex<HashMap<String, Instant>>,
+    started: Mutex<HashMap<String, Instant>>,
+    /// Per run: finishes answered `succeeded` on attempt 1.
+    finished: Mutex<HashMap<String, u32>>,
+    finished_count: AtomicU64,
+    last_finish: Mutex<Option<Instant>>,
+    calls: Mutex<BTreeMap<&'static str, Vec<f64>>>,
+    claims: AtomicU64,
+    claimed_runs: AtomicU64,
+    heartbeats: AtomicU64,
+    done: CancellationToken,
+    failure: Mutex<Option<String>>,
+}
+
+impl Pass {
+    fn fail(&self, what: String) {
+        let mut failure = lock(&self.failure);
+        if failure.is_none() {
+            *failure = Some(what);
+        }
+        self.done.cancel();
+    }
+
+    /// Awaits a call and records its round trip under `kind`.
+    async fn timed<T, F>(&self, kind: &'static str, call: F) -> Result<T, ClientError>
+    where
+        F: Future<Output = Result<T, ClientError>>,
+    {
+        let t = Instant::now();
+        let result = call.await;
+        let took = millis(t.elapsed());
+        lock(&self.calls).entry(kind).or_default().push(took);
+        result
+    }
+}
+
+/// A synthetic worker: its id, and the runs it holds (for its heartbeats).
+#[derive(Clone)]
+struct Worker {
+    id: String,
+    heartbeat_interval: Duration,
+    held: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Worker, CliError> {
+    let answer = client
+        .register_worker(&RegisterWorkerRequest {
+            name,
+            capacity: Resources {
+                cpus: f64::from(slots),
+                memory_mb: u64::from(slots) * Resources::default().memory_mb,
+            },
+            lanes: Vec::new(),
+            labels: BTreeMap::new(),
+        })
+        .await?;
+    Ok(Worker {
+        id: answer.worker_id,
+        heartbeat_interval: Duration::from_millis(answer.heartbeat_interval_ms.max(100)),
+        held: Arc::new(Mutex::new(HashMap::new())),
+    })
+}
+
+/// One heartbeat per interval for the worker and every run it holds, as a real worker sends
+/// (a worker that stops heartbeating is handed nothing).
+async fn heartbeat_loop(
+    client: TetherClient,
+    worker: Worker,
+    stop: CancellationToken,
+    sent: Arc<AtomicU64>,
+) -> Result<(), ClientError> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(worker.heartbeat_interval) => {}
+        }
+        let runs = lock(&worker.held)
+            .iter()
+            .map(|(run_id, attempt)| RunBeatWire {
+                run_id: run_id.clone(),
+                attempt: *attempt,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                since_last_output_s: None,
+            })
+            .collect();
+        client
+            .heartbeat(&worker.id, &HeartbeatRequest { runs })
+            .await?;
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Long-polls claims and plays each assignment through until the pass is done.
+async fn worker_loop(client: TetherClient, worker: Worker, batch: u32, pass: Arc<Pass>) {
+    let request = ClaimRequest {
+        max_runs: batch,
+        wait_ms: CLAIM_WAIT_MS,
+    };
+    loop {
+        let t = Instant::now();
+        let answer = tokio::select! {
+            _ = pass.done.cancelled() => return,
+            answer = client.claim(&worker.id, &request) => answer,
+        };
+        let assignments = match answer {
+            Ok(answer) => answer.assignments,
+            Err(e) => {
+                pass.fail(format!("claim: {e}"));
+                return;
+            }
+        };
+        if assignments.is_empty() {
+            continue;
+        }
+        lock(&pass.calls)
+            .entry("claim")
+            .or_default()
+            .push(millis(t.elapsed()));
+        pass.claims.fetch_add(1, Ordering::Relaxed);
+        pass.claimed_runs
+            .fetch_add(assignments.len() as u64, Ordering::Relaxed);
+        let plays = assignments
+            .into_iter()
+            .map(|a| play(&client, &worker, a, &pass));
+        futures::future::join_all(plays).await;
+    }
+}
+
+/// start, one log line, finish `succeeded`: what a worker reports for `true`, without running
+/// it.
+async fn play(client: &TetherClient, worker: &Worker, a: Assignment, pass: &Pass) {
+    lock(&worker.held).insert(a.run_id.clone(), a.attempt);
+    let start = StartRequest {
+        worker_id: worker.id.clone(),
+        pid: None,
+    };
+    let started = pass
+        .timed("start", client.start_attempt(&a.run_id, a.attempt, &start))
+        .await;
+    if let Err(e) = started {
+        pass.fail(format!("start {}: {e}", a.run_id));
+        return;
+    }
+    lock(&pass.started).insert(a.run_id.clone(), Instant::now());
+    let logs = AppendLogRequest {
+        worker_id: worker.id.clone(),
+        chunks: vec![LogChunkWire {
+            stream: "stdout".into(),
+            ts: now_ms(),
+            data: base64::engine::general_purpose::STANDARD.encode(b"ok\n"),
+        }],
+    };
+    let appended = pass
+        .timed("logs", client.append_logs(&a.run_id, a.attempt, &logs))
+        .await;
+    if let Err(e) = appended {
+        pass.fail(format!("logs {}: {e}", a.run_id));
+        return;
+    }
+    let finish = FinishRequest {
+        worker_id: worker.id.clone(),
+        status: RunStatus::Succeeded,
+        error_code: None,
+        exit_code: Some(0),
+        error_message: None,
+    };
+    let finished = pass
+        .timed(
+            "finish",
+            client.finish_attempt(&a.run_id, a.attempt, &finish),
+        )
+        .await;
+    lock(&worker.held).remove(&a.run_id);
+    match finished {
+        Ok(run) if run.status == RunStatus::Succeeded && run.attempt == 1 => {
+            *lock(&pass.finished).entry(a.run_id).or_insert(0) += 1;
+        }
+        Ok(run) => {
+            pass.fail(format!(
+                "finish {}: the run is {} on attempt {}",
+                a.run_id,
+                run.status.as_str(),
+                run.attempt
+            ));
+            return;
+        }
+        Err(e) => {
+            pass.fail(format!("finish {}: {e}", a.run_id));
+            return;
+        }
+    }
+    if pass.finished_count.fetch_add(1, Ordering::SeqCst) + 1 == pass.total {
+        *lock(&pass.last_finish) = Some(Instant::now());
+        pass.done.cancel();
+    }
+}
+
+/// What following one run's events over SSE showed.
+struct Followed {
+    complete: bool,
+}
+
+/// Follows a run's events to `end`, checking the seqs rise by one from 1.
+async fn follow(client: TetherClient, run_id: String) -> Result<Followed, String> {
+    let mut stream = client.events(&run_id, None, true);
+    let mut next = 1;
+    while let Some(item) = stream.next().await {
+        let item = item.map_err(|e| format!("events of {run_id}: {e}"))?;
+        if item.event == "heartbeat" {
+            continue;
+        }
+        if item.id != Some(next) {
+            return Err(format!(
+                "events of {run_id}: seq {:?} where {next} was due",
+                item.id
+            ));
+        }
+        next += 1;
+        if item.is_end() {
+            return Ok(Followed { complete: true });
+        }
+    }
+    Ok(Followed { complete: false })
+}
+
+/// Submits as fast as `concurrency` submitters can, following every `follow_every`th run.
+async fn submitter(
+    client: TetherClient,
+    pass: Arc<Pass>,
+    next: Arc<AtomicU64>,
+    follow_every: u64,
+) -> Vec<JoinHandle<Result<Followed, String>>> {
+    let request = SubmitRequest {
+        command: vec!["true".into()],
+        ..SubmitRequest::default()
+    };
+    let mut followers = Vec::new();
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= pass.total || pass.done.is_cancelled() {
+            return followers;
+        }
+        match pass.timed("submit", client.submit(&request)).await {
+            Ok(run) => {
+                lock(&pass.submitted).insert(run.id.clone(), Instant::now());
+                if follow_every > 0 && i % follow_every == 0 {
+                    followers.push(tokio::spawn(follow(client.clone(), run.id)));
+                }
+            }
+            Err(e) => {
+                pass.fail(format!("submit: {e}"));
+                return followers;
+            }
+        }
+    }
+}
+
+/// N no-op runs through submit, claim, start, logs, finish and events.
+async fn throughput(
+    args: &BenchArgs,
+    client: &TetherClient,
+    store: &SharedStore,
+    tag: &str,
+) -> Result<Throughput, CliError> {
+    let pass = Arc::new(Pass {
+        total: args.runs,
+        submitted: Mutex::new(HashMap::new()),
+        started: Mutex::new(HashMap::new()),
+        finished: Mutex::new(HashMap::new()),
+        finished_count: AtomicU64::new(0),
+        last_finish: Mutex::new(None),
+        calls: Mutex::new(BTreeMap::new()),
+        claims: AtomicU64::new(0),
+        claimed_runs: AtomicU64::new(0),
+        heartbeats: AtomicU64::new(0),
+        done: CancellationToken::new(),
+        failure: Mutex::new(None),
+    });
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        workers.push(register(client, format!("bench-{tag}-{i}"), args.claim_batch).await?);
+    }
+    let beats = Arc::new(AtomicU64::new(0));
+    let mut beat_tasks = Vec::new();
+    let mut worker_tasks = Vec::new();
+    for worker in &workers {
+        beat_tasks.push(tokio::spawn(heartbeat_loop(
+            client.clone(),
+            worker.clone(),
+            pass.done.clone(),
+            beats.clone(),
+        )));
+        worker_tasks.push(tokio::spawn(worker_loop(
+            client.clone(),
+            worker.clone(),
+            args.claim_batch,
+            pass.clone(),
+        )));
+    }
+    let first_submit = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let submitters: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            tokio::spawn(submitter(
+                client.clone(),
+                pass.clone(),
+                next.clone(),
+                args.follow_every,
+            ))
+        })
+        .collect();
+    // Generous: a pass that makes no progress for this long is broken, not slow.
+    let limit = Duration::from_secs(600) + Duration::from_millis(args.runs.saturating_mul(50));
+    tokio::select! {
+        _ = pass.done.cancelled() => {}
+        _ = tokio::time::sleep(limit) => pass.fail(format!(
+            "only {} of {} runs finished within {} s",
+            pass.finished_count.load(Ordering::SeqCst),
+            args.runs,
+            limit.as_secs()
+        )),
+    }
+    let mut followers = Vec::new();
+    for task in submitters {
+        followers.extend(task.await.unwrap_or_default());
+    }
+    for task in worker_tasks {
+        let _ = task.await;
+    }
+    for task in beat_tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => pass.fail(format!("heartbeat: {e}")),
+            Err(e) => pass.fail(format!("heartbeat task: {e}")),
+        }
+    }
+    let followed = followers.len() as u64;
+    let mut followed_complete = 0;
+    for task in followers {
+        match tokio::time::timeout(FOLLOW_GRACE, task).await {
+            Ok(Ok(Ok(f))) if f.complete => followed_complete += 1,
+            Ok(Ok(Ok(_))) => pass.fail("an event stream closed before `end`".into()),
+            Ok(Ok(Err(e))) => pass.fail(e),
+            Ok(Err(e)) => pass.fail(format!("follower task: {e}")),
+            Err(_) => pass.fail("an event stream did not reach `end` in time".into()),
+        }
+    }
+    for worker in &workers {
+        client.deregister_worker(&worker.id).await?;
+    }
+    if let Some(failure) = lock(&pass.failure).take() {
+        return Err(CliError::Usage(format!("bench failed: {failure}")));
+    }
+
+    let end = lock(&pass.last_finish).unwrap_or_else(Instant::now);
+    let seconds = end.duration_since(first_submit).as_secs_f64();
+    let submitted = std::mem::take(&mut *lock(&pass.submitted));
+    let started = std::mem::take(&mut *lock(&pass.started));
+    let latencies = submitted
+        .iter()
+        .filter_map(|(id, at)| {
+            started
+                .get(id)
+                .map(|s| millis(s.saturating_duration_since(*at)))
+        })
+        .collect();
+    let finished = std::mem::take(&mut *lock(&pass.finished));
+    let succeeded_once = submitted
+        .keys()
+        .filter(|id| finished.get(*id) == Some(&1))
+        .count() as u64;
+    let (events_written, runs_ended) = count_events(store, submitted.keys().cloned()).await?;
+    let calls = std::mem::take(&mut *lock(&pass.calls))
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Percentiles::of(v)))
+        .collect();
+    let claims = pass.claims.load(Ordering::Relaxed);
+    let claimed = pass.claimed_runs.load(Ordering::Relaxed);
+    Ok(Throughput {
+        runs: args.runs,
+        seconds,
+        runs_per_s: if seconds > 0.0 {
+            args.runs as f64 / seconds
+        } else {
+            0.0
+        },
+        submit_to_start_ms: Percentiles::of(latencies),
+        calls_ms: calls,
+        claims,
+        runs_per_claim: if claims > 0 {
+            claimed as f64 / claims as f64
+        } else {
+            0.0
+        },
+        heartbeats: beats.load(Ordering::Relaxed),
+        events_written,
+        runs_ended,
+        followed,
+        followed_complete,
+        succeeded_once,
+    })
+}
+
+/// Reads every run's events back from the store: how many, and how many runs end with `end`.
+async fn count_events(
+    store: &SharedStore,
+    run_ids: impl Iterator<Item = String>,
+) -> Result<(u64, u64), CliError> {
+    let reads = futures::stream::iter(run_ids)
+        .map(|id| {
+            let store = store.clone();
+            async move { store.events_after(&id, 0, 10_000).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let (mut events, mut ended) = (0, 0);
+    for read in reads {
+        let read = read.map_err(store_error("reading events back"))?;
+        events += read.len() as u64;
+        if read.last().map(|e| e.kind) == Some(EventKind::End) {
+            ended += 1;
+        }
+    }
+    Ok((events, ended))
+}
+
+// ---- the big table -----------------------------------------------------------------------------
+
+/// Times `samples` calls of `call`, in milliseconds.
+async fn sample<T, E, F, Fut>(samples: u32, mut call: F) -> Result<(Percentiles, Vec<T>), E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut times = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..samples {
+        let t = Instant::now();
+        let answer = call().await?;
+        times.push(millis(t.elapsed()));
+        answers.push(answer);
+    }
+    Ok((Percentiles::of(times), answers))
+}
+
+async fn big_table(
+    args: &BenchArgs,
+    db: &BenchDb,
+    store: &SharedStore,
+    client: &TetherClient,
+) -> Result<BigTable, CliError> {
+    progress(
+        args,
+        &format!("seeding {} finished runs…", args.seed_finished),
+    );
+    let t = Instant::now();
+    db.seed(args.seed_finished)
+        .await
+        .map_err(store_error("seeding finished runs"))?;
+    let seed_seconds = t.elapsed().as_secs_f64();
+    let database_bytes = db
+        .bytes()
+        .await
+        .map_err(store_error("measuring the tables"))?;
+    progress(
+        args,
+        &format!(
+            "seeded in {seed_seconds:.1} s; timing the reaper, a list and a claim with {IN_FLIGHT} runs in flight…"
+        ),
+    );
+
+    // A handful of runs in flight, held (and heartbeated) by one worker.
+    let stop = CancellationToken::new();
+    let holder = register(client, "bench-holder".into(), IN_FLIGHT).await?;
+    let claimer = register(client, "bench-claimer".into(), 1).await?;
+    let beats = Arc::new(AtomicU64::new(0));
+    let beat_tasks = [&holder, &claimer].map(|w| {
+        tokio::spawn(heartbeat_loop(
+            client.clone(),
+            w.clone(),
+            stop.clone(),
+            beats.clone(),
+        ))
+    });
+    let result = measure_big_table(args, store, client, &holder, &claimer).await;
+    stop.cancel();
+    for task in beat_tasks {
+        let _ = task.await;
+    }
+    client.deregister_worker(&holder.id).await?;
+    client.deregister_worker(&claimer.id).await?;
+    let measured = result?;
+
+    progress(args, &format!("{} runs on the big table…", args.runs));
+    let throughput = throughput(args, client, store, "big").await?;
+    Ok(BigTable {
+        seeded_runs: args.seed_finished,
+        seed_seconds,
+        database_bytes,
+        in_flight: IN_FLIGHT,
+        reap_sweep_ms: measured.reap_sweep_ms,
+        reaped: measured.reaped,
+        next_deadline_ms: measured.next_deadline_ms,
+        list_runs_ms: measured.list_runs_ms,
+        claim_ms: measured.claim_ms,
+        empty_claims: measured.empty_claims,
+        throughput,
+    })
+}
+
+struct Measured {
+    reap_sweep_ms: Percentiles,
+    reaped: u64,
+    next_deadline_ms: Percentiles,
+    list_runs_ms: Percentiles,
+    claim_ms: Percentiles,
+    empty_claims: u64,
+}
+
+async fn start_and_finish(
+    client: &TetherClient,
+    worker: &Worker,
+    run_id: &str,
+    attempt: u32,
+) -> Result<(), ClientError> {
+    let start = StartRequest {
+        worker_id: worker.id.clone(),
+        pid: None,
+    };
+    client.start_attempt(run_id, attempt, &start).await?;
+    finish(client, worker, run_id, attempt).await
+}
+
+async fn finish(
+    client: &TetherClient,
+    worker: &Worker,
+    run_id: &str,
+    attempt: u32,
+) -> Result<(), ClientError> {
+    let finish = FinishRequest {
+        worker_id: worker.id.clone(),
+        status: RunStatus::Succeeded,
+        error_code: None,
+        exit_code: Some(0),
+        error_message: None,
+    };
+    client.finish_attempt(run_id, attempt, &finish).await?;
+    Ok(())
+}
+
+async fn measure_big_table(
+    args: &BenchArgs,
+    store: &SharedStore,
+    client: &TetherClient,
+    holder: &Worker,
+    claimer: &Worker,
+) -> Result<Measured, CliError> {
+    let noop = SubmitRequest {
+        command: vec!["true".into()],
+        ..SubmitRequest::default()
+    };
+    for _ in 0..IN_FLIGHT {
+        client.submit(&noop).await?;
+    }
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.len() < IN_FLIGHT as usize && Instant::now() < deadline {
+        let request = ClaimRequest {
+            max_runs: IN_FLIGHT - held.len() as u32,
+            wait_ms: CLAIM_WAIT_MS,
+        };
+        held.extend(client.claim(&holder.id, &request).await?.assignments);
+    }
+    for a in &held {
+        lock(&holder.held).insert(a.run_id.clone(), a.attempt);
+        let start = StartRequest {
+            worker_id: holder.id.clone(),
+            pid: None,
+        };
+        client.start_attempt(&a.run_id, a.attempt, &start).await?;
+    }
+
+    let policy = ReapPolicy::default();
+    let (reap_sweep_ms, reports) = sample(args.samples, || store.reap_stale_runs(&policy))
+        .await
+        .map_err(store_error("sweeping"))?;
+    let reaped = reports.iter().map(|r| r.reaped.len() as u64).sum();
+    let (next_deadline_ms, _) = sample(args.samples, || store.next_reap_deadline(&policy))
+        .await
+        .map_err(store_error("reading the next deadline"))?;
+    let page = ListRunsQuery {
+        limit: Some(50),
+        ..ListRunsQuery::default()
+    };
+    let (list_runs_ms, pages) = sample(args.samples, || client.list_runs(&page)).await?;
+    if pages.iter().any(|p| p.runs.len() != 50) {
+        return Err(CliError::Usage(
+            "GET /v1/runs?limit=50 gave fewer than 50 runs on the big table".into(),
+        ));
+    }
+
+    let mut claim_times = Vec::new();
+    let mut empty_claims = 0;
+    let one = ClaimRequest {
+        max_runs: 1,
+        wait_ms: 0,
+    };
+    for _ in 0..args.samples {
+        let run = client.submit(&noop).await?;
+        let t = Instant::now();
+        let answer = client.claim(&claimer.id, &one).await?;
+        claim_times.push(millis(t.elapsed()));
+        match answer.assignments.first() {
+            Some(a) => start_and_finish(client, claimer, &a.run_id, a.attempt).await?,
+            None => {
+                empty_claims += 1;
+                client.cancel_run(&run.id).await?;
+            }
+        }
+    }
+
+    for a in &held {
+        finish(client, holder, &a.run_id, a.attempt).await?;
+        lock(&holder.held).remove(&a.run_id);
+    }
+    Ok(Measured {
+        reap_sweep_ms,
+        reaped,
+        next_deadline_ms,
+        list_runs_ms,
+        claim_ms: Percentiles::of(claim_times),
+        empty_claims,
+    })
+}
+
+// ---- output ------------------------------------------------------------------------------------
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn render_throughput(out: &mut String, t: &Throughput) {
+    use std::fmt::Write;
+    let l = &t.submit_to_start_ms;
+    let _ = writeln!(
+        out,
+        "  runs/s                     {:>9.1}   ({} runs in {:.2} s, first submit to last finish)",
+        t.runs_per_s, t.runs, t.seconds
+    );
+    let _ = writeln!(
+        out,
+        "  submit→start ms            p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+        l.p50, l.p90, l.p99, l.max
+    );
+    let _ = writeln!(
+        out,
+        "  call round trips ms        {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "count", "p50", "p90", "p99", "max"
+    );
+    for (name, p) in &t.calls_ms {
+        let _ = writeln!(
+            out,
+            "    {:<24} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            name, p.count, p.p50, p.p90, p.p99, p.max
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  claims with work           {:>9}   ({:.1} runs per claim; {} worker heartbeats)",
+        t.claims, t.runs_per_claim, t.heartbeats
+    );
+    let _ = writeln!(
+        out,
+        "  events written             {:>9}   ({:.1} per run; {} of {} runs end with `end`)",
+        t.events_written,
+        t.events_written as f64 / t.runs.max(1) as f64,
+        t.runs_ended,
+        t.runs
+    );
+    let _ = writeln!(
+        out,
+        "  streams followed (SSE)     {:>9}   ({} reached `end` with every seq in order)",
+        t.followed, t.followed_complete
+    );
+    let _ = writeln!(
+        out,
+        "  succeeded exactly once     {:>9}   of {}",
+        t.succeeded_once, t.runs
+    );
+}
+
+/// The human report.
+fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "tether bench: {} ({})", r.store, r.database);
+    let _ = writeln!(
+        out,
+        "{} no-op runs; {} synthetic workers (claims of up to {}), {} submitters; no process spawned",
+        r.runs, r.workers, r.claim_batch, r.concurrency
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Throughput, empty table");
+    render_throughput(&mut out, &r.throughput);
+    if let Some(b) = &r.big_table {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Big table: {} finished runs seeded in {:.1} s; tables {:.0} MiB; {} runs in flight",
+            b.seeded_runs,
+            b.seed_seconds,
+            mib(b.database_bytes),
+            b.in_flight
+        );
+        let _ = writeln!(
+            out,
+            "  ms                         {:>6} {:>8} {:>8} {:>8} {:>8}",
+            "count", "p50", "p90", "p99", "max"
+        );
+        for (name, p) in [
+            ("reaper sweep", &b.reap_sweep_ms),
+            ("next reap deadline", &b.next_deadline_ms),
+            ("GET /v1/runs?limit=50", &b.list_runs_ms),
+            ("claim (1 run, no wait)", &b.claim_ms),
+        ] {
+            let _ = writeln!(
+                out,
+                "    {:<24} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                name, p.count, p.p50, p.p90, p.p99, p.max
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  runs reaped by the timed sweeps: {}; empty claims: {}",
+            b.reaped, b.empty_claims
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Throughput, big table");
+        render_throughput(&mut out, &b.throughput);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&samples, 50.0), 50.0);
+        assert_eq!(percentile(&samples, 99.0), 99.0);
+        assert_eq!(percentile(&samples, 100.0), 100.0);
+        assert_eq!(percentile(&samples, 0.0), 1.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+        let p = Percentiles::of(vec![3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((p.count, p.p50, p.p90, p.max), (4, 2.0, 10.0, 10.0));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
+        assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+    }
+
+    fn tiny(database: Option<String>) -> BenchArgs {
+        BenchArgs {
+            database,
+            runs: 20,
+            workers: 2,
+            concurrency: 4,
+            claim_batch: 16,
+            follow_every: 5,
+            seed_finished: 1000,
+            samples: 5,
+            json: true,
+        }
+    }
+
+    async fn tiny_bench(args: BenchArgs) -> Report {
+        validate(&args).unwrap();
+        let db = BenchDb::open(args.database.as_deref()).await.unwrap();
+        let result = run_bench(&args, &db).await;
+        db.cleanup().await;
+        result.unwrap()
+    }
+
+    fn assert_every_run_succeeded_once(t: &Throughput) {
+        assert_eq!(t.succeeded_once, 20);
+        assert_eq!(t.runs_ended, 20);
+        assert_eq!(t.followed, 4);
+        assert_eq!(t.followed_complete, 4);
+        // pending, claimed, attempt, running, log, succeeded, end.
+        assert_eq!(t.events_written, 20 * 7);
+        assert_eq!(t.submit_to_start_ms.count, 20);
+        assert!(t.runs_per_s > 0.0);
+    }
+
+    fn assert_big_table(b: &BigTable) {
+        assert_eq!(b.seeded_runs, 1000);
+        assert!(b.database_bytes > 0);
+        assert_eq!(b.reaped, 0);
+        assert_eq!(b.empty_claims, 0);
+        assert_eq!(b.reap_sweep_ms.count, 5);
+        assert_eq!(b.claim_ms.count, 5);
+        assert_every_run_succeeded_once(&b.throughput);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_bench_on_sqlite_succeeds_every_run_exactly_once() {
+        let report = tiny_bench(tiny(None)).await;
+        assert!(report.ok());
+        assert_eq!(report.store, "sqlite");
+        assert_every_run_succeeded_once(&report.throughput);
+        assert_big_table(report.big_table.as_ref().unwrap());
+        assert!(render(&report).contains("reaper sweep"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seeded_runs_read_back_as_finished_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("seed.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        store.seed_finished_runs(10).await.unwrap();
+        store.seed_finished_runs(5).await.unwrap();
+        let page = tether_store::Store::list_runs(
+            &store,
+            &tether_store::RunFilter {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(page.runs.len(), 15);
+        for run in &page.runs {
+            assert_eq!(run.status, RunStatus::Succeeded);
+            assert_eq!(run.attempt, 1);
+            assert_eq!(run.spec.command, vec!["true".to_string()]);
+            let events = tether_store::Store::events_after(&store, &run.id, 0, 10)
+                .await
+                .unwrap();
+            assert_eq!(events.len() as i64, run.last_event_seq);
+            assert_eq!(events.last().unwrap().kind, EventKind::End);
+        }
+    }
+
+    /// The same on PostgreSQL (the database the store's own tests use), in a schema of its
+    /// own that the bench drops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_bench_on_postgres_succeeds_every_run_exactly_once() {
+        let url = std::env::var("TETHER_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        let report = tiny_bench(tiny(Some(url))).await;
+        assert!(report.ok());
+        assert_eq!(report.store, "postgres");
+        assert_every_run_succeeded_once(&report.throughput);
+        assert_big_table(report.big_table.as_ref().unwrap());
+    }
+}
