@@ -14,6 +14,8 @@ pub mod openapi;
 pub mod reaper;
 pub mod reconciler;
 mod routes;
+#[doc(hidden)]
+pub mod testing;
 pub mod views;
 
 use std::net::SocketAddr;

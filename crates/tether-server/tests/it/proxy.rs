@@ -1,60 +1,16 @@
 //! Streams through a proxy that cuts idle connections (as nginx, ALB, Heroku do), followers by
 //! the thousand, and a cut mid-run resumed with Last-Event-ID.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tether_server::testing::IdleCuttingProxy;
 use tokio::time::Instant;
 
 use crate::harness::{fast_config, TestServer};
-
-/// A TCP proxy on loopback that closes any connection with no traffic either way for
-/// `idle`. Returns its address and a count of the connections it cut.
-async fn idle_cutting_proxy(upstream: String, idle: Duration) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let cuts = Arc::new(AtomicUsize::new(0));
-    let counted = cuts.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            let cuts = counted.clone();
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let mut cbuf = vec![0u8; 16 * 1024];
-                let mut sbuf = vec![0u8; 16 * 1024];
-                loop {
-                    tokio::select! {
-                        n = cr.read(&mut cbuf) => match n {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => if sw.write_all(&cbuf[..n]).await.is_err() { return },
-                        },
-                        n = sr.read(&mut sbuf) => match n {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => if cw.write_all(&sbuf[..n]).await.is_err() { return },
-                        },
-                        _ = tokio::time::sleep(idle) => {
-                            cuts.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, cuts)
-}
 
 /// Follows a run's SSE stream at `base`; returns the events and whether `end` arrived.
 async fn follow(
@@ -149,12 +105,12 @@ async fn three_quiet_phases(sse_heartbeat: Duration) -> Vec<(bool, usize)> {
         ["pending", "claimed_before_first_line", "silent_mid_run"].map(|phase| async move {
             let s = &TestServer::start_with(proxy_config(sse_heartbeat)).await;
             let upstream = s.base.trim_start_matches("http://").to_string();
-            let (proxy, cuts) = idle_cutting_proxy(upstream, PROXY_IDLE).await;
+            let proxy = IdleCuttingProxy::start(upstream, PROXY_IDLE).await.unwrap();
             let run = s.submit(json!({"command": ["x"]})).await["id"]
                 .as_str()
                 .unwrap()
                 .to_string();
-            let follower = tokio::spawn(follow(proxy, run.clone(), QUIET * 2));
+            let follower = tokio::spawn(follow(proxy.addr.clone(), run.clone(), QUIET * 2));
             match phase {
                 "pending" => {
                     tokio::time::sleep(QUIET).await;
@@ -184,7 +140,7 @@ async fn three_quiet_phases(sse_heartbeat: Duration) -> Vec<(bool, usize)> {
                 let beats = events.iter().filter(|(k, _, _)| k == "heartbeat").count();
                 assert!(beats >= 10, "{phase}: only {beats} heartbeats in 10 s");
             }
-            (ended, cuts.load(Ordering::Relaxed))
+            (ended, proxy.cuts())
         });
     futures::future::join_all(phases).await
 }

@@ -4,13 +4,19 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::cluster::{free_port, spawn, wait_ready, Proc, FAST, TETHER};
+use crate::cluster::{fast_except, free_port, spawn, wait_ready, Proc, TETHER};
+use tether_server::testing::IdleCuttingProxy;
 
 async fn up() -> (tempfile::TempDir, Proc, String) {
+    up_with(&[]).await
+}
+
+async fn up_with(extra: &[&str]) -> (tempfile::TempDir, Proc, String) {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["up", "--listen", &listen, "--cpus", "2"];
-    args.extend_from_slice(FAST);
+    args.extend(fast_except(extra));
+    args.extend_from_slice(extra);
     let proc = spawn(&args, dir.path());
     let base = format!("http://{listen}");
     wait_ready(&reqwest::Client::new(), &base).await;
@@ -95,4 +101,35 @@ async fn detach_ps_logs_cancel_workers_and_events() {
         String::from_utf8_lossy(&out.stderr).contains("not_found")
             || String::from_utf8_lossy(&out.stderr).contains("no such run")
     );
+}
+
+#[tokio::test]
+async fn run_reconnects_through_a_proxy_that_cuts_it_and_prints_each_line_once() {
+    // No SSE heartbeats, and a proxy that cuts connections idle for 1 s: the stream is cut in
+    // each silence, and `tether run` must resume after the last event it saw.
+    let (_dir, _up, base) = up_with(&["--sse-heartbeat", "1h"]).await;
+    let proxy = IdleCuttingProxy::start(
+        base.trim_start_matches("http://").to_string(),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let through = format!("http://{}", proxy.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        tether(
+            &through,
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "echo a; sleep 2.5; echo b; sleep 2.5; echo c; exit 4",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\nc\n", "{out:?}");
+    assert_eq!(out.status.code(), Some(4));
+    assert!(proxy.cuts() >= 2, "the proxy cut {} times", proxy.cuts());
 }

@@ -196,3 +196,22 @@ async fn two_hundred_runs_at_once_all_succeed_exactly_once() {
         assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done}");
     }
 }
+
+#[tokio::test]
+async fn a_run_alive_but_silent_past_its_stall_timeout_ends_stalled() {
+    let (c, _w) = cluster_with_worker().await;
+    let run = c
+        .submit(
+            json!({"command": ["sh", "-c", "echo started; exec sleep 734"], "stall_timeout_s": 1}),
+        )
+        .await;
+    let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "timed_out", "{done}");
+    assert_eq!(done["error_code"], "stalled");
+    assert_eq!(
+        done["attempt"], 1,
+        "a stall is the command's own outcome, not retried"
+    );
+    assert_eq!(c.logs(&id(&run)).await, b"started\n");
+    assert_eq!(processes_running(&["sleep", "734"]), 0);
+}
