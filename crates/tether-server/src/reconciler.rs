@@ -135,6 +135,7 @@ async fn warn_about_flapping_pools(state: &AppState, interval: Duration) {
 /// `tether_endpoint_stamp_age_seconds{endpoint,pool}` (absent until first stamped) from the
 /// store, at the store's `now`. Called when `/metrics` is scraped.
 pub async fn export_gauges(state: &AppState) {
+    crate::metrics::install();
     let snapshot = match PoolSnapshot::load(state).await {
         Ok(snapshot) => snapshot,
         Err(e) => {
