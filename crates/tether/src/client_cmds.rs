@@ -29,7 +29,7 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn client(&self) -> Result<TetherClient, CliError> {
+    pub(crate) fn client(&self) -> Result<TetherClient, CliError> {
         Ok(TetherClient::new(&self.server, self.token.clone())?)
     }
 }
@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Makes resubmitting the same command safe.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Hand the command a pool's dispatched URL, VAR=POOL (repeatable): resolved when a worker
+    /// claims the run, to a ready endpoint or the pool's fallback.
+    #[arg(long = "endpoint", value_parser = key_value)]
+    pub endpoints: Vec<(String, String)>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -106,6 +110,7 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         max_attempts: args.max_attempts,
         idempotency_key: args.idempotency_key,
         labels: args.labels.into_iter().collect(),
+        endpoints: args.endpoints.into_iter().collect(),
         ..SubmitRequest::default()
     };
     let run = client.submit(&request).await?;

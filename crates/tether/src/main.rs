@@ -2,6 +2,7 @@
 
 mod bench;
 mod client_cmds;
+mod endpoint_cmds;
 mod follow;
 mod serve_cmds;
 
@@ -40,6 +41,8 @@ enum Command {
     Cancel(client_cmds::CancelArgs),
     /// List workers with their liveness.
     Workers(client_cmds::WorkersArgs),
+    /// List endpoints with their readiness, and pools with what each hands out now.
+    Endpoints(endpoint_cmds::EndpointsArgs),
     /// Measure throughput, latency and reaper sweep time.
     Bench(bench::BenchArgs),
 }
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
             Command::Events(args) => client_cmds::events(args).await,
             Command::Cancel(args) => client_cmds::cancel(args).await,
             Command::Workers(args) => client_cmds::workers(args).await,
+            Command::Endpoints(args) => endpoint_cmds::endpoints(args).await,
             Command::Bench(args) => bench::bench(args).await,
         }
     });

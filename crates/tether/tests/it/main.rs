@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod endpoints;
 mod liveness;
 mod multi_server;
 mod outcomes;
