@@ -301,10 +301,16 @@ async fn a_hanging_readiness_url_does_not_delay_other_endpoints_stamps() {
         if let Some(gap) = gap.filter(|g| *g < Duration::from_millis(900)) {
             break gap;
         }
-        assert!(Instant::now() < deadline, "no round probed both: {arrivals:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no round probed both: {arrivals:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
-    assert!(gap < Duration::from_millis(300), "b-ok probed {gap:?} after a-hang");
+    assert!(
+        gap < Duration::from_millis(300),
+        "b-ok probed {gap:?} after a-hang"
+    );
     let ok = endpoint(&s, "b-ok").await;
     assert_eq!(ok["ready"], true, "{ok}");
     assert_eq!(dispatch(&s).await["endpoint"], "b-ok");

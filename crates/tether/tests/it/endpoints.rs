@@ -68,8 +68,8 @@ async fn until_source(c: &Cluster, want: &str) {
 }
 
 #[tokio::test]
-async fn a_run_prints_the_dispatched_url_and_a_retry_after_the_endpoint_fails_prints_the_fallback(
-) {
+async fn a_run_prints_the_dispatched_url_and_a_retry_after_the_endpoint_fails_prints_the_fallback()
+{
     let (ready_url, status) = readiness().await;
     let mut c = Cluster::sqlite();
     let base = start(&mut c).await;
@@ -119,8 +119,10 @@ async fn a_run_prints_the_dispatched_url_and_a_retry_after_the_endpoint_fails_pr
         }))
         .await;
     let run_id = id(&run);
-    c.wait_for(&run_id, Duration::from_secs(10), |r| r["stdout_bytes"].as_i64() > Some(0))
-        .await;
+    c.wait_for(&run_id, Duration::from_secs(10), |r| {
+        r["stdout_bytes"].as_i64() > Some(0)
+    })
+    .await;
 
     // The endpoint goes unready; dispatch falls back; the worker leaves and its run is
     // retried on another, which is handed the fallback.
@@ -129,7 +131,9 @@ async fn a_run_prints_the_dispatched_url_and_a_retry_after_the_endpoint_fails_pr
     worker.stop(Duration::from_secs(10));
     let _second = c.worker("w2", "2", &[]);
     let done = c
-        .wait_for(&run_id, Duration::from_secs(20), |r| r["status"] == "succeeded")
+        .wait_for(&run_id, Duration::from_secs(20), |r| {
+            r["status"] == "succeeded"
+        })
         .await;
     assert_eq!(done["attempt"], 2);
     let logs = String::from_utf8_lossy(&c.logs(&run_id).await).into_owned();
