@@ -250,6 +250,11 @@ fn frame_json(frame: &Frame, state: &AppState) -> String {
 }
 
 /// `GET /v1/runs/{id}/events`: SSE, or NDJSON with `Accept: application/x-ndjson`.
+#[utoipa::path(get, path = "/v1/runs/{id}/events",
+    params(("after" = Option<i64>, Query, description = "resume after this seq (or the Last-Event-ID header)"),
+           ("follow" = Option<bool>, Query, description = "keep following (default: SSE yes, NDJSON no)")),
+    responses((status = 200, description = "text/event-stream, or application/x-ndjson with that Accept header", body = tether_api::EventView),
+              (status = 404, body = tether_api::ErrorBody)))]
 pub async fn run_events(
     State(state): State<AppState>,
     ApiPath(run_id): ApiPath<String>,

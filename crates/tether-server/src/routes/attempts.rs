@@ -14,6 +14,8 @@ use crate::views::run_view;
 use crate::AppState;
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/start`.
+#[utoipa::path(post, path = "/v1/runs/{id}/attempts/{attempt}/start", request_body = tether_api::StartRequest,
+    responses((status = 200, body = tether_api::RunView), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
 pub async fn start(
     State(state): State<AppState>,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
@@ -50,6 +52,8 @@ fn coalesce(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
+#[utoipa::path(post, path = "/v1/runs/{id}/attempts/{attempt}/logs", request_body = tether_api::AppendLogRequest,
+    responses((status = 200, body = tether_api::AppendLogResponse), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
 pub async fn append_logs(
     State(state): State<AppState>,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
@@ -108,6 +112,8 @@ fn outcome(request: &FinishRequest) -> ApiResult<AttemptOutcome> {
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/finish`.
+#[utoipa::path(post, path = "/v1/runs/{id}/attempts/{attempt}/finish", request_body = tether_api::FinishRequest,
+    responses((status = 200, body = tether_api::RunView), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
 pub async fn finish(
     State(state): State<AppState>,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,

@@ -1,11 +1,11 @@
 //! The HTTP surface: which path goes to which handler, and which token guards it.
 
-mod attempts;
+pub(crate) mod attempts;
 pub(crate) mod endpoints;
 pub(crate) mod lanes;
 mod ops;
 pub(crate) mod runs;
-mod workers;
+pub(crate) mod workers;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;

@@ -180,6 +180,8 @@ const LOG_PAGE: u32 = 256;
 
 /// `GET /v1/runs/{id}/logs`: the combined output so far, byte for byte, streamed page by page
 /// so a large log never sits in memory whole.
+#[utoipa::path(get, path = "/v1/runs/{id}/logs",
+    responses((status = 200, description = "the combined output so far, byte for byte", content_type = "text/plain"), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn run_logs(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,

@@ -21,6 +21,8 @@ use crate::AppState;
 const MAX_RUNS_PER_CLAIM: u32 = 64;
 
 /// `POST /v1/workers`.
+#[utoipa::path(post, path = "/v1/workers", request_body = tether_api::RegisterWorkerRequest,
+    responses((status = 201, body = tether_api::RegisterWorkerResponse), (status = 422, body = tether_api::ErrorBody)))]
 pub async fn register_worker(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RegisterWorkerRequest>,
@@ -66,6 +68,8 @@ pub async fn register_worker(
 }
 
 /// `DELETE /v1/workers/{id}`: a worker leaving on purpose; its runs are handed back at once.
+#[utoipa::path(delete, path = "/v1/workers/{id}",
+    responses((status = 204), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn deregister_worker(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -76,6 +80,7 @@ pub async fn deregister_worker(
 }
 
 /// `GET /v1/workers`.
+#[utoipa::path(get, path = "/v1/workers", responses((status = 200, body = tether_api::WorkerList)))]
 pub async fn list_workers(State(state): State<AppState>) -> ApiResult<Json<WorkerList>> {
     let workers = state.store.list_workers().await?;
     let now = state.store.now().await?;
@@ -107,6 +112,8 @@ const CLAIM_RECHECK: Duration = Duration::from_millis(1_000);
 
 /// `POST /v1/workers/{id}/claim`: hands out what fits now, or waits up to `wait_ms` for a run
 /// to become pending, woken by the store's signal rather than a poll.
+#[utoipa::path(post, path = "/v1/workers/{id}/claim", request_body = tether_api::ClaimRequest,
+    responses((status = 200, body = tether_api::ClaimResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn claim(
     State(state): State<AppState>,
     ApiPath(worker_id): ApiPath<String>,
@@ -175,6 +182,8 @@ fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {
 }
 
 /// `POST /v1/workers/{id}/heartbeat`: one call for the worker and all its runs.
+#[utoipa::path(post, path = "/v1/workers/{id}/heartbeat", request_body = tether_api::HeartbeatRequest,
+    responses((status = 200, body = tether_api::HeartbeatResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     ApiPath(worker_id): ApiPath<String>,

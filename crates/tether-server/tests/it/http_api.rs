@@ -266,7 +266,20 @@ async fn operations_endpoints_answer() {
     assert_eq!((status, body["ready"].clone()), (200, json!(true)));
     let (status, doc) = s.get("/openapi.json").await;
     assert_eq!(status, 200);
-    assert!(doc["paths"]["/v1/runs"].is_object(), "{doc}");
+    for path in [
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/runs/{id}/events",
+        "/v1/runs/{id}/logs",
+        "/v1/lanes",
+        "/v1/workers/{id}/heartbeat",
+        "/v1/runs/{id}/attempts/{attempt}/finish",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
     let r = s.http.get(s.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let r = s.http.get(s.url("/")).send().await.unwrap();

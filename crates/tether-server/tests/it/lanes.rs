@@ -78,7 +78,7 @@ async fn fifty_at_once_into_room_for_five_admits_exactly_five_on_sqlite() {
     live_worker(&s, 5.0).await;
     let answers = submit_all(
         &s.http,
-        &[s.base.clone()],
+        std::slice::from_ref(&s.base),
         50,
         json!({"command": ["true"], "lane": "strict"}),
     )
