@@ -458,7 +458,6 @@ struct Pass {
     calls: Mutex<BTreeMap<&'static str, Vec<f64>>>,
     claims: AtomicU64,
     claimed_runs: AtomicU64,
-    heartbeats: AtomicU64,
     done: CancellationToken,
     failure: Mutex<Option<String>>,
 }
@@ -695,7 +694,7 @@ async fn submitter(
         match pass.timed("submit", client.submit(&request)).await {
             Ok(run) => {
                 lock(&pass.submitted).insert(run.id.clone(), Instant::now());
-                if follow_every > 0 && i % follow_every == 0 {
+                if i.checked_rem(follow_every) == Some(0) {
                     followers.push(tokio::spawn(follow(client.clone(), run.id)));
                 }
             }
@@ -724,7 +723,6 @@ async fn throughput(
         calls: Mutex::new(BTreeMap::new()),
         claims: AtomicU64::new(0),
         claimed_runs: AtomicU64::new(0),
-        heartbeats: AtomicU64::new(0),
         done: CancellationToken::new(),
         failure: Mutex::new(None),
     });
