@@ -24,6 +24,12 @@ use utoipa::OpenApi;
         crate::routes::attempts::start,
         crate::routes::attempts::append_logs,
         crate::routes::attempts::finish,
+        crate::routes::endpoints::put_endpoint,
+        crate::routes::endpoints::delete_endpoint,
+        crate::routes::endpoints::list_endpoints,
+        crate::routes::endpoints::put_pool,
+        crate::routes::endpoints::list_pools,
+        crate::routes::endpoints::dispatch,
     ),
     components(schemas(
         tether_api::RunView,
@@ -48,6 +54,13 @@ use utoipa::OpenApi;
         tether_api::WorkerView,
         tether_api::LaneView,
         tether_api::LaneList,
+        tether_api::PutEndpointRequest,
+        tether_api::EndpointView,
+        tether_api::EndpointList,
+        tether_api::PutPoolRequest,
+        tether_api::PoolView,
+        tether_api::PoolList,
+        tether_api::DispatchView,
     ))
 )]
 struct ApiDoc;

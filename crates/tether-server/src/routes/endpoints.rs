@@ -76,6 +76,9 @@ pub fn new_pool(
 }
 
 /// `PUT /v1/endpoints/{name}`: `201` registered, `200` replaced (or unchanged).
+#[utoipa::path(put, path = "/v1/endpoints/{name}", request_body = tether_api::PutEndpointRequest,
+    responses((status = 201, body = tether_api::EndpointView), (status = 200, body = tether_api::EndpointView),
+              (status = 422, body = tether_api::ErrorBody)))]
 pub async fn put_endpoint(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -125,6 +128,7 @@ pub async fn put_endpoint(
 }
 
 /// `DELETE /v1/endpoints/{name}`.
+#[utoipa::path(delete, path = "/v1/endpoints/{name}", responses((status = 204), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn delete_endpoint(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -138,6 +142,7 @@ pub async fn delete_endpoint(
 }
 
 /// `GET /v1/endpoints`: each endpoint with its readiness and stamp age.
+#[utoipa::path(get, path = "/v1/endpoints", responses((status = 200, body = tether_api::EndpointList)))]
 pub async fn list_endpoints(State(state): State<AppState>) -> ApiResult<Json<EndpointList>> {
     let snapshot = PoolSnapshot::load(&state).await?;
     Ok(Json(EndpointList {
@@ -150,6 +155,8 @@ pub async fn list_endpoints(State(state): State<AppState>) -> ApiResult<Json<End
 }
 
 /// `PUT /v1/pools/{pool}`: sets a pool; config files never override it afterwards.
+#[utoipa::path(put, path = "/v1/pools/{pool}", request_body = tether_api::PutPoolRequest,
+    responses((status = 200, body = tether_api::PoolView), (status = 422, body = tether_api::ErrorBody)))]
 pub async fn put_pool(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -161,6 +168,7 @@ pub async fn put_pool(
 }
 
 /// `GET /v1/pools`.
+#[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = tether_api::PoolList)))]
 pub async fn list_pools(State(state): State<AppState>) -> ApiResult<Json<PoolList>> {
     let pools = state.store.list_pools().await?;
     Ok(Json(PoolList {
@@ -170,6 +178,8 @@ pub async fn list_pools(State(state): State<AppState>) -> ApiResult<Json<PoolLis
 
 /// `GET /v1/pools/{pool}/dispatch`: a ready endpoint, else the fallback; `503
 /// no_ready_endpoint` when neither exists.
+#[utoipa::path(get, path = "/v1/pools/{pool}/dispatch",
+    responses((status = 200, body = tether_api::DispatchView), (status = 404, body = tether_api::ErrorBody), (status = 503, body = tether_api::ErrorBody)))]
 pub async fn dispatch(
     State(state): State<AppState>,
     ApiPath(pool): ApiPath<String>,

@@ -274,6 +274,8 @@ async fn operations_endpoints_answer() {
         "/v1/lanes",
         "/v1/workers/{id}/heartbeat",
         "/v1/runs/{id}/attempts/{attempt}/finish",
+        "/v1/endpoints/{name}",
+        "/v1/pools/{pool}/dispatch",
     ] {
         assert!(
             doc["paths"][path].is_object(),
