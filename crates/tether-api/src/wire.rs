@@ -161,6 +161,10 @@ pub struct RunBeatWire {
 pub struct HeartbeatRequest {
     #[serde(default)]
     pub runs: Vec<RunBeatWire>,
+    /// The worker is finishing what it holds before it leaves: show it `draining` and hand it
+    /// nothing new.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

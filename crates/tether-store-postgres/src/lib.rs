@@ -303,9 +303,11 @@ impl PgStore {
     ) -> StoreResult<Admission> {
         let (mut tx, now) = self.begin().await?;
         let mut out = Outbox::default();
-        if admission.is_some() {
-            // Admissions to a lane are decided one at a time: the room one sees is the room it
-            // gets (SPEC §1.2).
+        if admission.is_some_and(|p| p.reject_when_full) {
+            // Admissions to a reject lane are decided one at a time: the room one sees is the
+            // room it gets (SPEC §1.2). A queue lane reserves nothing at the door, so its
+            // submissions need not wait for each other (a reused key is settled by the unique
+            // index below).
             lane_lock(&mut tx, &spec.lane).await?;
         }
         if let Some(existing) = find_by_key(&mut tx, spec).await? {
@@ -465,7 +467,8 @@ async fn admit(
 ) -> StoreResult<Option<Admission>> {
     let workers = sqlx::query(
         "SELECT id, cpus, memory_mb FROM workers WHERE deregistered_at IS NULL \
-         AND last_heartbeat_at >= $1 AND (cardinality(lanes) = 0 OR $2 = ANY(lanes))",
+         AND NOT draining AND last_heartbeat_at >= $1 \
+         AND (cardinality(lanes) = 0 OR $2 = ANY(lanes))",
     )
     .bind(now.saturating_sub(policy.worker_fresh_ms))
     .bind(&spec.lane)
@@ -868,6 +871,17 @@ impl Store for PgStore {
         Ok(handed_back)
     }
 
+    async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()> {
+        let (mut tx, _now) = self.begin().await?;
+        lock_live_worker(&mut tx, worker_id).await?;
+        sqlx::query("UPDATE workers SET draining = TRUE WHERE id = $1 AND deregistered_at IS NULL")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        self.commit(tx, Outbox::default()).await
+    }
+
     async fn lane_loads(&self) -> StoreResult<Vec<tether_store::LaneLoad>> {
         lanes::lane_loads(self.pool()).await
     }
@@ -900,6 +914,10 @@ impl Store for PgStore {
         let mut out = Outbox::default();
         // The worker's row lock serializes its claims: the room computed below stays true.
         let worker = lock_live_worker(&mut tx, worker_id).await?;
+        // A draining worker finishes what it holds and takes nothing new.
+        if worker.draining {
+            return Ok(Vec::new());
+        }
         if limits.worker_fresh_ms > 0
             && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now)
         {

@@ -273,7 +273,8 @@ async fn admission_refusal(
     policy: &AdmissionPolicy,
 ) -> StoreResult<Option<Admission>> {
     let rows = sqlx::query(&format!(
-        "{WORKER_SELECT} WHERE deregistered_at IS NULL AND last_heartbeat_at >= ?"
+        "{WORKER_SELECT} WHERE deregistered_at IS NULL AND draining = 0 \
+         AND last_heartbeat_at >= ?"
     ))
     .bind(now.saturating_sub(policy.worker_fresh_ms))
     .fetch_all(&mut *conn)
@@ -600,6 +601,17 @@ impl Store for SqliteStore {
         Ok(handed_back)
     }
 
+    async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        live_worker(&mut tx, worker_id).await?;
+        sqlx::query("UPDATE workers SET draining = 1 WHERE id = ? AND deregistered_at IS NULL")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        self.commit(tx, Outbox::default()).await
+    }
+
     async fn lane_loads(&self) -> StoreResult<Vec<tether_store::LaneLoad>> {
         lanes::lane_loads(&self.reader).await
     }
@@ -632,6 +644,10 @@ impl Store for SqliteStore {
         let now = clock();
         let mut out = Outbox::default();
         let worker = live_worker(&mut tx, worker_id).await?;
+        // A draining worker finishes what it holds and takes nothing new.
+        if worker.draining {
+            return Ok(Vec::new());
+        }
         if limits.worker_fresh_ms > 0
             && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now)
         {

@@ -64,6 +64,7 @@ macro_rules! store_conformance_tests {
             unknown_and_deregistered_workers_are_refused,
             a_worker_with_a_stale_heartbeat_is_handed_nothing,
             lane_loads_count_pending_and_in_flight_runs,
+            a_draining_worker_is_handed_nothing_new,
             a_run_goes_from_pending_to_succeeded_with_events_in_order,
             old_attempts_and_other_workers_are_fenced,
             terminal_runs_never_change,
@@ -823,6 +824,41 @@ pub async fn lane_loads_count_pending_and_in_flight_runs(h: &dyn Harness) {
     assert!((reserved - 2.0).abs() < 1e-9);
     assert_eq!(lane("default").pending + lane("default").in_flight, 3);
     assert_eq!(lane("builds").pending + lane("builds").in_flight, 1);
+}
+
+/// A draining worker keeps what it holds (and its heartbeats count) but is handed nothing new.
+pub async fn a_draining_worker_is_handed_nothing_new(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (held, worker_id) = claimed_run(store, &spec()).await;
+    create(store, &spec()).await;
+    store.set_worker_draining(&worker_id).await.unwrap();
+    let listed = store.list_workers().await.unwrap();
+    let me = listed.iter().find(|w| w.id == worker_id).unwrap();
+    assert!(me.draining);
+    assert_eq!(me.runs, vec![(held.clone(), 1)]);
+    assert!(store
+        .claim_runs(&worker_id, &limits(4))
+        .await
+        .unwrap()
+        .is_empty());
+    let beat = RunBeat {
+        run_id: held.clone(),
+        attempt: 1,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        since_last_output_s: None,
+    };
+    let answer = store.heartbeat(&worker_id, &[beat]).await.unwrap();
+    assert!(
+        answer.not_owned.is_empty(),
+        "a draining worker still holds its run"
+    );
+    assert_err(
+        store.set_worker_draining("no-such-worker").await,
+        is_unknown_worker,
+        "draining an unknown worker",
+    );
 }
 
 pub async fn unknown_and_deregistered_workers_are_refused(h: &dyn Harness) {

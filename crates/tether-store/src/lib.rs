@@ -71,6 +71,10 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// Returns the runs it held.
     async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>>;
 
+    /// A worker finishing what it holds before it leaves: it is shown `draining` and handed
+    /// no new runs. `UnknownWorker` for an unknown or deregistered worker.
+    async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()>;
+
     /// Registered workers that have not deregistered, with the runs each holds.
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
 

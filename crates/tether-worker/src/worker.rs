@@ -1,6 +1,7 @@
 //! The worker process: register, claim, supervise, heartbeat, and leave cleanly.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub struct WorkerConfig {
     /// How long one claim may wait at the server for work.
     pub claim_wait: Duration,
     pub max_runs_per_claim: u32,
+    /// On shutdown, how long to let the commands it holds finish (shown `draining`, taking
+    /// nothing new) before stopping them. Zero stops them at once.
+    pub drain_timeout: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +54,7 @@ impl Default for WorkerConfig {
             kill_grace: Duration::from_secs(10),
             claim_wait: Duration::from_secs(20),
             max_runs_per_claim: 4,
+            drain_timeout: Duration::ZERO,
         }
     }
 }
@@ -243,6 +248,7 @@ impl Session {
     async fn run(self, interval: Duration, shutdown: &CancellationToken) -> SessionEnd {
         let forgotten = CancellationToken::new();
         let stop_beating = CancellationToken::new();
+        let draining = Arc::new(AtomicBool::new(false));
         // Its own task: neither claims nor log uploads may delay a heartbeat.
         let beats = tokio::spawn(heartbeat_loop(
             self.client.clone(),
@@ -251,14 +257,27 @@ impl Session {
             self.held.clone(),
             forgotten.clone(),
             stop_beating.clone(),
+            draining.clone(),
         ));
         let end = self.claim_loop(shutdown, &forgotten).await;
+        self.tracker.close();
+        if matches!(end, SessionEnd::Shutdown) && !self.config.drain_timeout.is_zero() {
+            // Drain: the server is told at the next heartbeat, and the commands get their
+            // chance to finish and report before anything is stopped.
+            draining.store(true, Ordering::Relaxed);
+            tracing::info!(timeout = ?self.config.drain_timeout, "draining");
+            if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain timed out; stopping what is left");
+            }
+        }
         let directive = match end {
             SessionEnd::Shutdown => Directive::Shutdown,
             SessionEnd::Forgotten => Directive::Abandon,
         };
         self.held.order_all(directive);
-        self.tracker.close();
         // Heartbeats go on while the processes wind down, so the server does not judge the
         // runs lost meanwhile.
         self.tracker.wait().await;
@@ -365,6 +384,7 @@ async fn heartbeat_loop(
     held: Held,
     forgotten: CancellationToken,
     stop: CancellationToken,
+    draining: Arc<AtomicBool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -375,7 +395,10 @@ async fn heartbeat_loop(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let request = HeartbeatRequest { runs: held.beats() };
+        let request = HeartbeatRequest {
+            runs: held.beats(),
+            draining: draining.load(Ordering::Relaxed),
+        };
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = tokio::time::timeout(patience, client.heartbeat(&worker_id, &request)) => r,

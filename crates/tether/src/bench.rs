@@ -535,7 +535,13 @@ async fn heartbeat_loop(
             })
             .collect();
         client
-            .heartbeat(&worker.id, &HeartbeatRequest { runs })
+            .heartbeat(
+                &worker.id,
+                &HeartbeatRequest {
+                    runs,
+                    draining: false,
+                },
+            )
             .await?;
         sent.fetch_add(1, Ordering::Relaxed);
     }

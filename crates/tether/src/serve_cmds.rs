@@ -93,6 +93,10 @@ pub struct WorkerArgs {
     /// Grace between SIGTERM and SIGKILL when a run is cancelled or times out.
     #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
     pub kill_grace: Duration,
+    /// On SIGTERM, let running commands finish for up to this long (the worker shows
+    /// `draining` and takes nothing new) before stopping them and leaving. 0 stops them at once.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "0s", value_parser = duration)]
+    pub drain_timeout: Duration,
 }
 
 fn machine_cpus() -> f64 {
@@ -239,6 +243,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         },
         lanes: args.lanes.into_iter().filter(|l| !l.is_empty()).collect(),
         kill_grace: args.kill_grace,
+        drain_timeout: args.drain_timeout,
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

@@ -200,6 +200,9 @@ pub async fn heartbeat(
             since_last_output_s: b.since_last_output_s,
         })
         .collect();
+    if request.draining {
+        state.store.set_worker_draining(&worker_id).await?;
+    }
     let answer = state.store.heartbeat(&worker_id, &beats).await?;
     Ok(Json(HeartbeatResponse {
         cancel: wire_refs(answer.cancel),

@@ -255,7 +255,10 @@ async fn a_never_probed_endpoint_dispatches_to_the_fallback() {
         (&json!(false), &Value::Null, &Value::Null),
         "{e}"
     );
-    assert!(node.probes.load(Ordering::SeqCst) <= 1, "probed more than once in an hour");
+    assert!(
+        node.probes.load(Ordering::SeqCst) <= 1,
+        "probed more than once in an hour"
+    );
 }
 
 #[tokio::test]

@@ -294,3 +294,38 @@ async fn a_worker_stopped_gracefully_hands_its_runs_back_at_once() {
     let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+#[tokio::test]
+async fn a_draining_worker_finishes_its_run_takes_nothing_new_then_leaves() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let w1 = c.worker("w1", "2", &["--drain-timeout", "20s"]);
+    c.wait_workers(1).await;
+    let run = c
+        .submit(json!({"command": ["sh", "-c", "sleep 2; echo drained"]}))
+        .await;
+    holder_of(&c, &id(&run)).await;
+    w1.signal(Signal::SIGTERM);
+    // Shown draining within a heartbeat or two.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let workers = c.workers().await;
+        if workers.first().is_some_and(|w| w["state"] == "draining") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never shown draining: {workers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It takes nothing new.
+    let waiting = c.submit(json!({"command": ["echo", "later"]})).await;
+    // Its run finishes normally, then it leaves.
+    let done = c.wait_terminal(&id(&run), Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(c.logs(&id(&run)).await, b"drained\n");
+    assert_eq!(w1.stop(Duration::from_secs(10)), Some(0));
+    assert!(c.workers().await.is_empty(), "a drained worker deregisters");
+    assert_eq!(c.run(&id(&waiting)).await["status"], "pending");
+}
