@@ -258,7 +258,13 @@ impl PgStore {
     /// A write transaction and the database's clock, read once for all of it. Dropping the
     /// transaction without commit (an error, or a cancelled future) rolls it back.
     async fn begin(&self) -> StoreResult<(Transaction<'static, Postgres>, Millis)> {
-        let mut tx = self.inner.pool.begin().await.map_err(db)?;
+        // In a task of its own, so a request dropped mid-begin cannot strand an open
+        // transaction on a pooled connection (its `Transaction`, once built, rolls back on drop).
+        let pool = self.inner.pool.clone();
+        let mut tx = tokio::spawn(async move { pool.begin().await })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("beginning a transaction: {e}")))?
+            .map_err(db)?;
         let now = clock(&mut tx).await?;
         Ok((tx, now))
     }

@@ -127,8 +127,27 @@ impl SqliteStore {
 
     /// A write transaction. Dropping it without commit (an error, or a cancelled future)
     /// rolls it back before the connection is used again.
+    ///
+    /// Beginning runs in a task of its own: a request dropped mid-begin (a client that hung
+    /// up) must not leave the single writer holding a transaction nobody owns, which sqlx
+    /// can do when BEGIN is acknowledged before its `Transaction` exists. Should that ever
+    /// happen anyway, the stuck connection is retired and a fresh one opened.
     async fn begin(&self) -> StoreResult<Transaction<'static, sqlx::Sqlite>> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+        let writer = self.writer.clone();
+        let begun = tokio::spawn(async move {
+            match writer.begin_with("BEGIN IMMEDIATE").await {
+                Err(sqlx::Error::InvalidSavePointStatement) => {
+                    tracing::warn!("the writer was left inside a transaction; reopening it");
+                    writer.acquire().await?.close().await?;
+                    writer.begin_with("BEGIN IMMEDIATE").await
+                }
+                other => other,
+            }
+        });
+        begun
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("beginning a transaction: {e}")))?
+            .map_err(db)
     }
 
     async fn commit(&self, tx: Transaction<'static, sqlx::Sqlite>, out: Outbox) -> StoreResult<()> {

@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             a_worker_with_a_stale_heartbeat_is_handed_nothing,
             lane_loads_count_pending_and_in_flight_runs,
             a_draining_worker_is_handed_nothing_new,
+            writes_survive_callers_dropped_mid_transaction,
             a_run_goes_from_pending_to_succeeded_with_events_in_order,
             old_attempts_and_other_workers_are_fenced,
             terminal_runs_never_change,
@@ -859,6 +860,38 @@ pub async fn a_draining_worker_is_handed_nothing_new(h: &dyn Harness) {
         is_unknown_worker,
         "draining an unknown worker",
     );
+}
+
+/// Callers dropped at any point of a write (a client that hung up) leave the store whole:
+/// each run exists with its first event or not at all, and the next write works.
+pub async fn writes_survive_callers_dropped_mid_transaction(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = fx.store.clone();
+    for i in 0..300u64 {
+        let store = store.clone();
+        let task = tokio::spawn(async move { store.create_run(&spec()).await });
+        // Abort after a varying delay: some before BEGIN, some inside it, some after.
+        std::thread::sleep(Duration::from_micros((i * 7) % 400));
+        task.abort();
+        let _ = task.await;
+    }
+    let after = create(&store, &spec()).await;
+    let page = store
+        .list_runs(&RunFilter {
+            limit: 500,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(page.runs.iter().any(|r| r.id == after));
+    for run in &page.runs {
+        assert_eq!(run.status, RunStatus::Pending);
+        assert_eq!(
+            all_events(&store, &run.id).await.len(),
+            1,
+            "a run without its first event"
+        );
+    }
 }
 
 pub async fn unknown_and_deregistered_workers_are_refused(h: &dyn Harness) {

@@ -78,6 +78,11 @@ pub struct BenchArgs {
     /// How many times each big-table call is timed.
     #[arg(long, default_value_t = 50)]
     pub samples: u32,
+    /// Then this many runs submitted one at a time, each once the one before has started:
+    /// submit-to-start latency on an idle system, where it is the wake-up path alone and not
+    /// the queue of a saturated one (0 skips that part).
+    #[arg(long, default_value_t = 200)]
+    pub paced: u64,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +195,8 @@ pub struct Report {
     pub concurrency: u32,
     pub claim_batch: u32,
     pub throughput: Throughput,
+    /// One run at a time on an idle system.
+    pub paced: Option<Throughput>,
     pub big_table: Option<BigTable>,
 }
 
@@ -197,6 +204,7 @@ impl Report {
     /// Every run succeeded exactly once with all its events, in every pass.
     pub fn ok(&self) -> bool {
         self.throughput.ok()
+            && self.paced.as_ref().is_none_or(Throughput::ok)
             && self
                 .big_table
                 .as_ref()
@@ -403,6 +411,18 @@ async fn phases(
 ) -> Result<Report, CliError> {
     progress(args, &format!("{} runs on an empty table…", args.runs));
     let throughput = throughput(args, client, store, "empty").await?;
+    let paced = if args.paced > 0 {
+        progress(args, &format!("{} runs one at a time…", args.paced));
+        let one_at_a_time = BenchArgs {
+            runs: args.paced,
+            concurrency: 1,
+            follow_every: 0,
+            ..args.clone()
+        };
+        Some(throughput_paced(&one_at_a_time, client, store).await?)
+    } else {
+        None
+    };
     let big_table = if args.seed_finished > 0 {
         Some(big_table(args, db, store, client).await?)
     } else {
@@ -416,6 +436,7 @@ async fn phases(
         concurrency: args.concurrency,
         claim_batch: args.claim_batch,
         throughput,
+        paced,
         big_table,
     })
 }
@@ -460,6 +481,8 @@ struct Pass {
     claimed_runs: AtomicU64,
     done: CancellationToken,
     failure: Mutex<Option<String>>,
+    /// Each submitter waits for its run to start before it submits the next.
+    paced: bool,
 }
 
 impl Pass {
@@ -700,6 +723,12 @@ async fn submitter(
         match pass.timed("submit", client.submit(&request)).await {
             Ok(run) => {
                 lock(&pass.submitted).insert(run.id.clone(), Instant::now());
+                if pass.paced {
+                    // The latency itself is stamped by the worker; this only paces.
+                    while !lock(&pass.started).contains_key(&run.id) && !pass.done.is_cancelled() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
                 if i.checked_rem(follow_every) == Some(0) {
                     followers.push(tokio::spawn(follow(client.clone(), run.id)));
                 }
@@ -719,6 +748,25 @@ async fn throughput(
     store: &SharedStore,
     tag: &str,
 ) -> Result<Throughput, CliError> {
+    pass_of(args, client, store, tag, false).await
+}
+
+/// N runs, each submitted once the one before has started.
+async fn throughput_paced(
+    args: &BenchArgs,
+    client: &TetherClient,
+    store: &SharedStore,
+) -> Result<Throughput, CliError> {
+    pass_of(args, client, store, "paced", true).await
+}
+
+async fn pass_of(
+    args: &BenchArgs,
+    client: &TetherClient,
+    store: &SharedStore,
+    tag: &str,
+    paced: bool,
+) -> Result<Throughput, CliError> {
     let pass = Arc::new(Pass {
         total: args.runs,
         submitted: Mutex::new(HashMap::new()),
@@ -731,6 +779,7 @@ async fn throughput(
         claimed_runs: AtomicU64::new(0),
         done: CancellationToken::new(),
         failure: Mutex::new(None),
+        paced,
     });
     let mut workers = Vec::new();
     for i in 0..args.workers {
@@ -1159,6 +1208,15 @@ fn render(r: &Report) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "Throughput, empty table");
     render_throughput(&mut out, &r.throughput);
+    if let Some(p) = &r.paced {
+        let l = &p.submit_to_start_ms;
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "One run at a time ({} runs, idle system)\n  submit→start ms            p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            p.runs, l.p50, l.p90, l.p99, l.max
+        );
+    }
     if let Some(b) = &r.big_table {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -1238,6 +1296,7 @@ mod tests {
             follow_every: 5,
             seed_finished: 1000,
             samples: 5,
+            paced: 5,
             json: true,
         }
     }
@@ -1278,7 +1337,13 @@ mod tests {
         assert_eq!(report.store, "sqlite");
         assert_every_run_succeeded_once(&report.throughput);
         assert_big_table(report.big_table.as_ref().unwrap());
+        let paced = report.paced.as_ref().unwrap();
+        assert_eq!(
+            (paced.succeeded_once, paced.submit_to_start_ms.count),
+            (5, 5)
+        );
         assert!(render(&report).contains("reaper sweep"));
+        assert!(render(&report).contains("One run at a time"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

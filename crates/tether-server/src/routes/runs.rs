@@ -62,9 +62,12 @@ pub async fn create_run(
         metrics::counter!("tether_runs_created_total", "lane" => spec.lane.clone()).increment(1);
     }
     let now = state.store.now().await?;
-    let mut view = run_view(&created.run, None, &state.config, now);
-    view.waiting_reason = waiting_reason(&state, &created.run).await?;
-    Ok((StatusCode::ACCEPTED, Json(view)))
+    // No `waiting_reason` here: reading every worker and lane on each submission would cost
+    // the hot path more than the answer is worth; `GET /v1/runs/{id}` says why a run waits.
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(run_view(&created.run, None, &state.config, now)),
+    ))
 }
 
 /// Why a pending run waits, read fresh (lists read capacity once for the whole page).

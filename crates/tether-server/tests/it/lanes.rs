@@ -215,8 +215,9 @@ async fn a_queue_lane_drains_in_submission_order_and_says_why_runs_wait() {
     let s = TestServer::start().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let run = s.submit(json!({"command": ["echo", i.to_string()]})).await;
-        assert_eq!(run["queue_position"], i + 1);
+        let submitted = s.submit(json!({"command": ["echo", i.to_string()]})).await;
+        assert_eq!(submitted["queue_position"], i + 1);
+        let run = s.run(submitted["id"].as_str().unwrap()).await;
         assert!(
             run["waiting_reason"]
                 .as_str()
