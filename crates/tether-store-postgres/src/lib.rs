@@ -642,47 +642,6 @@ async fn reap_one(
     }
 }
 
-/// Which reaper deadline a run has passed first, if any.
-fn reap_reason(loaded: &Loaded, now: Millis, policy: &ReapPolicy) -> Option<ErrorCode> {
-    let run = &loaded.run;
-    let mut due: Vec<(Millis, ErrorCode)> = Vec::new();
-    if let Some(stale_at) = loaded.stale_at {
-        if stale_at < now {
-            let code = if run.status == RunStatus::Claimed && !loaded.confirmed {
-                ErrorCode::WorkerClaimTimeout
-            } else {
-                ErrorCode::WorkerHeartbeatLost
-            };
-            due.push((stale_at, code));
-        }
-    }
-    if let Some(timeout_at) = loaded.timeout_at {
-        let deadline = timeout_at.saturating_add(policy.timeout_grace_ms);
-        if deadline < now {
-            due.push((deadline, ErrorCode::Timeout));
-        }
-    }
-    if run.cancel_requested_at.is_some() {
-        if let Some(base) = run.last_heartbeat_at.or(run.claimed_at) {
-            let deadline = base.saturating_add(policy.cancel_stale_after_ms);
-            if deadline < now {
-                // The machine ends it `cancelled`: a requested cancel wins over a retry.
-                due.push((deadline, ErrorCode::WorkerHeartbeatLost));
-            }
-        }
-    }
-    due.into_iter()
-        .min_by_key(|(at, _)| *at)
-        .map(|(_, code)| code)
-}
-
-fn parse_cursor(cursor: &str) -> StoreResult<i64> {
-    match cursor.parse::<i64>() {
-        Ok(seq) if seq > 0 => Ok(seq),
-        _ => Err(StoreError::InvalidCursor),
-    }
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn now(&self) -> StoreResult<Millis> {
@@ -724,7 +683,11 @@ impl Store for PgStore {
             0 => 50,
             n => n.min(500),
         };
-        let after = filter.cursor.as_deref().map(parse_cursor).transpose()?;
+        let after = filter
+            .cursor
+            .as_deref()
+            .map(tether_store::parse_cursor)
+            .transpose()?;
         let mut sql = format!("{RUN_SELECT} WHERE TRUE");
         let mut n = 0;
         let mut next = || {
@@ -1413,7 +1376,12 @@ impl Store for PgStore {
             };
             // Judged again on the row as locked: a run another sweep has already ended is no
             // longer in flight, and one that heartbeated is no longer due.
-            let Some(code) = reap_reason(&loaded, now, policy) else {
+            let deadlines = tether_store::ReapDeadlines {
+                stale_at: loaded.stale_at,
+                timeout_at: loaded.timeout_at,
+                confirmed: loaded.confirmed,
+            };
+            let Some(code) = tether_store::reap_reason(&loaded.run, deadlines, now, policy) else {
                 continue;
             };
             if let Some(r) = reap_one(&mut tx, &mut out, now, &loaded, code).await? {

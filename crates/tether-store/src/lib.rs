@@ -10,10 +10,12 @@
 pub mod conformance;
 mod endpoints;
 mod error;
+mod judge;
 mod records;
 
 pub use endpoints::*;
 pub use error::StoreError;
+pub use judge::{parse_cursor, reap_reason, ReapDeadlines};
 pub use records::*;
 
 use async_trait::async_trait;
