@@ -48,9 +48,10 @@ use crate::rows::{
     EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
 };
 use crate::write::{
-    end_attempt, guarded, guarded_update, load_run, one_row, push_event, push_status, status_body,
-    transition_error, Ending, Lock, Outbox,
+    end_attempt, guarded, guarded_update, load_run, one_row, push_event, push_status,
+    transition_error, Ending, Lock,
 };
+use tether_store::{status_body, Outbox};
 
 /// Any database failure: the request may be retried. A value that would not decode is a
 /// different matter: the data is not what this code wrote.

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use tether_domain::{Resources, RunSpec, RunStatus};
 use tether_store::{StoreError, StoreResult};
 
-use crate::write::status_body;
 use crate::{db, encode, PgStore};
+use tether_store::status_body;
 
 /// The worker seeded attempts name; never registered.
 const SEEDED_WORKER: &str = "seeded-worker";

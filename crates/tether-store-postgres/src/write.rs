@@ -1,43 +1,15 @@
 //! What every write transaction shares: loading and locking a run, conditional writes, events,
 //! and ending an attempt as the status machine decided.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use serde_json::json;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{PgConnection, Postgres};
 use tether_domain::machine::{Decision, TransitionError};
 use tether_domain::{Millis, RunStatus};
-use tether_store::{EventKind, Signal, StoreError, StoreResult};
+use tether_store::{status_body, EventKind, Outbox, StoreError, StoreResult};
 
 use crate::db;
 use crate::rows::{decode_run, Loaded, RUN_SELECT};
-
-/// Signals a transaction earns, sent only once it commits.
-#[derive(Debug, Default)]
-pub(crate) struct Outbox {
-    last_seq: BTreeMap<String, i64>,
-    pending_lanes: BTreeSet<String>,
-}
-
-impl Outbox {
-    pub fn run_pending(&mut self, lane: &str) {
-        self.pending_lanes.insert(lane.to_string());
-    }
-
-    pub fn into_signals(self) -> Vec<Signal> {
-        let events = self
-            .last_seq
-            .into_iter()
-            .map(|(run_id, seq)| Signal::RunEvents { run_id, seq });
-        let lanes = self
-            .pending_lanes
-            .into_iter()
-            .map(|lane| Signal::RunPending { lane });
-        events.chain(lanes).collect()
-    }
-}
 
 /// How a run is read inside a write transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,22 +121,8 @@ pub(crate) async fn push_event(
     .execute(&mut *conn)
     .await
     .map_err(db)?;
-    out.last_seq.insert(run_id.to_string(), seq);
+    out.events_written(run_id, seq);
     Ok(seq)
-}
-
-pub(crate) fn status_body(
-    status: RunStatus,
-    attempt: u32,
-    error_code: Option<tether_domain::ErrorCode>,
-    exit_code: Option<i32>,
-) -> serde_json::Value {
-    json!({
-        "status": status.as_str(),
-        "attempt": attempt,
-        "error_code": error_code.map(|c| c.as_str()),
-        "exit_code": exit_code,
-    })
 }
 
 /// Writes a `status` event, and an `end` event after it when the status is terminal.

@@ -38,9 +38,10 @@ use crate::rows::{
     EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
 };
 use crate::write::{
-    end_attempt, guard, guarded, load_run, one_row, push_event, push_status, status_body,
-    transition_error, Ending, Outbox,
+    end_attempt, guard, guarded, load_run, one_row, push_event, push_status, transition_error,
+    Ending,
 };
+use tether_store::{status_body, Outbox};
 
 /// Any database failure: the request may be retried.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use tether_domain::{Resources, RunSpec, RunStatus};
 use tether_store::{StoreError, StoreResult};
 
-use crate::write::status_body;
 use crate::{clock, db, encode, SqliteStore};
+use tether_store::status_body;
 
 /// The worker seeded attempts name; never registered.
 const SEEDED_WORKER: &str = "seeded-worker";

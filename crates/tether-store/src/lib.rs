@@ -11,11 +11,13 @@ pub mod conformance;
 mod endpoints;
 mod error;
 mod judge;
+mod outbox;
 mod records;
 
 pub use endpoints::*;
 pub use error::StoreError;
 pub use judge::{parse_cursor, reap_reason, ReapDeadlines};
+pub use outbox::{status_body, Outbox};
 pub use records::*;
 
 use async_trait::async_trait;
