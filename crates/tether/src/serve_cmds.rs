@@ -183,7 +183,45 @@ pub async fn server(args: ServerArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// Holds `tether up`'s claim on its embedded database for as long as the process lives.
+type UpLock = Option<nix::fcntl::Flock<std::fs::File>>;
+
+/// Only one `tether up` may use an embedded database: the second would hand back the first's
+/// local worker's runs while they still run. The lock is the kernel's (`flock`), so it goes
+/// away with the process however it ends, SIGKILL included.
+fn lock_embedded_database(database: &str) -> Result<UpLock, CliError> {
+    let Some(path) = database
+        .strip_prefix("sqlite://")
+        .or_else(|| database.strip_prefix("sqlite:"))
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .filter(|p| !p.is_empty() && *p != ":memory:")
+    else {
+        return Ok(None);
+    };
+    let lock_path = std::path::PathBuf::from(format!("{path}.up.lock"));
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(CliError::Usage(format!(
+            "another `tether up` is already using {path} (lock {}); stop it first, or give this one its own --database",
+            lock_path.display()
+        ))),
+        Err((_, e)) => Err(CliError::Usage(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
+}
+
 pub async fn up(args: UpArgs) -> Result<u8, CliError> {
+    let _lock = lock_embedded_database(&args.server.database)?;
     let running = start_server(&args.server).await?;
     // The previous `tether up` on this database is gone: hand its local worker's runs back now
     // (retried if attempts remain) rather than after the stale window.

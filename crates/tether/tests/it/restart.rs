@@ -130,3 +130,39 @@ async fn restarting_tether_up_loses_nothing() {
     assert_eq!(pending_done["status"], "succeeded", "{pending_done}");
     drop(third);
 }
+
+#[tokio::test]
+async fn a_second_tether_up_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _first = up(dir.path(), &listen);
+    wait_ready(&http, &format!("http://{listen}")).await;
+    let other = format!("127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(crate::cluster::TETHER)
+        .args(["up", "--listen", &other])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another `tether up` is already using"),
+        "{out:?}"
+    );
+    // The first goes on serving.
+    let run = submit_to(
+        &http,
+        &format!("http://{listen}"),
+        json!({"command": ["true"]}),
+    )
+    .await;
+    let done = wait_for(
+        &http,
+        &format!("http://{listen}"),
+        &id(&run),
+        Duration::from_secs(10),
+        terminal,
+    )
+    .await;
+    assert_eq!(done["status"], "succeeded");
+}
