@@ -258,7 +258,7 @@ pub struct WorkerList {
 
 /// One event as SSE `data:` and as an NDJSON line carry it. `seq` is absent on `heartbeat`
 /// events, which are never stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventView {
     #[serde(rename = "type")]
     pub kind: String,

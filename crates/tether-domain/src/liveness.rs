@@ -21,11 +21,6 @@ impl Freshness {
     pub fn is_fresh(self, stamp: Option<Millis>, now: Millis) -> bool {
         stamp.is_some_and(|s| now - s <= self.window_ms)
     }
-
-    /// The moment a stamp stops being fresh.
-    pub fn expires_at(self, stamp: Millis) -> Millis {
-        stamp + self.window_ms
-    }
 }
 
 /// How alive an in-flight run looks (SPEC §2).
@@ -75,8 +70,11 @@ pub struct RunLivenessInput {
 /// A run with fresh heartbeats is `quiet` once it has printed nothing for this many intervals.
 pub const QUIET_AFTER_INTERVALS: i64 = 2;
 
-/// A heartbeat older than this many intervals means at least one was missed.
-const SUSPECT_AFTER_INTERVALS_X2: i64 = 3; // 1.5 intervals, kept integral
+/// How old a heartbeat may be before at least one was missed: one and a half intervals. Past
+/// it a run or a worker is `suspect`, and a worker is handed no runs and counts for no capacity.
+pub fn suspect_after_ms(heartbeat_interval_ms: i64) -> i64 {
+    heartbeat_interval_ms.max(1) * 3 / 2
+}
 
 /// Judges a run's liveness at the store's `now`.
 pub fn judge_run_liveness(input: RunLivenessInput, now: Millis) -> Liveness {
@@ -103,7 +101,7 @@ pub fn judge_run_liveness(input: RunLivenessInput, now: Millis) -> Liveness {
         .or(input.started_at)
         .or(input.claimed_at);
     let interval = input.heartbeat_interval_ms.max(1);
-    let suspect = Freshness::new(interval * SUSPECT_AFTER_INTERVALS_X2 / 2);
+    let suspect = Freshness::new(suspect_after_ms(interval));
     let quiet = Freshness::new(interval * QUIET_AFTER_INTERVALS);
     let state = match input.heartbeat_timeout_ms {
         Some(window) if !Freshness::new(window).is_fresh(beat, now) => LivenessState::Lost,
@@ -141,9 +139,7 @@ pub fn judge_worker(
     let beat = Some(last_heartbeat_at);
     if !Freshness::new(stale_after_ms).is_fresh(beat, now) {
         WorkerState::Lost
-    } else if !Freshness::new(heartbeat_interval_ms * SUSPECT_AFTER_INTERVALS_X2 / 2)
-        .is_fresh(beat, now)
-    {
+    } else if !Freshness::new(suspect_after_ms(heartbeat_interval_ms)).is_fresh(beat, now) {
         WorkerState::Suspect
     } else if draining {
         WorkerState::Draining

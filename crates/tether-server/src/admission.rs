@@ -16,7 +16,7 @@ pub fn admission_policy(state: &AppState, lane: &LanePolicy) -> AdmissionPolicy 
     AdmissionPolicy {
         reject_when_full: lane.on_full == OnFull::Reject,
         max_concurrency: lane.max_concurrency,
-        worker_fresh_ms: state.config.heartbeat_interval_ms() * 3 / 2,
+        worker_fresh_ms: state.config.worker_fresh_ms(),
     }
 }
 

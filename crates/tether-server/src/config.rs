@@ -53,4 +53,10 @@ impl ServerConfig {
     pub fn heartbeat_interval_ms(&self) -> i64 {
         self.heartbeat_interval.as_millis() as i64
     }
+
+    /// A worker whose last heartbeat is older than this is `suspect`: it is handed no runs
+    /// and its capacity counts for nothing.
+    pub fn worker_fresh_ms(&self) -> i64 {
+        tether_domain::liveness::suspect_after_ms(self.heartbeat_interval_ms())
+    }
 }

@@ -96,10 +96,6 @@ impl RunningServer {
             let _ = task.await;
         }
     }
-
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
 }
 
 /// Starts serving on `listener` with `store`, and starts the background services.

@@ -106,15 +106,7 @@ pub fn event_view(e: &EventRecord) -> EventView {
         seq: Some(e.seq),
         ts: format_rfc3339(e.ts),
         attempt: Some(e.attempt),
-        status: None,
-        error_code: None,
-        exit_code: None,
-        worker_id: None,
-        stream: None,
-        text: None,
-        data_b64: None,
-        queue_position: None,
-        liveness: None,
+        ..EventView::default()
     };
     match e.kind {
         EventKind::Status | EventKind::End => {
@@ -153,14 +145,9 @@ pub fn heartbeat_view(run: &RunRecord, config: &ServerConfig, now: Millis) -> Ev
         ts: format_rfc3339(now),
         attempt: Some(run.attempt),
         status: Some(run.status),
-        error_code: None,
-        exit_code: None,
-        worker_id: None,
-        stream: None,
-        text: None,
-        data_b64: None,
         queue_position: run.queue_position,
         liveness: Some(liveness(run, config, now)),
+        ..EventView::default()
     }
 }
 

@@ -13,6 +13,22 @@ use tether_domain::Resources;
 use crate::follow::follow_run;
 use crate::CliError;
 
+/// Prints an API answer as pretty JSON (`--json`).
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// A state's name as the API writes it (`quiet`, `draining`, …).
+fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// The server's URL.
@@ -147,10 +163,7 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
         })
         .await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&page).unwrap_or_default()
-        );
+        print_json(&page);
         return Ok(0);
     }
     println!(
@@ -158,10 +171,7 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
         "ID", "STATUS", "LIVENESS", "ATTEMPT", "LANE"
     );
     for run in page.runs {
-        let liveness = serde_json::to_value(run.liveness.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let liveness = wire_name(&run.liveness.state);
         println!(
             "{:<36}  {:<10}  {:<8}  {:<7}  {:<10}  {}",
             run.id,
@@ -250,10 +260,7 @@ pub async fn workers(args: WorkersArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
     let list = client.list_workers().await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&list).unwrap_or_default()
-        );
+        print_json(&list);
         return Ok(0);
     }
     println!(
@@ -261,10 +268,7 @@ pub async fn workers(args: WorkersArgs) -> Result<u8, CliError> {
         "ID", "NAME", "STATE", "HEARTBEAT", "CPUS"
     );
     for w in list.workers {
-        let state = serde_json::to_value(w.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let state = wire_name(&w.state);
         println!(
             "{:<36}  {:<20}  {:<8}  {:>8.1}s  {:>13}  {}",
             w.id,

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::client_cmds::ClientArgs;
+use crate::client_cmds::{print_json, ClientArgs};
 use crate::CliError;
 
 #[derive(Debug, Clone, Args)]
@@ -19,10 +19,7 @@ pub async fn endpoints(args: EndpointsArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
     let list = client.list_endpoints().await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&list).unwrap_or_default()
-        );
+        print_json(&list);
         return Ok(0);
     }
     println!(

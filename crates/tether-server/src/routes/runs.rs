@@ -61,7 +61,13 @@ pub async fn create_run(
     if created.created {
         metrics::counter!("tether_runs_created_total", "lane" => spec.lane.clone()).increment(1);
     }
-    let now = state.store.now().await?;
+    // A new run's liveness is judged at its own creation stamp; one resubmitted under its key
+    // needs the store's clock.
+    let now = if created.created {
+        created.run.created_at
+    } else {
+        state.store.now().await?
+    };
     // No `waiting_reason` here: reading every worker and lane on each submission would cost
     // the hot path more than the answer is worth; `GET /v1/runs/{id}` says why a run waits.
     Ok((

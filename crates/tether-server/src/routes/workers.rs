@@ -129,7 +129,7 @@ pub async fn claim(
             .filter_map(|(name, lane)| lane.max_concurrency.map(|m| (name.clone(), m)))
             .collect(),
         // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
-        worker_fresh_ms: state.config.heartbeat_interval_ms() * 3 / 2,
+        worker_fresh_ms: state.config.worker_fresh_ms(),
     };
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
