@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::wire::{
-    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ErrorBody, EventView,
-    FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest, WorkerList,
+    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ControlRequest,
+    ControlResponse, ErrorBody, EventView, FinishRequest, HeartbeatRequest, HeartbeatResponse,
+    RegisterWorkerRequest, RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest,
+    WorkerList,
 };
 
 /// The whole-request timeout of every ordinary call.
@@ -329,6 +330,21 @@ impl TetherClient {
         request: &ClaimRequest,
     ) -> Result<ClaimResponse, ClientError> {
         let path = format!("/v1/workers/{}/claim", segment(worker_id));
+        let timeout = Duration::from_millis(request.wait_ms) + CLAIM_SLACK;
+        let req = self
+            .request_without_timeout(Method::POST, &path)
+            .timeout(timeout)
+            .json(request);
+        self.call(req).await
+    }
+
+    /// `POST /v1/workers/{id}/control`: long-polls for up to `request.wait_ms` for cancels.
+    pub async fn control(
+        &self,
+        worker_id: &str,
+        request: &ControlRequest,
+    ) -> Result<ControlResponse, ClientError> {
+        let path = format!("/v1/workers/{}/control", segment(worker_id));
         let timeout = Duration::from_millis(request.wait_ms) + CLAIM_SLACK;
         let req = self
             .request_without_timeout(Method::POST, &path)

@@ -135,6 +135,10 @@ pub struct Assignment {
     pub timeout_ms: Option<u64>,
     pub stall_timeout_ms: Option<u64>,
     pub output_limit_bytes: u64,
+    /// What the run reserves of the worker, so the worker knows when it has room to ask for
+    /// more. Absent from older servers: then the default request.
+    #[serde(default)]
+    pub resources: Option<Resources>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -179,6 +183,20 @@ pub struct HeartbeatResponse {
     pub cancel: Vec<RunRefWire>,
     /// Not yours any more: kill at once, report nothing.
     pub not_owned: Vec<RunRefWire>,
+}
+
+/// `POST /v1/workers/{id}/control`: a long-poll the worker keeps open so a cancel reaches it
+/// at once; the heartbeat still carries cancels too, as the fallback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ControlRequest {
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ControlResponse {
+    /// Stop these (SIGTERM, then SIGKILL after the grace period) and finish them `cancelled`.
+    pub cancel: Vec<RunRefWire>,
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/start`.

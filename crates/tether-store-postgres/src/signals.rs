@@ -4,7 +4,8 @@
 //! its local channel.
 //!
 //! Payloads are compact JSON: `{"s": schema, "o": origin, "k": "p", "lane": …}` for a run
-//! pending, `{"s", "o", "k": "e", "run": …, "seq": …}` for new events. The channel is shared by
+//! pending, `{"s", "o", "k": "e", "run": …, "seq": …}` for new events, `"k": "f"` (lane,
+//! worker) for room freed and `"k": "c"` (run, attempt, worker) for a cancel asked. The channel is shared by
 //! the whole database, so `s` keeps stores in other schemas apart, and `o` (one per store
 //! instance) lets a store skip its own notifications: it already broadcast them right after its
 //! commit, without a round trip.
@@ -40,6 +41,16 @@ pub(crate) fn encode(schema: &str, origin: &str, signal: &Signal) -> String {
         Signal::RunPending { lane } => json!({ "s": schema, "o": origin, "k": "p", "lane": lane }),
         Signal::RunEvents { run_id, seq } => {
             json!({ "s": schema, "o": origin, "k": "e", "run": run_id, "seq": seq })
+        }
+        Signal::RoomFreed { lane, worker_id } => {
+            json!({ "s": schema, "o": origin, "k": "f", "lane": lane, "w": worker_id })
+        }
+        Signal::CancelRequested {
+            run_id,
+            attempt,
+            worker_id,
+        } => {
+            json!({ "s": schema, "o": origin, "k": "c", "run": run_id, "a": attempt, "w": worker_id })
         }
     };
     let text = value.to_string();
@@ -79,6 +90,27 @@ fn decode(schema: &str, origin: &str, payload: &str) -> Decoded {
                 run_id: run_id.to_string(),
                 seq,
             }),
+            _ => Decoded::CatchUp,
+        },
+        Some("f") => match (value["lane"].as_str(), value["w"].as_str()) {
+            (Some(lane), Some(worker_id)) => Decoded::Signal(Signal::RoomFreed {
+                lane: lane.to_string(),
+                worker_id: worker_id.to_string(),
+            }),
+            _ => Decoded::CatchUp,
+        },
+        Some("c") => match (
+            value["run"].as_str(),
+            value["a"].as_u64().and_then(|a| u32::try_from(a).ok()),
+            value["w"].as_str(),
+        ) {
+            (Some(run_id), Some(attempt), Some(worker_id)) => {
+                Decoded::Signal(Signal::CancelRequested {
+                    run_id: run_id.to_string(),
+                    attempt,
+                    worker_id: worker_id.to_string(),
+                })
+            }
             _ => Decoded::CatchUp,
         },
         _ => Decoded::CatchUp,
@@ -250,6 +282,22 @@ mod tests {
             decode("s1", "b", &encode("s1", "a", &pending)),
             Decoded::Signal(pending)
         );
+        for signal in [
+            Signal::RoomFreed {
+                lane: "l".into(),
+                worker_id: "w".into(),
+            },
+            Signal::CancelRequested {
+                run_id: "r".into(),
+                attempt: 3,
+                worker_id: "w".into(),
+            },
+        ] {
+            assert_eq!(
+                decode("s1", "b", &encode("s1", "a", &signal)),
+                Decoded::Signal(signal)
+            );
+        }
         let huge = Signal::RunPending {
             lane: "x".repeat(10_000),
         };

@@ -503,8 +503,15 @@ impl Store for SqliteStore {
         ))
         .bind(now);
         one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
-        if let Some(decision) = transition.decision {
-            end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?;
+        match (transition.decision, &loaded.run.worker_id) {
+            (Some(decision), _) => {
+                end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?
+            }
+            // In flight: its worker's control poll hears of it now, its heartbeat later.
+            (None, Some(worker_id)) => {
+                out.cancel_requested(run_id, loaded.run.attempt, worker_id);
+            }
+            (None, None) => {}
         }
         let run = reload(&mut tx, run_id).await?;
         self.commit(tx, out).await?;

@@ -305,6 +305,17 @@ pub enum Signal {
     RunPending { lane: String },
     /// A run has new events up to `seq`.
     RunEvents { run_id: String, seq: i64 },
+    /// An attempt held by `worker_id` in `lane` ended (finished, reaped, cancelled, handed
+    /// back), so that worker, and the lane's `max_concurrency`, have room again: waiting claims
+    /// re-try at once instead of on a timer.
+    RoomFreed { lane: String, worker_id: String },
+    /// A cancel was asked of an in-flight attempt: its worker's control poll answers at once
+    /// instead of at the next heartbeat.
+    CancelRequested {
+        run_id: String,
+        attempt: u32,
+        worker_id: String,
+    },
 }
 
 /// How the reaper judges in-flight runs.
