@@ -18,10 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::wire::{
-    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ControlRequest,
-    ControlResponse, ErrorBody, EventView, FinishRequest, HeartbeatRequest, HeartbeatResponse,
-    RegisterWorkerRequest, RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest,
-    WorkerList,
+    AppendLogRequest, AppendLogResponse, BatchSubmitRequest, BatchSubmitResponse, ClaimRequest,
+    ClaimResponse, ControlRequest, ControlResponse, ErrorBody, EventView, FinishRequest,
+    HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunList,
+    RunView, StartRequest, SubmitRequest, WorkerList,
 };
 
 /// The whole-request timeout of every ordinary call.
@@ -219,6 +219,16 @@ impl TetherClient {
     // ---- runs ---------------------------------------------------------------------------
 
     /// `POST /v1/runs`.
+    /// `POST /v1/runs/batch`: many runs in one transaction, all admitted or none (at most
+    /// 1,000 per call).
+    pub async fn submit_batch(
+        &self,
+        request: &BatchSubmitRequest,
+    ) -> Result<BatchSubmitResponse, ClientError> {
+        self.call(self.request(Method::POST, "/v1/runs/batch").json(request))
+            .await
+    }
+
     pub async fn submit(&self, request: &SubmitRequest) -> Result<RunView, ClientError> {
         let req = self.request(Method::POST, "/v1/runs").json(request);
         self.call(req).await

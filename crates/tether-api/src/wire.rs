@@ -18,6 +18,21 @@ pub struct ErrorDetail {
     /// `unauthorized`, `body_too_large`, `store_unavailable`, ...
     pub code: String,
     pub message: String,
+    /// For `POST /v1/runs/batch`: the entry the error is about (counting from 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+/// The body of `POST /v1/runs/batch`: many submissions, admitted in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchSubmitRequest {
+    pub runs: Vec<SubmitRequest>,
+}
+
+/// The answer to `POST /v1/runs/batch`: every run, in the request's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchSubmitResponse {
+    pub runs: Vec<RunView>,
 }
 
 /// One attempt in a run's history.

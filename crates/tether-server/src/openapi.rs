@@ -10,6 +10,7 @@ use utoipa::OpenApi;
     ),
     paths(
         crate::routes::runs::create_run,
+        crate::routes::runs::create_runs,
         crate::routes::runs::get_run,
         crate::routes::runs::list_runs,
         crate::routes::runs::cancel_run,
@@ -39,6 +40,8 @@ use utoipa::OpenApi;
         tether_api::ErrorBody,
         tether_api::ErrorDetail,
         tether_api::SubmitRequest,
+        tether_api::BatchSubmitRequest,
+        tether_api::BatchSubmitResponse,
         tether_api::EventView,
         tether_api::RegisterWorkerRequest,
         tether_api::RegisterWorkerResponse,

@@ -96,6 +96,30 @@ pub enum Admission {
     NeverFits,
 }
 
+/// What admission decided for a batch: all of it, or the first entry refused and why (then
+/// nothing of the batch was written).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchAdmission {
+    /// Every run, in the batch's order.
+    Accepted(Vec<CreatedRun>),
+    Refused {
+        index: usize,
+        refusal: BatchRefusal,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchRefusal {
+    LaneFull {
+        lane: String,
+    },
+    NeverFits,
+    /// The entry's idempotency key names a different submission (`run_id`).
+    IdempotencyConflict {
+        run_id: String,
+    },
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunFilter {
     pub status: Option<RunStatus>,

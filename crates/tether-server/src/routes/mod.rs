@@ -19,6 +19,7 @@ use crate::AppState;
 pub fn router(state: AppState) -> Router {
     let client = Router::new()
         .route("/v1/runs", post(runs::create_run).get(runs::list_runs))
+        .route("/v1/runs/batch", post(runs::create_runs))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
         .route("/v1/runs/{id}/logs", get(runs::run_logs))

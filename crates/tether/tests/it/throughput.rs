@@ -83,8 +83,12 @@ async fn refill_is_immediate(mut c: Cluster) {
         gaps[gaps.len() / 2],
         gaps[gaps.len() * 99 / 100]
     );
-    // A timer-driven refill (a 1 s re-check) fails this even on a loaded machine.
-    assert!(worst < 250, "a freed slot waited {worst} ms: {gaps:?}");
+    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second, median about
+    // half; these bounds fail it for certain yet hold on a 2-core box at load 13 (measured
+    // there: median 89 ms, max 490 ms on PostgreSQL in a debug build).
+    let median = gaps[gaps.len() / 2];
+    assert!(median < 200, "median refill gap {median} ms: {gaps:?}");
+    assert!(worst < 800, "a freed slot waited {worst} ms: {gaps:?}");
 }
 
 #[tokio::test]
@@ -108,16 +112,28 @@ async fn tether_up_drains_100_queued_echo_runs_promptly() {
     let base = format!("http://{listen}");
     let http = reqwest::Client::new();
     wait_ready(&http, &base).await;
-    let mut ids = Vec::new();
-    for n in 0..100 {
-        let run = crate::cluster::submit_to(
-            &http,
-            &base,
-            json!({"command": ["sh", "-c", format!("echo {n}")]}),
-        )
-        .await;
-        ids.push(id(&run));
+    // Submitted as a user would: one command per line, in one batch.
+    let lines: String = (0..100).map(|n| format!("echo {n}\n")).collect();
+    let mut child = std::process::Command::new(TETHER)
+        .args(["run", "--detach", "--stdin"])
+        .env("TETHER_SERVER", &base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(lines.as_bytes()).unwrap();
     }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let ids: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 100, "one id per line");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut first_created = i64::MAX;
     let mut last_finished = 0;
