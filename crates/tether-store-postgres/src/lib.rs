@@ -274,14 +274,18 @@ impl PgStore {
     /// servers hear them only if it commits) and broadcast here right after.
     async fn commit(&self, mut tx: Transaction<'static, Postgres>, out: Outbox) -> StoreResult<()> {
         let signals = out.into_signals();
-        if !signals.is_empty() {
-            let payloads: Vec<String> = signals
-                .iter()
-                .map(|s| signals::encode(&self.inner.schema, &self.inner.origin, s))
-                .collect();
-            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        let remote: Vec<Signal> = signals
+            .iter()
+            .filter(|s| signals::wanted_elsewhere(s))
+            .cloned()
+            .collect();
+        if !remote.is_empty() {
+            // One notification per transaction: each NOTIFY is queued and delivered to every
+            // listening server, so fewer of them cost every commit and every listener less.
+            let payload = signals::encode(&self.inner.schema, &self.inner.origin, &remote);
+            sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(signals::CHANNEL)
-                .bind(&payloads)
+                .bind(&payload)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
