@@ -6,4 +6,5 @@ mod http_api;
 mod lanes;
 mod protocol;
 mod proxy;
+mod security;
 mod stream;
