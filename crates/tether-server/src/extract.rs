@@ -42,13 +42,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Refuses a path or query holding an encoded NUL (`%00`) with `422 invalid_field`, so ids and
-/// filters no store can hold never reach one.
-pub(crate) async fn refuse_nul_in_uri(
+/// The longest request URI served; longer is `414 uri_too_long`.
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most request headers served, by count and in all; more is `431 headers_too_large`.
+pub(crate) const MAX_HEADER_COUNT: usize = 100;
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Checks a request's head before routing: a URI or headers past their caps get `414`/`431`
+/// as JSON, and a path or query holding an encoded NUL (`%00`) gets `422 invalid_field`, so
+/// ids and filters no store can hold never reach one. (Heads past hyper's own parse limits,
+/// far beyond these, are answered by hyper.)
+pub(crate) async fn check_request_head(
     request: Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
     let uri = request.uri();
+    if uri.to_string().len() > MAX_URI_BYTES {
+        return Err(ApiError::UriTooLong);
+    }
+    let headers = request.headers();
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADER_COUNT || header_bytes > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge);
+    }
     let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w == b"%00");
     if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
         return Err(ApiError::invalid(

@@ -74,7 +74,7 @@ pub fn router(state: AppState) -> Router {
         .merge(open)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(crate::extract::refuse_nul_in_uri))
+        .layer(middleware::from_fn(crate::extract::check_request_head))
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

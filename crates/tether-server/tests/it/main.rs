@@ -7,4 +7,5 @@ mod lanes;
 mod protocol;
 mod proxy;
 mod security;
+mod slowloris;
 mod stream;

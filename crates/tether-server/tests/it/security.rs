@@ -311,3 +311,25 @@ async fn nul_is_invalid_field_on_postgres() {
     let (s, _schema) = pg_server(fast_config()).await;
     nul_is_refused(&s).await;
 }
+
+#[tokio::test]
+async fn long_uris_and_large_heads_are_json_errors() {
+    let s = TestServer::start().await;
+    let long = format!("/v1/runs?lane={}", "a".repeat(10 * 1024));
+    let (status, body) = s.get(&long).await;
+    assert_error(status, &body, 414, "uri_too_long");
+    let big = "h".repeat(40 * 1024);
+    let (status, body) = send(
+        &s,
+        reqwest::Method::GET,
+        "/v1/runs",
+        &[("x-big", &big)],
+        None,
+    )
+    .await;
+    assert_error(status, &body, 431, "headers_too_large");
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, body) = send(&s, reqwest::Method::GET, "/healthz", &many, None).await;
+    assert_error(status, &body, 431, "headers_too_large");
+}
