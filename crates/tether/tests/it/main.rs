@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod endpoints;
 mod liveness;
+mod metrics;
 mod multi_server;
 mod outcomes;
 mod pg;
