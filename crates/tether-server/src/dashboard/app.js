@@ -15,14 +15,15 @@ function h(tag, attrs, ...children) {
     else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? '' : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
   return el;
 }
 
-const shortId = id => (id || '').slice(0, 8);
+// Ids are UUIDv7: the head is a timestamp shared by runs made together, the tail is random.
+const shortId = id => (id && id.length > 14 ? id.slice(0, 8) + '…' + id.slice(-4) : id || '');
 
 // "850 ms", "42 s", "2 m 10 s", "1 h 4 m", "3 d 2 h".
 function human(secs) {
@@ -575,7 +576,7 @@ function runPage(view, runId, ctx) {
             h('button', { class: 'btn danger', id: 'cancel', disabled: isTerminal(run.status) || Boolean(run.cancel_requested_at), onclick: cancel },
               run.cancel_requested_at && !isTerminal(run.status) ? 'Cancelling…' : 'Cancel'),
             h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, title: 'submit the same command again as a new run' }, 'Resubmit'))),
-        h('div', { class: 'cmd', style: 'margin-top:10px' }, run.command.join(' '))),
+        h('div', { class: 'cmd-full', id: 'run-command' }, run.command.join(' '))),
       headline,
       h('div', { class: 'facts' },
         fact('Lane', [run.lane, ' ', labelChips(run.labels)]),

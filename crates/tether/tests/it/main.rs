@@ -1,8 +1,10 @@
 //! End-to-end tests of the `tether` binary: real servers, real worker processes, real commands,
 //! killed the way failures happen (SIGKILL, SIGSTOP, restarts).
 
+mod browser;
 mod cli;
 mod cluster;
+mod dashboard;
 mod endpoints;
 mod liveness;
 mod metrics;
