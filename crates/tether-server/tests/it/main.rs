@@ -1,10 +1,13 @@
 //! The server's HTTP tests: every endpoint, every status code, against a real SQLite store.
 
 mod batch;
+mod console;
 mod endpoints;
 mod harness;
 mod http_api;
 mod lanes;
 mod protocol;
 mod proxy;
+mod security;
+mod slowloris;
 mod stream;
