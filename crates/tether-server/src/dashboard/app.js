@@ -32,9 +32,9 @@ function human(secs) {
   const s = Math.floor(secs);
   if (s < 60) return s + ' s';
   const m = Math.floor(s / 60);
-  if (m < 60) return m + ' m ' + (s % 60) + ' s';
+  if (m < 60) return m + ' m' + (s % 60 ? ' ' + (s % 60) + ' s' : '');
   const hrs = Math.floor(m / 60);
-  if (hrs < 24) return hrs + ' h ' + (m % 60) + ' m';
+  if (hrs < 24) return hrs + ' h' + (m % 60 ? ' ' + (m % 60) + ' m' : '');
   return Math.floor(hrs / 24) + ' d ' + (hrs % 24) + ' h';
 }
 
