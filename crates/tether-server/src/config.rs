@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub worker_token: Option<String>,
     /// How long a claim may be held open waiting for work, at most.
     pub max_claim_wait: Duration,
+    /// Timeouts and the cap on connections (see `accept.rs`).
+    pub connections: crate::accept::ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +40,7 @@ impl Default for ServerConfig {
             api_token: None,
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
+            connections: crate::accept::ConnectionLimits::default(),
         }
     }
 }

@@ -575,7 +575,9 @@ function runPage(view, runId, ctx) {
           h('div', { class: 'run-actions' },
             h('button', { class: 'btn danger', id: 'cancel', disabled: isTerminal(run.status) || Boolean(run.cancel_requested_at), onclick: cancel },
               run.cancel_requested_at && !isTerminal(run.status) ? 'Cancelling…' : 'Cancel'),
-            h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, title: 'submit the same command again as a new run' }, 'Resubmit'))),
+            // Secret env values are never shown by the API, so the page cannot send them again.
+            h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, disabled: (run.secret_env || []).length > 0,
+              title: (run.secret_env || []).length ? 'this run has secret env values the API never shows: resubmit it where it was made' : 'submit the same command again as a new run' }, 'Resubmit'))),
         h('div', { class: 'cmd-full', id: 'run-command' }, run.command.join(' '))),
       headline,
       h('div', { class: 'facts' },

@@ -32,9 +32,7 @@ pub async fn create_run(
         .as_deref()
         .unwrap_or(tether_domain::config::DEFAULT_LANE);
     let lane = state.config.lanes.lane(lane_name);
-    let spec = request
-        .resolve(lane.as_ref(), &state.config.submit_defaults())
-        .map_err(|e| ApiError::invalid(e.code, e.to_string()))?;
+    let spec = request.resolve(lane.as_ref(), &state.config.submit_defaults())?;
     crate::dispatch::check_run_endpoints(&state, &spec.endpoints).await?;
     let policy = admission_policy(&state, &lane.unwrap_or_default());
     // Admit-or-refuse is decided in the store, in the transaction that accepts the run.
@@ -120,6 +118,8 @@ pub struct ListQuery {
 /// How many runs one answer reads at most while filtering by label or search: a rare match
 /// in a long history costs several short pages, never one unbounded request.
 const SEARCH_SCAN: usize = 5_000;
+/// Runs read from the store per round while filtering.
+const SEARCH_READ_CHUNK: u32 = 500;
 
 /// The `label` and `q` filters, applied to runs the store has already narrowed.
 struct RunMatch {
@@ -197,18 +197,15 @@ pub async fn list_runs(
         limit,
         cursor: query.cursor.clone().filter(|c| !c.is_empty()),
     };
-    let page = match RunMatch::from_query(&query) {
-        None => state.store.list_runs(&filter).await?,
-        Some(matcher) => search_runs(&state, filter, &matcher).await?,
-    };
+    let matcher = RunMatch::from_query(&query);
+    let (records, next_cursor) = read_bounded_page(&state, filter, matcher.as_ref()).await?;
     let now = state.store.now().await?;
-    let capacity = if page.runs.iter().any(|r| r.status == RunStatus::Pending) {
+    let capacity = if records.iter().any(|r| r.status == RunStatus::Pending) {
         Some(Capacity::read(&state).await?)
     } else {
         None
     };
-    let runs = page
-        .runs
+    let runs = records
         .iter()
         .map(|r| {
             let mut view = run_view(r, None, &state.config, now);
@@ -218,46 +215,70 @@ pub async fn list_runs(
             view
         })
         .collect();
-    Ok(Json(RunList {
-        runs,
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(RunList { runs, next_cursor }))
 }
 
-/// Reads pages newest first until `limit` runs match, the runs end, or [`SEARCH_SCAN`] were
-/// read; the cursor resumes after the last run read.
-async fn search_runs(
+/// Runs read from the store per round while filling a list page: bounds what one page holds
+/// in memory before the byte budget is checked.
+const LIST_READ_CHUNK: u32 = 50;
+/// The most a list page carries, roughly, in bytes of run specs; past it the page ends early
+/// and its cursor resumes where it stopped. At least one run is always returned.
+pub(crate) const LIST_BYTE_BUDGET: usize = 2 * 1024 * 1024;
+
+/// What a run adds to a list answer, roughly: its variable-size fields plus a fixed share.
+fn approx_view_bytes(run: &RunRecord) -> usize {
+    let spec = &run.spec;
+    let map = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
+    };
+    1024 + spec.command.iter().map(|a| a.len() + 3).sum::<usize>()
+        + map(&spec.env)
+        + map(&spec.labels)
+        + map(&spec.endpoints)
+        + run.error_message.as_ref().map_or(0, String::len)
+}
+
+/// Up to `filter.limit` runs, newest first, read in chunks and cut at `LIST_BYTE_BUDGET`, with
+/// the cursor of what follows. With a `matcher` (label, search) only matching runs are kept,
+/// and at most [`SEARCH_SCAN`] runs are read: the page may come back short, with a cursor.
+async fn read_bounded_page(
     state: &AppState,
     mut filter: RunFilter,
-    matcher: &RunMatch,
-) -> ApiResult<tether_store::RunPage> {
-    let limit = filter.limit as usize;
-    filter.limit = 500;
-    let mut runs = Vec::new();
-    let mut scanned = 0;
+    matcher: Option<&RunMatch>,
+) -> ApiResult<(Vec<RunRecord>, Option<String>)> {
+    let wanted = filter.limit as usize;
+    let mut runs: Vec<RunRecord> = Vec::new();
+    let mut bytes = 0usize;
+    let mut scanned = 0usize;
+    // The seq of the last run read and judged: a cursor here resumes just after it.
+    let mut consumed: Option<i64> = None;
     loop {
+        filter.limit = match matcher {
+            None => LIST_READ_CHUNK.min((wanted - runs.len()) as u32),
+            // Most of what a filter reads is not kept: read wider.
+            Some(_) => SEARCH_READ_CHUNK,
+        };
         let page = state.store.list_runs(&filter).await?;
         for run in page.runs {
-            scanned += 1;
             let seq = run.seq;
-            if matcher.matches(&run) {
+            if matcher.is_none_or(|m| m.matches(&run)) {
+                let size = approx_view_bytes(&run);
+                if !runs.is_empty() && bytes + size > LIST_BYTE_BUDGET {
+                    return Ok((runs, consumed.map(|s| s.to_string())));
+                }
+                bytes += size;
                 runs.push(run);
             }
-            if runs.len() == limit || scanned >= SEARCH_SCAN {
-                return Ok(tether_store::RunPage {
-                    runs,
-                    next_cursor: Some(seq.to_string()),
-                });
+            consumed = Some(seq);
+            scanned += 1;
+            if matcher.is_some() && (runs.len() == wanted || scanned >= SEARCH_SCAN) {
+                return Ok((runs, Some(seq.to_string())));
             }
         }
         match page.next_cursor {
-            Some(cursor) => filter.cursor = Some(cursor),
-            None => {
-                return Ok(tether_store::RunPage {
-                    runs,
-                    next_cursor: None,
-                })
-            }
+            Some(cursor) if runs.len() < wanted => filter.cursor = Some(cursor),
+            Some(cursor) => return Ok((runs, Some(cursor))),
+            None => return Ok((runs, None)),
         }
     }
 }

@@ -7,4 +7,6 @@ mod http_api;
 mod lanes;
 mod protocol;
 mod proxy;
+mod security;
+mod slowloris;
 mod stream;
