@@ -31,8 +31,17 @@ async fn pg_server() -> (TestServer, PgSchema) {
     let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
         .await
         .unwrap();
-    let server = TestServer::start_on(fast_config(), std::sync::Arc::new(store)).await;
+    let server = TestServer::start_on(unhurried_config(), std::sync::Arc::new(store)).await;
     (server, PgSchema { url, schema })
+}
+
+/// The run under test does not heartbeat while its output is written; a long stale window keeps
+/// a loaded machine from reaping it mid-test.
+fn unhurried_config() -> tether_server::ServerConfig {
+    tether_server::ServerConfig {
+        stale_after: std::time::Duration::from_secs(120),
+        ..fast_config()
+    }
 }
 
 /// A running run with `n` log events of `size` bytes, alternating stdout and stderr (so none
@@ -143,7 +152,7 @@ async fn pages_cover_the_log_exactly_once(s: &TestServer) {
 
 #[tokio::test]
 async fn output_pages_cover_the_log_exactly_once_on_sqlite() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(unhurried_config()).await;
     pages_cover_the_log_exactly_once(&s).await;
 }
 
