@@ -102,12 +102,17 @@ pub async fn get_run(
     Ok(Json(view))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only runs with this status (`pending` includes legacy `queued`).
     status: Option<String>,
+    /// Only runs of this lane.
     lane: Option<String>,
+    /// 1 to 500; default 50.
     limit: Option<u32>,
+    /// A previous page's `next_cursor`.
     cursor: Option<String>,
     /// `key=value`: runs with that label; `key`: runs with that label set.
     label: Option<String>,
@@ -170,7 +175,8 @@ impl RunMatch {
 /// `GET /v1/runs?status=&lane=&label=&q=&limit=&cursor=`: newest first. With `label` or `q`, a
 /// page may hold fewer than `limit` runs and still carry a `next_cursor`: the server reads at
 /// most a few thousand runs per answer.
-#[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = RunList)))]
+#[utoipa::path(get, path = "/v1/runs", params(ListQuery),
+    responses((status = 200, body = RunList), (status = 422, body = tether_api::ErrorBody)))]
 pub async fn list_runs(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,

@@ -282,6 +282,18 @@ async fn the_dashboard_is_served_from_the_binary_under_a_strict_policy() {
     let (_, doc) = s.get("/openapi.json").await;
     assert!(doc["paths"]["/v1/runs/{id}/output"].is_object());
     assert!(doc["components"]["schemas"]["OutputPage"].is_object());
+    let params: Vec<&str> = doc["paths"]["/v1/runs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for name in ["status", "lane", "limit", "cursor", "label", "q"] {
+        assert!(
+            params.contains(&name),
+            "{name} missing from GET /v1/runs: {params:?}"
+        );
+    }
 }
 
 #[tokio::test]
