@@ -120,6 +120,9 @@ function outcomeEl(run) {
   return h('span', { class: 'muted' }, '—');
 }
 
+// The argv as a shell would read it back: arguments with spaces or quotes are single-quoted.
+const shellJoin = argv => argv.map(a => (/^[\w@%+=:,.\/-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'")).join(' ');
+
 const labelChips = labels => Object.entries(labels || {}).map(([k, v]) => h('span', { class: 'chip' }, k + '=' + v));
 
 // ---- the API, with the session's token ---------------------------------------------------
@@ -313,7 +316,7 @@ function runsPage(view, params, ctx) {
       h('td', { class: 'nowrap', 'data-label': 'run' }, h('a', { href: '#/runs/' + run.id, class: 'mono', title: run.id }, shortId(run.id))),
       h('td', {}, statusBadge(run.status)),
       h('td', {}, livenessBadge(run.liveness, at)),
-      h('td', {}, h('div', { class: 'cmd', title: run.command.join(' ') }, run.command.join(' '))),
+      h('td', {}, h('div', { class: 'cmd', title: shellJoin(run.command) }, shellJoin(run.command))),
       h('td', { 'data-label': 'lane' }, h('span', {}, run.lane), ' ', labelChips(run.labels)),
       h('td', { class: 'tabular hide-narrow', 'data-label': 'attempt' }, run.attempt + '/' + run.max_attempts),
       h('td', { class: 'nowrap', 'data-label': pending ? '' : 'duration' }, durationEl(run, at),
@@ -578,7 +581,7 @@ function runPage(view, runId, ctx) {
             // Secret env values are never shown by the API, so the page cannot send them again.
             h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, disabled: (run.secret_env || []).length > 0,
               title: (run.secret_env || []).length ? 'this run has secret env values the API never shows: resubmit it where it was made' : 'submit the same command again as a new run' }, 'Resubmit'))),
-        h('div', { class: 'cmd-full', id: 'run-command' }, run.command.join(' '))),
+        h('div', { class: 'cmd-full', id: 'run-command' }, shellJoin(run.command))),
       headline,
       h('div', { class: 'facts' },
         fact('Lane', [run.lane, ' ', labelChips(run.labels)]),
