@@ -31,8 +31,17 @@ async fn pg_server() -> (TestServer, PgSchema) {
     let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
         .await
         .unwrap();
-    let server = TestServer::start_on(fast_config(), std::sync::Arc::new(store)).await;
+    let server = TestServer::start_on(unhurried_config(), std::sync::Arc::new(store)).await;
     (server, PgSchema { url, schema })
+}
+
+/// The run under test does not heartbeat while its output is written; a long stale window keeps
+/// a loaded machine from reaping it mid-test.
+fn unhurried_config() -> tether_server::ServerConfig {
+    tether_server::ServerConfig {
+        stale_after: std::time::Duration::from_secs(120),
+        ..fast_config()
+    }
 }
 
 /// A running run with `n` log events of `size` bytes, alternating stdout and stderr (so none
@@ -143,7 +152,7 @@ async fn pages_cover_the_log_exactly_once(s: &TestServer) {
 
 #[tokio::test]
 async fn output_pages_cover_the_log_exactly_once_on_sqlite() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(unhurried_config()).await;
     pages_cover_the_log_exactly_once(&s).await;
 }
 
@@ -273,4 +282,62 @@ async fn the_dashboard_is_served_from_the_binary_under_a_strict_policy() {
     let (_, doc) = s.get("/openapi.json").await;
     assert!(doc["paths"]["/v1/runs/{id}/output"].is_object());
     assert!(doc["components"]["schemas"]["OutputPage"].is_object());
+    let params: Vec<&str> = doc["paths"]["/v1/runs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for name in ["status", "lane", "limit", "cursor", "label", "q"] {
+        assert!(
+            params.contains(&name),
+            "{name} missing from GET /v1/runs: {params:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn filtered_lists_stay_bounded_in_bytes_and_list_each_match_once() {
+    let s = TestServer::start().await;
+    // 20 runs, each as large as the caps allow, all matching the filter.
+    let label = "l".repeat(15 * 1024);
+    let value = "v".repeat(120 * 1024);
+    let arg = "a".repeat(120 * 1024);
+    for i in 0..20 {
+        s.submit(json!({"command": ["true", arg], "env": {"V": value}, "labels": {"i": i.to_string(), "l": label}}))
+            .await;
+    }
+    s.submit(json!({"command": ["true"]})).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/runs?label=i&limit=50&cursor={c}"),
+            None => "/v1/runs?label=i&limit=50".to_string(),
+        };
+        let r = s.http.get(s.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let bytes = r.bytes().await.unwrap();
+        assert!(
+            bytes.len() < 3 * 1024 * 1024,
+            "a page of {} bytes",
+            bytes.len()
+        );
+        let page: Value = serde_json::from_slice(&bytes).unwrap();
+        for run in page["runs"].as_array().unwrap() {
+            assert!(run["labels"]["i"].is_string(), "only matches");
+            assert!(
+                seen.insert(run["id"].as_str().unwrap().to_string()),
+                "listed twice"
+            );
+        }
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 20, "every match listed exactly once");
+    assert!(pages > 1, "the byte budget split the list");
 }
