@@ -244,8 +244,22 @@ impl TetherClient {
     /// `GET /v1/runs/{id}/logs`: the combined raw output so far, bytes as the command wrote
     /// them.
     pub async fn logs(&self, run_id: &str) -> Result<Bytes, ClientError> {
+        self.attempt_logs(run_id, None).await
+    }
+
+    /// `GET /v1/runs/{id}/logs?attempt=`: `attempt` is a number, `last` or `all`; `None` is
+    /// the server's default (the last attempt).
+    pub async fn attempt_logs(
+        &self,
+        run_id: &str,
+        attempt: Option<&str>,
+    ) -> Result<Bytes, ClientError> {
         let path = format!("/v1/runs/{}/logs", segment(run_id));
-        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let mut req = self.request(Method::GET, &path);
+        if let Some(attempt) = attempt {
+            req = req.query(&[("attempt", attempt)]);
+        }
+        let resp = self.send(req).await?;
         resp.bytes().await.map_err(ClientError::transport)
     }
 
