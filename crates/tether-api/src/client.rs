@@ -18,8 +18,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::wire::{
-    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ErrorBody, EventView,
-    FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
+    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ErrorBody, ErrorDetail,
+    EventView, FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
     RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest, WorkerList,
 };
 
@@ -45,6 +45,10 @@ pub enum ClientError {
         /// Seconds, from `Retry-After` (sent with `503`).
         retry_after: Option<u64>,
     },
+    /// `409 output_gap`: a log append began past what the attempt has stored; resend from
+    /// `expected`.
+    #[error("output gap: the server expects stdout at {}, stderr at {}", expected.stdout, expected.stderr)]
+    OutputGap { expected: crate::StreamOffsets },
     /// No answer: connection refused or reset, timeout. Worth retrying.
     #[error("cannot reach the server: {0}")]
     Transport(String),
@@ -61,6 +65,7 @@ impl ClientError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
+            ClientError::OutputGap { .. } => Some(409),
             _ => None,
         }
     }
@@ -69,6 +74,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),
+            ClientError::OutputGap { .. } => Some("output_gap"),
             _ => None,
         }
     }
@@ -104,7 +110,9 @@ impl ClientError {
         match self {
             ClientError::Transport(_) => true,
             ClientError::Api { status, .. } => *status == 429 || *status >= 500,
-            ClientError::Decode(_) | ClientError::InvalidUrl(_) => false,
+            ClientError::Decode(_) | ClientError::InvalidUrl(_) | ClientError::OutputGap { .. } => {
+                false
+            }
         }
     }
 
@@ -485,6 +493,13 @@ async fn send(req: RequestBuilder) -> Result<Response, ClientError> {
 
 fn api_error(status: StatusCode, retry_after: Option<u64>, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            error:
+                ErrorDetail {
+                    expected_offsets: Some(expected),
+                    ..
+                },
+        }) => ClientError::OutputGap { expected },
         Ok(parsed) => ClientError::Api {
             status: status.as_u16(),
             code: parsed.error.code,

@@ -140,11 +140,18 @@ struct Follower {
 }
 
 impl Follower {
+    /// The heartbeat frame; none when the store cannot answer now (the stream goes on and
+    /// tries again at the next one), and the end of the stream when the run is gone.
     async fn heartbeat(&mut self) -> Option<Vec<Frame>> {
         self.next_heartbeat = Instant::now() + self.state.config.sse_heartbeat;
-        let run = self.state.store.get_run(&self.run_id).await.ok()??;
-        let now = self.state.store.now().await.ok()?;
-        Some(vec![Frame::Heartbeat(Box::new(run), now)])
+        let run = match self.state.store.get_run(&self.run_id).await {
+            Ok(run) => run?,
+            Err(_) => return Some(Vec::new()),
+        };
+        match self.state.store.now().await {
+            Ok(now) => Some(vec![Frame::Heartbeat(Box::new(run), now)]),
+            Err(_) => Some(Vec::new()),
+        }
     }
 
     /// The next frames to send, or `None` when the stream is over.

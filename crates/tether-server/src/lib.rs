@@ -9,8 +9,10 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 mod extract;
+pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod pruner;
 pub mod reaper;
 pub mod reconciler;
 mod routes;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub hub: events::EventHub,
     pub shutdown: CancellationToken,
+    /// Recent store failures: readiness, and the heartbeat grace the reaper owes.
+    pub health: health::StoreHealth,
 }
 
 /// Why a server could not start.
@@ -116,6 +120,7 @@ pub async fn start(
         config: Arc::new(config),
         hub,
         shutdown: shutdown.clone(),
+        health: health::StoreHealth::default(),
     };
     let app = routes::router(state.clone());
     let serve_shutdown = shutdown.clone();
@@ -129,12 +134,13 @@ pub async fn start(
     });
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
+    let pruner = tokio::spawn(pruner::run_pruner(state.clone()));
     tracing::info!(%addr, "tether server listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper, reconciler],
+        tasks: vec![server, reaper, reconciler, pruner],
     })
 }
 

@@ -50,6 +50,10 @@ pub struct ServerArgs {
     /// How often endpoints' readiness is probed.
     #[arg(long, env = "TETHER_PROBE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub probe_interval: Duration,
+    /// How long finished runs (with their events and output) are kept, in lanes that set no
+    /// `retention_s`; 0 keeps them for ever.
+    #[arg(long, env = "TETHER_RETENTION", default_value = "14d", value_parser = duration)]
+    pub retention: Duration,
     /// Bearer token clients must present.
     #[arg(long, env = "TETHER_API_TOKEN")]
     pub api_token: Option<String>,
@@ -145,6 +149,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
         sse_heartbeat: args.sse_heartbeat,
         reaper_interval: args.reaper_interval,
         probe_interval: args.probe_interval,
+        retention: args.retention,
         api_token: args.api_token.clone().filter(|t| !t.is_empty()),
         worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
         ..ServerConfig::default()

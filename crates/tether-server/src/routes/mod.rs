@@ -79,6 +79,10 @@ pub fn router(state: AppState) -> Router {
                 "that method is not allowed on this path",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::health::observe,
+        ))
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
