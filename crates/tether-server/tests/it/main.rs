@@ -4,6 +4,7 @@ mod endpoints;
 mod harness;
 mod http_api;
 mod lanes;
+mod outage;
 mod protocol;
 mod proxy;
 mod stream;
