@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::AppState;
 
 /// Runs deleted per transaction.
-pub const BATCH: u32 = 200;
+pub const BATCH: u32 = 100;
 /// Between two batches of one pass: room for everyone else's writes.
 const PAUSE: Duration = Duration::from_millis(20);
 /// Passes run at most this far apart...

@@ -1225,37 +1225,28 @@ impl Store for SqliteStore {
     ) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
         let cutoff = clock().saturating_sub(retention_ms.max(0));
-        let rows = sqlx::query(
-            "SELECT id FROM runs INDEXED BY runs_finished_lane \
+        // One selection, used by each delete in turn: inside this write transaction nothing
+        // else writes, and a terminal run never changes, so all three see the same runs. The
+        // run rows go last, after what refers to them.
+        let selection = "SELECT id FROM runs INDEXED BY runs_finished_lane \
              WHERE lane = ? AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
-             AND finished_at < ? ORDER BY finished_at LIMIT ?",
-        )
-        .bind(lane)
-        .bind(cutoff)
-        .bind(i64::from(batch.max(1)))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        let ids: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get("id").map_err(db))
-            .collect::<StoreResult<_>>()?;
-        for id in &ids {
-            // Terminal is final, so the status checked above still holds; the run row goes
-            // last, after what refers to it.
-            for sql in [
-                "DELETE FROM run_events WHERE run_id = ?",
-                "DELETE FROM attempts WHERE run_id = ?",
-                "DELETE FROM runs WHERE id = ?",
-            ] {
-                sqlx::query(sql)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            }
+             AND finished_at < ? ORDER BY finished_at LIMIT ?";
+        let mut deleted = 0;
+        for table in [
+            "DELETE FROM run_events WHERE run_id IN",
+            "DELETE FROM attempts WHERE run_id IN",
+            "DELETE FROM runs WHERE id IN",
+        ] {
+            deleted = sqlx::query(&format!("{table} ({selection})"))
+                .bind(lane)
+                .bind(cutoff)
+                .bind(i64::from(batch.max(1)))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
         }
         self.commit(tx, Outbox::default()).await?;
-        Ok(ids.len() as u64)
+        Ok(deleted)
     }
 }

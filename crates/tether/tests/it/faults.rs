@@ -1,6 +1,7 @@
 //! Faults without side effects (issue 12): no process of a run outlives its attempt, output is
 //! stored exactly once when answers are lost, and a store outage is not read as worker death.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -319,4 +320,68 @@ async fn finished_runs_are_pruned_after_their_retention_and_nothing_else() {
     assert_eq!(live["status"], "running");
     assert_eq!(c.logs(&id(&running)).await, b"live\n");
     assert_eq!(c.run(&id(&pending)).await["status"], "pending");
+}
+
+/// A measurement, not a check (run with `--ignored`; figures in BENCHMARKS.md): a pruning pass
+/// over 100,000 finished runs on SQLite, in the pruner's batches, while a submission is made
+/// every 5 ms. Prints how long the pass took and the slowest submissions.
+#[tokio::test]
+#[ignore = "a measurement: cargo nextest run -p tether --run-ignored only -E 'test(pruning_pass_measurement)' --no-capture"]
+async fn pruning_pass_measurement() {
+    use tether_store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/tether.db", dir.path().display());
+    let store = Arc::new(tether_store_sqlite::SqliteStore::open(&url).await.unwrap());
+    let seeded = Instant::now();
+    store.seed_finished_runs(100_000).await.unwrap();
+    eprintln!("seeded 100,000 finished runs in {:?}", seeded.elapsed());
+    let spec = tether_domain::SubmitRequest {
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+    .resolve(
+        Some(&tether_domain::LanePolicy::default()),
+        &tether_domain::SubmitDefaults::default(),
+    )
+    .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitter = {
+        let (store, stop, spec) = (store.clone(), stop.clone(), spec.clone());
+        tokio::spawn(async move {
+            let mut took = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                store.create_run(&spec).await.unwrap();
+                took.push(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            took
+        })
+    };
+    let pass = Instant::now();
+    let mut deleted = 0;
+    loop {
+        let n = store
+            .prune_finished_runs("default", 1, tether_server::pruner::BATCH)
+            .await
+            .unwrap();
+        deleted += n;
+        if n < u64::from(tether_server::pruner::BATCH) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pass = pass.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut took = submitter.await.unwrap();
+    took.sort();
+    let pct = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)];
+    eprintln!(
+        "pruned {deleted} runs in {pass:?}; {} submissions meanwhile: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        pct(0.5),
+        pct(0.99),
+        took.last().unwrap()
+    );
+    assert_eq!(deleted, 100_000);
 }
