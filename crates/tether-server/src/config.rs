@@ -26,6 +26,8 @@ pub struct ServerConfig {
     /// How long finished runs are kept in lanes that set no `retention_s`; zero keeps them
     /// for ever.
     pub retention: Duration,
+    /// Timeouts and the cap on connections (see `accept.rs`).
+    pub connections: crate::accept::ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +44,7 @@ impl Default for ServerConfig {
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
             retention: Duration::from_secs(14 * 24 * 3600),
+            connections: crate::accept::ConnectionLimits::default(),
         }
     }
 }

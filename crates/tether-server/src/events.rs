@@ -287,6 +287,9 @@ pub async fn run_events(
         (None, None) => 0,
     };
     let follow = query.follow.unwrap_or(!ndjson);
+    metrics::counter!(crate::metrics::SSE_CONNECTIONS,
+        "format" => if ndjson { "ndjson" } else { "sse" })
+    .increment(1);
     // A finished run's last event is its `end`. A client asking for what follows it (an SSE
     // client reconnecting with `Last-Event-ID` = end's id) is told there is nothing more: SSE
     // gets `204`, which makes a standard EventSource stop reconnecting; NDJSON gets `end` again

@@ -54,11 +54,15 @@ use crate::write::{
 use tether_store::{status_body, Outbox};
 
 /// Any database failure: the request may be retried. A value that would not decode is a
-/// different matter: the data is not what this code wrote.
+/// different matter: the data is not what this code wrote; and a value the database refuses as
+/// data (SQLSTATE class 22) is the caller's, which retrying will not mend.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
+        }
+        sqlx::Error::Database(ref d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+            StoreError::InvalidInput(d.message().to_string())
         }
         _ => StoreError::Unavailable(e.to_string()),
     }
@@ -763,7 +767,7 @@ impl Store for PgStore {
 
     async fn list_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
         let rows = sqlx::query(&format!(
-            "{ATTEMPT_SELECT} WHERE run_id = $1 ORDER BY attempt"
+            "{ATTEMPT_SELECT} WHERE a.run_id = $1 ORDER BY a.attempt"
         ))
         .bind(run_id)
         .fetch_all(&self.inner.pool)
@@ -1365,6 +1369,29 @@ impl Store for PgStore {
         ))
         .bind(run_id)
         .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn events_before(
+        &self,
+        run_id: &str,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let limit = match limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        // Served by the primary key (run_id, seq), read backwards.
+        let rows = sqlx::query(&format!(
+            "{EVENT_SELECT} WHERE run_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(run_id)
+        .bind(before_seq)
         .bind(i64::from(limit))
         .fetch_all(&self.inner.pool)
         .await

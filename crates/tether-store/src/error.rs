@@ -21,6 +21,10 @@ pub enum StoreError {
     /// before it was never stored. Nothing of the append was stored; resend from `expected`.
     #[error("output gap: the attempt has stored {expected:?} bytes so far")]
     OutputGap { expected: crate::StreamOffsets },
+    /// A value the database refused as data (PostgreSQL's SQLSTATE class 22: NUL in text, a
+    /// number out of range): the caller's mistake, not an outage.
+    #[error("the store cannot hold that value: {0}")]
+    InvalidInput(String),
     /// A list cursor that no page of this store handed out.
     #[error("invalid cursor")]
     InvalidCursor,

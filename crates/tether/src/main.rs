@@ -67,6 +67,8 @@ fn main() -> ExitCode {
         let command = argv.get(3..).unwrap_or_default();
         tether_worker::shim::run_shim(command);
     }
+    // Before anything is counted, so nothing counted before the first scrape is lost.
+    tether_server::metrics::install();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -27,17 +27,26 @@ pub async fn register_worker(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RegisterWorkerRequest>,
 ) -> ApiResult<(StatusCode, Json<RegisterWorkerResponse>)> {
-    if request.name.trim().is_empty() || request.name.len() > 255 {
+    use tether_domain::spec::{bounded_map, check_resources, limits};
+    if request.name.trim().is_empty() || request.name.len() > limits::MAX_KEY_BYTES {
         return Err(ApiError::invalid(
             "invalid_field",
             "name: must be 1 to 255 bytes",
         ));
     }
     let cap = request.capacity;
-    if !cap.cpus.is_finite() || cap.cpus <= 0.0 || cap.memory_mb == 0 {
+    // The same bounds a run's resources meet, so a worker's capacity is stored exactly.
+    check_resources("capacity", &cap)?;
+    bounded_map(
+        "labels",
+        &request.labels,
+        limits::MAX_LABELS,
+        limits::MAX_LABEL_BYTES,
+    )?;
+    if request.lanes.len() > limits::MAX_LABELS {
         return Err(ApiError::invalid(
             "invalid_field",
-            "capacity: cpus and memory_mb must be positive",
+            format!("lanes: at most {} lanes", limits::MAX_LABELS),
         ));
     }
     for lane in &request.lanes {
@@ -75,6 +84,16 @@ pub async fn deregister_worker(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let runs = state.store.deregister_worker(&id).await?;
+    // Each handed-back attempt ended as if its heartbeat was lost.
+    for run_id in &runs {
+        if let Ok(Some(run)) = state.store.get_run(run_id).await {
+            crate::metrics::attempt_ended(
+                &run,
+                tether_domain::RunStatus::TimedOut,
+                Some(tether_domain::ErrorCode::WorkerHeartbeatLost),
+            );
+        }
+    }
     tracing::info!(worker_id = %id, handed_back = runs.len(), "worker deregistered");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -131,6 +150,7 @@ pub async fn claim(
         // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
         worker_fresh_ms: state.config.worker_fresh_ms(),
     };
+    let waiting_since = std::time::Instant::now();
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribe before the first try so a run submitted in between is not missed.
@@ -138,7 +158,7 @@ pub async fn claim(
     loop {
         let claimed = state.store.claim_runs(&worker_id, &limits).await?;
         if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
-            metrics::counter!("tether_runs_claimed_total").increment(claimed.len() as u64);
+            crate::metrics::claim_answered(waiting_since.elapsed(), claimed.len());
             // Endpoints resolve per claim, so a retried attempt gets a fresh answer.
             let dispatched = crate::dispatch::resolve_claimed(&state, &worker_id, &claimed).await;
             let assignments = claimed
