@@ -80,6 +80,45 @@ impl Drop for LifelineGuard {
     }
 }
 
+/// Whether `program` names a file this process could execute, searched like `execvp` does
+/// (`path`, else this process's `PATH`, when it has no `/`; a relative path with one is taken
+/// from `cwd`, where the command will run). The error reads like exec's.
+pub fn check_runnable(
+    program: &str,
+    cwd: Option<&std::path::Path>,
+    path: Option<&str>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |candidate: &std::path::Path| {
+        std::fs::metadata(candidate)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let not_found = || std::io::Error::from(std::io::ErrorKind::NotFound);
+    if program.contains('/') {
+        let file = match cwd {
+            Some(dir) => dir.join(program),
+            None => std::path::PathBuf::from(program),
+        };
+        return if runnable(&file) {
+            Ok(())
+        } else if file.exists() {
+            Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+        } else {
+            Err(not_found())
+        };
+    }
+    let search = path
+        .map(str::to_string)
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    search
+        .split(':')
+        .map(|dir| std::path::Path::new(if dir.is_empty() { "." } else { dir }).join(program))
+        .any(|candidate| runnable(&candidate))
+        .then_some(())
+        .ok_or_else(not_found)
+}
+
 /// Every live (not zombie) process whose parent chain leads to `root`, from `/proc`.
 fn live_descendants(root: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

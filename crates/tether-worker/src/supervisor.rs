@@ -288,6 +288,17 @@ fn spawn(assignment: &Assignment) -> Result<Child, String> {
         return Err("the command is empty".into());
     };
     let shim = crate::shim::shim_program();
+    if shim.is_some() {
+        // The shim would start fine and only then fail to run the command: find out here, so
+        // a command that cannot run is `spawn_failed`, as without a shim.
+        let relative_to = assignment.cwd.as_deref().map(std::path::Path::new);
+        crate::shim::check_runnable(
+            program,
+            relative_to,
+            assignment.env.get("PATH").map(String::as_str),
+        )
+        .map_err(|err| format!("cannot run `{program}`: {err}"))?;
+    }
     let mut command = match shim {
         // The shim runs the command and kills every process of it when the command ends or
         // its lifeline (stdin) closes: when this worker dies or stops the run.
