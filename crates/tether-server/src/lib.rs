@@ -139,12 +139,13 @@ pub async fn start(
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
     let pruner = tokio::spawn(pruner::run_pruner(state.clone()));
+    let metrics_upkeep = tokio::spawn(metrics::run_upkeep(shutdown.clone()));
     tracing::info!(%addr, "tether server listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper, reconciler, pruner],
+        tasks: vec![server, reaper, reconciler, pruner, metrics_upkeep],
     })
 }
 
