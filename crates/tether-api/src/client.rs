@@ -19,9 +19,9 @@ use serde::Serialize;
 
 use crate::wire::{
     AppendLogRequest, AppendLogResponse, BatchSubmitRequest, BatchSubmitResponse, ClaimRequest,
-    ClaimResponse, ControlRequest, ControlResponse, ErrorBody, EventView, FinishRequest,
-    HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunList,
-    RunView, StartRequest, SubmitRequest, WorkerList,
+    ClaimResponse, ControlRequest, ControlResponse, ErrorBody, ErrorDetail, EventView,
+    FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest, WorkerList,
 };
 
 /// The whole-request timeout of every ordinary call.
@@ -46,6 +46,10 @@ pub enum ClientError {
         /// Seconds, from `Retry-After` (sent with `503`).
         retry_after: Option<u64>,
     },
+    /// `409 output_gap`: a log append began past what the attempt has stored; resend from
+    /// `expected`.
+    #[error("output gap: the server expects stdout at {}, stderr at {}", expected.stdout, expected.stderr)]
+    OutputGap { expected: crate::StreamOffsets },
     /// No answer: connection refused or reset, timeout. Worth retrying.
     #[error("cannot reach the server: {0}")]
     Transport(String),
@@ -62,6 +66,7 @@ impl ClientError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
+            ClientError::OutputGap { .. } => Some(409),
             _ => None,
         }
     }
@@ -70,6 +75,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),
+            ClientError::OutputGap { .. } => Some("output_gap"),
             _ => None,
         }
     }
@@ -105,7 +111,9 @@ impl ClientError {
         match self {
             ClientError::Transport(_) => true,
             ClientError::Api { status, .. } => *status == 429 || *status >= 500,
-            ClientError::Decode(_) | ClientError::InvalidUrl(_) => false,
+            ClientError::Decode(_) | ClientError::InvalidUrl(_) | ClientError::OutputGap { .. } => {
+                false
+            }
         }
     }
 
@@ -255,8 +263,22 @@ impl TetherClient {
     /// `GET /v1/runs/{id}/logs`: the combined raw output so far, bytes as the command wrote
     /// them.
     pub async fn logs(&self, run_id: &str) -> Result<Bytes, ClientError> {
+        self.attempt_logs(run_id, None).await
+    }
+
+    /// `GET /v1/runs/{id}/logs?attempt=`: `attempt` is a number, `last` or `all`; `None` is
+    /// the server's default (the last attempt).
+    pub async fn attempt_logs(
+        &self,
+        run_id: &str,
+        attempt: Option<&str>,
+    ) -> Result<Bytes, ClientError> {
         let path = format!("/v1/runs/{}/logs", segment(run_id));
-        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let mut req = self.request(Method::GET, &path);
+        if let Some(attempt) = attempt {
+            req = req.query(&[("attempt", attempt)]);
+        }
+        let resp = self.send(req).await?;
         resp.bytes().await.map_err(ClientError::transport)
     }
 
@@ -497,6 +519,13 @@ async fn send(req: RequestBuilder) -> Result<Response, ClientError> {
 
 fn api_error(status: StatusCode, retry_after: Option<u64>, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            error:
+                ErrorDetail {
+                    expected_offsets: Some(expected),
+                    ..
+                },
+        }) => ClientError::OutputGap { expected },
         Ok(parsed) => ClientError::Api {
             status: status.as_u16(),
             code: parsed.error.code,

@@ -21,6 +21,9 @@ pub struct ErrorDetail {
     /// For `POST /v1/runs/batch`: the entry the error is about (counting from 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
+    /// With `output_gap`: the offsets the server expects, to resend from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_offsets: Option<StreamOffsets>,
 }
 
 /// The body of `POST /v1/runs/batch`: many submissions, admitted in one transaction.
@@ -239,6 +242,18 @@ pub struct LogChunkWire {
     pub ts: i64,
     /// Base64 (standard alphabet, padded) of the raw bytes.
     pub data: String,
+    /// Where in its stream (of this attempt) the chunk begins, in bytes. A repeat of stored
+    /// bytes is acknowledged and not stored again; a chunk past the stored end is refused
+    /// with `409 output_gap` and the offsets expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+}
+
+/// How many bytes of each stream an attempt has stored: where its next chunks begin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamOffsets {
+    pub stdout: i64,
+    pub stderr: i64,
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
@@ -255,6 +270,9 @@ pub struct AppendLogResponse {
     /// The run's output limit was reached and the run has ended: kill the process, finish
     /// nothing.
     pub stop: bool,
+    /// What the attempt has stored of each stream after this append.
+    #[serde(default)]
+    pub offsets: StreamOffsets,
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/finish`.

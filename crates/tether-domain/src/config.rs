@@ -30,6 +30,9 @@ pub struct LanePolicy {
     pub timeout_s: Option<f64>,
     pub resources: Option<Resources>,
     pub output_limit_mb: Option<u64>,
+    /// How long the lane's finished runs (with their events and output) are kept, in seconds;
+    /// `0` keeps them for ever. Unset: the server's `--retention`.
+    pub retention_s: Option<f64>,
 }
 
 /// A pool of service endpoints with its public fallback (SPEC §5).

@@ -23,6 +23,9 @@ pub struct ServerConfig {
     pub worker_token: Option<String>,
     /// How long a claim may be held open waiting for work, at most.
     pub max_claim_wait: Duration,
+    /// How long finished runs are kept in lanes that set no `retention_s`; zero keeps them
+    /// for ever.
+    pub retention: Duration,
     /// Timeouts and the cap on connections (see `accept.rs`).
     pub connections: crate::accept::ConnectionLimits,
 }
@@ -40,6 +43,7 @@ impl Default for ServerConfig {
             api_token: None,
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
+            retention: Duration::from_secs(14 * 24 * 3600),
             connections: crate::accept::ConnectionLimits::default(),
         }
     }
@@ -55,6 +59,24 @@ impl ServerConfig {
 
     pub fn heartbeat_interval_ms(&self) -> i64 {
         self.heartbeat_interval.as_millis() as i64
+    }
+
+    /// Each lane's retention in milliseconds, for the lanes that prune at all (a zero
+    /// retention keeps everything and is left out).
+    pub fn lane_retentions_ms(&self) -> Vec<(String, i64)> {
+        self.lanes
+            .lane_names()
+            .into_iter()
+            .filter_map(|name| {
+                let lane = self.lanes.lane(&name).unwrap_or_default();
+                let ms = match lane.retention_s {
+                    Some(s) if s.is_finite() && s > 0.0 => (s * 1000.0) as i64,
+                    Some(_) => 0,
+                    None => self.retention.as_millis() as i64,
+                };
+                (ms > 0).then_some((name, ms))
+            })
+            .collect()
     }
 
     /// A worker whose last heartbeat is older than this is `suspect`: it is handed no runs

@@ -51,6 +51,8 @@ pub enum ApiError {
     /// A pool with nothing to hand out: no ready endpoint and no fallback.
     #[error("{0}")]
     NoReadyEndpoint(String),
+    #[error("this append begins past what the attempt has stored (stdout {}, stderr {}): resend from there", expected.stdout, expected.stderr)]
+    OutputGap { expected: tether_api::StreamOffsets },
     #[error("the store is unavailable: {0}")]
     StoreUnavailable(String),
     #[error("internal error: {0}")]
@@ -105,6 +107,7 @@ impl ApiError {
             ApiError::NeverFits { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "never_fits"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoReadyEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint"),
+            ApiError::OutputGap { .. } => (StatusCode::CONFLICT, "output_gap"),
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -129,6 +132,12 @@ impl From<StoreError> for ApiError {
                 "invalid_cursor",
                 "the cursor is not one this server gave out",
             ),
+            StoreError::OutputGap { expected } => ApiError::OutputGap {
+                expected: tether_api::StreamOffsets {
+                    stdout: expected.stdout,
+                    stderr: expected.stderr,
+                },
+            },
             StoreError::InvalidInput(m) => ApiError::invalid("invalid_field", m),
             StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
             StoreError::Corrupt(m) => ApiError::Internal(m),
@@ -155,14 +164,23 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(code, error = %self, "request failed");
         }
+        let expected_offsets = match &self {
+            ApiError::OutputGap { expected } => Some(*expected),
+            _ => None,
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: code.to_string(),
                 message: self.to_string(),
                 index,
+                expected_offsets,
             },
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, ApiError::StoreUnavailable(_)) {
+            // Seen by the store-health layer: this server could not reach its store.
+            response.extensions_mut().insert(crate::health::StoreFailed);
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

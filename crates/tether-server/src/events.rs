@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -140,11 +140,18 @@ struct Follower {
 }
 
 impl Follower {
+    /// The heartbeat frame; none when the store cannot answer now (the stream goes on and
+    /// tries again at the next one), and the end of the stream when the run is gone.
     async fn heartbeat(&mut self) -> Option<Vec<Frame>> {
         self.next_heartbeat = Instant::now() + self.state.config.sse_heartbeat;
-        let run = self.state.store.get_run(&self.run_id).await.ok()??;
-        let now = self.state.store.now().await.ok()?;
-        Some(vec![Frame::Heartbeat(Box::new(run), now)])
+        let run = match self.state.store.get_run(&self.run_id).await {
+            Ok(run) => run?,
+            Err(_) => return Some(Vec::new()),
+        };
+        match self.state.store.now().await {
+            Ok(now) => Some(vec![Frame::Heartbeat(Box::new(run), now)]),
+            Err(_) => Some(Vec::new()),
+        }
     }
 
     /// The next frames to send, or `None` when the stream is over.
@@ -254,6 +261,7 @@ fn frame_json(frame: &Frame, state: &AppState) -> String {
     params(("after" = Option<i64>, Query, description = "resume after this seq (or the Last-Event-ID header)"),
            ("follow" = Option<bool>, Query, description = "keep following (default: SSE yes, NDJSON no)")),
     responses((status = 200, description = "text/event-stream, or application/x-ndjson with that Accept header", body = tether_api::EventView),
+              (status = 204, description = "SSE after the run's `end`: nothing follows, do not reconnect"),
               (status = 404, body = tether_api::ErrorBody)))]
 pub async fn run_events(
     State(state): State<AppState>,
@@ -261,9 +269,11 @@ pub async fn run_events(
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    if state.store.get_run(&run_id).await?.is_none() {
-        return Err(ApiError::RunNotFound);
-    }
+    let run = state
+        .store
+        .get_run(&run_id)
+        .await?
+        .ok_or(ApiError::RunNotFound)?;
     let ndjson = wants_ndjson(&headers);
     let after = match (last_event_id(&headers)?, query.after) {
         (Some(seq), _) => seq,
@@ -280,6 +290,15 @@ pub async fn run_events(
     metrics::counter!(crate::metrics::SSE_CONNECTIONS,
         "format" => if ndjson { "ndjson" } else { "sse" })
     .increment(1);
+    // A finished run's last event is its `end`. A client asking for what follows it (an SSE
+    // client reconnecting with `Last-Event-ID` = end's id) is told there is nothing more: SSE
+    // gets `204`, which makes a standard EventSource stop reconnecting; NDJSON gets `end` again
+    // and the stream closes at once.
+    let ended = run.status.is_terminal() && after >= run.last_event_seq;
+    if ended && !ndjson {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let after = if ended { run.last_event_seq - 1 } else { after };
     let follower = Follower {
         watch: state.hub.watch(&run_id),
         state: state.clone(),

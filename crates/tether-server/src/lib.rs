@@ -10,8 +10,10 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 mod extract;
+pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod pruner;
 pub mod reaper;
 pub mod reconciler;
 mod routes;
@@ -40,6 +42,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub hub: events::EventHub,
     pub shutdown: CancellationToken,
+    /// Recent store failures: readiness, and the heartbeat grace the reaper owes.
+    pub health: health::StoreHealth,
 }
 
 /// Why a server could not start.
@@ -119,6 +123,7 @@ pub async fn start(
         config: Arc::new(config),
         hub,
         shutdown: shutdown.clone(),
+        health: health::StoreHealth::default(),
     };
     let app = routes::router(state.clone());
     let open_files = accept::raise_open_files_limit();
@@ -133,13 +138,14 @@ pub async fn start(
     let server = tokio::spawn(accept::serve(listener, app, limits, shutdown.clone()));
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
+    let pruner = tokio::spawn(pruner::run_pruner(state.clone()));
     let metrics_upkeep = tokio::spawn(metrics::run_upkeep(shutdown.clone()));
     tracing::info!(%addr, "tether server listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper, reconciler, metrics_upkeep],
+        tasks: vec![server, reaper, reconciler, pruner, metrics_upkeep],
     })
 }
 

@@ -68,6 +68,22 @@ async fn next_wake(state: &AppState, policy: &ReapPolicy) -> StoreResult<Instant
     Ok(Instant::now() + sleep_for(deadline, now, state.config.reaper_interval))
 }
 
+/// Before judging anyone after this server could not reach its store: every in-flight run
+/// gets one full stale window from now (`Store::grant_heartbeat_grace`), since heartbeats
+/// sent meanwhile may not have been recorded. The deadline moves; the rule stays.
+async fn grant_owed_grace(state: &AppState) -> StoreResult<()> {
+    let Some(token) = state.health.grace_owed() else {
+        return Ok(());
+    };
+    let moved = state.store.grant_heartbeat_grace().await?;
+    state.health.grace_granted(token);
+    tracing::info!(
+        runs = moved,
+        "the store answers again: in-flight runs get a full stale window before they are judged"
+    );
+    Ok(())
+}
+
 /// Runs until the server shuts down.
 pub async fn run_reaper(state: AppState) {
     let policy = reap_policy(&state);
@@ -76,7 +92,14 @@ pub async fn run_reaper(state: AppState) {
         if state.shutdown.is_cancelled() {
             return;
         }
-        if let Err(e) = sweep(&state, &policy).await {
+        let swept = match grant_owed_grace(&state).await {
+            Ok(()) => sweep(&state, &policy).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = swept {
+            if matches!(e, tether_store::StoreError::Unavailable(_)) {
+                state.health.failed(e.to_string());
+            }
             tracing::warn!(error = %e, "reaper sweep failed; retrying");
             tokio::select! {
                 _ = state.shutdown.cancelled() => return,

@@ -38,7 +38,7 @@ use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
     EventKind, EventRecord, FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy,
     ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store,
-    StoreError, StoreResult, WorkerRecord,
+    StoreError, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -87,7 +87,7 @@ const POOL_SIZE: u32 = 10;
 /// How long `ping` waits for the database.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a request waits for a connection before the store answers `Unavailable`.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The reaper's selection: in-flight runs past a deadline, oldest first. `$1`: now; `$2`: now
 /// less the timeout grace; `$3`: now less the cancel deadline; `$4`: the batch. Each branch is
@@ -582,6 +582,29 @@ async fn must_lock(conn: &mut PgConnection, run_id: &str) -> StoreResult<Loaded>
     load_run(conn, run_id, Lock::Wait)
         .await?
         .ok_or(StoreError::NotFound)
+}
+
+/// What an attempt has stored of each stream (zero for an attempt with no row yet).
+async fn attempt_offsets(
+    conn: &mut PgConnection,
+    run_id: &str,
+    attempt: u32,
+) -> StoreResult<StreamOffsets> {
+    let row = sqlx::query(
+        "SELECT stdout_bytes, stderr_bytes FROM attempts WHERE run_id = $1 AND attempt = $2",
+    )
+    .bind(run_id)
+    .bind(i64::from(attempt))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(match row {
+        Some(row) => StreamOffsets {
+            stdout: row.try_get("stdout_bytes").map_err(db)?,
+            stderr: row.try_get("stderr_bytes").map_err(db)?,
+        },
+        None => StreamOffsets::default(),
+    })
 }
 
 async fn reload(conn: &mut PgConnection, run_id: &str) -> StoreResult<RunRecord> {
@@ -1253,17 +1276,20 @@ impl Store for PgStore {
                 worker_id: worker_id.to_string(),
             })
             .map_err(transition_error)?;
+        let mut offsets = attempt_offsets(&mut tx, run_id, attempt).await?;
+        let fresh = tether_store::new_output(chunks, offsets)
+            .map_err(|expected| StoreError::OutputGap { expected })?;
         let limit = loaded.run.spec.output_limit_bytes.max(0);
         let mut total = loaded.output_bytes;
-        let (mut stdout, mut stderr) = (0_i64, 0_i64);
+        let stored_before = offsets;
         let mut last_seq = loaded.run.last_event_seq;
         let mut limit_reached = false;
-        for chunk in chunks {
+        for (stream, data) in fresh {
             let room = usize::try_from(limit - total).unwrap_or(0);
-            let (data, cut) = if chunk.data.len() > room {
-                (&chunk.data[..room], true)
+            let (data, cut) = if data.len() > room {
+                (&data[..room], true)
             } else {
-                (&chunk.data[..], false)
+                (data, false)
             };
             if !data.is_empty() {
                 last_seq = push_event(
@@ -1273,22 +1299,21 @@ impl Store for PgStore {
                     EventKind::Log,
                     attempt,
                     now,
-                    json!({ "stream": chunk.stream.as_str() }),
+                    json!({ "stream": stream.as_str() }),
                     Some(data),
                 )
                 .await?;
                 let n = data.len() as i64;
                 total += n;
-                match chunk.stream {
-                    tether_store::OutputStream::Stdout => stdout += n,
-                    tether_store::OutputStream::Stderr => stderr += n,
-                }
+                offsets.add(stream, n);
             }
             if cut {
                 limit_reached = true;
                 break;
             }
         }
+        let stdout = offsets.stdout - stored_before.stdout;
+        let stderr = offsets.stderr - stored_before.stderr;
         if stdout + stderr > 0 {
             let sql = guarded_update(
                 "stdout_bytes = stdout_bytes + $1, stderr_bytes = stderr_bytes + $2, \
@@ -1301,10 +1326,21 @@ impl Store for PgStore {
                 .bind(stdout + stderr)
                 .bind(now);
             one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
+            sqlx::query(
+                "UPDATE attempts SET stdout_bytes = $1, stderr_bytes = $2 \
+                 WHERE run_id = $3 AND attempt = $4",
+            )
+            .bind(offsets.stdout)
+            .bind(offsets.stderr)
+            .bind(run_id)
+            .bind(i64::from(attempt))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
         if !limit_reached {
             self.commit(tx, out).await?;
-            return Ok(AppendOutcome::Accepted { last_seq });
+            return Ok(AppendOutcome::Accepted { last_seq, offsets });
         }
         // The note is not counted against the limit: it is Tether speaking, not the command.
         let note = format!("[tether] output limit of {limit} bytes reached; the run was stopped\n");
@@ -1501,5 +1537,61 @@ impl Store for PgStore {
         .into_iter()
         .flatten()
         .min())
+    }
+
+    async fn grant_heartbeat_grace(&self) -> StoreResult<u64> {
+        let (mut tx, now) = self.begin().await?;
+        // Only a deadline moves, never earlier; status and attempt are untouched, so this
+        // needs no conditional write and cannot race a transition into a wrong state.
+        let moved = sqlx::query(&format!(
+            "UPDATE runs SET stale_at = $1 + heartbeat_timeout_ms \
+             WHERE status IN {IN_FLIGHT} AND stale_at IS NOT NULL \
+             AND stale_at < $1 + heartbeat_timeout_ms"
+        ))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        self.commit(tx, Outbox::default()).await?;
+        Ok(moved)
+    }
+
+    async fn prune_finished_runs(
+        &self,
+        lane: &str,
+        retention_ms: i64,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        let (mut tx, now) = self.begin().await?;
+        let cutoff = now.saturating_sub(retention_ms.max(0));
+        // SKIP LOCKED: a row someone else holds is left for the next pass, so pruning never
+        // waits on (or blocks) anyone for long. Terminal is final, so nobody else writes them.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs \
+             WHERE lane = $1 AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+             AND finished_at < $2 ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(lane)
+        .bind(cutoff)
+        .bind(i64::from(batch.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        if !ids.is_empty() {
+            for sql in [
+                "DELETE FROM run_events WHERE run_id = ANY($1)",
+                "DELETE FROM attempts WHERE run_id = ANY($1)",
+                "DELETE FROM runs WHERE id = ANY($1)",
+            ] {
+                sqlx::query(sql)
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        self.commit(tx, Outbox::default()).await?;
+        Ok(ids.len() as u64)
     }
 }

@@ -29,7 +29,7 @@ use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, ClaimLimits, ClaimedRun, CreatedRun,
     EventKind, EventRecord, FinishReport, HeartbeatAnswer, NewWorker, OutputChunk, ReapPolicy,
     ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, Store,
-    StoreError, StoreResult, WorkerRecord,
+    StoreError, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 
@@ -253,6 +253,29 @@ async fn insert_run(
 /// Loads a run for a worker call, or `NotFound`.
 async fn must_load(conn: &mut SqliteConnection, run_id: &str) -> StoreResult<Loaded> {
     load_run(conn, run_id).await?.ok_or(StoreError::NotFound)
+}
+
+/// What an attempt has stored of each stream (zero for an attempt with no row yet).
+async fn attempt_offsets(
+    conn: &mut SqliteConnection,
+    run_id: &str,
+    attempt: u32,
+) -> StoreResult<StreamOffsets> {
+    let row = sqlx::query(
+        "SELECT stdout_bytes, stderr_bytes FROM attempts WHERE run_id = ? AND attempt = ?",
+    )
+    .bind(run_id)
+    .bind(i64::from(attempt))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(match row {
+        Some(row) => StreamOffsets {
+            stdout: row.try_get("stdout_bytes").map_err(db)?,
+            stderr: row.try_get("stderr_bytes").map_err(db)?,
+        },
+        None => StreamOffsets::default(),
+    })
 }
 
 async fn reload(conn: &mut SqliteConnection, run_id: &str) -> StoreResult<RunRecord> {
@@ -960,17 +983,20 @@ impl Store for SqliteStore {
                 worker_id: worker_id.to_string(),
             })
             .map_err(transition_error)?;
+        let mut offsets = attempt_offsets(&mut tx, run_id, attempt).await?;
+        let fresh = tether_store::new_output(chunks, offsets)
+            .map_err(|expected| StoreError::OutputGap { expected })?;
         let limit = loaded.run.spec.output_limit_bytes.max(0);
         let mut total = loaded.output_bytes;
-        let (mut stdout, mut stderr) = (0_i64, 0_i64);
+        let stored_before = offsets;
         let mut last_seq = loaded.run.last_event_seq;
         let mut limit_reached = false;
-        for chunk in chunks {
+        for (stream, data) in fresh {
             let room = usize::try_from(limit - total).unwrap_or(0);
-            let (data, cut) = if chunk.data.len() > room {
-                (&chunk.data[..room], true)
+            let (data, cut) = if data.len() > room {
+                (&data[..room], true)
             } else {
-                (&chunk.data[..], false)
+                (data, false)
             };
             if !data.is_empty() {
                 last_seq = push_event(
@@ -980,22 +1006,21 @@ impl Store for SqliteStore {
                     EventKind::Log,
                     attempt,
                     now,
-                    json!({ "stream": chunk.stream.as_str() }),
+                    json!({ "stream": stream.as_str() }),
                     Some(data),
                 )
                 .await?;
                 let n = data.len() as i64;
                 total += n;
-                match chunk.stream {
-                    tether_store::OutputStream::Stdout => stdout += n,
-                    tether_store::OutputStream::Stderr => stderr += n,
-                }
+                offsets.add(stream, n);
             }
             if cut {
                 limit_reached = true;
                 break;
             }
         }
+        let stdout = offsets.stdout - stored_before.stdout;
+        let stderr = offsets.stderr - stored_before.stderr;
         if stdout + stderr > 0 {
             let q = sqlx::query(concat!("UPDATE runs SET stdout_bytes = stdout_bytes + ?, stderr_bytes = stderr_bytes + ?, \
                  output_bytes = output_bytes + ?, last_output_at = ?", guard!()))
@@ -1004,10 +1029,21 @@ impl Store for SqliteStore {
             .bind(stdout + stderr)
             .bind(now);
             one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
+            sqlx::query(
+                "UPDATE attempts SET stdout_bytes = ?, stderr_bytes = ? \
+                 WHERE run_id = ? AND attempt = ?",
+            )
+            .bind(offsets.stdout)
+            .bind(offsets.stderr)
+            .bind(run_id)
+            .bind(i64::from(attempt))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
         if !limit_reached {
             self.commit(tx, out).await?;
-            return Ok(AppendOutcome::Accepted { last_seq });
+            return Ok(AppendOutcome::Accepted { last_seq, offsets });
         }
         // The note is not counted against the limit: it is Tether speaking, not the command.
         let note = format!("[tether] output limit of {limit} bytes reached; the run was stopped\n");
@@ -1225,5 +1261,58 @@ impl Store for SqliteStore {
         .into_iter()
         .flatten()
         .min())
+    }
+
+    async fn grant_heartbeat_grace(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        // Served by the partial index over in-flight rows; no status or attempt changes, so
+        // no conditional write is needed: only a deadline moves, never earlier.
+        let moved = sqlx::query(&format!(
+            "UPDATE runs SET stale_at = MAX(stale_at, ? + heartbeat_timeout_ms) \
+             WHERE status IN {IN_FLIGHT} AND stale_at IS NOT NULL \
+             AND stale_at < ? + heartbeat_timeout_ms"
+        ))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        self.commit(tx, Outbox::default()).await?;
+        Ok(moved)
+    }
+
+    async fn prune_finished_runs(
+        &self,
+        lane: &str,
+        retention_ms: i64,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let cutoff = clock().saturating_sub(retention_ms.max(0));
+        // One selection, used by each delete in turn: inside this write transaction nothing
+        // else writes, and a terminal run never changes, so all three see the same runs. The
+        // run rows go last, after what refers to them.
+        let selection = "SELECT id FROM runs INDEXED BY runs_finished_lane \
+             WHERE lane = ? AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+             AND finished_at < ? ORDER BY finished_at LIMIT ?";
+        let mut deleted = 0;
+        for table in [
+            "DELETE FROM run_events WHERE run_id IN",
+            "DELETE FROM attempts WHERE run_id IN",
+            "DELETE FROM runs WHERE id IN",
+        ] {
+            deleted = sqlx::query(&format!("{table} ({selection})"))
+                .bind(lane)
+                .bind(cutoff)
+                .bind(i64::from(batch.max(1)))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+        }
+        self.commit(tx, Outbox::default()).await?;
+        Ok(deleted)
     }
 }

@@ -25,7 +25,7 @@ use tether_domain::{
 use crate::{
     Admission, AdmissionPolicy, AppendOutcome, BatchAdmission, BatchRefusal, ClaimLimits,
     EventKind, EventRecord, FinishReport, NewWorker, OutputChunk, OutputStream, ReapPolicy,
-    RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError,
+    RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError, StreamOffsets,
 };
 
 /// A fresh store, and whatever must stay alive while it is used (a temp dir, a database).
@@ -93,6 +93,9 @@ macro_rules! store_conformance_tests {
             probes_are_claimed_once_per_interval_across_callers,
             probe_results_stamp_only_ready_answers_for_the_current_claim,
             an_attempts_dispatch_is_recorded_once_while_current,
+            repeated_output_is_stored_once_and_gaps_are_refused,
+            heartbeat_grace_moves_stale_deadlines_only_forward,
+            pruning_deletes_old_finished_runs_only,
         );
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
@@ -189,6 +192,14 @@ fn chunk(stream: OutputStream, data: &[u8]) -> OutputChunk {
         stream,
         ts: 0,
         data: data.to_vec(),
+        offset: None,
+    }
+}
+
+fn chunk_at(stream: OutputStream, offset: i64, data: &[u8]) -> OutputChunk {
+    OutputChunk {
+        offset: Some(offset),
+        ..chunk(stream, data)
     }
 }
 
@@ -1190,7 +1201,16 @@ pub async fn a_run_goes_from_pending_to_succeeded_with_events_in_order(h: &dyn H
         )
         .await
         .unwrap();
-    assert_eq!(outcome, AppendOutcome::Accepted { last_seq: 6 });
+    assert_eq!(
+        outcome,
+        AppendOutcome::Accepted {
+            last_seq: 6,
+            offsets: StreamOffsets {
+                stdout: 6,
+                stderr: 5
+            }
+        }
+    );
 
     let done = store
         .finish_attempt(
@@ -2053,7 +2073,7 @@ pub async fn signals_are_delivered_after_commit(h: &dyn Harness) {
     let worker_id = register(store, 1.0).await;
     store.claim_runs(&worker_id, &limits(1)).await.unwrap();
     store.start_attempt(&run_id, 1, &worker_id).await.unwrap();
-    let AppendOutcome::Accepted { last_seq } = store
+    let AppendOutcome::Accepted { last_seq, .. } = store
         .append_output(
             &run_id,
             1,
@@ -2376,4 +2396,223 @@ pub async fn an_attempts_dispatch_is_recorded_once_while_current(h: &dyn Harness
     let attempts = store.list_attempts(&run_id).await.unwrap();
     assert_eq!(attempts[0].endpoints, first);
     assert_eq!(attempts[1].endpoints, second);
+}
+
+// ---- faults: output exactly once, heartbeat grace, retention --------------------------------
+
+pub async fn repeated_output_is_stored_once_and_gaps_are_refused(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (run_id, worker_id) = claimed_run(store, &spec()).await;
+    store.start_attempt(&run_id, 1, &worker_id).await.unwrap();
+    let first = [
+        chunk_at(OutputStream::Stdout, 0, b"one\n"),
+        chunk_at(OutputStream::Stderr, 0, b"err\n"),
+    ];
+    let append = |chunks: Vec<OutputChunk>| {
+        let (run_id, worker_id) = (run_id.clone(), worker_id.clone());
+        async move { store.append_output(&run_id, 1, &worker_id, &chunks).await }
+    };
+    let AppendOutcome::Accepted { offsets, .. } = append(first.to_vec()).await.unwrap() else {
+        panic!("accepted");
+    };
+    assert_eq!(
+        offsets,
+        StreamOffsets {
+            stdout: 4,
+            stderr: 4
+        }
+    );
+    // The same append again (its answer was lost): acknowledged, stored once.
+    let AppendOutcome::Accepted { offsets, .. } = append(first.to_vec()).await.unwrap() else {
+        panic!("accepted");
+    };
+    assert_eq!(
+        offsets,
+        StreamOffsets {
+            stdout: 4,
+            stderr: 4
+        }
+    );
+    // A resend overlapping what is stored keeps only the new part.
+    append(vec![chunk_at(OutputStream::Stdout, 0, b"one\ntwo\n")])
+        .await
+        .unwrap();
+    // A gap is refused with what is expected, and nothing of it is stored.
+    let gap = append(vec![
+        chunk_at(OutputStream::Stdout, 8, b"three\n"),
+        chunk_at(OutputStream::Stdout, 20, b"lost\n"),
+    ])
+    .await;
+    match gap {
+        Err(StoreError::OutputGap { expected }) => {
+            assert_eq!(
+                expected,
+                StreamOffsets {
+                    stdout: 8,
+                    stderr: 4
+                }
+            )
+        }
+        other => panic!("expected OutputGap, got {other:?}"),
+    }
+    let logs: Vec<u8> = all_events(store, &run_id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Log)
+        .flat_map(|e| e.data.unwrap_or_default())
+        .collect();
+    assert_eq!(logs, b"one\nerr\ntwo\n");
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!((run.stdout_bytes, run.stderr_bytes), (8, 4));
+    // Offsets are per attempt: a retry's output starts again at 0.
+    let later = store
+        .append_output(
+            &run_id,
+            1,
+            &worker_id,
+            &[chunk_at(OutputStream::Stdout, 8, b"three\n")],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        later,
+        AppendOutcome::Accepted {
+            offsets: StreamOffsets {
+                stdout: 14,
+                stderr: 4
+            },
+            ..
+        }
+    ));
+}
+
+pub async fn heartbeat_grace_moves_stale_deadlines_only_forward(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let policy = ReapPolicy::default();
+    let (short, worker_id) = claimed_run(store, &stale_after(1_500, 3)).await;
+    store.start_attempt(&short, 1, &worker_id).await.unwrap();
+    let long = create(store, &stale_after(600_000, 3)).await;
+    let w2 = register(store, 1.0).await;
+    store.claim_runs(&w2, &limits(1)).await.unwrap();
+    let quiet = create(
+        store,
+        &spec_with(|r| {
+            r.heartbeat_timeout_s = Some(None);
+            r.timeout_s = Some(600.0);
+        }),
+    )
+    .await;
+    let w3 = register(store, 1.0).await;
+    store.claim_runs(&w3, &limits(1)).await.unwrap();
+    let pending = create(store, &stale_after(300, 3)).await;
+    let earliest = store.next_reap_deadline(&policy).await.unwrap();
+    // The earliest deadline is the short run's.
+    // The short run's heartbeat goes stale (as if the store had been unreachable)...
+    let first_deadline = earliest.unwrap();
+    wait_past(store, first_deadline).await;
+    let granted_at = store.now().await.unwrap();
+    let moved = store.grant_heartbeat_grace().await.unwrap();
+    // ...and every run with a heartbeat deadline gets one full window from now; the run
+    // without one has nothing to move.
+    assert_eq!(moved, 2);
+    let next = store.next_reap_deadline(&policy).await.unwrap().unwrap();
+    assert!(next >= granted_at + 1_500, "{next} < {granted_at} + 1500");
+    assert!(first_deadline < next);
+    let swept = store.reap_stale_runs(&quick_policy()).await.unwrap();
+    assert!(
+        swept.reaped.is_empty(),
+        "nothing is judged inside the grace"
+    );
+    for id in [&short, &long, &quiet] {
+        let run = store.get_run(id).await.unwrap().unwrap();
+        assert_eq!(run.attempt, 1);
+        assert!(run.status.is_in_flight(), "{id}: {:?}", run.status);
+    }
+    assert_eq!(
+        store.get_run(&pending).await.unwrap().unwrap().status,
+        RunStatus::Pending
+    );
+    // The rule is unchanged: once the moved deadline passes, the run is reaped as before.
+    let reaped = reap_until_some(store, &quick_policy()).await;
+    assert_eq!(reaped[0].run_id, short);
+    assert_eq!(reaped[0].error_code, ErrorCode::WorkerHeartbeatLost);
+}
+
+pub async fn pruning_deletes_old_finished_runs_only(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let mut finished = Vec::new();
+    for _ in 0..3 {
+        let (run_id, worker_id) = claimed_run(store, &spec()).await;
+        store
+            .append_output(
+                &run_id,
+                1,
+                &worker_id,
+                &[chunk(OutputStream::Stdout, b"x\n")],
+            )
+            .await
+            .unwrap();
+        store
+            .finish_attempt(
+                &run_id,
+                1,
+                &worker_id,
+                &finish(AttemptOutcome::Succeeded, Some(0)),
+            )
+            .await
+            .unwrap();
+        finished.push(run_id);
+    }
+    let (in_flight, _) = claimed_run(store, &spec()).await;
+    let other_lane = {
+        let mut s = spec();
+        s.lane = "builds".into();
+        let (run_id, worker_id) = claimed_run(store, &s).await;
+        store
+            .finish_attempt(
+                &run_id,
+                1,
+                &worker_id,
+                &finish(AttemptOutcome::Succeeded, Some(0)),
+            )
+            .await
+            .unwrap();
+        run_id
+    };
+    let pending = create(store, &spec()).await;
+    let last_finish = store
+        .get_run(&other_lane)
+        .await
+        .unwrap()
+        .unwrap()
+        .finished_at
+        .unwrap();
+    // A long retention keeps everything.
+    assert_eq!(
+        store
+            .prune_finished_runs("default", 3_600_000, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    wait_past(store, last_finish + 1).await;
+    // Small batches: two, then the last one, then nothing.
+    assert_eq!(store.prune_finished_runs("default", 0, 2).await.unwrap(), 2);
+    assert_eq!(store.prune_finished_runs("default", 0, 2).await.unwrap(), 1);
+    assert_eq!(store.prune_finished_runs("default", 0, 2).await.unwrap(), 0);
+    for id in &finished {
+        assert!(store.get_run(id).await.unwrap().is_none(), "{id} pruned");
+        assert!(store.events_after(id, 0, 100).await.unwrap().is_empty());
+        assert!(store.list_attempts(id).await.unwrap().is_empty());
+    }
+    // In-flight and pending runs, and other lanes, are untouched.
+    assert!(store.get_run(&in_flight).await.unwrap().is_some());
+    assert!(!all_events(store, &in_flight).await.is_empty());
+    assert!(store.get_run(&pending).await.unwrap().is_some());
+    assert!(store.get_run(&other_lane).await.unwrap().is_some());
+    assert_eq!(store.prune_finished_runs("builds", 0, 10).await.unwrap(), 1);
+    assert!(store.get_run(&other_lane).await.unwrap().is_none());
 }

@@ -17,6 +17,10 @@ pub enum StoreError {
     /// The database could not be reached or failed; the request may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// An output chunk begins past what the attempt has stored of its stream: something
+    /// before it was never stored. Nothing of the append was stored; resend from `expected`.
+    #[error("output gap: the attempt has stored {expected:?} bytes so far")]
+    OutputGap { expected: crate::StreamOffsets },
     /// A value the database refused as data (PostgreSQL's SQLSTATE class 22: NUL in text, a
     /// number out of range): the caller's mistake, not an outage.
     #[error("the store cannot hold that value: {0}")]

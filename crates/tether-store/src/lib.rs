@@ -12,12 +12,14 @@ mod endpoints;
 mod error;
 mod judge;
 mod outbox;
+mod output;
 mod records;
 
 pub use endpoints::*;
 pub use error::StoreError;
 pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
 pub use outbox::{status_body, Outbox};
+pub use output::new_output;
 pub use records::*;
 
 use async_trait::async_trait;
@@ -123,6 +125,11 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// Appends output as `log` events, in order. Past the run's output limit, stores what fits,
     /// notes the cut in the log and ends the run `failed`/`output_limit` in the same
     /// transaction, answering `LimitReached`. `StaleAttempt` if the attempt is not current.
+    ///
+    /// Exactly once: the attempt keeps how many bytes of each stream it stored, and chunks
+    /// that name their offset are judged against them by [`new_output`]: what was stored
+    /// already is acknowledged and not stored again; a chunk past the stored end is refused
+    /// (`OutputGap`, nothing stored) with the offsets expected.
     async fn append_output(
         &self,
         run_id: &str,
@@ -178,6 +185,24 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
 
     /// The earliest moment any in-flight run could be reaped, for the reaper's next wake-up.
     async fn next_reap_deadline(&self, policy: &ReapPolicy) -> StoreResult<Option<Millis>>;
+
+    /// After the store was unreachable, heartbeats sent meanwhile were not recorded: that is
+    /// no evidence against any worker. Moves every in-flight run's heartbeat deadline
+    /// (`stale_at`) to at least one full heartbeat timeout from now, never earlier than it
+    /// was; the rule that judges it is unchanged. Returns how many runs it moved.
+    async fn grant_heartbeat_grace(&self) -> StoreResult<u64>;
+
+    // ---- retention ----------------------------------------------------------------------
+
+    /// Deletes up to `batch` runs of `lane` that finished more than `retention_ms` ago by the
+    /// store's clock, oldest first, with their events and attempts, in one short transaction.
+    /// In-flight and pending runs are never touched. Returns how many runs it deleted.
+    async fn prune_finished_runs(
+        &self,
+        lane: &str,
+        retention_ms: i64,
+        batch: u32,
+    ) -> StoreResult<u64>;
 }
 
 /// A store shared by the server's tasks.

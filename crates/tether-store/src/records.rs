@@ -258,17 +258,44 @@ pub struct OutputChunk {
     /// When the worker read it (informational; liveness uses the store's clock).
     pub ts: Millis,
     pub data: Vec<u8>,
+    /// Where in its stream (of this attempt) the chunk begins, in bytes. With it, a repeated
+    /// append is recognised and stored once, and a gap is refused; without it (older workers)
+    /// the chunk is appended as is.
+    pub offset: Option<i64>,
+}
+
+/// How many bytes of each stream an attempt has stored: the offset its next chunk must name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamOffsets {
+    pub stdout: i64,
+    pub stderr: i64,
+}
+
+impl StreamOffsets {
+    pub fn of(&self, stream: OutputStream) -> i64 {
+        match stream {
+            OutputStream::Stdout => self.stdout,
+            OutputStream::Stderr => self.stderr,
+        }
+    }
+
+    pub fn add(&mut self, stream: OutputStream, n: i64) {
+        match stream {
+            OutputStream::Stdout => self.stdout += n,
+            OutputStream::Stderr => self.stderr += n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AppendOutcome {
     Accepted {
         last_seq: i64,
+        /// What the attempt has stored of each stream after this append.
+        offsets: StreamOffsets,
     },
     /// The output limit was reached; the run has ended `failed` with `output_limit`.
-    LimitReached {
-        run: Box<RunRecord>,
-    },
+    LimitReached { run: Box<RunRecord> },
 }
 
 /// How a worker says an attempt ended.

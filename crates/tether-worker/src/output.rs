@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::control::AttemptStats;
-use crate::reporter::{AttemptReporter, OutputChunk, OutputStream, ReportError};
+use crate::reporter::{AppendAck, AttemptReporter, OutputChunk, OutputStream, ReportError};
 
 /// The longest chunk: a longer line goes out in pieces.
 pub const MAX_CHUNK: usize = 64 * 1024;
@@ -69,6 +69,7 @@ impl OutputQueue {
             stream,
             ts_ms,
             data,
+            offset: None,
         };
         self.tx
             .send(Queued {
@@ -212,13 +213,29 @@ pub fn join_neighbours(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
             stream,
             ts_ms,
             data: data.freeze(),
+            offset: None,
         })
         .collect()
 }
 
+/// Gives each chunk its offset in its stream, counting on from `next` (what the attempt has
+/// handed the server so far, per stream), and moves `next` past the batch.
+fn number(chunks: &mut [OutputChunk], next: &mut (i64, i64)) {
+    for chunk in chunks {
+        let at = match chunk.stream {
+            OutputStream::Stdout => &mut next.0,
+            OutputStream::Stderr => &mut next.1,
+        };
+        chunk.offset = Some(*at);
+        *at += chunk.data.len() as i64;
+    }
+}
+
 /// Uploads the queue in order, in batches of up to [`BATCH_BYTES`] or [`BATCH_WINDOW`].
 /// Transient failures are retried with backoff, never dropped: the queue fills meanwhile and
-/// holds the command back.
+/// holds the command back. Every chunk carries its offset in its stream, so a batch sent again
+/// after a lost answer is stored once; a batch the server refuses as a gap (something before
+/// it was never stored) is numbered again from where the server says and resent.
 pub async fn upload(
     mut rx: mpsc::Receiver<Queued>,
     reporter: Arc<dyn AttemptReporter>,
@@ -227,6 +244,8 @@ pub async fn upload(
     abort: CancellationToken,
 ) -> UploadEnd {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // Bytes of each stream (stdout, stderr) handed to the server so far.
+    let mut next = (0_i64, 0_i64);
     loop {
         let first = tokio::select! {
             _ = abort.cancelled() => return UploadEnd::Aborted,
@@ -254,7 +273,9 @@ pub async fn upload(
         }
         let (chunks, permits): (Vec<OutputChunk>, Vec<OwnedSemaphorePermit>) =
             batch.into_iter().map(|q| (q.chunk, q._permit)).unzip();
-        let chunks = join_neighbours(chunks);
+        let mut chunks = join_neighbours(chunks);
+        let batch_start = next;
+        number(&mut chunks, &mut next);
         loop {
             let result = tokio::select! {
                 _ = abort.cancelled() => return UploadEnd::Aborted,
@@ -262,6 +283,20 @@ pub async fn upload(
             };
             match result {
                 Ok(ack) if ack.stop => return UploadEnd::Stop,
+                Ok(AppendAck {
+                    resend_from: Some(from),
+                    ..
+                }) => {
+                    // Only a batch dropped after a refusal leaves a hole: say what is lost.
+                    tracing::warn!(run_id, attempt, ?from, sent_from = ?batch_start,
+                        "the server is missing output before this batch; resending from its offsets");
+                    next = from;
+                    number(&mut chunks, &mut next);
+                    if from == batch_start {
+                        // Nothing changed: a server that keeps refusing would loop for ever.
+                        break;
+                    }
+                }
                 Ok(_) => {
                     backoff.reset();
                     break;

@@ -32,6 +32,9 @@ pub struct OutputChunk {
     /// Milliseconds since the epoch, by this worker's clock, when it was read.
     pub ts_ms: i64,
     pub data: Bytes,
+    /// Where in its stream (of this attempt) it begins, in bytes; set by the uploader, so a
+    /// batch sent again after a lost answer is recognised and stored once.
+    pub offset: Option<i64>,
 }
 
 /// How an attempt ended, as `finish` reports it.
@@ -48,6 +51,9 @@ pub struct Finish {
 pub struct AppendAck {
     /// The output limit was reached and the server already ended the run.
     pub stop: bool,
+    /// Nothing was stored: the batch began past what the server has of the attempt's
+    /// output (`409 output_gap`). Send it again from these offsets (stdout, stderr).
+    pub resend_from: Option<(i64, i64)>,
 }
 
 /// Why a report was not taken.
@@ -136,14 +142,21 @@ impl AttemptReporter for HttpReporter {
                     stream: c.stream.as_str().to_string(),
                     ts: c.ts_ms,
                     data: engine.encode(&c.data),
+                    offset: c.offset,
                 })
                 .collect(),
         };
-        self.client
-            .append_logs(run_id, attempt, &request)
-            .await
-            .map(|resp| AppendAck { stop: resp.stop })
-            .map_err(classify)
+        match self.client.append_logs(run_id, attempt, &request).await {
+            Ok(resp) => Ok(AppendAck {
+                stop: resp.stop,
+                resend_from: None,
+            }),
+            Err(ClientError::OutputGap { expected }) => Ok(AppendAck {
+                stop: false,
+                resend_from: Some((expected.stdout, expected.stderr)),
+            }),
+            Err(err) => Err(classify(err)),
+        }
     }
 
     async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError> {

@@ -115,6 +115,11 @@ pub async fn supervise(
         // Only a reaped child has no id, and this one was just spawned.
         return AttemptEnd::Unreported(Unreported::StartNotConfirmed);
     };
+    // A shim's lifeline, held for as long as this supervision lasts.
+    let _lifeline = child
+        .stdin
+        .take()
+        .map(|stdin| crate::shim::hold_lifeline(pgid, stdin));
     let started = Instant::now();
     tracing::info!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
 
@@ -143,7 +148,7 @@ pub async fn supervise(
     drop(queue);
 
     if let Err(why) = start_with_retry(&*reporter, &run_id, attempt, pgid, &mut orders).await {
-        signal_group(pgid, Signal::SIGKILL);
+        kill_run(&mut child, pgid).await;
         let _ = child.wait().await;
         return AttemptEnd::Unreported(why);
     }
@@ -282,34 +287,64 @@ fn spawn(assignment: &Assignment) -> Result<Child, String> {
     let Some((program, args)) = assignment.command.split_first() else {
         return Err("the command is empty".into());
     };
-    let mut command = Command::new(program);
+    let shim = crate::shim::shim_program();
+    if shim.is_some() {
+        // The shim would start fine and only then fail to run the command: find out here, so
+        // a command that cannot run is `spawn_failed`, as without a shim.
+        let relative_to = assignment.cwd.as_deref().map(std::path::Path::new);
+        crate::shim::check_runnable(
+            program,
+            relative_to,
+            assignment.env.get("PATH").map(String::as_str),
+        )
+        .map_err(|err| format!("cannot run `{program}`: {err}"))?;
+    }
+    let mut command = match shim {
+        // The shim runs the command and kills every process of it when the command ends or
+        // its lifeline (stdin) closes: when this worker dies or stops the run.
+        Some(shim) => {
+            let mut c = Command::new(shim);
+            c.arg(crate::shim::SHIM_ARG).arg("--").arg(program);
+            c.stdin(Stdio::piped());
+            c
+        }
+        None => {
+            let mut c = Command::new(program);
+            c.stdin(Stdio::null());
+            c
+        }
+    };
     command
         .args(args)
         .envs(&assignment.env)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so one signal reaches everything it starts.
         .process_group(0)
-        .kill_on_drop(true);
+        // Under a shim, dropping the child closes the lifeline instead: the shim then takes
+        // everything down, not just itself.
+        .kill_on_drop(shim.is_none());
     if let Some(cwd) = &assignment.cwd {
         command.current_dir(cwd);
     }
-    // If this worker dies without cleaning up (SIGKILL, OOM), the command dies with it instead
-    // of running on beside the retry the server will start. (Linux; it reaches the direct
-    // child, which is the group leader.)
+    // Without a shim: if this worker dies without cleaning up (SIGKILL, OOM), the command dies
+    // with it instead of running on beside the retry the server will start. (Linux; it reaches
+    // the direct child, which is the group leader.) A shim notices through its lifeline.
     #[cfg(target_os = "linux")]
-    // SAFETY: the closure runs in the child between fork and exec and only makes one
-    // async-signal-safe system call.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
+    if shim.is_none() {
+        // SAFETY: the closure runs in the child between fork and exec and only makes one
+        // async-signal-safe system call.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
     }
-    command
+    let child = command
         .spawn()
-        .map_err(|err| format!("cannot run `{program}`: {err}"))
+        .map_err(|err| format!("cannot run `{program}`: {err}"))?;
+    Ok(child)
 }
 
 fn finish_for_exit(status: std::io::Result<ExitStatus>) -> Finish {
@@ -365,9 +400,22 @@ async fn terminate(child: &mut Child, pgid: u32, grace: Duration, orders: &mut O
             _ = orders.changed() => {}
         }
     }
-    // Whatever of the group survived SIGTERM (or ignored it) goes now.
-    signal_group(pgid, Signal::SIGKILL);
+    // Whatever of the run survived SIGTERM (or ignored it) goes now.
+    kill_run(child, pgid).await;
     let _ = child.wait().await;
+}
+
+/// How long a shim gets to kill the run's processes once its lifeline is closed.
+const SHIM_SWEEP: Duration = Duration::from_secs(1);
+
+/// Kills every process of the run. Under a shim, closing its lifeline has it kill every
+/// descendant, those that left the process group included; then SIGKILL to the group takes
+/// whatever is left (everything, without a shim).
+async fn kill_run(child: &mut Child, pgid: u32) {
+    if crate::shim::cut_lifeline(pgid) {
+        let _ = tokio::time::timeout(SHIM_SWEEP, child.wait()).await;
+    }
+    signal_group(pgid, Signal::SIGKILL);
 }
 
 /// SIGKILL the group at once and report nothing more.
@@ -378,7 +426,7 @@ async fn stop_unreported(
     abort_upload: &CancellationToken,
 ) -> AttemptEnd {
     abort_upload.cancel();
-    signal_group(pgid, Signal::SIGKILL);
+    kill_run(child, pgid).await;
     let _ = child.wait().await;
     AttemptEnd::Unreported(why)
 }

@@ -625,6 +625,7 @@ async fn play(client: &TetherClient, worker: &Worker, a: Assignment, pass: &Pass
     let logs = AppendLogRequest {
         worker_id: worker.id.clone(),
         chunks: vec![LogChunkWire {
+            offset: Some(0),
             stream: "stdout".into(),
             ts: now_ms(),
             data: base64::engine::general_purpose::STANDARD.encode(b"ok\n"),

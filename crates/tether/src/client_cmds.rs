@@ -236,6 +236,10 @@ pub struct LogsArgs {
     /// Follow live output until the run ends, then exit with its exit code.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Which attempt's output: a number, `last` (the default) or `all` (every attempt, each
+    /// after a separator line). Not with `--follow`, which shows every attempt as it comes.
+    #[arg(long, conflicts_with = "follow")]
+    pub attempt: Option<String>,
     pub id: String,
 }
 
@@ -244,7 +248,9 @@ pub async fn logs(args: LogsArgs) -> Result<u8, CliError> {
     if args.follow {
         return follow_run(&client, &args.id).await;
     }
-    let bytes = client.logs(&args.id).await?;
+    let bytes = client
+        .attempt_logs(&args.id, args.attempt.as_deref())
+        .await?;
     let mut out = std::io::stdout().lock();
     out.write_all(&bytes)?;
     out.flush()?;

@@ -50,6 +50,10 @@ pub struct ServerArgs {
     /// How often endpoints' readiness is probed.
     #[arg(long, env = "TETHER_PROBE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub probe_interval: Duration,
+    /// How long finished runs (with their events and output) are kept, in lanes that set no
+    /// `retention_s`; 0 keeps them for ever.
+    #[arg(long, env = "TETHER_RETENTION", default_value = "14d", value_parser = duration)]
+    pub retention: Duration,
     /// Bearer token clients must present.
     #[arg(long, env = "TETHER_API_TOKEN")]
     pub api_token: Option<String>,
@@ -68,6 +72,10 @@ pub struct UpArgs {
     /// Memory the local worker offers, in MiB (default: this machine's memory).
     #[arg(long, env = "TETHER_MEMORY_MB")]
     pub memory_mb: Option<u64>,
+    /// On Ctrl-C, cancel the runs in flight instead of keeping them for the next start (a
+    /// second Ctrl-C does the same).
+    #[arg(long, env = "TETHER_CANCEL_ON_EXIT")]
+    pub cancel_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,6 +153,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
         sse_heartbeat: args.sse_heartbeat,
         reaper_interval: args.reaper_interval,
         probe_interval: args.probe_interval,
+        retention: args.retention,
         api_token: args.api_token.clone().filter(|t| !t.is_empty()),
         worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
         ..ServerConfig::default()
@@ -262,12 +271,70 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         running.addr
     );
     termination().await;
+    let in_flight = local_runs(&running.state.store).await;
+    let mut cancel = args.cancel_on_exit;
+    if !in_flight.is_empty() && !cancel {
+        eprintln!(
+            "tether: stopping; {} run(s) in flight. Ctrl-C again within {}s to cancel them instead.",
+            in_flight.len(),
+            SECOND_INTERRUPT.as_secs()
+        );
+        cancel = tokio::time::timeout(SECOND_INTERRUPT, termination())
+            .await
+            .is_ok();
+    }
     tracing::info!("shutting down");
-    // The worker leaves first, while the server can still take its deregistration.
+    // The worker leaves first, while the server can still take its deregistration: its runs
+    // are handed back (pending, or ended when no attempt is left).
     stop_worker.cancel();
     let _ = worker.await;
+    report_stopped_runs(&running.state.store, &in_flight, cancel).await;
     running.stop().await;
     Ok(0)
+}
+
+/// How long `tether up` waits for a second Ctrl-C that turns "keep them" into "cancel them".
+const SECOND_INTERRUPT: Duration = Duration::from_secs(3);
+
+/// The runs `tether up`'s local worker holds now.
+async fn local_runs(store: &tether_store::SharedStore) -> Vec<String> {
+    match store.list_workers().await {
+        Ok(workers) => workers
+            .into_iter()
+            .filter(|w| w.name == LOCAL_WORKER_NAME)
+            .flat_map(|w| w.runs.into_iter().map(|(run_id, _)| run_id))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the runs in flight");
+            Vec::new()
+        }
+    }
+}
+
+/// Says, run by run, what became of what Ctrl-C stopped: cancelled, kept for the next start
+/// (as attempt n/m), or ended because no attempt was left.
+async fn report_stopped_runs(store: &tether_store::SharedStore, runs: &[String], cancel: bool) {
+    for run_id in runs {
+        if cancel {
+            match store.request_cancel(run_id).await {
+                Ok(_) => eprintln!("tether: run {run_id} stopped and cancelled"),
+                Err(e) => eprintln!("tether: run {run_id} stopped; cannot cancel it: {e}"),
+            }
+            continue;
+        }
+        match store.get_run(run_id).await {
+            Ok(Some(run)) if run.status.is_terminal() => eprintln!(
+                "tether: run {run_id} stopped; it had no attempt left and ended {}",
+                run.status
+            ),
+            Ok(Some(run)) => eprintln!(
+                "tether: run {run_id} stopped; it runs again when tether up starts again (attempt {}/{}); `tether cancel {run_id}` drops it",
+                run.attempt + 1,
+                run.spec.max_attempts
+            ),
+            _ => eprintln!("tether: run {run_id} stopped"),
+        }
+    }
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {

@@ -4,7 +4,9 @@
 use axum::extract::State;
 use axum::Json;
 use base64::Engine;
-use tether_api::{AppendLogRequest, AppendLogResponse, FinishRequest, RunView, StartRequest};
+use tether_api::{
+    AppendLogRequest, AppendLogResponse, FinishRequest, RunView, StartRequest, StreamOffsets,
+};
 use tether_domain::{AttemptOutcome, ErrorCode, RunStatus};
 use tether_store::{AppendOutcome, FinishReport, OutputChunk, OutputStream};
 
@@ -35,14 +37,16 @@ const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 /// Joins adjacent chunks of the same stream, so a command printing many short lines costs a
 /// few events per batch instead of one per line. Order across streams is kept: only neighbours
-/// are joined.
+/// are joined, and only where the second begins where the first ends (or neither names an
+/// offset).
 fn coalesce(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
     let mut out: Vec<OutputChunk> = Vec::with_capacity(chunks.len().min(64));
     for chunk in chunks {
         match out.last_mut() {
             Some(last)
                 if last.stream == chunk.stream
-                    && last.data.len() + chunk.data.len() <= MAX_EVENT_BYTES =>
+                    && last.data.len() + chunk.data.len() <= MAX_EVENT_BYTES
+                    && last.offset.map(|o| o + last.data.len() as i64) == chunk.offset =>
             {
                 last.data.extend_from_slice(&chunk.data);
             }
@@ -54,7 +58,7 @@ fn coalesce(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
 #[utoipa::path(post, path = "/v1/runs/{id}/attempts/{attempt}/logs", request_body = tether_api::AppendLogRequest,
-    responses((status = 200, body = tether_api::AppendLogResponse), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
+    responses((status = 200, body = tether_api::AppendLogResponse), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt, or output_gap (with expected_offsets: resend from there)")))]
 pub async fn append_logs(
     State(state): State<AppState>,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
@@ -69,10 +73,17 @@ pub async fn append_logs(
         let data = engine
             .decode(chunk.data.as_bytes())
             .map_err(|_| ApiError::invalid("invalid_field", "chunks.data: must be base64"))?;
+        if chunk.offset.is_some_and(|o| o < 0) {
+            return Err(ApiError::invalid(
+                "invalid_field",
+                "chunks.offset: must be 0 or more",
+            ));
+        }
         chunks.push(OutputChunk {
             stream,
             ts: chunk.ts,
             data,
+            offset: chunk.offset,
         });
     }
     let chunks = coalesce(chunks);
@@ -81,15 +92,20 @@ pub async fn append_logs(
         .append_output(&run_id, attempt, &request.worker_id, &chunks)
         .await?;
     Ok(Json(match outcome {
-        AppendOutcome::Accepted { last_seq } => AppendLogResponse {
+        AppendOutcome::Accepted { last_seq, offsets } => AppendLogResponse {
             last_seq,
             stop: false,
+            offsets: StreamOffsets {
+                stdout: offsets.stdout,
+                stderr: offsets.stderr,
+            },
         },
         AppendOutcome::LimitReached { run } => {
             crate::metrics::attempt_ended(&run, RunStatus::Failed, Some(ErrorCode::OutputLimit));
             AppendLogResponse {
                 last_seq: run.last_event_seq,
                 stop: true,
+                offsets: StreamOffsets::default(),
             }
         }
     }))
@@ -153,6 +169,7 @@ mod tests {
             stream,
             ts: 0,
             data: data.to_vec(),
+            offset: None,
         }
     }
 

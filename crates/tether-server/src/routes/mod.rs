@@ -80,6 +80,10 @@ pub fn router(state: AppState) -> Router {
         .merge(open)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::health::observe,
+        ))
         .layer(middleware::from_fn(crate::extract::check_request_head))
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
         .layer(middleware::from_fn(crate::metrics::time_requests))

@@ -12,13 +12,22 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "ok": true }))
 }
 
-/// Ready while the store answers.
+/// Ready while the store answers and no call failed for want of it in the last few seconds
+/// (a full disk fails writes while reads still answer).
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    match state.store.ping().await {
-        Ok(()) => Json(json!({ "ready": true })).into_response(),
-        Err(e) => (
+    let failure = match state.store.ping().await {
+        Ok(()) => state.health.recent_failure(crate::health::RECENT),
+        Err(e) => {
+            state.health.failed(e.to_string());
+            Some(e.to_string())
+        }
+    };
+    match failure {
+        None => Json(json!({ "ready": true })).into_response(),
+        Some(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "error": { "code": "store_unavailable", "message": e.to_string() } })),
+            [(header::RETRY_AFTER, "1")],
+            Json(json!({ "ready": false, "error": { "code": "store_unavailable", "message": message } })),
         )
             .into_response(),
     }

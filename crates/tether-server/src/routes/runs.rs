@@ -398,33 +398,107 @@ pub async fn cancel_run(
 /// Log events read from the store per page while streaming `/logs`.
 const LOG_PAGE: u32 = 256;
 
-/// `GET /v1/runs/{id}/logs`: the combined output so far, byte for byte, streamed page by page
-/// so a large log never sits in memory whole.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// An attempt number, or `all`; the current (last) attempt when absent.
+    attempt: Option<String>,
+}
+
+/// Which attempts' output `/logs` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptSelection {
+    One(u32),
+    /// Every attempt, each introduced by a separator line.
+    All,
+}
+
+impl AttemptSelection {
+    fn parse(raw: Option<&str>, current: u32) -> ApiResult<AttemptSelection> {
+        match raw {
+            None | Some("last") => Ok(AttemptSelection::One(current)),
+            Some("all") => Ok(AttemptSelection::All),
+            Some(n) => n
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(AttemptSelection::One)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "invalid_field",
+                        "attempt: must be an attempt number (1, 2, ...), `last` or `all`",
+                    )
+                }),
+        }
+    }
+}
+
+/// The line that opens an attempt's output under `?attempt=all`. It starts on a line of its
+/// own even when the previous attempt's output did not end with a newline.
+fn attempt_separator(attempt: u32, max_attempts: u32, after_partial_line: bool) -> Vec<u8> {
+    let lead = if after_partial_line { "\n" } else { "" };
+    format!("{lead}==> [tether] attempt {attempt}/{max_attempts} <==\n").into_bytes()
+}
+
+/// `GET /v1/runs/{id}/logs`: one attempt's output, byte for byte (the current attempt unless
+/// `?attempt=N`; `?attempt=all`: every attempt, each after a separator line), streamed page by
+/// page so a large log never sits in memory whole.
 #[utoipa::path(get, path = "/v1/runs/{id}/logs",
-    responses((status = 200, description = "the combined output so far, byte for byte", content_type = "text/plain"), (status = 404, body = tether_api::ErrorBody)))]
+    params(("attempt" = Option<String>, Query, description = "an attempt number, `last` (the default) or `all` (every attempt, each after a `==> [tether] attempt N/M <==` line)")),
+    responses((status = 200, description = "the output so far, byte for byte", content_type = "text/plain"),
+              (status = 404, body = tether_api::ErrorBody), (status = 422, body = tether_api::ErrorBody)))]
 pub async fn run_logs(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> ApiResult<Response> {
-    if state.store.get_run(&id).await?.is_none() {
-        return Err(ApiError::RunNotFound);
-    }
+    let run = state
+        .store
+        .get_run(&id)
+        .await?
+        .ok_or(ApiError::RunNotFound)?;
+    let selection = AttemptSelection::parse(query.attempt.as_deref(), run.attempt)?;
+    let max_attempts = run.spec.max_attempts;
     let store = state.store.clone();
-    let pages = stream::unfold(Some(0i64), move |after| {
+    // (the seq to read after, the attempt whose output was last written, whether it ended
+    // mid-line)
+    let start = Some((0i64, 0u32, false));
+    let pages = stream::unfold(start, move |cursor| {
         let store = store.clone();
         let id = id.clone();
         async move {
-            let after = after?;
+            let (after, mut last_attempt, mut partial) = cursor?;
             match store.events_after(&id, after, LOG_PAGE).await {
                 Ok(events) if events.is_empty() => None,
                 Ok(events) => {
-                    let next = events.last().map(|e| e.seq);
-                    let bytes: Vec<u8> = events
-                        .into_iter()
-                        .filter(|e| e.kind == EventKind::Log)
-                        .flat_map(|e| e.data.unwrap_or_default())
-                        .collect();
-                    Some((Ok::<_, std::io::Error>(bytes), next))
+                    let next = events.last().map_or(after, |e| e.seq);
+                    let mut bytes = Vec::new();
+                    for e in events {
+                        let wanted = match selection {
+                            AttemptSelection::One(n) => e.attempt == n,
+                            AttemptSelection::All => e.attempt >= 1,
+                        };
+                        // Under `all`, an attempt's `attempt` event opens its section, so an
+                        // attempt that printed nothing still shows.
+                        let opens = e.kind == EventKind::Attempt;
+                        if !wanted || !(e.kind == EventKind::Log || opens) {
+                            continue;
+                        }
+                        if selection == AttemptSelection::All && e.attempt != last_attempt {
+                            bytes.extend(attempt_separator(e.attempt, max_attempts, partial));
+                            last_attempt = e.attempt;
+                        }
+                        if let Some(data) = e.data {
+                            if let Some(last) = data.last() {
+                                partial = *last != b'\n';
+                            }
+                            bytes.extend(data);
+                        }
+                    }
+                    Some((
+                        Ok::<_, std::io::Error>(bytes),
+                        Some((next, last_attempt, partial)),
+                    ))
                 }
                 Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
             }

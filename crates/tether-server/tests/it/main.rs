@@ -6,6 +6,7 @@ mod endpoints;
 mod harness;
 mod http_api;
 mod lanes;
+mod outage;
 mod protocol;
 mod proxy;
 mod security;

@@ -354,3 +354,64 @@ async fn workers_are_listed_with_their_liveness() {
     }
     assert_eq!(states, vec!["active", "suspect", "lost"]);
 }
+
+#[tokio::test]
+async fn logs_of_a_retried_run_are_the_last_attempt_unless_asked() {
+    let s = TestServer::start().await;
+    s.submit(json!({"command": ["true"], "heartbeat_timeout_s": 0.3}))
+        .await;
+    let lost = s.register(1.0).await;
+    let (run, _) = claim_one(&s, &lost).await;
+    let log = |worker: &str, attempt: u64, text: &str| {
+        (
+            attempt_path(&run, attempt, "logs"),
+            json!({"worker_id": worker, "chunks": [{"stream": "stdout", "ts": 1, "data": b64(text.as_bytes())}]}),
+        )
+    };
+    s.post(&attempt_path(&run, 1, "start"), json!({"worker_id": lost}))
+        .await;
+    let (path, body) = log(&lost, 1, "first 1\nfirst 2 (cut");
+    assert_eq!(s.post(&path, body).await.0, 200);
+    // The worker goes silent; the run is retried on another.
+    s.wait_for(&run, Duration::from_secs(5), |r| r["status"] == "pending")
+        .await;
+    let fresh = s.register(1.0).await;
+    claim_one(&s, &fresh).await;
+    s.post(&attempt_path(&run, 2, "start"), json!({"worker_id": fresh}))
+        .await;
+    let (path, body) = log(&fresh, 2, "second 1\n");
+    assert_eq!(s.post(&path, body).await.0, 200);
+    s.post(
+        &attempt_path(&run, 2, "finish"),
+        json!({"worker_id": fresh, "status": "succeeded", "exit_code": 0}),
+    )
+    .await;
+    let logs = |query: &str| {
+        let url = s.url(&format!("/v1/runs/{run}/logs{query}"));
+        let http = s.http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(logs("").await, (200, "second 1\n".to_string()));
+    assert_eq!(logs("?attempt=last").await, (200, "second 1\n".to_string()));
+    assert_eq!(logs("?attempt=2").await, (200, "second 1\n".to_string()));
+    assert_eq!(
+        logs("?attempt=1").await,
+        (200, "first 1\nfirst 2 (cut".to_string())
+    );
+    assert_eq!(
+        logs("?attempt=all").await,
+        (
+            200,
+            "==> [tether] attempt 1/3 <==\nfirst 1\nfirst 2 (cut\n==> [tether] attempt 2/3 <==\nsecond 1\n"
+                .to_string()
+        )
+    );
+    assert_eq!(logs("?attempt=7").await, (200, String::new()));
+    for bad in ["0", "x", "-1"] {
+        let (status, body) = s.get(&format!("/v1/runs/{run}/logs?attempt={bad}")).await;
+        assert_error(status, &body, 422, "invalid_field");
+    }
+}

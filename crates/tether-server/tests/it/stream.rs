@@ -257,3 +257,64 @@ async fn a_follower_that_leaves_is_freed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_reconnect_after_end_is_closed_at_once() {
+    let s = TestServer::start().await;
+    let run = s.submit(json!({"command": ["echo"]})).await;
+    let id = run["id"].as_str().unwrap().to_string();
+    drive_run(&s, &id, 2).await;
+    let path = format!("/v1/runs/{id}/events");
+    let events = collect_sse(&Sse::of(&s), &path, None, Duration::from_secs(5), |e| {
+        e.event == "end"
+    })
+    .await;
+    let end_id = events.last().and_then(|e| e.id).unwrap();
+    // What an EventSource does after the server closed: reconnect with the end's id.
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(
+        Duration::from_secs(1),
+        s.http
+            .get(s.url(&path))
+            .header("Last-Event-ID", end_id.to_string())
+            .send(),
+    )
+    .await
+    .expect("answered within 1 s")
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 204);
+    let body = tokio::time::timeout(Duration::from_secs(1), response.bytes())
+        .await
+        .expect("closed within 1 s")
+        .unwrap();
+    assert!(body.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The same by `?after=`.
+    let (status, _) = s.get(&format!("{path}?after={end_id}")).await;
+    assert_eq!(status, 204);
+    // NDJSON, even when asked to follow, replays `end` and closes.
+    let body = tokio::time::timeout(
+        Duration::from_secs(1),
+        s.http
+            .get(s.url(&format!("{path}?after={end_id}&follow=true")))
+            .header("accept", "application/x-ndjson")
+            .send()
+            .await
+            .unwrap()
+            .text(),
+    )
+    .await
+    .expect("closed within 1 s")
+    .unwrap();
+    let kinds: Vec<String> = body
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .filter(|k| k != "heartbeat")
+        .collect();
+    assert_eq!(kinds, ["end"]);
+}

@@ -122,7 +122,10 @@ impl AttemptReporter for FakeReporter {
         let stop = behaviour
             .stop_after_bytes
             .is_some_and(|limit| taken >= limit);
-        Ok(AppendAck { stop })
+        Ok(AppendAck {
+            stop,
+            resend_from: None,
+        })
     }
 
     async fn finish(

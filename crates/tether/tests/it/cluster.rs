@@ -181,8 +181,16 @@ impl Cluster {
     }
 
     pub async fn logs(&self, id: &str) -> Vec<u8> {
+        self.logs_of(id, "last").await
+    }
+
+    /// `/logs?attempt=` (a number, `last` or `all`).
+    pub async fn logs_of(&self, id: &str, attempt: &str) -> Vec<u8> {
         self.http
-            .get(format!("{}/v1/runs/{id}/logs", self.base()))
+            .get(format!(
+                "{}/v1/runs/{id}/logs?attempt={attempt}",
+                self.base()
+            ))
             .send()
             .await
             .unwrap()

@@ -136,7 +136,7 @@ async fn a_run_prints_the_dispatched_url_and_a_retry_after_the_endpoint_fails_pr
         })
         .await;
     assert_eq!(done["attempt"], 2);
-    let logs = String::from_utf8_lossy(&c.logs(&run_id).await).into_owned();
+    let logs = String::from_utf8_lossy(&c.logs_of(&run_id, "all").await).into_owned();
     assert!(logs.contains(&format!("url={NODE}")), "{logs}");
     assert!(logs.contains(&format!("url={FALLBACK}")), "{logs}");
     let attempts = done["attempts"].as_array().unwrap();

@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod dashboard;
 mod endpoints;
+mod faults;
 mod liveness;
 mod metrics;
 mod multi_server;

@@ -166,3 +166,91 @@ async fn a_second_tether_up_on_the_same_directory_is_refused() {
     .await;
     assert_eq!(done["status"], "succeeded");
 }
+
+/// `tether up` with its stderr captured, stopped with SIGINT (Ctrl-C) `times` times; returns
+/// what it said.
+async fn interrupt_up(mut proc: Proc, times: usize) -> String {
+    use nix::sys::signal::Signal;
+    for _ in 0..times {
+        proc.signal(Signal::SIGINT);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while proc.child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tether up did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut said = String::new();
+    if let Some(mut err) = proc.child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut said);
+    }
+    said
+}
+
+fn up_with_stderr(dir: &Path, listen: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "up",
+        "--listen",
+        listen,
+        "--cpus",
+        "1",
+        "--memory-mb",
+        "4096",
+    ];
+    args.extend_from_slice(FAST);
+    args.extend_from_slice(extra);
+    let child = std::process::Command::new(crate::cluster::TETHER)
+        .args(&args)
+        .current_dir(dir)
+        .env("TETHER_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    Proc { child }
+}
+
+#[tokio::test]
+async fn ctrl_c_says_which_runs_it_stopped_and_a_second_one_cancels_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let first = up_with_stderr(dir.path(), &listen, &[]);
+    wait_ready(&http, &base).await;
+    let run = submit_to(&http, &base, json!({"command": ["sleep", "753"]})).await;
+    wait_for(&http, &base, &id(&run), Duration::from_secs(10), |r| {
+        r["status"] == "running"
+    })
+    .await;
+    let said = interrupt_up(first, 1).await;
+    assert!(
+        said.contains(&format!(
+            "run {} stopped; it runs again when tether up starts again (attempt 2/3)",
+            id(&run)
+        )),
+        "{said}"
+    );
+    // The next start runs it again, as attempt 2; a double Ctrl-C cancels it.
+    let second = up_with_stderr(dir.path(), &listen, &[]);
+    wait_ready(&http, &base).await;
+    wait_for(&http, &base, &id(&run), Duration::from_secs(10), |r| {
+        r["status"] == "running" && r["attempt"] == 2
+    })
+    .await;
+    let said = interrupt_up(second, 2).await;
+    assert!(
+        said.contains(&format!("run {} stopped and cancelled", id(&run))),
+        "{said}"
+    );
+    let third = up(dir.path(), &listen);
+    wait_ready(&http, &base).await;
+    let r = get_run(&http, &base, &id(&run)).await;
+    assert_eq!(r["status"], "cancelled", "{r}");
+    drop(third);
+}

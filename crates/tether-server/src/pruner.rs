@@ -1,0 +1,97 @@
+//! The retention pruner: one background service that deletes finished runs, with their
+//! events, attempts and output, once they are older than their lane's retention (the lane's
+//! `retention_s`, else `--retention`; zero keeps everything).
+//!
+//! Like River's job cleaner and Oban's pruner it works in small batches, each its own short
+//! transaction, with a pause between them: the SQLite writer and PostgreSQL's row locks are
+//! held for one batch at a time, so submissions and worker calls wait on a batch at most, never
+//! on a whole pass. Pending and in-flight runs are never touched (the store's query selects
+//! terminal runs only, and a terminal status never changes).
+
+use std::time::Duration;
+
+use crate::AppState;
+
+/// Runs deleted per transaction.
+pub const BATCH: u32 = 100;
+/// Between two batches of one pass: room for everyone else's writes.
+const PAUSE: Duration = Duration::from_millis(20);
+/// Passes run at most this far apart...
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and at least this far apart.
+const MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often passes run: a fraction of the shortest retention, within bounds.
+fn interval(retentions_ms: &[(String, i64)]) -> Duration {
+    retentions_ms
+        .iter()
+        .map(|(_, ms)| Duration::from_millis((*ms / 4).max(0) as u64))
+        .min()
+        .unwrap_or(MAX_INTERVAL)
+        .clamp(MIN_INTERVAL, MAX_INTERVAL)
+}
+
+/// One pass over every lane that prunes. Returns how many runs it deleted.
+pub async fn prune_pass(state: &AppState) -> tether_store::StoreResult<u64> {
+    let mut total = 0;
+    for (lane, retention_ms) in state.config.lane_retentions_ms() {
+        loop {
+            if state.shutdown.is_cancelled() {
+                return Ok(total);
+            }
+            let deleted = state
+                .store
+                .prune_finished_runs(&lane, retention_ms, BATCH)
+                .await?;
+            total += deleted;
+            if deleted > 0 {
+                metrics::counter!("tether_runs_pruned_total", "lane" => lane.clone())
+                    .increment(deleted);
+            }
+            if deleted < u64::from(BATCH) {
+                break;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+    }
+    Ok(total)
+}
+
+/// Runs until the server shuts down.
+pub async fn run_pruner(state: AppState) {
+    let retentions = state.config.lane_retentions_ms();
+    if retentions.is_empty() {
+        return;
+    }
+    let every = interval(&retentions);
+    loop {
+        match prune_pass(&state).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "pruned finished runs past their retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_follow_the_shortest_retention_within_bounds() {
+        let lanes = |ms: &[i64]| -> Vec<(String, i64)> {
+            ms.iter().map(|m| ("l".to_string(), *m)).collect()
+        };
+        assert_eq!(interval(&lanes(&[])), MAX_INTERVAL);
+        assert_eq!(interval(&lanes(&[2_000])), MIN_INTERVAL);
+        assert_eq!(
+            interval(&lanes(&[8_000, 3_600_000])),
+            Duration::from_secs(2)
+        );
+        assert_eq!(interval(&lanes(&[14 * 86_400_000])), MAX_INTERVAL);
+    }
+}
