@@ -134,6 +134,9 @@ pub struct ListRunsQuery {
     /// `next_cursor` of the previous page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// Only runs whose id starts with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
 }
 
 /// One server-sent event of a run's event stream.

@@ -10,6 +10,7 @@ use tether_server::ServerConfig;
 use tether_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
+use crate::transport::{token_from, warn_clear_text_listener, warn_clear_text_token};
 use crate::CliError;
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -53,9 +54,15 @@ pub struct ServerArgs {
     /// Bearer token clients must present.
     #[arg(long, env = "TETHER_API_TOKEN")]
     pub api_token: Option<String>,
+    /// A file holding the client token (instead of --api-token, so it stays out of `ps`).
+    #[arg(long, env = "TETHER_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
     /// Bearer token workers must present.
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub worker_token: Option<String>,
+    /// A file holding the worker token (instead of --worker-token).
+    #[arg(long, env = "TETHER_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -68,6 +75,10 @@ pub struct UpArgs {
     /// Memory the local worker offers, in MiB (default: this machine's memory).
     #[arg(long, env = "TETHER_MEMORY_MB")]
     pub memory_mb: Option<u64>,
+    /// The local worker's grace between SIGTERM and SIGKILL when a run is cancelled or times
+    /// out.
+    #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
+    pub kill_grace: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,9 +98,13 @@ pub struct WorkerArgs {
     /// Lanes served, comma-separated (default: every lane).
     #[arg(long, env = "TETHER_LANES", value_delimiter = ',')]
     pub lanes: Vec<String>,
-    /// Bearer token for the worker scope.
-    #[arg(long, env = "TETHER_TOKEN")]
+    /// Bearer token for the worker scope (the server's --worker-token). Its own variable, not
+    /// the client's TETHER_TOKEN: the two scopes hold different tokens.
+    #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub token: Option<String>,
+    /// A file holding the worker token, so it stays out of `ps`.
+    #[arg(long, env = "TETHER_WORKER_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Grace between SIGTERM and SIGKILL when a run is cancelled or times out.
     #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
     pub kill_grace: Duration,
@@ -145,8 +160,18 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
         sse_heartbeat: args.sse_heartbeat,
         reaper_interval: args.reaper_interval,
         probe_interval: args.probe_interval,
-        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
-        worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
+        api_token: token_from(
+            args.api_token.as_deref(),
+            args.api_token_file.as_deref(),
+            "--api-token",
+            "--api-token-file",
+        )?,
+        worker_token: token_from(
+            args.worker_token.as_deref(),
+            args.worker_token_file.as_deref(),
+            "--worker-token",
+            "--worker-token-file",
+        )?,
         ..ServerConfig::default()
     })
 }
@@ -168,6 +193,11 @@ async fn termination() {
 
 async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer, CliError> {
     let config = server_config(args)?;
+    warn_clear_text_listener(
+        args.listen,
+        false,
+        config.api_token.is_some() || config.worker_token.is_some(),
+    );
     let store = tether_server::open_store(&config.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -250,6 +280,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
             cpus: args.cpus.unwrap_or_else(machine_cpus),
             memory_mb: args.memory_mb.unwrap_or_else(machine_memory_mb),
         },
+        kill_grace: args.kill_grace,
         ..WorkerConfig::default()
     };
     let stop_worker = CancellationToken::new();
@@ -271,9 +302,16 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
+    let token = token_from(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "--token",
+        "--token-file",
+    )?;
+    warn_clear_text_token(&args.server, token.is_some(), "this worker");
     let config = WorkerConfig {
         server: args.server,
-        token: args.token.filter(|t| !t.is_empty()),
+        token,
         name: args.name.unwrap_or_else(host_name),
         capacity: Resources {
             cpus: args.cpus.unwrap_or_else(machine_cpus),

@@ -111,9 +111,18 @@ pub struct ListQuery {
     lane: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
+    id_prefix: Option<String>,
 }
 
-/// `GET /v1/runs?status=&lane=&limit=&cursor=`: newest first.
+/// The characters a run id is made of; a prefix with any other cannot match one.
+fn is_id_prefix(text: &str) -> bool {
+    text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `GET /v1/runs?status=&lane=&limit=&cursor=&id_prefix=`: newest first.
 #[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = RunList)))]
 pub async fn list_runs(
     State(state): State<AppState>,
@@ -135,6 +144,15 @@ pub async fn list_runs(
             "limit: must be 1 to 500",
         ));
     }
+    let id_prefix = query.id_prefix.filter(|p| !p.is_empty());
+    if let Some(prefix) = &id_prefix {
+        if !is_id_prefix(prefix) {
+            return Err(ApiError::invalid(
+                "invalid_field",
+                "id_prefix: must be up to 64 letters, digits, `-` or `_`",
+            ));
+        }
+    }
     let page = state
         .store
         .list_runs(&RunFilter {
@@ -142,6 +160,7 @@ pub async fn list_runs(
             lane: query.lane.filter(|l| !l.is_empty()),
             limit,
             cursor: query.cursor.filter(|c| !c.is_empty()),
+            id_prefix,
         })
         .await?;
     let now = state.store.now().await?;
