@@ -10,7 +10,7 @@ use tether_api::{RunView, SubmitRequest, TetherClient};
 use tether_domain::time::parse_duration_ms;
 use tether_domain::{ErrorCode, LivenessState, Resources, RunStatus, WorkerState};
 
-use crate::follow::{follow_run, request_cancel, OnInterrupt};
+use crate::follow::{follow_run, listen_for_interrupts, request_cancel, OnInterrupt};
 use crate::transport;
 use crate::ui::{self, shell_quote, Cell, Colour, Table};
 use crate::CliError;
@@ -72,7 +72,7 @@ pub(crate) async fn resolve_run_id(client: &TetherClient, typed: &str) -> Result
         .await?;
     match page.runs.as_slice() {
         [] => Err(CliError::Usage(format!(
-            "no run has an id starting with `{typed}`"
+            "no such run: no run id starts with `{typed}`"
         ))),
         [one] => Ok(one.id.clone()),
         many => {
@@ -184,6 +184,12 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         endpoints: args.endpoints.into_iter().collect(),
         ..SubmitRequest::default()
     };
+    // Listening before the run exists, so no Ctrl-C is missed once it does.
+    let sigint = if args.detach {
+        None
+    } else {
+        Some(listen_for_interrupts()?)
+    };
     let run = client.submit(&request).await?;
     if args.detach {
         println!("{}", run.id);
@@ -199,12 +205,12 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
             "detaches (it goes on), twice cancels"
         }
     );
-    let on_interrupt = if args.cancel_on_interrupt {
+    let on_interrupt = Some(if args.cancel_on_interrupt {
         OnInterrupt::Cancel
     } else {
         OnInterrupt::Detach
-    };
-    follow_run(&client, &run.id, Some(on_interrupt)).await
+    });
+    follow_run(&client, &run.id, on_interrupt.zip(sigint)).await
 }
 
 #[derive(Debug, Clone, Args)]
@@ -264,6 +270,24 @@ async fn worker_names(client: &TetherClient) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
+/// The worker of each finished run's last attempt (a list does not carry attempts, and a run
+/// lets go of its worker when it ends), read a few runs at a time.
+async fn last_workers(client: &TetherClient, runs: &[RunView]) -> HashMap<String, String> {
+    futures::stream::iter(
+        runs.iter()
+            .filter(|r| r.worker_id.is_none() && r.attempt > 0)
+            .map(|r| client.get_run(&r.id)),
+    )
+    .buffer_unordered(8)
+    .filter_map(|run| async move {
+        let run = run.ok()?;
+        let last = run.attempts?.pop()?;
+        Some((run.id, last.worker_id))
+    })
+    .collect()
+    .await
+}
+
 fn worker_cell(names: &HashMap<String, String>, id: Option<&str>) -> String {
     match id {
         None => "-".into(),
@@ -289,6 +313,7 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
         return Ok(0);
     }
     let names = worker_names(&client).await;
+    let last_workers = last_workers(&client, &page.runs).await;
     let now = ui::now_s();
     let mut table = Table::new(&[
         "ID",
@@ -332,7 +357,12 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
             Cell::new(duration),
             Cell::coloured(result, result_colour),
             Cell::new(format!("{}/{}", run.attempt, run.max_attempts)),
-            Cell::new(worker_cell(&names, run.worker_id.as_deref())),
+            Cell::new(worker_cell(
+                &names,
+                run.worker_id
+                    .as_deref()
+                    .or_else(|| last_workers.get(&run.id).map(String::as_str)),
+            )),
             Cell::new(run.lane.clone()),
             Cell::new(shell_quote(&run.command)),
         ]);

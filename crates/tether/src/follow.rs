@@ -11,6 +11,7 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_api::{EventView, RunView, TetherClient};
 use tether_domain::{ErrorCode, LivenessState, RunStatus};
+use tokio::signal::unix::{Signal, SignalKind};
 
 use crate::ui;
 use crate::CliError;
@@ -135,6 +136,12 @@ fn log_bytes(view: &EventView) -> Vec<u8> {
     view.text.clone().unwrap_or_default().into_bytes()
 }
 
+/// Listens for Ctrl-C from now on (none is missed between two waits), replacing the default
+/// of ending the process.
+pub fn listen_for_interrupts() -> Result<Signal, CliError> {
+    Ok(tokio::signal::unix::signal(SignalKind::interrupt())?)
+}
+
 /// What Ctrl-C does while following (`tether run`); `None` leaves Ctrl-C to end the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnInterrupt {
@@ -201,8 +208,12 @@ pub fn cancel_outcome(run: &RunView) -> String {
 pub async fn follow_run(
     client: &TetherClient,
     run_id: &str,
-    on_interrupt: Option<OnInterrupt>,
+    on_interrupt: Option<(OnInterrupt, Signal)>,
 ) -> Result<u8, CliError> {
+    let (on_interrupt, mut sigint) = match on_interrupt {
+        Some((what, signal)) => (Some(what), Some(signal)),
+        None => (None, None),
+    };
     let bar = spinner();
     let tty = std::io::stderr().is_terminal();
     let mut line = StatusLine::default();
@@ -225,9 +236,9 @@ pub async fn follow_run(
                 }
             };
             let interrupt = async {
-                match on_interrupt {
-                    Some(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
+                match sigint.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
                     }
                     None => std::future::pending().await,
                 }

@@ -202,6 +202,7 @@ impl Table {
 
     fn line(&self, row: &[Cell], widths: &[usize], width: Option<usize>, colour: bool) -> String {
         let mut plain_len = 0usize;
+        let mut plain = String::new();
         let mut out = String::new();
         let last = widths.len().saturating_sub(1);
         for (i, cell) in row.iter().enumerate().take(widths.len()) {
@@ -220,11 +221,17 @@ impl Table {
                 }
             }
             plain_len += sep.len() + text.chars().count();
+            plain.push_str(sep);
+            plain.push_str(&text);
             out.push_str(sep);
             match cell.colour.code().filter(|_| colour) {
                 Some(code) => out.push_str(&format!("\x1b[{code}m{text}\x1b[0m")),
                 None => out.push_str(&text),
             }
+        }
+        // Narrower than the columns before the last: cut the whole line, plain.
+        if let Some(max) = width.filter(|max| plain.trim_end().chars().count() > *max) {
+            return cut(plain.trim_end(), max);
         }
         out.trim_end().to_string()
     }
@@ -305,5 +312,6 @@ mod tests {
         let coloured = t.render(None, true);
         assert!(coloured[2].starts_with("\x1b[31mbbb\x1b[0m"));
         assert!(!t.render(None, false).concat().contains('\x1b'));
+        assert_eq!(t.render(Some(6), true)[2], "bbb  …");
     }
 }

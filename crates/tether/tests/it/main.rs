@@ -4,6 +4,7 @@
 mod cli;
 mod cluster;
 mod endpoints;
+mod everyday;
 mod liveness;
 mod multi_server;
 mod outcomes;
