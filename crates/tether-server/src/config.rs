@@ -23,6 +23,10 @@ pub struct ServerConfig {
     pub worker_token: Option<String>,
     /// How long a claim may be held open waiting for work, at most.
     pub max_claim_wait: Duration,
+    /// Serve HTTPS with this (`--tls-cert`, `--tls-key`); `None` serves plain HTTP.
+    pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// CA certificates (PEM) trusted for `https://` readiness probes besides the system's.
+    pub ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +42,8 @@ impl Default for ServerConfig {
             api_token: None,
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
+            tls: None,
+            ca_cert_pem: None,
         }
     }
 }

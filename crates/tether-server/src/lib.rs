@@ -16,6 +16,7 @@ pub mod reconciler;
 mod routes;
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -119,17 +120,35 @@ pub async fn start(
     };
     let app = routes::router(state.clone());
     let serve_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "server stopped with an error");
+    let server = match state.config.tls.clone() {
+        Some(tls) => {
+            let listener = tls::TlsListener::start(listener, tls, shutdown.clone())?;
+            tokio::spawn(async move {
+                let result = axum::serve(listener, app)
+                    .with_graceful_shutdown(serve_shutdown.cancelled_owned())
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "server stopped with an error");
+                }
+            })
         }
-    });
+        None => tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(serve_shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "server stopped with an error");
+            }
+        }),
+    };
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
-    tracing::info!(%addr, "tether server listening");
+    let scheme = if state.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, "tether server listening");
     Ok(RunningServer {
         addr,
         state,

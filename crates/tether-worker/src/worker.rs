@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     /// On shutdown, how long to let the commands it holds finish (shown `draining`, taking
     /// nothing new) before stopping them. Zero stops them at once.
     pub drain_timeout: Duration,
+    /// CA certificates (PEM) trusted for an `https://` server besides the system's.
+    pub ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +57,7 @@ impl Default for WorkerConfig {
             claim_wait: Duration::from_secs(20),
             max_runs_per_claim: 4,
             drain_timeout: Duration::ZERO,
+            ca_cert_pem: None,
         }
     }
 }
@@ -88,7 +91,11 @@ pub async fn run_worker(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let client = TetherClient::new(&config.server, config.token.clone())?;
+    let client = TetherClient::with_ca(
+        &config.server,
+        config.token.clone(),
+        config.ca_cert_pem.as_deref(),
+    )?;
     loop {
         let Some((worker_id, interval)) = register(&client, &config, &shutdown).await? else {
             return Ok(());

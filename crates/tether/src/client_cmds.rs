@@ -40,6 +40,10 @@ pub struct ClientArgs {
     /// A file holding the client token, so it stays out of `ps` and shell history.
     #[arg(long, env = "TETHER_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Also trust the CA certificates in this PEM file for an https:// server (the system's
+    /// roots are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ClientArgs {
@@ -51,7 +55,8 @@ impl ClientArgs {
             "--token-file",
         )?;
         transport::warn_clear_text_token(&self.server, token.is_some(), "this command");
-        Ok(TetherClient::new(&self.server, token)?)
+        let ca = crate::serve_cmds::read_ca_cert(self.ca_cert.as_deref())?;
+        Ok(TetherClient::with_ca(&self.server, token, ca.as_deref())?)
     }
 }
 

@@ -63,6 +63,16 @@ pub struct ServerArgs {
     /// A file holding the worker token (instead of --worker-token).
     #[arg(long, env = "TETHER_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Also trust the CA certificates in this PEM file for https:// readiness probes (the
+    /// system's roots are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -112,6 +122,10 @@ pub struct WorkerArgs {
     /// `draining` and takes nothing new) before stopping them and leaving. 0 stops them at once.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "0s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Also trust the CA certificates in this PEM file for an https:// server (the system's
+    /// roots are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 fn machine_cpus() -> f64 {
@@ -151,8 +165,26 @@ fn load_config(path: Option<&std::path::Path>) -> Result<TetherConfig, CliError>
         .map_err(|e| CliError::Usage(format!("--config {} is not valid: {e}", path.display())))
 }
 
+/// The PEM file of `--ca-cert`, read once at start.
+pub(crate) fn read_ca_cert(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, CliError> {
+    path.map(|p| {
+        std::fs::read(p)
+            .map_err(|e| CliError::Usage(format!("cannot read --ca-cert {}: {e}", p.display())))
+    })
+    .transpose()
+}
+
 fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tether_server::tls::server_config(cert, key)
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+        ),
+        _ => None,
+    };
     Ok(ServerConfig {
+        tls,
+        ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
         database: args.database.clone(),
         lanes: load_config(args.config.as_deref())?,
         heartbeat_interval: args.heartbeat_interval,
@@ -195,7 +227,7 @@ async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer,
     let config = server_config(args)?;
     warn_clear_text_listener(
         args.listen,
-        false,
+        config.tls.is_some(),
         config.api_token.is_some() || config.worker_token.is_some(),
     );
     let store = tether_server::open_store(&config.database).await?;
@@ -272,8 +304,25 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot list workers to recover"),
     }
+    // Over TLS the local worker checks the server's certificate like any client: it must
+    // name `localhost`; its own chain is trusted (a self-signed one included).
+    let (server_url, ca_cert_pem) = match &args.server.tls_cert {
+        Some(cert) => {
+            let mut roots = std::fs::read(cert)?;
+            if let Some(ca) = read_ca_cert(args.server.ca_cert.as_deref())? {
+                roots.push(b'\n');
+                roots.extend(ca);
+            }
+            (
+                format!("https://localhost:{}", running.addr.port()),
+                Some(roots),
+            )
+        }
+        None => (format!("http://{}", running.addr), None),
+    };
     let worker_config = WorkerConfig {
-        server: format!("http://{}", running.addr),
+        server: server_url.clone(),
+        ca_cert_pem,
         token: running.state.config.worker_token.clone(),
         name: LOCAL_WORKER_NAME.into(),
         capacity: Resources {
@@ -289,8 +338,12 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         stop_worker.clone(),
     ));
     eprintln!(
-        "tether is up: http://{}  (dashboard at /, API under /v1; Ctrl-C to stop)",
-        running.addr
+        "tether is up: {}  (dashboard at /, API under /v1; Ctrl-C to stop)",
+        if args.server.tls_cert.is_some() {
+            format!("https://{}", running.addr)
+        } else {
+            format!("http://{}", running.addr)
+        }
     );
     termination().await;
     tracing::info!("shutting down");
@@ -320,6 +373,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         lanes: args.lanes.into_iter().filter(|l| !l.is_empty()).collect(),
         kill_grace: args.kill_grace,
         drain_timeout: args.drain_timeout,
+        ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

@@ -10,3 +10,4 @@ mod multi_server;
 mod outcomes;
 mod pg;
 mod restart;
+mod tls;
