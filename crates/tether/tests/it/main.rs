@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod docs;
 mod endpoints;
 mod everyday;
 mod liveness;
