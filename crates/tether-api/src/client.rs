@@ -193,8 +193,8 @@ impl TetherClient {
         TetherClient::with_ca(base_url, token, None)
     }
 
-    /// [`TetherClient::new`], trusting for `https://` the system's roots plus the CA
-    /// certificates in `ca_pem` (PEM, one or more), e.g. a private CA's.
+    /// [`TetherClient::new`], trusting for `https://` the public CAs plus the CA certificates
+    /// in `ca_pem` (PEM, one or more), e.g. a private CA's.
     pub fn with_ca(
         base_url: &str,
         token: Option<String>,
@@ -483,8 +483,8 @@ impl TetherClient {
     }
 }
 
-/// A reqwest builder on rustls trusting the system's roots, the bundled Mozilla roots, and
-/// the certificates in `ca_pem`. Shared by the client and the server's readiness probes.
+/// A reqwest builder on rustls trusting the bundled Mozilla roots (webpki-roots: the public
+/// CAs, offline) and the certificates in `ca_pem`. Shared by the client and the server's readiness probes.
 pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut builder = reqwest::Client::builder().use_rustls_tls();
     if let Some(pem) = ca_pem {

@@ -47,7 +47,10 @@ pub struct RunView {
     pub max_attempts: u32,
     pub lane: String,
     pub command: Vec<String>,
+    /// Values of keys in `secret_env` read `***`.
     pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
     pub cwd: Option<String>,
     pub resources: Resources,
     pub labels: BTreeMap<String, String>,

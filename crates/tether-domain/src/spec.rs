@@ -70,6 +70,10 @@ pub struct SubmitRequest {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub endpoints: BTreeMap<String, String>,
+    /// Keys of `env` whose values are secrets: API views show them as `***` and nothing logs
+    /// them; the command still receives them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
 }
 
 /// Tells a field that was sent as `null` (`Some(None)`) from one that was left out (`None`).
@@ -111,6 +115,9 @@ pub struct RunSpec {
     pub idempotency_key: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub endpoints: BTreeMap<String, String>,
+    /// Keys of `env` that views redact (stored with the spec; absent in older rows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
     pub output_limit_bytes: i64,
     /// The submission as sent, canonical JSON: a reused idempotency key must come with it.
     pub request_fingerprint: String,
@@ -137,7 +144,91 @@ impl ValidationError {
 }
 
 const MAX_ATTEMPTS_LIMIT: u32 = 100;
-const MAX_KEY_LEN: usize = 255;
+
+/// The sizes every submitted or registered input is held to, so no one request can make a
+/// stored row (and every list answer that shows it) large. Bytes are UTF-8 bytes.
+pub mod limits {
+    /// Idempotency keys, label keys, lane, worker and endpoint names.
+    pub const MAX_KEY_BYTES: usize = 255;
+    pub const MAX_COMMAND_ARGS: usize = 4096;
+    /// All of `command` together.
+    pub const MAX_COMMAND_BYTES: usize = 128 * 1024;
+    pub const MAX_ENV_VARS: usize = 1024;
+    /// All of `env` (keys and values) together.
+    pub const MAX_ENV_BYTES: usize = 128 * 1024;
+    pub const MAX_LABELS: usize = 64;
+    /// All of `labels` (keys and values) together.
+    pub const MAX_LABEL_BYTES: usize = 16 * 1024;
+    pub const MAX_ENDPOINTS: usize = 64;
+    pub const MAX_PATH_BYTES: usize = 4096;
+    /// `cpus` a run may ask for or a worker may offer.
+    pub const MAX_CPUS: f64 = 100_000.0;
+    /// `memory_mb` is stored as a signed 64-bit integer.
+    pub const MAX_MEMORY_MB: u64 = i64::MAX as u64;
+}
+
+use limits::*;
+
+/// Text every store can hold: PostgreSQL refuses NUL in `text`, so no store takes it.
+pub fn storable_text(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.contains('\0') {
+        return Err(ValidationError::field(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// A string→string map within a count and a total size, every key 1 to `MAX_KEY_BYTES`, and
+/// nothing in it a store cannot hold.
+pub fn bounded_map(
+    field: &str,
+    map: &BTreeMap<String, String>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<(), ValidationError> {
+    if map.len() > max_entries {
+        return Err(ValidationError::field(
+            field,
+            format!("at most {max_entries} entries"),
+        ));
+    }
+    let mut total = 0usize;
+    for (k, v) in map {
+        if k.is_empty() || k.len() > MAX_KEY_BYTES {
+            return Err(ValidationError::field(
+                field,
+                format!("keys must be 1 to {MAX_KEY_BYTES} bytes"),
+            ));
+        }
+        storable_text(field, k)?;
+        storable_text(field, v)?;
+        total += k.len() + v.len();
+    }
+    if total > max_bytes {
+        return Err(ValidationError::field(
+            field,
+            format!("at most {max_bytes} bytes in all"),
+        ));
+    }
+    Ok(())
+}
+
+/// Resources a store can keep exactly and a lane can add up: `cpus` finite, positive and at
+/// most `MAX_CPUS`; `memory_mb` positive and within a signed 64-bit integer.
+pub fn check_resources(field: &str, r: &Resources) -> Result<(), ValidationError> {
+    if !r.cpus.is_finite() || r.cpus <= 0.0 || r.cpus > MAX_CPUS {
+        return Err(ValidationError::field(
+            &format!("{field}.cpus"),
+            format!("must be a positive number, at most {MAX_CPUS}"),
+        ));
+    }
+    if r.memory_mb == 0 || r.memory_mb > MAX_MEMORY_MB {
+        return Err(ValidationError::field(
+            &format!("{field}.memory_mb"),
+            format!("must be 1 to {MAX_MEMORY_MB}"),
+        ));
+    }
+    Ok(())
+}
 
 fn seconds_to_ms(field: &str, seconds: f64) -> Result<i64, ValidationError> {
     if !seconds.is_finite() || seconds <= 0.0 || seconds > 366.0 * 86_400.0 {
@@ -175,11 +266,42 @@ impl SubmitRequest {
                 "must be a non-empty argv array whose first element names a program",
             ));
         }
+        if self.command.len() > MAX_COMMAND_ARGS
+            || self.command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES
+        {
+            return Err(ValidationError::field(
+                "command",
+                format!("at most {MAX_COMMAND_ARGS} arguments and {MAX_COMMAND_BYTES} bytes"),
+            ));
+        }
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(ValidationError::field(
                 "command",
                 "must not contain NUL bytes",
             ));
+        }
+        bounded_map("env", &self.env, MAX_ENV_VARS, MAX_ENV_BYTES)?;
+        bounded_map("labels", &self.labels, MAX_LABELS, MAX_LABEL_BYTES)?;
+        bounded_map(
+            "endpoints",
+            &self.endpoints,
+            MAX_ENDPOINTS,
+            MAX_ENDPOINTS * 2 * MAX_KEY_BYTES,
+        )?;
+        if self.secret_env.len() > MAX_ENV_VARS {
+            return Err(ValidationError::field(
+                "secret_env",
+                format!("at most {MAX_ENV_VARS} entries"),
+            ));
+        }
+        if let Some(k) = self.secret_env.iter().find(|k| !self.env.contains_key(*k)) {
+            return Err(ValidationError::field(
+                "secret_env",
+                format!("`{k}` is not a key of env"),
+            ));
+        }
+        if let Some(lane) = &self.lane {
+            storable_text("lane", lane)?;
         }
         for (k, v) in &self.env {
             if !valid_env_name(k) || v.contains('\0') {
@@ -198,33 +320,25 @@ impl SubmitRequest {
             }
         }
         if let Some(cwd) = &self.cwd {
-            if cwd.is_empty() || cwd.contains('\0') {
-                return Err(ValidationError::field("cwd", "must be a non-empty path"));
+            if cwd.is_empty() || cwd.contains('\0') || cwd.len() > MAX_PATH_BYTES {
+                return Err(ValidationError::field(
+                    "cwd",
+                    format!("must be a path of 1 to {MAX_PATH_BYTES} bytes"),
+                ));
             }
         }
         if self
             .idempotency_key
             .as_ref()
-            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_BYTES || k.contains('\0'))
         {
             return Err(ValidationError::field(
                 "idempotency_key",
-                format!("must be 1 to {MAX_KEY_LEN} bytes"),
+                format!("must be 1 to {MAX_KEY_BYTES} bytes, without NUL"),
             ));
         }
         let resources = self.resources.or(policy.resources).unwrap_or_default();
-        if !resources.cpus.is_finite() || resources.cpus <= 0.0 || resources.cpus > 100_000.0 {
-            return Err(ValidationError::field(
-                "resources.cpus",
-                "must be a positive number",
-            ));
-        }
-        if resources.memory_mb == 0 {
-            return Err(ValidationError::field(
-                "resources.memory_mb",
-                "must be a positive number",
-            ));
-        }
+        check_resources("resources", &resources)?;
         let timeout_ms = match self.timeout_s.or(policy.timeout_s) {
             Some(s) => Some(seconds_to_ms("timeout_s", s)?),
             None => None,
@@ -276,6 +390,7 @@ impl SubmitRequest {
             idempotency_key: self.idempotency_key.clone(),
             labels: self.labels.clone(),
             endpoints: self.endpoints.clone(),
+            secret_env: self.secret_env.clone(),
             output_limit_bytes,
             request_fingerprint: serde_json::to_string(self).unwrap_or_default(),
         })
@@ -337,6 +452,54 @@ mod tests {
             .resolve(None, &d)
             .unwrap_err();
         assert_eq!(err.code, "unknown_lane");
+    }
+
+    #[test]
+    fn numbers_beyond_the_stored_types_are_refused() {
+        let d = SubmitDefaults::default();
+        let lane = LanePolicy::default();
+        let err =
+            submit(r#"{"command":["x"],"resources":{"cpus":1,"memory_mb":9223372036854775808}}"#)
+                .resolve(Some(&lane), &d)
+                .unwrap_err();
+        assert_eq!(err.field, "resources.memory_mb");
+        let ok =
+            submit(r#"{"command":["x"],"resources":{"cpus":1,"memory_mb":9223372036854775807}}"#)
+                .resolve(Some(&lane), &d)
+                .unwrap();
+        assert_eq!(ok.resources.memory_mb, i64::MAX as u64);
+        let err = submit(r#"{"command":["x"],"resources":{"cpus":1e308,"memory_mb":1}}"#)
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!(err.field, "resources.cpus");
+    }
+
+    #[test]
+    fn sizes_and_nul_are_bounded() {
+        let d = SubmitDefaults::default();
+        let lane = LanePolicy::default();
+        let big = "x".repeat(limits::MAX_LABEL_BYTES);
+        let err = submit(&format!(r#"{{"command":["x"],"labels":{{"a":"{big}"}}}}"#))
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!((err.code, err.field.as_str()), ("invalid_field", "labels"));
+        let err = submit(r#"{"command":["x"],"labels":{"a":"b\u0000"}}"#)
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!(err.field, "labels");
+        let err = submit(r#"{"command":["x"],"idempotency_key":"k\u0000"}"#)
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!(err.field, "idempotency_key");
+        let args = vec!["\"a\""; limits::MAX_COMMAND_ARGS + 1].join(",");
+        let err = submit(&format!(r#"{{"command":[{args}]}}"#))
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!(err.field, "command");
+        let err = submit(r#"{"command":["x"],"env":{"A":"1"},"secret_env":["B"]}"#)
+            .resolve(Some(&lane), &d)
+            .unwrap_err();
+        assert_eq!(err.field, "secret_env");
     }
 
     #[test]

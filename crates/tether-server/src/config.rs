@@ -25,8 +25,10 @@ pub struct ServerConfig {
     pub max_claim_wait: Duration,
     /// Serve HTTPS with this (`--tls-cert`, `--tls-key`); `None` serves plain HTTP.
     pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
-    /// CA certificates (PEM) trusted for `https://` readiness probes besides the system's.
+    /// CA certificates (PEM) trusted for `https://` readiness probes besides the public CAs.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// Timeouts and the cap on connections (see `accept.rs`).
+    pub connections: crate::accept::ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +46,7 @@ impl Default for ServerConfig {
             max_claim_wait: Duration::from_secs(30),
             tls: None,
             ca_cert_pem: None,
+            connections: crate::accept::ConnectionLimits::default(),
         }
     }
 }

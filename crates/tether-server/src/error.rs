@@ -19,6 +19,16 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// Tokens are off and the request named a host (or origin) that is not loopback: the
+    /// mark of a DNS-rebinding page.
+    #[error("this server serves loopback only: Host and Origin must name localhost or a loopback address")]
+    ForbiddenHost,
+    #[error("that method is not allowed on this path")]
+    MethodNotAllowed,
+    #[error("the request URI is too long")]
+    UriTooLong,
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
     #[error("no such run")]
     RunNotFound,
     #[error("no such route")]
@@ -64,6 +74,13 @@ impl ApiError {
             }
             ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::ForbiddenHost => (StatusCode::FORBIDDEN, "forbidden_host"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ApiError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
             ApiError::RunNotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::UnknownWorker => (StatusCode::NOT_FOUND, "unknown_worker"),
@@ -82,6 +99,12 @@ impl ApiError {
     }
 }
 
+impl From<tether_domain::ValidationError> for ApiError {
+    fn from(e: tether_domain::ValidationError) -> ApiError {
+        ApiError::invalid(e.code, e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
@@ -94,6 +117,7 @@ impl From<StoreError> for ApiError {
                 "invalid_cursor",
                 "the cursor is not one this server gave out",
             ),
+            StoreError::InvalidInput(m) => ApiError::invalid("invalid_field", m),
             StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
             StoreError::Corrupt(m) => ApiError::Internal(m),
         }

@@ -2,6 +2,7 @@
 //! that keep runs honest (the reaper). It owns no state of its own beyond caches and channels:
 //! every fact lives in the store, so any number of servers can share one database.
 
+pub mod accept;
 pub mod admission;
 pub mod auth;
 pub mod config;
@@ -119,28 +120,21 @@ pub async fn start(
         shutdown: shutdown.clone(),
     };
     let app = routes::router(state.clone());
-    let serve_shutdown = shutdown.clone();
-    let server = match state.config.tls.clone() {
-        Some(tls) => {
-            let listener = tls::TlsListener::start(listener, tls, shutdown.clone())?;
-            tokio::spawn(async move {
-                let result = axum::serve(listener, app)
-                    .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "server stopped with an error");
-                }
-            })
-        }
-        None => tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "server stopped with an error");
-            }
-        }),
-    };
+    let open_files = accept::raise_open_files_limit();
+    let mut limits = state.config.connections;
+    // A claim long-poll reads and writes nothing while it waits, an event stream only its
+    // heartbeat frames: never cut either as idle.
+    limits.idle_timeout = limits
+        .idle_timeout
+        .max(state.config.max_claim_wait + std::time::Duration::from_secs(10))
+        .max(state.config.sse_heartbeat * 3);
+    tracing::debug!(?limits, ?open_files, "connection limits");
+    let tls = state
+        .config
+        .tls
+        .clone()
+        .map(tokio_rustls::TlsAcceptor::from);
+    let server = tokio::spawn(accept::serve(listener, app, limits, tls, shutdown.clone()));
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
     let scheme = if state.config.tls.is_some() {

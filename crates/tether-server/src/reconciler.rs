@@ -6,7 +6,7 @@
 //! any server counts for all. If every reconciler stops, stamps age past their pool's
 //! freshness and dispatch falls back, rather than trusting an old stamp.
 //!
-//! Probes speak `http://` and `https://` (rustls), trusting the system's roots plus the
+//! Probes speak `http://` and `https://` (rustls), trusting the public CAs (webpki-roots) plus the
 //! server's `--ca-cert`.
 
 use std::time::Duration;

@@ -32,6 +32,21 @@ pub fn liveness(run: &RunRecord, config: &ServerConfig, now: Millis) -> Liveness
     )
 }
 
+/// What API views show of a run's secrets.
+pub const REDACTED: &str = "***";
+
+/// The run's `env` with every `secret_env` value replaced: views never carry a secret (the
+/// worker's assignment, built from the spec, does).
+fn redacted_env(spec: &tether_domain::RunSpec) -> std::collections::BTreeMap<String, String> {
+    let mut env = spec.env.clone();
+    for key in &spec.secret_env {
+        if let Some(value) = env.get_mut(key) {
+            *value = REDACTED.to_string();
+        }
+    }
+    env
+}
+
 pub fn run_view(
     run: &RunRecord,
     attempts: Option<&[AttemptRecord]>,
@@ -46,7 +61,8 @@ pub fn run_view(
         max_attempts: spec.max_attempts,
         lane: spec.lane.clone(),
         command: spec.command.clone(),
-        env: spec.env.clone(),
+        env: redacted_env(spec),
+        secret_env: spec.secret_env.clone(),
         cwd: spec.cwd.clone(),
         resources: spec.resources,
         labels: spec.labels.clone(),

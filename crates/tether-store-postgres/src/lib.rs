@@ -54,11 +54,15 @@ use crate::write::{
 use tether_store::{status_body, Outbox};
 
 /// Any database failure: the request may be retried. A value that would not decode is a
-/// different matter: the data is not what this code wrote.
+/// different matter: the data is not what this code wrote; and a value the database refuses as
+/// data (SQLSTATE class 22) is the caller's, which retrying will not mend.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
+        }
+        sqlx::Error::Database(ref d) if d.code().is_some_and(|c| c.starts_with("22")) => {
+            StoreError::InvalidInput(d.message().to_string())
         }
         _ => StoreError::Unavailable(e.to_string()),
     }

@@ -32,6 +32,7 @@ fn seeded_spec() -> RunSpec {
         idempotency_key: None,
         labels: BTreeMap::new(),
         endpoints: BTreeMap::new(),
+        secret_env: Vec::new(),
         output_limit_bytes: 64 * 1024 * 1024,
         request_fingerprint: r#"{"command":["true"]}"#.into(),
     }

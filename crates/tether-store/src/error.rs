@@ -17,6 +17,10 @@ pub enum StoreError {
     /// The database could not be reached or failed; the request may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A value the database refused as data (PostgreSQL's SQLSTATE class 22: NUL in text, a
+    /// number out of range): the caller's mistake, not an outage.
+    #[error("the store cannot hold that value: {0}")]
+    InvalidInput(String),
     /// A list cursor that no page of this store handed out.
     #[error("invalid cursor")]
     InvalidCursor,

@@ -40,8 +40,8 @@ pub struct ClientArgs {
     /// A file holding the client token, so it stays out of `ps` and shell history.
     #[arg(long, env = "TETHER_TOKEN_FILE", global = true)]
     pub token_file: Option<std::path::PathBuf>,
-    /// Also trust the CA certificates in this PEM file for an https:// server (the system's
-    /// roots are always trusted).
+    /// Also trust the CA certificates in this PEM file for an https:// server (the public
+    /// CAs are always trusted).
     #[arg(long, env = "TETHER_CA_CERT", global = true)]
     pub ca_cert: Option<std::path::PathBuf>,
 }

@@ -70,7 +70,7 @@ pub struct ServerArgs {
     #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// Also trust the CA certificates in this PEM file for https:// readiness probes (the
-    /// system's roots are always trusted).
+    /// public CAs are always trusted).
     #[arg(long, env = "TETHER_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
 }
@@ -122,8 +122,8 @@ pub struct WorkerArgs {
     /// `draining` and takes nothing new) before stopping them and leaving. 0 stops them at once.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "0s", value_parser = duration)]
     pub drain_timeout: Duration,
-    /// Also trust the CA certificates in this PEM file for an https:// server (the system's
-    /// roots are always trusted).
+    /// Also trust the CA certificates in this PEM file for an https:// server (the public
+    /// CAs are always trusted).
     #[arg(long, env = "TETHER_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
 }

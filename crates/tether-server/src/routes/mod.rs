@@ -73,12 +73,8 @@ pub fn router(state: AppState) -> Router {
         .merge(worker)
         .merge(open)
         .fallback(|| async { ApiError::RouteNotFound })
-        .method_not_allowed_fallback(|| async {
-            ApiError::invalid(
-                "method_not_allowed",
-                "that method is not allowed on this path",
-            )
-        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(crate::extract::check_request_head))
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

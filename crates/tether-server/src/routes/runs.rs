@@ -32,9 +32,7 @@ pub async fn create_run(
         .as_deref()
         .unwrap_or(tether_domain::config::DEFAULT_LANE);
     let lane = state.config.lanes.lane(lane_name);
-    let spec = request
-        .resolve(lane.as_ref(), &state.config.submit_defaults())
-        .map_err(|e| ApiError::invalid(e.code, e.to_string()))?;
+    let spec = request.resolve(lane.as_ref(), &state.config.submit_defaults())?;
     crate::dispatch::check_run_endpoints(&state, &spec.endpoints).await?;
     let policy = admission_policy(&state, &lane.unwrap_or_default());
     // Admit-or-refuse is decided in the store, in the transaction that accepts the run.
@@ -153,24 +151,21 @@ pub async fn list_runs(
             ));
         }
     }
-    let page = state
-        .store
-        .list_runs(&RunFilter {
-            status,
-            lane: query.lane.filter(|l| !l.is_empty()),
-            limit,
-            cursor: query.cursor.filter(|c| !c.is_empty()),
-            id_prefix,
-        })
-        .await?;
+    let filter = RunFilter {
+        status,
+        lane: query.lane.filter(|l| !l.is_empty()),
+        limit,
+        cursor: query.cursor.filter(|c| !c.is_empty()),
+        id_prefix,
+    };
+    let (records, next_cursor) = read_bounded_page(&state, filter).await?;
     let now = state.store.now().await?;
-    let capacity = if page.runs.iter().any(|r| r.status == RunStatus::Pending) {
+    let capacity = if records.iter().any(|r| r.status == RunStatus::Pending) {
         Some(Capacity::read(&state).await?)
     } else {
         None
     };
-    let runs = page
-        .runs
+    let runs = records
         .iter()
         .map(|r| {
             let mut view = run_view(r, None, &state.config, now);
@@ -180,10 +175,56 @@ pub async fn list_runs(
             view
         })
         .collect();
-    Ok(Json(RunList {
-        runs,
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(RunList { runs, next_cursor }))
+}
+
+/// Runs read from the store per round while filling a list page: bounds what one page holds
+/// in memory before the byte budget is checked.
+const LIST_READ_CHUNK: u32 = 50;
+/// The most a list page carries, roughly, in bytes of run specs; past it the page ends early
+/// and its cursor resumes where it stopped. At least one run is always returned.
+pub(crate) const LIST_BYTE_BUDGET: usize = 2 * 1024 * 1024;
+
+/// What a run adds to a list answer, roughly: its variable-size fields plus a fixed share.
+fn approx_view_bytes(run: &RunRecord) -> usize {
+    let spec = &run.spec;
+    let map = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
+    };
+    1024 + spec.command.iter().map(|a| a.len() + 3).sum::<usize>()
+        + map(&spec.env)
+        + map(&spec.labels)
+        + map(&spec.endpoints)
+        + run.error_message.as_ref().map_or(0, String::len)
+}
+
+/// Up to `filter.limit` runs, newest first, read in chunks and cut at `LIST_BYTE_BUDGET`, with
+/// the cursor of what follows.
+async fn read_bounded_page(
+    state: &AppState,
+    mut filter: RunFilter,
+) -> ApiResult<(Vec<RunRecord>, Option<String>)> {
+    let wanted = filter.limit as usize;
+    let mut runs: Vec<RunRecord> = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        filter.limit = LIST_READ_CHUNK.min((wanted - runs.len()) as u32);
+        let page = state.store.list_runs(&filter).await?;
+        for run in page.runs {
+            let size = approx_view_bytes(&run);
+            if !runs.is_empty() && bytes + size > LIST_BYTE_BUDGET {
+                let cursor = runs.last().map(|r| r.seq.to_string());
+                return Ok((runs, cursor));
+            }
+            bytes += size;
+            runs.push(run);
+        }
+        match page.next_cursor {
+            Some(cursor) if runs.len() < wanted => filter.cursor = Some(cursor),
+            Some(cursor) => return Ok((runs, Some(cursor))),
+            None => return Ok((runs, None)),
+        }
+    }
 }
 
 /// `POST /v1/runs/{id}/cancel`: immediate for a pending run; delivered to the worker at its

@@ -27,17 +27,26 @@ pub async fn register_worker(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RegisterWorkerRequest>,
 ) -> ApiResult<(StatusCode, Json<RegisterWorkerResponse>)> {
-    if request.name.trim().is_empty() || request.name.len() > 255 {
+    use tether_domain::spec::{bounded_map, check_resources, limits};
+    if request.name.trim().is_empty() || request.name.len() > limits::MAX_KEY_BYTES {
         return Err(ApiError::invalid(
             "invalid_field",
             "name: must be 1 to 255 bytes",
         ));
     }
     let cap = request.capacity;
-    if !cap.cpus.is_finite() || cap.cpus <= 0.0 || cap.memory_mb == 0 {
+    // The same bounds a run's resources meet, so a worker's capacity is stored exactly.
+    check_resources("capacity", &cap)?;
+    bounded_map(
+        "labels",
+        &request.labels,
+        limits::MAX_LABELS,
+        limits::MAX_LABEL_BYTES,
+    )?;
+    if request.lanes.len() > limits::MAX_LABELS {
         return Err(ApiError::invalid(
             "invalid_field",
-            "capacity: cpus and memory_mb must be positive",
+            format!("lanes: at most {} lanes", limits::MAX_LABELS),
         ));
     }
     for lane in &request.lanes {

@@ -6,4 +6,6 @@ mod http_api;
 mod lanes;
 mod protocol;
 mod proxy;
+mod security;
+mod slowloris;
 mod stream;

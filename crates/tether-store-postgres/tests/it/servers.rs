@@ -621,3 +621,24 @@ async fn a_search_path_in_the_url_picks_the_schema() {
     assert_eq!(by_url.schema(), schema.name);
     assert_eq!(by_url.get_run(&run.id).await.unwrap(), Some(run));
 }
+
+/// Text PostgreSQL cannot hold (a NUL) is the caller's mistake: `InvalidInput`, never
+/// `Unavailable`, so the API answers 422 rather than 503 with Retry-After.
+#[tokio::test]
+async fn a_value_postgres_refuses_as_data_is_invalid_input_not_an_outage() {
+    let schema = TestSchema::new();
+    let store = PgStore::open_in_schema(&schema.url, &schema.name)
+        .await
+        .unwrap();
+    let err = store
+        .register_worker(&NewWorker {
+            name: "w\0".into(),
+            capacity: Resources::default(),
+            lanes: Vec::new(),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    assert!(store.list_workers().await.unwrap().is_empty());
+}
