@@ -106,6 +106,8 @@ pub async fn start(
     store: SharedStore,
     listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
+    // Normally installed by the binary already; a no-op then.
+    metrics::install();
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
         return Err(StartError::TokensRequired(addr));

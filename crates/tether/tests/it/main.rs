@@ -1,12 +1,15 @@
 //! End-to-end tests of the `tether` binary: real servers, real worker processes, real commands,
 //! killed the way failures happen (SIGKILL, SIGSTOP, restarts).
 
+mod browser;
 mod cli;
 mod cluster;
+mod dashboard;
 mod docs;
 mod endpoints;
 mod everyday;
 mod liveness;
+mod metrics;
 mod multi_server;
 mod outcomes;
 mod pg;
