@@ -139,6 +139,7 @@ pub async fn start(
     let server = tokio::spawn(accept::serve(listener, app, limits, tls, shutdown.clone()));
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
+    let metrics_upkeep = tokio::spawn(metrics::run_upkeep(shutdown.clone()));
     let scheme = if state.config.tls.is_some() {
         "https"
     } else {
@@ -149,7 +150,7 @@ pub async fn start(
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper, reconciler],
+        tasks: vec![server, reaper, reconciler, metrics_upkeep],
     })
 }
 
