@@ -56,9 +56,16 @@ pub enum ClientError {
     /// An answer we could not read.
     #[error("unreadable answer from the server: {0}")]
     Decode(String),
-    /// The server address is not a usable `http://` URL.
+    /// The server address is not a usable `http://` or `https://` URL.
     #[error("invalid server URL: {0}")]
     InvalidUrl(String),
+    /// The TLS handshake failed: most often the server's certificate is not signed by a CA
+    /// this client trusts. Retrying will not help.
+    #[error("TLS with the server failed: {0}; if its certificate comes from your own CA, give that CA with --ca-cert")]
+    Tls(String),
+    /// A `--ca-cert` file that holds no usable certificate.
+    #[error("cannot use the CA certificate: {0}")]
+    InvalidCaCert(String),
 }
 
 impl ClientError {
@@ -111,9 +118,11 @@ impl ClientError {
         match self {
             ClientError::Transport(_) => true,
             ClientError::Api { status, .. } => *status == 429 || *status >= 500,
-            ClientError::Decode(_) | ClientError::InvalidUrl(_) | ClientError::OutputGap { .. } => {
-                false
-            }
+            ClientError::Decode(_)
+            | ClientError::InvalidUrl(_)
+            | ClientError::OutputGap { .. }
+            | ClientError::Tls(_)
+            | ClientError::InvalidCaCert(_) => false,
         }
     }
 
@@ -125,6 +134,10 @@ impl ClientError {
             text.push_str(": ");
             text.push_str(&cause.to_string());
             source = cause.source();
+        }
+        // rustls names a certificate it refused "invalid peer certificate: …".
+        if text.contains("certificate") {
+            return ClientError::Tls(text);
         }
         ClientError::Transport(text)
     }
@@ -143,6 +156,9 @@ pub struct ListRunsQuery {
     /// `next_cursor` of the previous page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// Only runs whose id starts with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
 }
 
 /// One server-sent event of a run's event stream.
@@ -182,14 +198,24 @@ impl TetherClient {
     /// `base_url` is the server's root, e.g. `http://127.0.0.1:7070` (a trailing `/` is fine).
     /// An empty token counts as none.
     pub fn new(base_url: &str, token: Option<String>) -> Result<TetherClient, ClientError> {
+        TetherClient::with_ca(base_url, token, None)
+    }
+
+    /// [`TetherClient::new`], trusting for `https://` the public CAs plus the CA certificates
+    /// in `ca_pem` (PEM, one or more), e.g. a private CA's.
+    pub fn with_ca(
+        base_url: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<TetherClient, ClientError> {
         let mut bases = Vec::new();
         for one in base_url.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let base = one.trim_end_matches('/').to_string();
             let url = reqwest::Url::parse(&base)
                 .map_err(|e| ClientError::InvalidUrl(format!("{one}: {e}")))?;
-            if url.scheme() != "http" {
+            if url.scheme() != "http" && url.scheme() != "https" {
                 return Err(ClientError::InvalidUrl(format!(
-                    "{one}: only http:// is supported"
+                    "{one}: only http:// and https:// are supported"
                 )));
             }
             bases.push(base);
@@ -197,7 +223,7 @@ impl TetherClient {
         if bases.is_empty() {
             return Err(ClientError::InvalidUrl("no server URL given".into()));
         }
-        let http = reqwest::Client::builder()
+        let http = http_client(ca_pem)?
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(ClientError::transport)?;
@@ -504,6 +530,25 @@ impl TetherClient {
     }
 }
 
+/// A reqwest builder on rustls trusting the bundled Mozilla roots (webpki-roots: the public
+/// CAs, offline) and the certificates in `ca_pem`. Shared by the client and the server's readiness probes.
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, ClientError> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::InvalidCaCert(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ClientError::InvalidCaCert(
+                "no PEM certificate in it".into(),
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
 /// Sends and turns an error status into `ClientError::Api`.
 async fn send(req: RequestBuilder) -> Result<Response, ClientError> {
     let resp = req.send().await.map_err(ClientError::transport)?;
@@ -685,8 +730,17 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls_are_accepted() {
+    fn only_http_and_https_urls_are_accepted() {
         assert!(TetherClient::new("http://127.0.0.1:7070/", None).is_ok());
+        assert!(TetherClient::new("https://build.example:7070/", None).is_ok());
+        assert!(matches!(
+            TetherClient::new("ftp://h/", None),
+            Err(ClientError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            TetherClient::with_ca("https://h/", None, Some(b"not pem")),
+            Err(ClientError::InvalidCaCert(_))
+        ));
         assert!(matches!(
             TetherClient::new("not a url", None),
             Err(ClientError::InvalidUrl(_))

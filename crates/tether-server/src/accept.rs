@@ -10,8 +10,10 @@
 //! - a cap on concurrent connections: past it the loop stops accepting until one closes;
 //! - the open-files limit raised from soft to hard at start.
 //!
-//! `serve_connection` takes any accepted byte stream, so TLS is a wrapper around the
-//! `TcpStream` before it is handed over.
+//! `serve_connection` takes any accepted byte stream, so TLS (`--tls-cert`) is a wrapper around
+//! the `TcpStream` before it is handed over: the handshake runs in the connection's own task,
+//! under the header-read timeout and holding a connection slot, so a client that connects and
+//! says nothing holds up no other accept.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,11 +61,13 @@ pub fn raise_open_files_limit() -> Option<u64> {
     Some(soft)
 }
 
-/// Accepts until `shutdown`, then lets open connections finish gracefully and returns.
+/// Accepts until `shutdown`, then lets open connections finish gracefully and returns. With
+/// `tls`, every connection is HTTPS.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -80,15 +85,29 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                connections.spawn(serve_connection(
-                    stream,
-                    app.clone(),
-                    limits,
-                    shutdown.clone(),
-                    permit,
-                ));
+                let (app, shutdown) = (app.clone(), shutdown.clone());
+                match tls.clone() {
+                    None => {
+                        connections.spawn(serve_connection(stream, app, limits, shutdown, permit));
+                    }
+                    Some(acceptor) => {
+                        connections.spawn(async move {
+                            let handshake = acceptor.accept(stream);
+                            match tokio::time::timeout(limits.header_read_timeout, handshake).await
+                            {
+                                Ok(Ok(tls)) => {
+                                    serve_connection(tls, app, limits, shutdown, permit).await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning; the connection

@@ -35,7 +35,7 @@ pub async fn retry_after(state: &AppState, lane: &str) -> StoreResult<u64> {
                 status: Some(status),
                 lane: Some(lane.to_string()),
                 limit: 500,
-                cursor: None,
+                ..RunFilter::default()
             })
             .await?;
         in_flight.extend(page.runs.iter().filter_map(|r| {
@@ -51,7 +51,7 @@ pub async fn retry_after(state: &AppState, lane: &str) -> StoreResult<u64> {
             status: Some(RunStatus::Succeeded),
             lane: Some(lane.to_string()),
             limit: HISTORY,
-            cursor: None,
+            ..RunFilter::default()
         })
         .await?;
     let durations: Vec<i64> = recent

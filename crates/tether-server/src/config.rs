@@ -26,6 +26,10 @@ pub struct ServerConfig {
     /// How long finished runs are kept in lanes that set no `retention_s`; zero keeps them
     /// for ever.
     pub retention: Duration,
+    /// Serve HTTPS with this (`--tls-cert`, `--tls-key`); `None` serves plain HTTP.
+    pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// CA certificates (PEM) trusted for `https://` readiness probes besides the public CAs.
+    pub ca_cert_pem: Option<Vec<u8>>,
     /// Timeouts and the cap on connections (see `accept.rs`).
     pub connections: crate::accept::ConnectionLimits,
 }
@@ -44,6 +48,8 @@ impl Default for ServerConfig {
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
             retention: Duration::from_secs(14 * 24 * 3600),
+            tls: None,
+            ca_cert_pem: None,
             connections: crate::accept::ConnectionLimits::default(),
         }
     }

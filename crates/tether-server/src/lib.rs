@@ -19,6 +19,7 @@ pub mod reconciler;
 mod routes;
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -135,12 +136,22 @@ pub async fn start(
         .max(state.config.max_claim_wait + std::time::Duration::from_secs(10))
         .max(state.config.sse_heartbeat * 3);
     tracing::debug!(?limits, ?open_files, "connection limits");
-    let server = tokio::spawn(accept::serve(listener, app, limits, shutdown.clone()));
+    let tls = state
+        .config
+        .tls
+        .clone()
+        .map(tokio_rustls::TlsAcceptor::from);
+    let server = tokio::spawn(accept::serve(listener, app, limits, tls, shutdown.clone()));
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
     let pruner = tokio::spawn(pruner::run_pruner(state.clone()));
     let metrics_upkeep = tokio::spawn(metrics::run_upkeep(shutdown.clone()));
-    tracing::info!(%addr, "tether server listening");
+    let scheme = if state.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, "tether server listening");
     Ok(RunningServer {
         addr,
         state,

@@ -6,8 +6,8 @@
 //! any server counts for all. If every reconciler stops, stamps age past their pool's
 //! freshness and dispatch falls back, rather than trusting an old stamp.
 //!
-//! Probes use the workspace's `reqwest`, built without TLS: `https://` readiness URLs need a
-//! TLS feature added to it.
+//! Probes speak `http://` and `https://` (rustls), trusting the public CAs (webpki-roots) plus the
+//! server's `--ca-cert`.
 
 use std::time::Duration;
 
@@ -44,7 +44,14 @@ pub async fn run_reconciler(state: AppState) {
     let interval = state.config.probe_interval.max(Duration::from_millis(10));
     let timeout = probe_timeout(interval);
     let due_after_ms = due_after(interval).as_millis() as i64;
-    let http = match reqwest::Client::builder()
+    let builder = match tether_api::client::http_client(state.config.ca_cert_pem.as_deref()) {
+        Ok(builder) => builder,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the readiness prober; endpoints will go stale");
+            return;
+        }
+    };
+    let http = match builder
         .timeout(timeout)
         .connect_timeout(timeout)
         .no_proxy()

@@ -784,6 +784,14 @@ impl Store for PgStore {
         if filter.lane.is_some() {
             sql.push_str(&format!(" AND r.lane = {}", next()));
         }
+        let prefix = filter.id_range();
+        if let Some((_, end)) = &prefix {
+            // Byte order, as on SQLite: a locale collation may skip the `-` in an id.
+            sql.push_str(&format!(" AND r.id COLLATE \"C\" >= {}", next()));
+            if end.is_some() {
+                sql.push_str(&format!(" AND r.id COLLATE \"C\" < {}", next()));
+            }
+        }
         sql.push_str(&format!(" ORDER BY r.seq DESC LIMIT {}", next()));
         let mut query = sqlx::query(&sql);
         if let Some(seq) = after {
@@ -794,6 +802,12 @@ impl Store for PgStore {
         }
         if let Some(lane) = &filter.lane {
             query = query.bind(lane.as_str());
+        }
+        if let Some((start, end)) = prefix {
+            query = query.bind(start);
+            if let Some(end) = end {
+                query = query.bind(end);
+            }
         }
         // One more than asked, to know whether another page follows.
         let rows = query

@@ -504,6 +504,13 @@ impl Store for SqliteStore {
         if filter.lane.is_some() {
             sql.push_str(" AND r.lane = ?");
         }
+        let prefix = filter.id_range();
+        if let Some((_, end)) = &prefix {
+            sql.push_str(" AND r.id >= ?");
+            if end.is_some() {
+                sql.push_str(" AND r.id < ?");
+            }
+        }
         sql.push_str(" ORDER BY r.seq DESC LIMIT ?");
         let mut query = sqlx::query(&sql);
         if let Some(seq) = after {
@@ -514,6 +521,12 @@ impl Store for SqliteStore {
         }
         if let Some(lane) = &filter.lane {
             query = query.bind(lane.as_str());
+        }
+        if let Some((start, end)) = prefix {
+            query = query.bind(start);
+            if let Some(end) = end {
+                query = query.bind(end);
+            }
         }
         // One more than asked, to know whether another page follows.
         let rows = query

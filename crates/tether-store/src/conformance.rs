@@ -54,6 +54,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@cases $harness;
             create_get_and_list_newest_first,
             legacy_queued_reads_as_pending,
+            runs_are_found_by_id_prefix,
             idempotency_key_returns_the_same_run_or_conflicts,
             a_reject_lane_admits_only_what_fits_at_once,
             a_batch_is_written_whole_in_order_and_replays_by_key,
@@ -417,6 +418,42 @@ pub async fn create_get_and_list_newest_first(h: &dyn Harness) {
         |e| matches!(e, StoreError::InvalidCursor),
         "a garbage cursor",
     );
+}
+
+pub async fn runs_are_found_by_id_prefix(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(create(store, &spec()).await);
+    }
+    let by_prefix = |prefix: &str| RunFilter {
+        id_prefix: Some(prefix.to_string()),
+        limit: 10,
+        ..RunFilter::default()
+    };
+    // Every length, including ones that end on an id's `-`: exactly the runs it starts.
+    for id in &ids {
+        for len in [1, 8, 9, 13, 14, 20, 30, id.len()] {
+            let prefix = &id[..len];
+            let page = store.list_runs(&by_prefix(prefix)).await.unwrap();
+            let found: Vec<&str> = page.runs.iter().map(|r| r.id.as_str()).collect();
+            let expected: Vec<&str> = ids
+                .iter()
+                .rev()
+                .filter(|i| i.starts_with(prefix))
+                .map(String::as_str)
+                .collect();
+            assert_eq!(found, expected, "prefix `{prefix}`");
+        }
+    }
+    let whole = store.list_runs(&by_prefix(&ids[2])).await.unwrap();
+    assert_eq!(whole.runs.len(), 1);
+    assert_eq!(whole.runs[0].id, ids[2]);
+    for nothing in ["zz", "%", "_", "0000000"] {
+        let page = store.list_runs(&by_prefix(nothing)).await.unwrap();
+        assert!(page.runs.is_empty(), "`{nothing}` matches no run");
+    }
 }
 
 pub async fn legacy_queued_reads_as_pending(h: &dyn Harness) {
@@ -1016,7 +1053,7 @@ pub async fn lane_loads_count_pending_and_in_flight_runs(h: &dyn Harness) {
                 status: Some(RunStatus::Pending),
                 lane: Some(load.lane.clone()),
                 limit: 500,
-                cursor: None,
+                ..RunFilter::default()
             })
             .await
             .unwrap();

@@ -130,6 +130,27 @@ pub struct RunFilter {
     pub limit: u32,
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
+    /// Only runs whose id starts with this (`tether logs 019a2b`). Matched as a range on the
+    /// id, so no character in it is a wildcard.
+    pub id_prefix: Option<String>,
+}
+
+impl RunFilter {
+    /// `id_prefix` as the range scan both stores run: `id >= start` and, when there is an
+    /// upper bound, `id < end` (the first string after every one that starts with the prefix).
+    pub fn id_range(&self) -> Option<(String, Option<String>)> {
+        let prefix = self.id_prefix.as_deref().filter(|p| !p.is_empty())?;
+        let mut chars: Vec<char> = prefix.chars().collect();
+        let mut end = None;
+        while let Some(last) = chars.pop() {
+            if let Some(next) = char::from_u32(u32::from(last) + 1) {
+                chars.push(next);
+                end = Some(chars.into_iter().collect());
+                break;
+            }
+        }
+        Some((prefix.to_string(), end))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

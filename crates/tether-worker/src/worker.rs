@@ -41,6 +41,8 @@ pub struct WorkerConfig {
     /// On shutdown, how long to let the commands it holds finish (shown `draining`, taking
     /// nothing new) before stopping them. Zero stops them at once.
     pub drain_timeout: Duration,
+    /// CA certificates (PEM) trusted for an `https://` server besides the system's.
+    pub ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl Default for WorkerConfig {
@@ -57,6 +59,7 @@ impl Default for WorkerConfig {
             // The server hands out no more than fits, so asking for many costs nothing.
             max_runs_per_claim: 64,
             drain_timeout: Duration::ZERO,
+            ca_cert_pem: None,
         }
     }
 }
@@ -90,7 +93,11 @@ pub async fn run_worker(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let client = TetherClient::new(&config.server, config.token.clone())?;
+    let client = TetherClient::with_ca(
+        &config.server,
+        config.token.clone(),
+        config.ca_cert_pem.as_deref(),
+    )?;
     loop {
         let Some((worker_id, interval)) = register(&client, &config, &shutdown).await? else {
             return Ok(());

@@ -1,16 +1,18 @@
 //! Client commands: `run`, `ps`, `logs`, `events`, `cancel`, `workers`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 use clap::Args;
 use futures::StreamExt;
 use tether_api::client::ListRunsQuery;
-use tether_api::{BatchSubmitRequest, SubmitRequest, TetherClient};
+use tether_api::{BatchSubmitRequest, RunView, SubmitRequest, TetherClient};
 use tether_domain::time::parse_duration_ms;
-use tether_domain::Resources;
+use tether_domain::{ErrorCode, LivenessState, Resources, RunStatus, WorkerState};
 
-use crate::follow::follow_run;
+use crate::follow::{follow_run, listen_for_interrupts, request_cancel, OnInterrupt};
+use crate::transport;
+use crate::ui::{self, shell_quote, Cell, Colour, Table};
 use crate::CliError;
 
 /// Prints an API answer as pretty JSON (`--json`).
@@ -19,14 +21,6 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
-}
-
-/// A state's name as the API writes it (`quiet`, `draining`, …).
-fn wire_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Args)]
@@ -39,14 +33,76 @@ pub struct ClientArgs {
         global = true
     )]
     pub server: String,
-    /// Bearer token for the client scope.
+    /// Bearer token for the client scope (the server's --api-token). Workers read theirs
+    /// from TETHER_WORKER_TOKEN, so one shell can hold both.
     #[arg(long, env = "TETHER_TOKEN", global = true)]
     pub token: Option<String>,
+    /// A file holding the client token, so it stays out of `ps` and shell history.
+    #[arg(long, env = "TETHER_TOKEN_FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Also trust the CA certificates in this PEM file for an https:// server (the public
+    /// CAs are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ClientArgs {
     pub(crate) fn client(&self) -> Result<TetherClient, CliError> {
-        Ok(TetherClient::new(&self.server, self.token.clone())?)
+        let token = transport::token_from(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            "--token",
+            "--token-file",
+        )?;
+        transport::warn_clear_text_token(&self.server, token.is_some(), "this command");
+        let ca = crate::serve_cmds::read_ca_cert(self.ca_cert.as_deref())?;
+        Ok(TetherClient::with_ca(&self.server, token, ca.as_deref())?)
+    }
+}
+
+/// A run id as typed: whole, or a unique prefix of one (`tether logs 019ac1f2`), as git and
+/// docker take them. An ambiguous prefix is refused with the runs it matches.
+pub(crate) async fn resolve_run_id(client: &TetherClient, typed: &str) -> Result<String, CliError> {
+    const SHOWN: u32 = 5;
+    let typed = typed.trim();
+    if typed.is_empty() {
+        return Err(CliError::Usage("a run id is empty".into()));
+    }
+    let page = client
+        .list_runs(&ListRunsQuery {
+            id_prefix: Some(typed.to_string()),
+            limit: Some(SHOWN + 1),
+            ..ListRunsQuery::default()
+        })
+        .await?;
+    match page.runs.as_slice() {
+        [] => Err(CliError::Usage(format!(
+            "no such run: no run id starts with `{typed}`"
+        ))),
+        [one] => Ok(one.id.clone()),
+        many => {
+            // The whole id of one run is never ambiguous, even if it prefixes another's.
+            if let Some(exact) = many.iter().find(|r| r.id == typed) {
+                return Ok(exact.id.clone());
+            }
+            let mut text = format!(
+                "`{typed}` is ambiguous: it starts {} runs; type more of the id:",
+                if many.len() as u32 > SHOWN {
+                    format!("more than {SHOWN}")
+                } else {
+                    many.len().to_string()
+                }
+            );
+            for run in many.iter().take(SHOWN as usize) {
+                text.push_str(&format!(
+                    "\n  {}  {:<10}  {}",
+                    run.id,
+                    run.status.as_str(),
+                    shell_quote(&run.command)
+                ));
+            }
+            Err(CliError::Usage(text))
+        }
     }
 }
 
@@ -107,6 +163,10 @@ pub struct RunArgs {
     /// --idempotency-key K, line N gets the key `K:N`.
     #[arg(long, requires = "detach", conflicts_with = "command")]
     pub stdin: bool,
+    /// Cancel the run on the first Ctrl-C (without it, Ctrl-C detaches and a second one
+    /// within 3 s cancels).
+    #[arg(long)]
+    pub cancel_on_interrupt: bool,
     /// The command and its arguments.
     #[arg(last = true, required_unless_present = "stdin")]
     pub command: Vec<String>,
@@ -141,12 +201,33 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     if args.stdin {
         return submit_lines(&client, &request).await;
     }
+    // Listening before the run exists, so no Ctrl-C is missed once it does.
+    let sigint = if args.detach {
+        None
+    } else {
+        Some(listen_for_interrupts()?)
+    };
     let run = client.submit(&request).await?;
     if args.detach {
         println!("{}", run.id);
         return Ok(0);
     }
-    follow_run(&client, &run.id).await
+    eprintln!(
+        "[tether] run {} submitted to lane {}; Ctrl-C {}",
+        run.id,
+        run.lane,
+        if args.cancel_on_interrupt {
+            "cancels it"
+        } else {
+            "detaches (it goes on), twice cancels"
+        }
+    );
+    let on_interrupt = Some(if args.cancel_on_interrupt {
+        OnInterrupt::Cancel
+    } else {
+        OnInterrupt::Detach
+    });
+    follow_run(&client, &run.id, on_interrupt.zip(sigint)).await
 }
 
 /// `tether run --detach --stdin`: every line of standard input as `sh -c LINE`, with the rest
@@ -185,15 +266,85 @@ async fn submit_lines(client: &TetherClient, template: &SubmitRequest) -> Result
 pub struct PsArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Only runs in this status: pending, claimed, running, succeeded, failed, timed_out,
+    /// cancelled.
     #[arg(long)]
     pub status: Option<String>,
+    /// Only runs in this lane.
     #[arg(long)]
     pub lane: Option<String>,
+    /// How many runs to show, newest first (1 to 500).
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
     /// Print the JSON answer instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+fn status_colour(status: RunStatus) -> Colour {
+    match status {
+        RunStatus::Succeeded => Colour::Green,
+        RunStatus::Failed | RunStatus::TimedOut => Colour::Red,
+        RunStatus::Cancelled => Colour::Yellow,
+        RunStatus::Running | RunStatus::Claimed => Colour::Blue,
+        RunStatus::Pending => Colour::Dim,
+    }
+}
+
+fn liveness_colour(state: LivenessState) -> Colour {
+    match state {
+        LivenessState::Alive => Colour::Green,
+        LivenessState::Quiet => Colour::Plain,
+        LivenessState::Suspect => Colour::Yellow,
+        LivenessState::Lost => Colour::Red,
+        LivenessState::Waiting | LivenessState::Done => Colour::Dim,
+    }
+}
+
+/// `exit 3`, `spawn_failed`, `timeout`, or `-` while there is none.
+fn result_cell(run: &RunView) -> String {
+    match (run.exit_code, run.error_code) {
+        (Some(code), None | Some(ErrorCode::ExitNonzero)) => format!("exit {code}"),
+        (_, Some(error)) => error.as_str().to_string(),
+        (None, None) => "-".into(),
+    }
+}
+
+/// Worker names by id; a worker that has left shows the start of its id.
+async fn worker_names(client: &TetherClient) -> HashMap<String, String> {
+    client
+        .list_workers()
+        .await
+        .map(|l| l.workers.into_iter().map(|w| (w.id, w.name)).collect())
+        .unwrap_or_default()
+}
+
+/// The worker of each finished run's last attempt (a list does not carry attempts, and a run
+/// lets go of its worker when it ends), read a few runs at a time.
+async fn last_workers(client: &TetherClient, runs: &[RunView]) -> HashMap<String, String> {
+    futures::stream::iter(
+        runs.iter()
+            .filter(|r| r.worker_id.is_none() && r.attempt > 0)
+            .map(|r| client.get_run(&r.id)),
+    )
+    .buffer_unordered(8)
+    .filter_map(|run| async move {
+        let run = run.ok()?;
+        let last = run.attempts?.pop()?;
+        Some((run.id, last.worker_id))
+    })
+    .collect()
+    .await
+}
+
+fn worker_cell(names: &HashMap<String, String>, id: Option<&str>) -> String {
+    match id {
+        None => "-".into(),
+        Some(id) => names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.chars().take(8).collect()),
+    }
 }
 
 pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
@@ -203,28 +354,71 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
             status: args.status,
             lane: args.lane,
             limit: Some(args.limit),
-            cursor: None,
+            ..ListRunsQuery::default()
         })
         .await?;
     if args.json {
         print_json(&page);
         return Ok(0);
     }
-    println!(
-        "{:<36}  {:<10}  {:<8}  {:<7}  {:<10}  COMMAND",
-        "ID", "STATUS", "LIVENESS", "ATTEMPT", "LANE"
-    );
-    for run in page.runs {
-        let liveness = wire_name(&run.liveness.state);
-        println!(
-            "{:<36}  {:<10}  {:<8}  {:<7}  {:<10}  {}",
-            run.id,
-            run.status.as_str(),
-            liveness,
-            format!("{}/{}", run.attempt, run.max_attempts),
-            run.lane,
-            run.command.join(" ")
-        );
+    let names = worker_names(&client).await;
+    let last_workers = last_workers(&client, &page.runs).await;
+    let now = ui::now_s();
+    let mut table = Table::new(&[
+        "ID",
+        "STATUS",
+        "LIVENESS",
+        ">AGE",
+        ">DURATION",
+        "RESULT",
+        "ATTEMPT",
+        "WORKER",
+        "LANE",
+        "COMMAND",
+    ]);
+    for run in &page.runs {
+        let age = ui::epoch_s(&run.created_at)
+            .map(|t| ui::span(now - t))
+            .unwrap_or_else(|| "-".into());
+        let duration = run
+            .started_at
+            .as_deref()
+            .and_then(|start| match run.finished_at.as_deref() {
+                Some(end) => ui::between(start, end),
+                None => ui::epoch_s(start).map(|t| now - t),
+            })
+            .map(ui::span)
+            .unwrap_or_else(|| "-".into());
+        let result = result_cell(run);
+        let result_colour = if run.status == RunStatus::Succeeded || result == "-" {
+            Colour::Plain
+        } else {
+            Colour::Red
+        };
+        table.row(vec![
+            Cell::new(run.id.clone()),
+            Cell::coloured(run.status.as_str(), status_colour(run.status)),
+            Cell::coloured(
+                ui::wire_name(&run.liveness.state),
+                liveness_colour(run.liveness.state),
+            ),
+            Cell::new(age),
+            Cell::new(duration),
+            Cell::coloured(result, result_colour),
+            Cell::new(format!("{}/{}", run.attempt, run.max_attempts)),
+            Cell::new(worker_cell(
+                &names,
+                run.worker_id
+                    .as_deref()
+                    .or_else(|| last_workers.get(&run.id).map(String::as_str)),
+            )),
+            Cell::new(run.lane.clone()),
+            Cell::new(shell_quote(&run.command)),
+        ]);
+    }
+    table.print();
+    if page.next_cursor.is_some() {
+        eprintln!("(newest {} shown; --limit shows more)", page.runs.len());
     }
     Ok(0)
 }
@@ -240,17 +434,17 @@ pub struct LogsArgs {
     /// after a separator line). Not with `--follow`, which shows every attempt as it comes.
     #[arg(long, conflicts_with = "follow")]
     pub attempt: Option<String>,
+    /// The run's id, or a unique prefix of it.
     pub id: String,
 }
 
 pub async fn logs(args: LogsArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
+    let id = resolve_run_id(&client, &args.id).await?;
     if args.follow {
-        return follow_run(&client, &args.id).await;
+        return follow_run(&client, &id, None).await;
     }
-    let bytes = client
-        .attempt_logs(&args.id, args.attempt.as_deref())
-        .await?;
+    let bytes = client.attempt_logs(&id, args.attempt.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     out.write_all(&bytes)?;
     out.flush()?;
@@ -267,12 +461,14 @@ pub struct EventsArgs {
     /// Start after this event seq.
     #[arg(long)]
     pub after: Option<i64>,
+    /// The run's id, or a unique prefix of it.
     pub id: String,
 }
 
 pub async fn events(args: EventsArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
-    let mut events = client.events_ndjson(&args.id, args.after, args.follow);
+    let id = resolve_run_id(&client, &args.id).await?;
+    let mut events = client.events_ndjson(&id, args.after, args.follow);
     let mut out = std::io::stdout().lock();
     while let Some(event) = events.next().await {
         let event = event?;
@@ -288,13 +484,14 @@ pub async fn events(args: EventsArgs) -> Result<u8, CliError> {
 pub struct CancelArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The run's id, or a unique prefix of it.
     pub id: String,
 }
 
 pub async fn cancel(args: CancelArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
-    let run = client.cancel_run(&args.id).await?;
-    println!("{} {}", run.id, run.status.as_str());
+    let id = resolve_run_id(&client, &args.id).await?;
+    println!("{}", request_cancel(&client, &id).await?);
     Ok(0)
 }
 
@@ -302,6 +499,7 @@ pub async fn cancel(args: CancelArgs) -> Result<u8, CliError> {
 pub struct WorkersArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Print the JSON answer instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -313,21 +511,41 @@ pub async fn workers(args: WorkersArgs) -> Result<u8, CliError> {
         print_json(&list);
         return Ok(0);
     }
-    println!(
-        "{:<36}  {:<20}  {:<8}  {:>9}  {:>13}  RUNS",
-        "ID", "NAME", "STATE", "HEARTBEAT", "CPUS"
-    );
-    for w in list.workers {
-        let state = wire_name(&w.state);
-        println!(
-            "{:<36}  {:<20}  {:<8}  {:>8.1}s  {:>13}  {}",
-            w.id,
-            w.name,
-            state,
-            w.heartbeat_age_s,
-            format!("{}/{}", w.reserved.cpus, w.capacity.cpus),
-            w.runs.len()
-        );
+    if list.workers.is_empty() {
+        println!("no workers registered");
+        return Ok(0);
     }
+    let mut table = Table::new(&[
+        "ID",
+        "NAME",
+        "STATE",
+        ">HEARTBEAT",
+        ">CPUS",
+        ">MEMORY MB",
+        ">RUNS",
+        "LANES",
+    ]);
+    for w in &list.workers {
+        let colour = match w.state {
+            WorkerState::Active => Colour::Green,
+            WorkerState::Draining | WorkerState::Suspect => Colour::Yellow,
+            WorkerState::Lost => Colour::Red,
+        };
+        table.row(vec![
+            Cell::new(w.id.clone()),
+            Cell::new(w.name.clone()),
+            Cell::coloured(ui::wire_name(&w.state), colour),
+            Cell::new(ui::ago(w.heartbeat_age_s)),
+            Cell::new(format!("{}/{}", w.reserved.cpus, w.capacity.cpus)),
+            Cell::new(format!("{}/{}", w.reserved.memory_mb, w.capacity.memory_mb)),
+            Cell::new(w.runs.len().to_string()),
+            Cell::new(if w.lanes.is_empty() {
+                "every lane".to_string()
+            } else {
+                w.lanes.join(",")
+            }),
+        ]);
+    }
+    table.print();
     Ok(0)
 }

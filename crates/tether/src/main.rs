@@ -5,6 +5,8 @@ mod client_cmds;
 mod endpoint_cmds;
 mod follow;
 mod serve_cmds;
+mod transport;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -17,8 +19,18 @@ use clap::{Parser, Subcommand};
     about = "Runs commands and always knows which of them are alive."
 )]
 struct Cli {
+    /// Server and worker log lines: `text` (for people) or `json` (one object a line, for log
+    /// shippers). Colour only on a terminal, and never with NO_COLOR set.
+    #[arg(long, global = true, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,13 +59,22 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => {
+            // Escape codes only for a person at a terminal: a file or a journal gets plain text.
+            let ansi = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(ansi).init()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -80,19 +101,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let log_format = cli.log_format;
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => {
-                init_tracing();
+                init_tracing(log_format);
                 use_run_shim();
                 serve_cmds::up(args).await
             }
             Command::Server(args) => {
-                init_tracing();
+                init_tracing(log_format);
                 serve_cmds::server(args).await
             }
             Command::Worker(args) => {
-                init_tracing();
+                init_tracing(log_format);
                 use_run_shim();
                 serve_cmds::worker(args).await
             }

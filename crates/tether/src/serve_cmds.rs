@@ -10,6 +10,7 @@ use tether_server::ServerConfig;
 use tether_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
+use crate::transport::{token_from, warn_clear_text_listener, warn_clear_text_token};
 use crate::CliError;
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -57,9 +58,25 @@ pub struct ServerArgs {
     /// Bearer token clients must present.
     #[arg(long, env = "TETHER_API_TOKEN")]
     pub api_token: Option<String>,
+    /// A file holding the client token (instead of --api-token, so it stays out of `ps`).
+    #[arg(long, env = "TETHER_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
     /// Bearer token workers must present.
     #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub worker_token: Option<String>,
+    /// A file holding the worker token (instead of --worker-token).
+    #[arg(long, env = "TETHER_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Also trust the CA certificates in this PEM file for https:// readiness probes (the
+    /// public CAs are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -76,6 +93,10 @@ pub struct UpArgs {
     /// second Ctrl-C does the same).
     #[arg(long, env = "TETHER_CANCEL_ON_EXIT")]
     pub cancel_on_exit: bool,
+    /// The local worker's grace between SIGTERM and SIGKILL when a run is cancelled or times
+    /// out.
+    #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
+    pub kill_grace: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -95,9 +116,13 @@ pub struct WorkerArgs {
     /// Lanes served, comma-separated (default: every lane).
     #[arg(long, env = "TETHER_LANES", value_delimiter = ',')]
     pub lanes: Vec<String>,
-    /// Bearer token for the worker scope.
-    #[arg(long, env = "TETHER_TOKEN")]
+    /// Bearer token for the worker scope (the server's --worker-token). Its own variable, not
+    /// the client's TETHER_TOKEN: the two scopes hold different tokens.
+    #[arg(long, env = "TETHER_WORKER_TOKEN")]
     pub token: Option<String>,
+    /// A file holding the worker token, so it stays out of `ps`.
+    #[arg(long, env = "TETHER_WORKER_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Grace between SIGTERM and SIGKILL when a run is cancelled or times out.
     #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
     pub kill_grace: Duration,
@@ -105,6 +130,10 @@ pub struct WorkerArgs {
     /// `draining` and takes nothing new) before stopping them and leaving. 0 stops them at once.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "0s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Also trust the CA certificates in this PEM file for an https:// server (the public
+    /// CAs are always trusted).
+    #[arg(long, env = "TETHER_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 fn machine_cpus() -> f64 {
@@ -144,8 +173,26 @@ fn load_config(path: Option<&std::path::Path>) -> Result<TetherConfig, CliError>
         .map_err(|e| CliError::Usage(format!("--config {} is not valid: {e}", path.display())))
 }
 
+/// The PEM file of `--ca-cert`, read once at start.
+pub(crate) fn read_ca_cert(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, CliError> {
+    path.map(|p| {
+        std::fs::read(p)
+            .map_err(|e| CliError::Usage(format!("cannot read --ca-cert {}: {e}", p.display())))
+    })
+    .transpose()
+}
+
 fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tether_server::tls::server_config(cert, key)
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+        ),
+        _ => None,
+    };
     Ok(ServerConfig {
+        tls,
+        ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
         database: args.database.clone(),
         lanes: load_config(args.config.as_deref())?,
         heartbeat_interval: args.heartbeat_interval,
@@ -154,8 +201,18 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
         reaper_interval: args.reaper_interval,
         probe_interval: args.probe_interval,
         retention: args.retention,
-        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
-        worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
+        api_token: token_from(
+            args.api_token.as_deref(),
+            args.api_token_file.as_deref(),
+            "--api-token",
+            "--api-token-file",
+        )?,
+        worker_token: token_from(
+            args.worker_token.as_deref(),
+            args.worker_token_file.as_deref(),
+            "--worker-token",
+            "--worker-token-file",
+        )?,
         ..ServerConfig::default()
     })
 }
@@ -177,6 +234,11 @@ async fn termination() {
 
 async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer, CliError> {
     let config = server_config(args)?;
+    warn_clear_text_listener(
+        args.listen,
+        config.tls.is_some(),
+        config.api_token.is_some() || config.worker_token.is_some(),
+    );
     let store = tether_server::open_store(&config.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -251,14 +313,32 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot list workers to recover"),
     }
+    // Over TLS the local worker checks the server's certificate like any client: it must
+    // name `localhost`; its own chain is trusted (a self-signed one included).
+    let (server_url, ca_cert_pem) = match &args.server.tls_cert {
+        Some(cert) => {
+            let mut roots = std::fs::read(cert)?;
+            if let Some(ca) = read_ca_cert(args.server.ca_cert.as_deref())? {
+                roots.push(b'\n');
+                roots.extend(ca);
+            }
+            (
+                format!("https://localhost:{}", running.addr.port()),
+                Some(roots),
+            )
+        }
+        None => (format!("http://{}", running.addr), None),
+    };
     let worker_config = WorkerConfig {
-        server: format!("http://{}", running.addr),
+        server: server_url.clone(),
+        ca_cert_pem,
         token: running.state.config.worker_token.clone(),
         name: LOCAL_WORKER_NAME.into(),
         capacity: Resources {
             cpus: args.cpus.unwrap_or_else(machine_cpus),
             memory_mb: args.memory_mb.unwrap_or_else(machine_memory_mb),
         },
+        kill_grace: args.kill_grace,
         ..WorkerConfig::default()
     };
     let stop_worker = CancellationToken::new();
@@ -267,8 +347,12 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
         stop_worker.clone(),
     ));
     eprintln!(
-        "tether is up: http://{}  (dashboard at /, API under /v1; Ctrl-C to stop)",
-        running.addr
+        "tether is up: {}  (dashboard at /, API under /v1; Ctrl-C to stop)",
+        if args.server.tls_cert.is_some() {
+            format!("https://{}", running.addr)
+        } else {
+            format!("http://{}", running.addr)
+        }
     );
     termination().await;
     let in_flight = local_runs(&running.state.store).await;
@@ -338,9 +422,16 @@ async fn report_stopped_runs(store: &tether_store::SharedStore, runs: &[String],
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
+    let token = token_from(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "--token",
+        "--token-file",
+    )?;
+    warn_clear_text_token(&args.server, token.is_some(), "this worker");
     let config = WorkerConfig {
         server: args.server,
-        token: args.token.filter(|t| !t.is_empty()),
+        token,
         name: args.name.unwrap_or_else(host_name),
         capacity: Resources {
             cpus: args.cpus.unwrap_or_else(machine_cpus),
@@ -349,6 +440,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         lanes: args.lanes.into_iter().filter(|l| !l.is_empty()).collect(),
         kill_grace: args.kill_grace,
         drain_timeout: args.drain_timeout,
+        ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

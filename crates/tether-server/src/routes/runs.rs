@@ -207,6 +207,16 @@ pub struct ListQuery {
     label: Option<String>,
     /// Runs whose id starts with this, or whose command contains it (case-insensitive).
     q: Option<String>,
+    /// Runs whose id starts with this (how the CLI takes a run-id prefix).
+    id_prefix: Option<String>,
+}
+
+/// The characters a run id is made of; a prefix with any other cannot match one.
+fn is_id_prefix(text: &str) -> bool {
+    text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// How many runs one answer reads at most while filtering by label or search: a rare match
@@ -261,7 +271,7 @@ impl RunMatch {
     }
 }
 
-/// `GET /v1/runs?status=&lane=&label=&q=&limit=&cursor=`: newest first. With `label` or `q`, a
+/// `GET /v1/runs?status=&lane=&label=&q=&id_prefix=&limit=&cursor=`: newest first. With `label` or `q`, a
 /// page may hold fewer than `limit` runs and still carry a `next_cursor`: the server reads at
 /// most a few thousand runs per answer.
 #[utoipa::path(get, path = "/v1/runs", params(ListQuery),
@@ -286,11 +296,21 @@ pub async fn list_runs(
             "limit: must be 1 to 500",
         ));
     }
+    let id_prefix = query.id_prefix.clone().filter(|p| !p.is_empty());
+    if let Some(prefix) = &id_prefix {
+        if !is_id_prefix(prefix) {
+            return Err(ApiError::invalid(
+                "invalid_field",
+                "id_prefix: must be up to 64 letters, digits, `-` or `_`",
+            ));
+        }
+    }
     let filter = RunFilter {
         status,
         lane: query.lane.clone().filter(|l| !l.is_empty()),
         limit,
         cursor: query.cursor.clone().filter(|c| !c.is_empty()),
+        id_prefix,
     };
     let matcher = RunMatch::from_query(&query);
     let (records, next_cursor) = read_bounded_page(&state, filter, matcher.as_ref()).await?;
