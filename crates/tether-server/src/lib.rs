@@ -99,6 +99,15 @@ impl RunningServer {
     }
 }
 
+/// Whether `config` may serve on `addr`: beyond loopback, both tokens are required. Callers
+/// check this before opening (and so creating) a store.
+pub fn check_listen(config: &ServerConfig, addr: SocketAddr) -> Result<(), StartError> {
+    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
+        return Err(StartError::TokensRequired(addr));
+    }
+    Ok(())
+}
+
 /// Starts serving on `listener` with `store`, and starts the background services.
 pub async fn start(
     config: ServerConfig,
@@ -106,9 +115,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
-        return Err(StartError::TokensRequired(addr));
-    }
+    check_listen(&config, addr)?;
     upsert_config_pools(&config, &store).await?;
     let shutdown = CancellationToken::new();
     let hub = events::EventHub::start(store.clone(), shutdown.clone());

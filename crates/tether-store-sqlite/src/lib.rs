@@ -74,6 +74,31 @@ pub struct SqliteStore {
     signals: broadcast::Sender<Signal>,
 }
 
+/// Creates the database file (and any missing directories) readable by this user alone: new
+/// directories 0700, the file 0600 (an existing file is narrowed to 0600). SQLite gives its
+/// `-wal` and `-shm` files the database file's mode, so they are private too.
+fn make_private_file(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let failed = |what: &Path, e: std::io::Error| {
+        StoreError::Unavailable(format!("creating {}: {e}", what.display()))
+    };
+    if let Some(parent) = path.parent().filter(|p| *p != Path::new("")) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| failed(parent, e))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| failed(path, e))
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at a URL like `sqlite://./.tether/tether.db`
     /// and applies the embedded migrations.
@@ -87,13 +112,7 @@ impl SqliteStore {
             .foreign_keys(true);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         if !in_memory {
-            if let Some(parent) = options.get_filename().parent() {
-                if parent != Path::new("") {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        StoreError::Unavailable(format!("creating {}: {e}", parent.display()))
-                    })?;
-                }
-            }
+            make_private_file(options.get_filename())?;
         }
         // The one writer connection is kept for the store's life: an in-memory database dies
         // with its connection, and a file's is cheap to keep.

@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     /// On shutdown, how long to let the commands it holds finish (shown `draining`, taking
     /// nothing new) before stopping them. Zero stops them at once.
     pub drain_timeout: Duration,
+    /// Names of this worker's environment variables its commands receive besides the run's
+    /// `env` (never `TETHER_*`, never the token).
+    pub pass_env: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +58,10 @@ impl Default for WorkerConfig {
             claim_wait: Duration::from_secs(20),
             max_runs_per_claim: 4,
             drain_timeout: Duration::ZERO,
+            pass_env: crate::supervisor::DEFAULT_PASS_ENV
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -365,6 +372,7 @@ impl Session {
         ));
         let options = SupervisorOptions {
             kill_grace: self.config.kill_grace,
+            pass_env: self.config.pass_env.iter().cloned().collect(),
         };
         let held = self.held.clone();
         self.tracker.spawn(async move {

@@ -9,3 +9,4 @@ mod multi_server;
 mod outcomes;
 mod pg;
 mod restart;
+mod security;
