@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub worker_token: Option<String>,
     /// How long a claim may be held open waiting for work, at most.
     pub max_claim_wait: Duration,
+    /// Where readiness probes may go (`--probe-networks`).
+    pub probe_networks: crate::probe_policy::ProbeNetworks,
     /// Timeouts and the cap on connections (see `accept.rs`).
     pub connections: crate::accept::ConnectionLimits,
 }
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             api_token: None,
             worker_token: None,
             max_claim_wait: Duration::from_secs(30),
+            probe_networks: crate::probe_policy::ProbeNetworks::default(),
             connections: crate::accept::ConnectionLimits::default(),
         }
     }

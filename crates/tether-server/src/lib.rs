@@ -12,6 +12,7 @@ pub mod events;
 mod extract;
 pub mod metrics;
 pub mod openapi;
+pub mod probe_policy;
 pub mod reaper;
 pub mod reconciler;
 mod routes;

@@ -64,6 +64,11 @@ pub struct ServerArgs {
     /// longest claim wait plus 10 s).
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "120s", value_parser = duration)]
     pub idle_timeout: Duration,
+    /// Networks readiness probes may reach, comma-separated (e.g. `10.0.0.0/8,fd00::/8`).
+    /// Default: anywhere except link-local (169.254.0.0/16, fe80::/10) and cloud-metadata
+    /// addresses and names.
+    #[arg(long, env = "TETHER_PROBE_NETWORKS", default_value = "", value_parser = tether_server::probe_policy::ProbeNetworks::parse_list)]
+    pub probe_networks: tether_server::probe_policy::ProbeNetworks,
     /// The most connections served at once; past it, new ones wait in the listen backlog.
     #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 8192)]
     pub max_connections: usize,
@@ -179,6 +184,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
         probe_interval: args.probe_interval,
         api_token: args.api_token.clone().filter(|t| !t.is_empty()),
         worker_token: args.worker_token.clone().filter(|t| !t.is_empty()),
+        probe_networks: args.probe_networks.clone(),
         connections: tether_server::accept::ConnectionLimits {
             header_read_timeout: args.header_read_timeout,
             idle_timeout: args.idle_timeout,
