@@ -41,6 +41,7 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub hub: events::EventHub,
     pub shutdown: CancellationToken,
+    pub worker_secrets: Arc<auth::WorkerSecrets>,
 }
 
 /// Why a server could not start.
@@ -125,6 +126,7 @@ pub async fn start(
         config: Arc::new(config),
         hub,
         shutdown: shutdown.clone(),
+        worker_secrets: Arc::default(),
     };
     let app = routes::router(state.clone());
     let open_files = accept::raise_open_files_limit();

@@ -536,7 +536,7 @@ impl Store for SqliteStore {
         let id = uuid::Uuid::now_v7().to_string();
         sqlx::query(
             "INSERT INTO workers (id, name, cpus, memory_mb, lanes, labels, registered_at, \
-             last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             last_heartbeat_at, secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&worker.name)
@@ -546,12 +546,26 @@ impl Store for SqliteStore {
         .bind(encode(&worker.labels, "worker labels")?)
         .bind(now)
         .bind(now)
+        .bind(&worker.secret_hash)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
         let record = live_worker(&mut tx, &id).await?;
         self.commit(tx, Outbox::default()).await?;
         Ok(record)
+    }
+
+    async fn worker_secret_hash(&self, worker_id: &str) -> StoreResult<Option<String>> {
+        let row =
+            sqlx::query("SELECT secret_hash FROM workers WHERE id = ? AND deregistered_at IS NULL")
+                .bind(worker_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db)?;
+        match row {
+            Some(row) => row.try_get("secret_hash").map_err(db),
+            None => Err(StoreError::UnknownWorker),
+        }
     }
 
     async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>> {

@@ -58,7 +58,7 @@ pub struct ServerArgs {
     pub worker_token: Option<String>,
     /// A request's headers must arrive within this; a kept-alive connection waiting longer for
     /// its next request is closed.
-    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub header_read_timeout: Duration,
     /// A connection on which nothing moves for this long is closed (never less than the
     /// longest claim wait plus 10 s).

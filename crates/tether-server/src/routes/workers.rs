@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use tether_api::{
     Assignment, ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse,
@@ -57,9 +57,11 @@ pub async fn register_worker(
             ));
         }
     }
+    let (secret, secret_hash) = crate::auth::new_worker_secret()?;
     let worker = state
         .store
         .register_worker(&NewWorker {
+            secret_hash: Some(secret_hash),
             name: request.name,
             capacity: cap,
             lanes: request.lanes,
@@ -71,6 +73,7 @@ pub async fn register_worker(
         StatusCode::CREATED,
         Json(RegisterWorkerResponse {
             worker_id: worker.id,
+            worker_secret: secret,
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
         }),
     ))
@@ -81,8 +84,13 @@ pub async fn register_worker(
     responses((status = 204), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn deregister_worker(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
+    state
+        .worker_secrets
+        .verify(&state.store, &id, &headers)
+        .await?;
     let runs = state.store.deregister_worker(&id).await?;
     tracing::info!(worker_id = %id, handed_back = runs.len(), "worker deregistered");
     Ok(StatusCode::NO_CONTENT)
@@ -125,9 +133,14 @@ const CLAIM_RECHECK: Duration = Duration::from_millis(1_000);
     responses((status = 200, body = tether_api::ClaimResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn claim(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<ClaimRequest>,
 ) -> ApiResult<Json<ClaimResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
     let limits = ClaimLimits {
         max_runs: request.max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
         lane_max_concurrency: state
@@ -195,9 +208,14 @@ fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {
     responses((status = 200, body = tether_api::HeartbeatResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
     let beats: Vec<RunBeat> = request
         .runs
         .into_iter()
