@@ -25,6 +25,9 @@ pub struct ErrorDetail {
 pub struct AttemptView {
     pub attempt: u32,
     pub worker_id: String,
+    /// The name the worker registered with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_name: Option<String>,
     pub claimed_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -317,9 +320,27 @@ pub struct LaneView {
     pub live_workers: u32,
     pub in_flight: i64,
     pub pending: i64,
+    /// Submissions this server refused at the door since it started (`503` or `422`).
+    #[serde(default)]
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LaneList {
     pub lanes: Vec<LaneView>,
+}
+
+// ---- output pages --------------------------------------------------------------------------
+
+/// `GET /v1/runs/{id}/output`: a window of a run's output, read from its tail backwards, so a
+/// long log is shown without loading all of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OutputPage {
+    /// `log` events, oldest first, each with its `stream`, `attempt` and `seq`.
+    pub events: Vec<EventView>,
+    /// Every event up to this seq is in this page or before it: follow the event stream from
+    /// here (`Last-Event-ID`) to miss nothing and repeat nothing.
+    pub through_seq: i64,
+    /// Pass as `before` to read the output just before this page; absent at the log's start.
+    pub earlier_before: Option<i64>,
 }

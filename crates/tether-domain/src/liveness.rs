@@ -127,6 +127,18 @@ pub enum WorkerState {
     Draining,
 }
 
+impl WorkerState {
+    /// The name the API and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Active => "active",
+            WorkerState::Suspect => "suspect",
+            WorkerState::Lost => "lost",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
 /// Judges a worker from its last heartbeat: `lost` past the stale window, `suspect` after one
 /// missed interval, `draining` while it finishes its runs before leaving.
 pub fn judge_worker(

@@ -163,6 +163,7 @@ impl Capacity {
             live_workers,
             in_flight: load.map_or(0, |l| l.in_flight),
             pending: load.map_or(0, |l| l.pending),
+            refused: crate::metrics::refusals(name),
         }
     }
 }

@@ -131,6 +131,9 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        if matches!(self, ApiError::StaleAttempt) {
+            metrics::counter!(crate::metrics::STALE_ATTEMPT_REFUSALS).increment(1);
+        }
         let retry_after = match &self {
             ApiError::ResourcesExhausted { retry_after_s, .. } => *retry_after_s,
             _ => 1,

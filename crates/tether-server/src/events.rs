@@ -277,6 +277,9 @@ pub async fn run_events(
         (None, None) => 0,
     };
     let follow = query.follow.unwrap_or(!ndjson);
+    metrics::counter!(crate::metrics::SSE_CONNECTIONS,
+        "format" => if ndjson { "ndjson" } else { "sse" })
+    .increment(1);
     let follower = Follower {
         watch: state.hub.watch(&run_id),
         state: state.clone(),

@@ -116,6 +116,8 @@ pub async fn start(
     store: SharedStore,
     listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
+    // Normally installed by the binary already; a no-op then.
+    metrics::install();
     let addr = listener.local_addr()?;
     check_listen(&config, addr)?;
     upsert_config_pools(&config, &store).await?;

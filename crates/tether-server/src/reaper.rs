@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tether_domain::Millis;
+use tether_domain::{ErrorCode, Millis, RunStatus};
 use tether_store::{ReapPolicy, Signal, StoreResult};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -33,12 +33,21 @@ pub fn reap_policy(state: &AppState) -> ReapPolicy {
 pub async fn sweep(state: &AppState, policy: &ReapPolicy) -> StoreResult<usize> {
     let started = std::time::Instant::now();
     let report = state.store.reap_stale_runs(policy).await?;
-    metrics::histogram!("tether_reaper_sweep_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::metrics::REAPER_SWEEP).record(started.elapsed().as_secs_f64());
     for reaped in &report.reaped {
         tracing::info!(run_id = %reaped.run_id, attempt = reaped.attempt,
             error_code = %reaped.error_code, status = %reaped.status_after, "reaped");
-        metrics::counter!("tether_runs_reaped_total", "error_code" => reaped.error_code.as_str())
+        metrics::counter!(crate::metrics::RUNS_REAPED, "reason" => reaped.error_code.as_str())
             .increment(1);
+        // The lane is on the run; reaps are rare enough to read it back.
+        if let Ok(Some(run)) = state.store.get_run(&reaped.run_id).await {
+            let status = if reaped.error_code == ErrorCode::Cancelled {
+                RunStatus::Cancelled
+            } else {
+                RunStatus::TimedOut
+            };
+            crate::metrics::attempt_ended(&run, status, Some(reaped.error_code));
+        }
     }
     Ok(report.reaped.len())
 }

@@ -96,6 +96,7 @@ pub fn attempt_view(a: &AttemptRecord) -> AttemptView {
     AttemptView {
         attempt: a.attempt,
         worker_id: a.worker_id.clone(),
+        worker_name: a.worker_name.clone(),
         claimed_at: format_rfc3339(a.claimed_at),
         started_at: ts(a.started_at),
         finished_at: ts(a.finished_at),

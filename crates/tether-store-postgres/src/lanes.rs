@@ -11,6 +11,8 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
         "SELECT lane, \
                 count(*) FILTER (WHERE status IN ('pending', 'queued')) AS pending, \
                 count(*) FILTER (WHERE status IN ('claimed', 'running')) AS in_flight, \
+                count(*) FILTER (WHERE status = 'running') AS running, \
+                min(created_at) FILTER (WHERE status IN ('pending', 'queued')) AS oldest_pending_at, \
                 coalesce(sum(cpus) FILTER (WHERE status IN ('claimed', 'running')), 0)::float8 AS cpus, \
                 coalesce(sum(memory_mb) FILTER (WHERE status IN ('claimed', 'running')), 0)::bigint AS memory_mb \
          FROM runs WHERE status IN ('pending', 'queued', 'claimed', 'running') \
@@ -25,6 +27,8 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
                 lane: row.try_get("lane").map_err(db)?,
                 pending: row.try_get("pending").map_err(db)?,
                 in_flight: row.try_get("in_flight").map_err(db)?,
+                running: row.try_get("running").map_err(db)?,
+                oldest_pending_at: row.try_get("oldest_pending_at").map_err(db)?,
                 reserved: Resources {
                     cpus: row.try_get("cpus").map_err(db)?,
                     memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,

@@ -744,7 +744,7 @@ impl Store for PgStore {
 
     async fn list_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
         let rows = sqlx::query(&format!(
-            "{ATTEMPT_SELECT} WHERE run_id = $1 ORDER BY attempt"
+            "{ATTEMPT_SELECT} WHERE a.run_id = $1 ORDER BY a.attempt"
         ))
         .bind(run_id)
         .fetch_all(&self.inner.pool)
@@ -1348,6 +1348,29 @@ impl Store for PgStore {
         ))
         .bind(run_id)
         .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn events_before(
+        &self,
+        run_id: &str,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let limit = match limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        // Served by the primary key (run_id, seq), read backwards.
+        let rows = sqlx::query(&format!(
+            "{EVENT_SELECT} WHERE run_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(run_id)
+        .bind(before_seq)
         .bind(i64::from(limit))
         .fetch_all(&self.inner.pool)
         .await

@@ -92,9 +92,11 @@ pub(crate) fn decode_run(row: &PgRow) -> StoreResult<Loaded> {
     })
 }
 
-pub(crate) const ATTEMPT_SELECT: &str = "SELECT run_id, attempt, worker_id, claimed_at, \
-    started_at, finished_at, status, error_code, exit_code, error_message, \
-    endpoints::text AS endpoints FROM attempts";
+/// Attempts with their worker's registered name (`a`: attempts, `w`: workers).
+pub(crate) const ATTEMPT_SELECT: &str = "SELECT a.run_id, a.attempt, a.worker_id, \
+    w.name AS worker_name, a.claimed_at, a.started_at, a.finished_at, a.status, a.error_code, \
+    a.exit_code, a.error_message, a.endpoints::text AS endpoints \
+    FROM attempts a LEFT JOIN workers w ON w.id = a.worker_id";
 
 pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
     let status_text: Option<String> = row.try_get("status").map_err(col)?;
@@ -102,6 +104,7 @@ pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
         run_id: row.try_get("run_id").map_err(col)?,
         attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
         worker_id: row.try_get("worker_id").map_err(col)?,
+        worker_name: row.try_get("worker_name").map_err(col)?,
         claimed_at: row.try_get("claimed_at").map_err(col)?,
         started_at: row.try_get("started_at").map_err(col)?,
         finished_at: row.try_get("finished_at").map_err(col)?,

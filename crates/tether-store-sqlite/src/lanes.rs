@@ -11,6 +11,8 @@ pub(crate) async fn lane_loads(pool: &SqlitePool) -> StoreResult<Vec<LaneLoad>> 
         "SELECT lane, \
                 SUM(status IN ('pending', 'queued')) AS pending, \
                 SUM(status IN ('claimed', 'running')) AS in_flight, \
+                SUM(status = 'running') AS running, \
+                MIN(CASE WHEN status IN ('pending', 'queued') THEN created_at END) AS oldest_pending_at, \
                 COALESCE(SUM(CASE WHEN status IN ('claimed', 'running') THEN cpus END), 0.0) AS cpus, \
                 COALESCE(SUM(CASE WHEN status IN ('claimed', 'running') THEN memory_mb END), 0) AS memory_mb \
          FROM runs WHERE status IN ('pending', 'queued', 'claimed', 'running') \
@@ -25,6 +27,8 @@ pub(crate) async fn lane_loads(pool: &SqlitePool) -> StoreResult<Vec<LaneLoad>> 
                 lane: row.try_get("lane").map_err(db)?,
                 pending: row.try_get("pending").map_err(db)?,
                 in_flight: row.try_get("in_flight").map_err(db)?,
+                running: row.try_get("running").map_err(db)?,
+                oldest_pending_at: row.try_get("oldest_pending_at").map_err(db)?,
                 reserved: Resources {
                     cpus: row.try_get("cpus").map_err(db)?,
                     memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,

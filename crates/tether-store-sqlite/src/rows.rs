@@ -89,8 +89,10 @@ pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
     })
 }
 
-pub(crate) const ATTEMPT_SELECT: &str = "SELECT run_id, attempt, worker_id, claimed_at, \
-    started_at, finished_at, status, error_code, exit_code, error_message, endpoints FROM attempts";
+/// Attempts with their worker's registered name (`a`: attempts, `w`: workers).
+pub(crate) const ATTEMPT_SELECT: &str = "SELECT a.run_id, a.attempt, a.worker_id, \
+    w.name AS worker_name, a.claimed_at, a.started_at, a.finished_at, a.status, a.error_code, \
+    a.exit_code, a.error_message, a.endpoints FROM attempts a LEFT JOIN workers w ON w.id = a.worker_id";
 
 pub(crate) fn decode_attempt(row: &SqliteRow) -> StoreResult<AttemptRecord> {
     let status_text: Option<String> = row.try_get("status").map_err(db)?;
@@ -99,6 +101,7 @@ pub(crate) fn decode_attempt(row: &SqliteRow) -> StoreResult<AttemptRecord> {
         run_id: row.try_get("run_id").map_err(db)?,
         attempt: to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
         worker_id: row.try_get("worker_id").map_err(db)?,
+        worker_name: row.try_get("worker_name").map_err(db)?,
         claimed_at: row.try_get("claimed_at").map_err(db)?,
         started_at: row.try_get("started_at").map_err(db)?,
         finished_at: row.try_get("finished_at").map_err(db)?,

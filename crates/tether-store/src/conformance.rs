@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             a_worker_s_secret_hash_is_kept_while_it_is_registered,
             a_worker_with_a_stale_heartbeat_is_handed_nothing,
             lane_loads_count_pending_and_in_flight_runs,
+            events_before_reads_a_log_backwards_from_its_tail,
             a_draining_worker_is_handed_nothing_new,
             writes_survive_callers_dropped_mid_transaction,
             a_run_goes_from_pending_to_succeeded_with_events_in_order,
@@ -827,6 +828,74 @@ pub async fn lane_loads_count_pending_and_in_flight_runs(h: &dyn Harness) {
     assert!((reserved - 2.0).abs() < 1e-9);
     assert_eq!(lane("default").pending + lane("default").in_flight, 3);
     assert_eq!(lane("builds").pending + lane("builds").in_flight, 1);
+    assert_eq!(loads.iter().map(|l| l.running).sum::<i64>(), 0);
+    let started = &claimed[0].run;
+    store
+        .start_attempt(&started.id, 1, &worker)
+        .await
+        .expect("start_attempt");
+    let loads = store.lane_loads().await.unwrap();
+    let lane = |name: &str| loads.iter().find(|l| l.lane == name).cloned().unwrap();
+    assert_eq!(
+        lane(&started.spec.lane).running,
+        1,
+        "a started run is running"
+    );
+    assert_eq!(loads.iter().map(|l| l.running).sum::<i64>(), 1);
+    // The oldest pending run of a lane is the earliest accepted one still waiting.
+    for load in &loads {
+        let pending = store
+            .list_runs(&RunFilter {
+                status: Some(RunStatus::Pending),
+                lane: Some(load.lane.clone()),
+                limit: 500,
+                cursor: None,
+            })
+            .await
+            .unwrap();
+        let oldest = pending.runs.iter().map(|r| r.created_at).min();
+        assert_eq!(load.oldest_pending_at, oldest, "lane {}", load.lane);
+    }
+    assert!(loads.iter().any(|l| l.oldest_pending_at.is_some()));
+}
+
+/// `events_before` pages a run's events backwards, newest first, so a long log is read from its
+/// tail without loading its head.
+pub async fn events_before_reads_a_log_backwards_from_its_tail(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (run_id, worker_id) = claimed_run(store, &spec()).await;
+    store.start_attempt(&run_id, 1, &worker_id).await.unwrap();
+    let lines: Vec<OutputChunk> = (0..10)
+        .map(|i| chunk(OutputStream::Stdout, format!("line {i}\n").as_bytes()))
+        .collect();
+    store
+        .append_output(&run_id, 1, &worker_id, &lines)
+        .await
+        .unwrap();
+    let last = store
+        .get_run(&run_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_event_seq;
+    let newest = store.events_before(&run_id, i64::MAX, 3).await.unwrap();
+    let seqs: Vec<i64> = newest.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![last, last - 1, last - 2], "newest first");
+    assert_eq!(newest[0].data.as_deref(), Some(&b"line 9\n"[..]));
+    let earlier = store.events_before(&run_id, last - 2, 1000).await.unwrap();
+    assert_eq!(earlier.len() as i64, last - 3, "everything before, once");
+    assert_eq!(earlier.last().map(|e| e.seq), Some(1));
+    assert!(store
+        .events_before(&run_id, 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .events_before("no-such-run", i64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// A draining worker keeps what it holds (and its heartbeats count) but is handed nothing new.
@@ -1052,6 +1121,11 @@ pub async fn a_run_goes_from_pending_to_succeeded_with_events_in_order(h: &dyn H
     let attempts = store.list_attempts(&run_id).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].status, Some(RunStatus::Succeeded));
+    assert_eq!(
+        attempts[0].worker_name.as_deref(),
+        Some("test-worker"),
+        "an attempt names its worker"
+    );
     assert_eq!(attempts[0].exit_code, Some(0));
     assert!(attempts[0].started_at.is_some() && attempts[0].finished_at.is_some());
 }

@@ -149,6 +149,15 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<EventRecord>>;
 
+    /// A run's persisted events with `seq < before_seq`, newest first, at most `limit`: reads a
+    /// long log backwards from its tail.
+    async fn events_before(
+        &self,
+        run_id: &str,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>>;
+
     /// Notifications of changes, delivered after commit: new pending runs and new events. On
     /// PostgreSQL they arrive from every server sharing the database. Receivers that lag lose
     /// signals, never data: they re-read the store.

@@ -54,6 +54,8 @@ pub struct AttemptRecord {
     pub run_id: String,
     pub attempt: u32,
     pub worker_id: String,
+    /// The name the worker registered with (`None` if its row is gone).
+    pub worker_name: Option<String>,
     pub claimed_at: Millis,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
@@ -147,6 +149,10 @@ pub struct LaneLoad {
     pub lane: String,
     pub pending: i64,
     pub in_flight: i64,
+    /// The part of `in_flight` whose process started (the rest are `claimed`).
+    pub running: i64,
+    /// When the lane's oldest pending run was accepted: how long its queue has been stuck.
+    pub oldest_pending_at: Option<Millis>,
     /// What the in-flight runs reserve.
     pub reserved: Resources,
 }

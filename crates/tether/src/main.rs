@@ -57,6 +57,8 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    // Before anything is counted, so nothing counted before the first scrape is lost.
+    tether_server::metrics::install();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

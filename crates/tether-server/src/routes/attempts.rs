@@ -31,6 +31,7 @@ pub async fn start(
         .store
         .start_attempt(&run_id, attempt, &request.worker_id)
         .await?;
+    crate::metrics::run_started(&run);
     let now = state.store.now().await?;
     Ok(Json(run_view(&run, None, &state.config, now)))
 }
@@ -95,10 +96,13 @@ pub async fn append_logs(
             last_seq,
             stop: false,
         },
-        AppendOutcome::LimitReached { run } => AppendLogResponse {
-            last_seq: run.last_event_seq,
-            stop: true,
-        },
+        AppendOutcome::LimitReached { run } => {
+            crate::metrics::attempt_ended(&run, RunStatus::Failed, Some(ErrorCode::OutputLimit));
+            AppendLogResponse {
+                last_seq: run.last_event_seq,
+                stop: true,
+            }
+        }
     }))
 }
 
@@ -144,8 +148,14 @@ pub async fn finish(
         .store
         .finish_attempt(&run_id, attempt, &request.worker_id, &report)
         .await?;
-    metrics::counter!("tether_attempts_finished_total", "status" => request.status.as_str())
-        .increment(1);
+    let error_code = match report.outcome {
+        AttemptOutcome::Succeeded => None,
+        AttemptOutcome::Failed { error_code } | AttemptOutcome::TimedOut { error_code } => {
+            Some(error_code)
+        }
+        AttemptOutcome::Cancelled => Some(ErrorCode::Cancelled),
+    };
+    crate::metrics::attempt_ended(&run, request.status, error_code);
     let now = state.store.now().await?;
     Ok(Json(run_view(&run, None, &state.config, now)))
 }

@@ -4,6 +4,7 @@ pub(crate) mod attempts;
 pub(crate) mod endpoints;
 pub(crate) mod lanes;
 mod ops;
+pub(crate) mod output;
 pub(crate) mod runs;
 pub(crate) mod workers;
 
@@ -22,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
         .route("/v1/runs/{id}/logs", get(runs::run_logs))
+        .route("/v1/runs/{id}/output", get(output::run_output))
         .route("/v1/runs/{id}/events", get(crate::events::run_events))
         .route("/v1/workers", get(workers::list_workers))
         .route("/v1/endpoints", get(endpoints::list_endpoints))
@@ -63,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         ));
     let open = Router::new()
         .route("/", get(ops::dashboard))
+        .route("/ui/app.js", get(ops::dashboard_js))
+        .route("/ui/app.css", get(ops::dashboard_css))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -76,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(crate::extract::check_request_head))
         .layer(DefaultBodyLimit::max(crate::BODY_LIMIT_BYTES))
+        .layer(middleware::from_fn(crate::metrics::time_requests))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

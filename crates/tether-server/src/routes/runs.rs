@@ -39,25 +39,25 @@ pub async fn create_run(
     let created = match state.store.admit_run(&spec, &policy).await? {
         Admission::Accepted(created) => created,
         Admission::LaneFull => {
-            metrics::counter!("tether_runs_refused_total", "lane" => spec.lane.clone(), "reason" => "full")
-                .increment(1);
+            crate::metrics::run_refused(&spec.lane, "full");
             return Err(ApiError::ResourcesExhausted {
                 retry_after_s: retry_after(&state, &spec.lane).await?,
                 lane: spec.lane,
             });
         }
         Admission::NeverFits => {
+            crate::metrics::run_refused(&spec.lane, "never_fits");
             return Err(ApiError::NeverFits {
                 needs: format!(
                     "it needs {} cpus and {} MB",
                     spec.resources.cpus, spec.resources.memory_mb
                 ),
                 lane: spec.lane,
-            })
+            });
         }
     };
     if created.created {
-        metrics::counter!("tether_runs_created_total", "lane" => spec.lane.clone()).increment(1);
+        metrics::counter!(crate::metrics::RUNS_CREATED, "lane" => spec.lane.clone()).increment(1);
     }
     // A new run's liveness is judged at its own creation stamp; one resubmitted under its key
     // needs the store's clock.
@@ -109,9 +109,65 @@ pub struct ListQuery {
     lane: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
+    /// `key=value`: runs with that label; `key`: runs with that label set.
+    label: Option<String>,
+    /// Runs whose id starts with this, or whose command contains it (case-insensitive).
+    q: Option<String>,
 }
 
-/// `GET /v1/runs?status=&lane=&limit=&cursor=`: newest first.
+/// How many runs one answer reads at most while filtering by label or search: a rare match
+/// in a long history costs several short pages, never one unbounded request.
+const SEARCH_SCAN: usize = 5_000;
+
+/// The `label` and `q` filters, applied to runs the store has already narrowed.
+struct RunMatch {
+    label: Option<(String, Option<String>)>,
+    q: Option<String>,
+}
+
+impl RunMatch {
+    fn from_query(query: &ListQuery) -> Option<RunMatch> {
+        let label =
+            query
+                .label
+                .as_deref()
+                .filter(|l| !l.is_empty())
+                .map(|l| match l.split_once('=') {
+                    Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                    None => (l.to_string(), None),
+                });
+        let q = query
+            .q
+            .as_deref()
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .map(str::to_lowercase);
+        (label.is_some() || q.is_some()).then_some(RunMatch { label, q })
+    }
+
+    fn matches(&self, run: &RunRecord) -> bool {
+        let label_ok = self.label.as_ref().is_none_or(|(key, value)| {
+            run.spec
+                .labels
+                .get(key)
+                .is_some_and(|v| value.as_ref().is_none_or(|want| v == want))
+        });
+        let q_ok = self.q.as_ref().is_none_or(|q| {
+            run.id.to_lowercase().starts_with(q.as_str())
+                || run
+                    .spec
+                    .command
+                    .join(" ")
+                    .to_lowercase()
+                    .contains(q.as_str())
+        });
+        label_ok && q_ok
+    }
+}
+
+/// `GET /v1/runs?status=&lane=&label=&q=&limit=&cursor=`: newest first. With `label` or `q`, a
+/// page may hold fewer than `limit` runs and still carry a `next_cursor`: the server reads at
+/// most a few thousand runs per answer.
 #[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = RunList)))]
 pub async fn list_runs(
     State(state): State<AppState>,
@@ -135,11 +191,17 @@ pub async fn list_runs(
     }
     let filter = RunFilter {
         status,
-        lane: query.lane.filter(|l| !l.is_empty()),
+        lane: query.lane.clone().filter(|l| !l.is_empty()),
         limit,
-        cursor: query.cursor.filter(|c| !c.is_empty()),
+        cursor: query.cursor.clone().filter(|c| !c.is_empty()),
     };
-    let (records, next_cursor) = read_bounded_page(&state, filter).await?;
+    let (records, next_cursor) = match RunMatch::from_query(&query) {
+        None => read_bounded_page(&state, filter).await?,
+        Some(matcher) => {
+            let page = search_runs(&state, filter, &matcher).await?;
+            (page.runs, page.next_cursor)
+        }
+    };
     let now = state.store.now().await?;
     let capacity = if records.iter().any(|r| r.status == RunStatus::Pending) {
         Some(Capacity::read(&state).await?)
@@ -204,6 +266,44 @@ async fn read_bounded_page(
             Some(cursor) if runs.len() < wanted => filter.cursor = Some(cursor),
             Some(cursor) => return Ok((runs, Some(cursor))),
             None => return Ok((runs, None)),
+        }
+    }
+}
+
+/// Reads pages newest first until `limit` runs match, the runs end, or [`SEARCH_SCAN`] were
+/// read; the cursor resumes after the last run read.
+async fn search_runs(
+    state: &AppState,
+    mut filter: RunFilter,
+    matcher: &RunMatch,
+) -> ApiResult<tether_store::RunPage> {
+    let limit = filter.limit as usize;
+    filter.limit = 500;
+    let mut runs = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let page = state.store.list_runs(&filter).await?;
+        for run in page.runs {
+            scanned += 1;
+            let seq = run.seq;
+            if matcher.matches(&run) {
+                runs.push(run);
+            }
+            if runs.len() == limit || scanned >= SEARCH_SCAN {
+                return Ok(tether_store::RunPage {
+                    runs,
+                    next_cursor: Some(seq.to_string()),
+                });
+            }
+        }
+        match page.next_cursor {
+            Some(cursor) => filter.cursor = Some(cursor),
+            None => {
+                return Ok(tether_store::RunPage {
+                    runs,
+                    next_cursor: None,
+                })
+            }
         }
     }
 }

@@ -92,6 +92,16 @@ pub async fn deregister_worker(
         .verify(&state.store, &id, &headers)
         .await?;
     let runs = state.store.deregister_worker(&id).await?;
+    // Each handed-back attempt ended as if its heartbeat was lost.
+    for run_id in &runs {
+        if let Ok(Some(run)) = state.store.get_run(run_id).await {
+            crate::metrics::attempt_ended(
+                &run,
+                tether_domain::RunStatus::TimedOut,
+                Some(tether_domain::ErrorCode::WorkerHeartbeatLost),
+            );
+        }
+    }
     tracing::info!(worker_id = %id, handed_back = runs.len(), "worker deregistered");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -153,6 +163,7 @@ pub async fn claim(
         // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
         worker_fresh_ms: state.config.worker_fresh_ms(),
     };
+    let waiting_since = std::time::Instant::now();
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribe before the first try so a run submitted in between is not missed.
@@ -160,7 +171,7 @@ pub async fn claim(
     loop {
         let claimed = state.store.claim_runs(&worker_id, &limits).await?;
         if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
-            metrics::counter!("tether_runs_claimed_total").increment(claimed.len() as u64);
+            crate::metrics::claim_answered(waiting_since.elapsed(), claimed.len());
             // Endpoints resolve per claim, so a retried attempt gets a fresh answer.
             let dispatched = crate::dispatch::resolve_claimed(&state, &worker_id, &claimed).await;
             let assignments = claimed

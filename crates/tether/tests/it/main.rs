@@ -1,10 +1,13 @@
 //! End-to-end tests of the `tether` binary: real servers, real worker processes, real commands,
 //! killed the way failures happen (SIGKILL, SIGSTOP, restarts).
 
+mod browser;
 mod cli;
 mod cluster;
+mod dashboard;
 mod endpoints;
 mod liveness;
+mod metrics;
 mod multi_server;
 mod outcomes;
 mod pg;
