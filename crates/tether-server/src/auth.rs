@@ -170,13 +170,19 @@ impl WorkerSecrets {
         if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
             return Err(ApiError::NotThisWorker);
         }
+        self.remember(worker_id, expected);
+        Ok(())
+    }
+
+    /// Caches a worker's hash: at registration (so its first call reads nothing) and once a
+    /// call has verified against the store.
+    pub fn remember(&self, worker_id: &str, hash: String) {
         if let Ok(mut m) = self.verified.write() {
             if m.len() >= MAX_CACHED_WORKERS {
                 m.clear();
             }
-            m.insert(worker_id.to_string(), expected);
+            m.insert(worker_id.to_string(), hash);
         }
-        Ok(())
     }
 }
 

@@ -61,13 +61,14 @@ pub async fn register_worker(
     let worker = state
         .store
         .register_worker(&NewWorker {
-            secret_hash: Some(secret_hash),
+            secret_hash: Some(secret_hash.clone()),
             name: request.name,
             capacity: cap,
             lanes: request.lanes,
             labels: request.labels,
         })
         .await?;
+    state.worker_secrets.remember(&worker.id, secret_hash);
     tracing::info!(worker_id = %worker.id, name = %worker.name, "worker registered");
     Ok((
         StatusCode::CREATED,
