@@ -143,12 +143,13 @@ pub async fn start(
     let server = tokio::spawn(accept::serve(listener, app, limits, shutdown.clone()));
     let reaper = tokio::spawn(reaper::run_reaper(state.clone()));
     let reconciler = tokio::spawn(reconciler::run_reconciler(state.clone()));
+    let metrics_upkeep = tokio::spawn(metrics::run_upkeep(shutdown.clone()));
     tracing::info!(%addr, "tether server listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown,
-        tasks: vec![server, reaper, reconciler],
+        tasks: vec![server, reaper, reconciler, metrics_upkeep],
     })
 }
 

@@ -182,6 +182,26 @@ fn describe() {
     );
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets on a timer: the recorder holds raw
+/// samples until then, so a server nobody scrapes would otherwise grow without bound.
+pub async fn run_upkeep(shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Some(Some(handle)) = HANDLE.get() {
+                    handle.run_upkeep();
+                }
+            }
+        }
+    }
+}
+
 /// The text exposition of every metric so far.
 pub fn render() -> String {
     install();

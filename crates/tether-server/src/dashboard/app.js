@@ -32,9 +32,9 @@ function human(secs) {
   const s = Math.floor(secs);
   if (s < 60) return s + ' s';
   const m = Math.floor(s / 60);
-  if (m < 60) return m + ' m ' + (s % 60) + ' s';
+  if (m < 60) return m + ' m' + (s % 60 ? ' ' + (s % 60) + ' s' : '');
   const hrs = Math.floor(m / 60);
-  if (hrs < 24) return hrs + ' h ' + (m % 60) + ' m';
+  if (hrs < 24) return hrs + ' h' + (m % 60 ? ' ' + (m % 60) + ' m' : '');
   return Math.floor(hrs / 24) + ' d ' + (hrs % 24) + ' h';
 }
 
@@ -119,6 +119,9 @@ function outcomeEl(run) {
   if (run.exit_code !== null && run.exit_code !== undefined) return h('code', {}, 'exit ' + run.exit_code);
   return h('span', { class: 'muted' }, '—');
 }
+
+// The argv as a shell would read it back: arguments with spaces or quotes are single-quoted.
+const shellJoin = argv => argv.map(a => (/^[\w@%+=:,.\/-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'")).join(' ');
 
 const labelChips = labels => Object.entries(labels || {}).map(([k, v]) => h('span', { class: 'chip' }, k + '=' + v));
 
@@ -313,7 +316,7 @@ function runsPage(view, params, ctx) {
       h('td', { class: 'nowrap', 'data-label': 'run' }, h('a', { href: '#/runs/' + run.id, class: 'mono', title: run.id }, shortId(run.id))),
       h('td', {}, statusBadge(run.status)),
       h('td', {}, livenessBadge(run.liveness, at)),
-      h('td', {}, h('div', { class: 'cmd', title: run.command.join(' ') }, run.command.join(' '))),
+      h('td', {}, h('div', { class: 'cmd', title: shellJoin(run.command) }, shellJoin(run.command))),
       h('td', { 'data-label': 'lane' }, h('span', {}, run.lane), ' ', labelChips(run.labels)),
       h('td', { class: 'tabular hide-narrow', 'data-label': 'attempt' }, run.attempt + '/' + run.max_attempts),
       h('td', { class: 'nowrap', 'data-label': pending ? '' : 'duration' }, durationEl(run, at),
@@ -575,8 +578,10 @@ function runPage(view, runId, ctx) {
           h('div', { class: 'run-actions' },
             h('button', { class: 'btn danger', id: 'cancel', disabled: isTerminal(run.status) || Boolean(run.cancel_requested_at), onclick: cancel },
               run.cancel_requested_at && !isTerminal(run.status) ? 'Cancelling…' : 'Cancel'),
-            h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, title: 'submit the same command again as a new run' }, 'Resubmit'))),
-        h('div', { class: 'cmd-full', id: 'run-command' }, run.command.join(' '))),
+            // Secret env values are never shown by the API, so the page cannot send them again.
+            h('button', { class: 'btn', id: 'resubmit', onclick: resubmit, disabled: (run.secret_env || []).length > 0,
+              title: (run.secret_env || []).length ? 'this run has secret env values the API never shows: resubmit it where it was made' : 'submit the same command again as a new run' }, 'Resubmit'))),
+        h('div', { class: 'cmd-full', id: 'run-command' }, shellJoin(run.command))),
       headline,
       h('div', { class: 'facts' },
         fact('Lane', [run.lane, ' ', labelChips(run.labels)]),

@@ -102,12 +102,17 @@ pub async fn get_run(
     Ok(Json(view))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only runs with this status (`pending` includes legacy `queued`).
     status: Option<String>,
+    /// Only runs of this lane.
     lane: Option<String>,
+    /// 1 to 500; default 50.
     limit: Option<u32>,
+    /// A previous page's `next_cursor`.
     cursor: Option<String>,
     /// `key=value`: runs with that label; `key`: runs with that label set.
     label: Option<String>,
@@ -118,6 +123,8 @@ pub struct ListQuery {
 /// How many runs one answer reads at most while filtering by label or search: a rare match
 /// in a long history costs several short pages, never one unbounded request.
 const SEARCH_SCAN: usize = 5_000;
+/// Runs read from the store per round while filtering.
+const SEARCH_READ_CHUNK: u32 = 500;
 
 /// The `label` and `q` filters, applied to runs the store has already narrowed.
 struct RunMatch {
@@ -168,7 +175,8 @@ impl RunMatch {
 /// `GET /v1/runs?status=&lane=&label=&q=&limit=&cursor=`: newest first. With `label` or `q`, a
 /// page may hold fewer than `limit` runs and still carry a `next_cursor`: the server reads at
 /// most a few thousand runs per answer.
-#[utoipa::path(get, path = "/v1/runs", responses((status = 200, body = RunList)))]
+#[utoipa::path(get, path = "/v1/runs", params(ListQuery),
+    responses((status = 200, body = RunList), (status = 422, body = tether_api::ErrorBody)))]
 pub async fn list_runs(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -195,13 +203,8 @@ pub async fn list_runs(
         limit,
         cursor: query.cursor.clone().filter(|c| !c.is_empty()),
     };
-    let (records, next_cursor) = match RunMatch::from_query(&query) {
-        None => read_bounded_page(&state, filter).await?,
-        Some(matcher) => {
-            let page = search_runs(&state, filter, &matcher).await?;
-            (page.runs, page.next_cursor)
-        }
-    };
+    let matcher = RunMatch::from_query(&query);
+    let (records, next_cursor) = read_bounded_page(&state, filter, matcher.as_ref()).await?;
     let now = state.store.now().await?;
     let capacity = if records.iter().any(|r| r.status == RunStatus::Pending) {
         Some(Capacity::read(&state).await?)
@@ -242,68 +245,46 @@ fn approx_view_bytes(run: &RunRecord) -> usize {
 }
 
 /// Up to `filter.limit` runs, newest first, read in chunks and cut at `LIST_BYTE_BUDGET`, with
-/// the cursor of what follows.
+/// the cursor of what follows. With a `matcher` (label, search) only matching runs are kept,
+/// and at most [`SEARCH_SCAN`] runs are read: the page may come back short, with a cursor.
 async fn read_bounded_page(
     state: &AppState,
     mut filter: RunFilter,
+    matcher: Option<&RunMatch>,
 ) -> ApiResult<(Vec<RunRecord>, Option<String>)> {
     let wanted = filter.limit as usize;
     let mut runs: Vec<RunRecord> = Vec::new();
     let mut bytes = 0usize;
+    let mut scanned = 0usize;
+    // The seq of the last run read and judged: a cursor here resumes just after it.
+    let mut consumed: Option<i64> = None;
     loop {
-        filter.limit = LIST_READ_CHUNK.min((wanted - runs.len()) as u32);
+        filter.limit = match matcher {
+            None => LIST_READ_CHUNK.min((wanted - runs.len()) as u32),
+            // Most of what a filter reads is not kept: read wider.
+            Some(_) => SEARCH_READ_CHUNK,
+        };
         let page = state.store.list_runs(&filter).await?;
         for run in page.runs {
-            let size = approx_view_bytes(&run);
-            if !runs.is_empty() && bytes + size > LIST_BYTE_BUDGET {
-                let cursor = runs.last().map(|r| r.seq.to_string());
-                return Ok((runs, cursor));
+            let seq = run.seq;
+            if matcher.is_none_or(|m| m.matches(&run)) {
+                let size = approx_view_bytes(&run);
+                if !runs.is_empty() && bytes + size > LIST_BYTE_BUDGET {
+                    return Ok((runs, consumed.map(|s| s.to_string())));
+                }
+                bytes += size;
+                runs.push(run);
             }
-            bytes += size;
-            runs.push(run);
+            consumed = Some(seq);
+            scanned += 1;
+            if matcher.is_some() && (runs.len() == wanted || scanned >= SEARCH_SCAN) {
+                return Ok((runs, Some(seq.to_string())));
+            }
         }
         match page.next_cursor {
             Some(cursor) if runs.len() < wanted => filter.cursor = Some(cursor),
             Some(cursor) => return Ok((runs, Some(cursor))),
             None => return Ok((runs, None)),
-        }
-    }
-}
-
-/// Reads pages newest first until `limit` runs match, the runs end, or [`SEARCH_SCAN`] were
-/// read; the cursor resumes after the last run read.
-async fn search_runs(
-    state: &AppState,
-    mut filter: RunFilter,
-    matcher: &RunMatch,
-) -> ApiResult<tether_store::RunPage> {
-    let limit = filter.limit as usize;
-    filter.limit = 500;
-    let mut runs = Vec::new();
-    let mut scanned = 0;
-    loop {
-        let page = state.store.list_runs(&filter).await?;
-        for run in page.runs {
-            scanned += 1;
-            let seq = run.seq;
-            if matcher.matches(&run) {
-                runs.push(run);
-            }
-            if runs.len() == limit || scanned >= SEARCH_SCAN {
-                return Ok(tether_store::RunPage {
-                    runs,
-                    next_cursor: Some(seq.to_string()),
-                });
-            }
-        }
-        match page.next_cursor {
-            Some(cursor) => filter.cursor = Some(cursor),
-            None => {
-                return Ok(tether_store::RunPage {
-                    runs,
-                    next_cursor: None,
-                })
-            }
         }
     }
 }

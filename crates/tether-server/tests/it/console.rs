@@ -282,4 +282,62 @@ async fn the_dashboard_is_served_from_the_binary_under_a_strict_policy() {
     let (_, doc) = s.get("/openapi.json").await;
     assert!(doc["paths"]["/v1/runs/{id}/output"].is_object());
     assert!(doc["components"]["schemas"]["OutputPage"].is_object());
+    let params: Vec<&str> = doc["paths"]["/v1/runs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for name in ["status", "lane", "limit", "cursor", "label", "q"] {
+        assert!(
+            params.contains(&name),
+            "{name} missing from GET /v1/runs: {params:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn filtered_lists_stay_bounded_in_bytes_and_list_each_match_once() {
+    let s = TestServer::start().await;
+    // 20 runs, each as large as the caps allow, all matching the filter.
+    let label = "l".repeat(15 * 1024);
+    let value = "v".repeat(120 * 1024);
+    let arg = "a".repeat(120 * 1024);
+    for i in 0..20 {
+        s.submit(json!({"command": ["true", arg], "env": {"V": value}, "labels": {"i": i.to_string(), "l": label}}))
+            .await;
+    }
+    s.submit(json!({"command": ["true"]})).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/runs?label=i&limit=50&cursor={c}"),
+            None => "/v1/runs?label=i&limit=50".to_string(),
+        };
+        let r = s.http.get(s.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let bytes = r.bytes().await.unwrap();
+        assert!(
+            bytes.len() < 3 * 1024 * 1024,
+            "a page of {} bytes",
+            bytes.len()
+        );
+        let page: Value = serde_json::from_slice(&bytes).unwrap();
+        for run in page["runs"].as_array().unwrap() {
+            assert!(run["labels"]["i"].is_string(), "only matches");
+            assert!(
+                seen.insert(run["id"].as_str().unwrap().to_string()),
+                "listed twice"
+            );
+        }
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 20, "every match listed exactly once");
+    assert!(pages > 1, "the byte budget split the list");
 }

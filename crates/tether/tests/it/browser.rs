@@ -164,18 +164,27 @@ impl Browser {
         }
     }
 
+    /// Finds the element, retrying while it is absent or the browser is too busy to answer
+    /// (a loaded machine can make the renderer time out).
     async fn element(&self, css: &str) -> String {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                "/element",
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
-        v[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self
+                .call(
+                    reqwest::Method::POST,
+                    "/element",
+                    Some(json!({"using": "css selector", "value": css})),
+                )
+                .await;
+            if let Some(el) = v[ELEMENT].as_str() {
+                return el.to_string();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no element {css}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Clicks the element as a user would (WebDriver's element click).

@@ -208,14 +208,34 @@ async fn the_status_filter_and_search_narrow_the_list() {
         )
         .await;
     browser.screenshot("lanes-wide").await;
+    for (path, body) in [
+        (
+            "/v1/pools/cache",
+            json!({"fallback_url": "https://cache.example.com", "freshness_s": 120}),
+        ),
+        (
+            "/v1/endpoints/cache-1",
+            json!({"pool": "cache", "url": "http://10.0.0.7:8080", "kind": "always_ready"}),
+        ),
+    ] {
+        let r = c
+            .http
+            .put(format!("{}{path}", c.base()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
     browser.goto(&format!("{}/#/endpoints", c.base())).await;
-    browser
+    let hands_out = browser
         .wait_for(
-            "the endpoints view",
+            "what the pool hands out",
             PATIENCE,
-            "return document.querySelector('main h1')?.textContent === 'Endpoints & pools' && document.querySelector('.panel') !== null;",
+            &text_of("#pools-table tr[data-pool=\"cache\"] code"),
         )
         .await;
+    assert_eq!(hands_out, Value::String("http://10.0.0.7:8080".into()));
     browser.screenshot("endpoints-wide").await;
     browser.goto(&format!("{}/#/runs", c.base())).await;
     browser.resize(NARROW.0, NARROW.1).await;
@@ -340,4 +360,62 @@ async fn a_fifty_megabyte_log_shows_its_tail_and_loads_earlier_parts() {
         )
         .await;
     browser.screenshot("run-big-log").await;
+}
+
+#[tokio::test]
+async fn the_live_log_resumes_after_the_server_restarts_without_loss_or_repeat() {
+    let mut c = Cluster::sqlite();
+    let base = c.start_server(&[]).await;
+    let listen = base.trim_start_matches("http://").to_string();
+    let _w = c.worker("w1", "2", &[]);
+    c.wait_workers(1).await;
+    let run = c
+        .submit(json!({"command": ["sh", "-c", "for i in $(seq 1 16); do echo \"line $i\"; sleep 0.5; done"]}))
+        .await;
+    let run_id = id(&run);
+    let browser = Browser::start(WIDE.0, WIDE.1).await;
+    browser.goto(&format!("{base}/#/runs/{run_id}")).await;
+    browser
+        .wait_for(
+            "the first lines",
+            PATIENCE,
+            "const t = document.querySelector('#log')?.textContent; return t && t.includes('line 3');",
+        )
+        .await;
+
+    // The server dies mid-stream and comes back on the same address and database.
+    let (_, server) = c.servers.remove(0);
+    server.kill9();
+    let mut args = vec!["server", "--listen", &listen, "--database", &c.database];
+    args.extend(crate::cluster::fast_except(&[]));
+    let server = crate::cluster::spawn(&args, c.dir.path());
+    crate::cluster::wait_ready(&c.http, &base).await;
+    c.servers.push((base.clone(), server));
+
+    let done = c.wait_terminal(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let stored = String::from_utf8(c.logs(&run_id).await).unwrap();
+    let shown = browser
+        .wait_for(
+            "the whole log after the reconnect",
+            PATIENCE,
+            &format!(
+                "const t = document.querySelector('#log')?.textContent; return t && t.length >= {} ? t : null;",
+                stored.chars().count()
+            ),
+        )
+        .await;
+    assert_eq!(
+        shown.as_str().unwrap_or_default(),
+        stored,
+        "the page shows what the server stored: nothing lost, nothing twice"
+    );
+    browser
+        .wait_for(
+            "the end of the run",
+            PATIENCE,
+            "const b = document.querySelector('#run-status [data-status]'); return b && b.dataset.status === 'succeeded';",
+        )
+        .await;
+    browser.screenshot("run-after-reconnect").await;
 }
