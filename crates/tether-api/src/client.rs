@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::wire::{
-    AppendLogRequest, AppendLogResponse, ClaimRequest, ClaimResponse, ErrorBody, EventView,
-    FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest, WorkerList,
+    AppendLogRequest, AppendLogResponse, BatchSubmitRequest, BatchSubmitResponse, ClaimRequest,
+    ClaimResponse, ControlRequest, ControlResponse, ErrorBody, EventView, FinishRequest,
+    HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunList,
+    RunView, StartRequest, SubmitRequest, WorkerList,
 };
 
 /// The whole-request timeout of every ordinary call.
@@ -231,6 +232,16 @@ impl TetherClient {
     // ---- runs ---------------------------------------------------------------------------
 
     /// `POST /v1/runs`.
+    /// `POST /v1/runs/batch`: many runs in one transaction, all admitted or none (at most
+    /// 1,000 per call).
+    pub async fn submit_batch(
+        &self,
+        request: &BatchSubmitRequest,
+    ) -> Result<BatchSubmitResponse, ClientError> {
+        self.call(self.request(Method::POST, "/v1/runs/batch").json(request))
+            .await
+    }
+
     pub async fn submit(&self, request: &SubmitRequest) -> Result<RunView, ClientError> {
         let req = self.request(Method::POST, "/v1/runs").json(request);
         self.call(req).await
@@ -362,6 +373,21 @@ impl TetherClient {
         request: &ClaimRequest,
     ) -> Result<ClaimResponse, ClientError> {
         let path = format!("/v1/workers/{}/claim", segment(worker_id));
+        let timeout = Duration::from_millis(request.wait_ms) + CLAIM_SLACK;
+        let req = self
+            .request_without_timeout(Method::POST, &path)
+            .timeout(timeout)
+            .json(request);
+        self.call(self.as_worker(req, worker_id)).await
+    }
+
+    /// `POST /v1/workers/{id}/control`: long-polls for up to `request.wait_ms` for cancels.
+    pub async fn control(
+        &self,
+        worker_id: &str,
+        request: &ControlRequest,
+    ) -> Result<ControlResponse, ClientError> {
+        let path = format!("/v1/workers/{}/control", segment(worker_id));
         let timeout = Duration::from_millis(request.wait_ms) + CLAIM_SLACK;
         let req = self
             .request_without_timeout(Method::POST, &path)

@@ -18,6 +18,21 @@ pub struct ErrorDetail {
     /// `unauthorized`, `body_too_large`, `store_unavailable`, ...
     pub code: String,
     pub message: String,
+    /// For `POST /v1/runs/batch`: the entry the error is about (counting from 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+/// The body of `POST /v1/runs/batch`: many submissions, admitted in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchSubmitRequest {
+    pub runs: Vec<SubmitRequest>,
+}
+
+/// The answer to `POST /v1/runs/batch`: every run, in the request's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchSubmitResponse {
+    pub runs: Vec<RunView>,
 }
 
 /// One attempt in a run's history.
@@ -144,6 +159,10 @@ pub struct Assignment {
     pub timeout_ms: Option<u64>,
     pub stall_timeout_ms: Option<u64>,
     pub output_limit_bytes: u64,
+    /// What the run reserves of the worker, so the worker knows when it has room to ask for
+    /// more. Absent from older servers: then the default request.
+    #[serde(default)]
+    pub resources: Option<Resources>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -188,6 +207,20 @@ pub struct HeartbeatResponse {
     pub cancel: Vec<RunRefWire>,
     /// Not yours any more: kill at once, report nothing.
     pub not_owned: Vec<RunRefWire>,
+}
+
+/// `POST /v1/workers/{id}/control`: a long-poll the worker keeps open so a cancel reaches it
+/// at once; the heartbeat still carries cancels too, as the fallback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ControlRequest {
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ControlResponse {
+    /// Stop these (SIGTERM, then SIGKILL after the grace period) and finish them `cancelled`.
+    pub cancel: Vec<RunRefWire>,
 }
 
 /// `POST /v1/runs/{id}/attempts/{attempt}/start`.

@@ -58,6 +58,9 @@ pub enum ApiError {
     StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error about one entry of a batch submission: its status and code, its index.
+    #[error("runs[{index}]: {error}")]
+    InBatch { index: usize, error: Box<ApiError> },
 }
 
 impl ApiError {
@@ -68,8 +71,17 @@ impl ApiError {
         }
     }
 
+    /// This error, said of entry `index` of a batch.
+    pub fn in_batch(self, index: usize) -> ApiError {
+        ApiError::InBatch {
+            index,
+            error: Box::new(self),
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
+            ApiError::InBatch { error, .. } => error.status_and_code(),
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             ApiError::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::UnsupportedMediaType(_) => {
@@ -134,9 +146,15 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::StaleAttempt) {
             metrics::counter!(crate::metrics::STALE_ATTEMPT_REFUSALS).increment(1);
         }
-        let retry_after = match &self {
-            ApiError::ResourcesExhausted { retry_after_s, .. } => *retry_after_s,
-            _ => 1,
+        let (retry_after, index) = match &self {
+            ApiError::ResourcesExhausted { retry_after_s, .. } => (*retry_after_s, None),
+            ApiError::InBatch { index, error } => match error.as_ref() {
+                ApiError::ResourcesExhausted { retry_after_s, .. } => {
+                    (*retry_after_s, Some(*index))
+                }
+                _ => (1, Some(*index)),
+            },
+            _ => (1, None),
         };
         if status.is_server_error() {
             tracing::warn!(code, error = %self, "request failed");
@@ -145,6 +163,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: code.to_string(),
                 message: self.to_string(),
+                index,
             },
         };
         let mut response = (status, Json(body)).into_response();

@@ -51,7 +51,7 @@ use crate::write::{
     end_attempt, guarded, guarded_update, load_run, one_row, push_event, push_status,
     transition_error, Ending, Lock,
 };
-use tether_store::{status_body, Outbox};
+use tether_store::{batch_entry, status_body, BatchAdmission, Outbox};
 
 /// Any database failure: the request may be retried. A value that would not decode is a
 /// different matter: the data is not what this code wrote; and a value the database refuses as
@@ -278,14 +278,18 @@ impl PgStore {
     /// servers hear them only if it commits) and broadcast here right after.
     async fn commit(&self, mut tx: Transaction<'static, Postgres>, out: Outbox) -> StoreResult<()> {
         let signals = out.into_signals();
-        if !signals.is_empty() {
-            let payloads: Vec<String> = signals
-                .iter()
-                .map(|s| signals::encode(&self.inner.schema, &self.inner.origin, s))
-                .collect();
-            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        let remote: Vec<Signal> = signals
+            .iter()
+            .filter(|s| signals::wanted_elsewhere(s))
+            .cloned()
+            .collect();
+        if !remote.is_empty() {
+            // One notification per transaction: each NOTIFY is queued and delivered to every
+            // listening server, so fewer of them cost every commit and every listener less.
+            let payload = signals::encode(&self.inner.schema, &self.inner.origin, &remote);
+            sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(signals::CHANNEL)
-                .bind(&payloads)
+                .bind(&payload)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -315,71 +319,87 @@ impl PgStore {
         let (mut tx, now) = self.begin().await?;
         let mut out = Outbox::default();
         if admission.is_some_and(|p| p.reject_when_full) {
-            // Admissions to a reject lane are decided one at a time: the room one sees is the
-            // room it gets (SPEC §1.2). A queue lane reserves nothing at the door, so its
-            // submissions need not wait for each other (a reused key is settled by the unique
-            // index below).
             lane_lock(&mut tx, &spec.lane).await?;
         }
-        if let Some(existing) = find_by_key(&mut tx, spec).await? {
-            return Ok(Admission::Accepted(Box::new(CreatedRun {
-                run: existing,
-                created: false,
-            })));
+        let decided = insert_run(&mut tx, &mut out, now, spec, admission).await?;
+        // A refusal or a replayed key wrote nothing: dropping the transaction rolls it back.
+        if matches!(&decided, Admission::Accepted(created) if created.created) {
+            self.commit(tx, out).await?;
         }
-        if let Some(policy) = admission {
-            if let Some(refusal) = admit(&mut tx, now, spec, policy).await? {
-                return Ok(refusal);
-            }
-        }
-        let id = uuid::Uuid::now_v7().to_string();
-        let state = RunState::new(spec.max_attempts);
-        let inserted = sqlx::query(
-            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
-             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
-             request_fingerprint) \
-             VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
-        )
-        .bind(&id)
-        .bind(&spec.lane)
-        .bind(state.status.as_str())
-        .bind(i64::from(state.max_attempts))
-        .bind(encode(spec, "run spec")?)
-        .bind(spec.resources.cpus)
-        .bind(spec.resources.memory_mb as i64)
-        .bind(now)
-        .bind(spec.heartbeat_timeout_ms)
-        .bind(spec.timeout_ms)
-        .bind(spec.output_limit_bytes)
-        .bind(spec.idempotency_key.as_deref())
-        .bind(&spec.request_fingerprint)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        if inserted.is_none() {
-            // A concurrent submission with the same key committed first: answer as if it had
-            // come before us.
-            return match find_by_key(&mut tx, spec).await? {
-                Some(run) => Ok(Admission::Accepted(Box::new(CreatedRun {
-                    run,
-                    created: false,
-                }))),
-                None => Err(StoreError::Unavailable(
-                    "idempotency key conflict vanished; retry".into(),
-                )),
-            };
-        }
-        let body = status_body(RunStatus::Pending, 0, None, None);
-        push_status(&mut tx, &mut out, &id, now, body, RunStatus::Pending, 0).await?;
-        out.run_pending(&spec.lane);
-        let run = reload(&mut tx, &id).await?;
-        self.commit(tx, out).await?;
-        Ok(Admission::Accepted(Box::new(CreatedRun {
-            run,
-            created: true,
-        })))
+        Ok(decided)
     }
+}
+
+/// Accepts a run inside the caller's transaction (after `admission`, if given, lets it in), or
+/// answers the run an identical submission under the same idempotency key already made. The
+/// caller holds the lane's lock when the lane is a `reject` one: admissions to it are decided
+/// one at a time, so the room one sees is the room it gets (SPEC §1.2); a queue lane reserves
+/// nothing at the door, so its submissions need not wait for each other (a reused key is
+/// settled by the unique index below). The caller commits, or drops the transaction.
+async fn insert_run(
+    tx: &mut PgConnection,
+    out: &mut Outbox,
+    now: Millis,
+    spec: &RunSpec,
+    admission: Option<&AdmissionPolicy>,
+) -> StoreResult<Admission> {
+    if let Some(existing) = find_by_key(&mut *tx, spec).await? {
+        return Ok(Admission::Accepted(Box::new(CreatedRun {
+            run: existing,
+            created: false,
+        })));
+    }
+    if let Some(policy) = admission {
+        if let Some(refusal) = admit(&mut *tx, now, spec, policy).await? {
+            return Ok(refusal);
+        }
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let state = RunState::new(spec.max_attempts);
+    let inserted = sqlx::query(
+        "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
+         created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
+         request_fingerprint) \
+         VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
+    )
+    .bind(&id)
+    .bind(&spec.lane)
+    .bind(state.status.as_str())
+    .bind(i64::from(state.max_attempts))
+    .bind(encode(spec, "run spec")?)
+    .bind(spec.resources.cpus)
+    .bind(spec.resources.memory_mb as i64)
+    .bind(now)
+    .bind(spec.heartbeat_timeout_ms)
+    .bind(spec.timeout_ms)
+    .bind(spec.output_limit_bytes)
+    .bind(spec.idempotency_key.as_deref())
+    .bind(&spec.request_fingerprint)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    if inserted.is_none() {
+        // A concurrent submission with the same key committed first: answer as if it had
+        // come before us.
+        return match find_by_key(&mut *tx, spec).await? {
+            Some(run) => Ok(Admission::Accepted(Box::new(CreatedRun {
+                run,
+                created: false,
+            }))),
+            None => Err(StoreError::Unavailable(
+                "idempotency key conflict vanished; retry".into(),
+            )),
+        };
+    }
+    let body = status_body(RunStatus::Pending, 0, None, None);
+    push_status(&mut *tx, out, &id, now, body, RunStatus::Pending, 0).await?;
+    out.run_pending(&spec.lane);
+    let run = reload(&mut *tx, &id).await?;
+    Ok(Admission::Accepted(Box::new(CreatedRun {
+        run,
+        created: true,
+    })))
 }
 
 fn pool_options(schema: Option<&str>, size: u32) -> PgPoolOptions {
@@ -679,6 +699,35 @@ impl Store for PgStore {
         self.create_in(spec, Some(policy)).await
     }
 
+    async fn admit_runs(
+        &self,
+        batch: &[(RunSpec, AdmissionPolicy)],
+    ) -> StoreResult<BatchAdmission> {
+        let (mut tx, now) = self.begin().await?;
+        let mut out = Outbox::default();
+        // Every `reject` lane of the batch locked up front, in one order, so two batches
+        // naming the same lanes cannot deadlock.
+        let lanes: std::collections::BTreeSet<&str> = batch
+            .iter()
+            .filter(|(_, policy)| policy.reject_when_full)
+            .map(|(spec, _)| spec.lane.as_str())
+            .collect();
+        for lane in lanes {
+            lane_lock(&mut tx, lane).await?;
+        }
+        let mut runs = Vec::with_capacity(batch.len());
+        for (index, (spec, policy)) in batch.iter().enumerate() {
+            let decided = insert_run(&mut tx, &mut out, now, spec, Some(policy)).await;
+            match batch_entry(&spec.lane, decided)? {
+                Ok(created) => runs.push(created),
+                // Dropping the transaction un-writes the entries before this one.
+                Err(refusal) => return Ok(BatchAdmission::Refused { index, refusal }),
+            }
+        }
+        self.commit(tx, out).await?;
+        Ok(BatchAdmission::Accepted(runs))
+    }
+
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         self.read_run(run_id).await
     }
@@ -766,8 +815,15 @@ impl Store for PgStore {
         let sql = guarded_update("cancel_requested_at = coalesce(cancel_requested_at, $1)", 1);
         let q = sqlx::query(&sql).bind(now);
         one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
-        if let Some(decision) = transition.decision {
-            end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?;
+        match (transition.decision, &loaded.run.worker_id) {
+            (Some(decision), _) => {
+                end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?
+            }
+            // In flight: its worker's control poll hears of it now, its heartbeat later.
+            (None, Some(worker_id)) => {
+                out.cancel_requested(run_id, loaded.run.attempt, worker_id);
+            }
+            (None, None) => {}
         }
         let run = reload(&mut tx, run_id).await?;
         self.commit(tx, out).await?;

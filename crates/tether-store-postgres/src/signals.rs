@@ -3,8 +3,10 @@
 //! and every store holds one `LISTEN` connection that rebroadcasts what other servers sent into
 //! its local channel.
 //!
-//! Payloads are compact JSON: `{"s": schema, "o": origin, "k": "p", "lane": …}` for a run
-//! pending, `{"s", "o", "k": "e", "run": …, "seq": …}` for new events. The channel is shared by
+//! One notification per transaction, compact JSON: `{"s": schema, "o": origin, "all": [...]}`
+//! with one entry per signal: `{"k": "p", "lane"}` for a run pending, `{"k": "e", "run",
+//! "seq"}` for new events, `{"k": "f", "lane", "w"}` for room freed, `{"k": "c", "run", "a",
+//! "w"}` for a cancel asked. A run's creation event is left out (see `wanted_elsewhere`). The channel is shared by
 //! the whole database, so `s` keeps stores in other schemas apart, and `o` (one per store
 //! instance) lets a store skip its own notifications: it already broadcast them right after its
 //! commit, without a round trip.
@@ -34,15 +36,32 @@ const MAX_PAYLOAD: usize = 7900;
 /// The longest wait between attempts to reconnect the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The notification payload for `signal`, or a bare wake-up when it would be too big to send.
-pub(crate) fn encode(schema: &str, origin: &str, signal: &Signal) -> String {
-    let value = match signal {
-        Signal::RunPending { lane } => json!({ "s": schema, "o": origin, "k": "p", "lane": lane }),
-        Signal::RunEvents { run_id, seq } => {
-            json!({ "s": schema, "o": origin, "k": "e", "run": run_id, "seq": seq })
-        }
-    };
-    let text = value.to_string();
+/// Whether another server may need `signal`. A run's first event (its creation) is not sent:
+/// no one can follow a run before the commit that made it hands out its id, and a follower
+/// replays stored events before it listens.
+pub(crate) fn wanted_elsewhere(signal: &Signal) -> bool {
+    !matches!(signal, Signal::RunEvents { seq: 1, .. })
+}
+
+/// One signal inside a payload.
+fn entry(signal: &Signal) -> serde_json::Value {
+    match signal {
+        Signal::RunPending { lane } => json!({ "k": "p", "lane": lane }),
+        Signal::RunEvents { run_id, seq } => json!({ "k": "e", "run": run_id, "seq": seq }),
+        Signal::RoomFreed { lane, worker_id } => json!({ "k": "f", "lane": lane, "w": worker_id }),
+        Signal::CancelRequested {
+            run_id,
+            attempt,
+            worker_id,
+        } => json!({ "k": "c", "run": run_id, "a": attempt, "w": worker_id }),
+    }
+}
+
+/// The one notification payload for a transaction's `signals`, or a bare wake-up when it
+/// would be too big to send.
+pub(crate) fn encode(schema: &str, origin: &str, signals: &[Signal]) -> String {
+    let all: Vec<_> = signals.iter().map(entry).collect();
+    let text = json!({ "s": schema, "o": origin, "all": all }).to_string();
     if text.len() <= MAX_PAYLOAD {
         text
     } else {
@@ -55,7 +74,7 @@ pub(crate) fn encode(schema: &str, origin: &str, signal: &Signal) -> String {
 enum Decoded {
     /// Not for this store (another schema, or this store's own).
     Ignore,
-    Signal(Signal),
+    Signals(Vec<Signal>),
     /// Something changed that the payload could not name: re-read.
     CatchUp,
 }
@@ -67,22 +86,38 @@ fn decode(schema: &str, origin: &str, payload: &str) -> Decoded {
     if value["s"].as_str() != Some(schema) || value["o"].as_str() == Some(origin) {
         return Decoded::Ignore;
     }
-    match value["k"].as_str() {
-        Some("p") => match value["lane"].as_str() {
-            Some(lane) => Decoded::Signal(Signal::RunPending {
-                lane: lane.to_string(),
-            }),
-            None => Decoded::CatchUp,
-        },
-        Some("e") => match (value["run"].as_str(), value["seq"].as_i64()) {
-            (Some(run_id), Some(seq)) => Decoded::Signal(Signal::RunEvents {
-                run_id: run_id.to_string(),
-                seq,
-            }),
-            _ => Decoded::CatchUp,
-        },
-        _ => Decoded::CatchUp,
+    let entries = match value["all"].as_array() {
+        Some(all) => all.iter().map(decode_entry).collect(),
+        // One signal per payload, as an older server sends it.
+        None => decode_entry(&value).map(|signal| vec![signal]),
+    };
+    match entries {
+        Some(signals) => Decoded::Signals(signals),
+        None => Decoded::CatchUp,
     }
+}
+
+fn decode_entry(value: &serde_json::Value) -> Option<Signal> {
+    let text = |key: &str| value[key].as_str().map(str::to_string);
+    Some(match value["k"].as_str()? {
+        "p" => Signal::RunPending {
+            lane: text("lane")?,
+        },
+        "e" => Signal::RunEvents {
+            run_id: text("run")?,
+            seq: value["seq"].as_i64()?,
+        },
+        "f" => Signal::RoomFreed {
+            lane: text("lane")?,
+            worker_id: text("w")?,
+        },
+        "c" => Signal::CancelRequested {
+            run_id: text("run")?,
+            attempt: u32::try_from(value["a"].as_u64()?).ok()?,
+            worker_id: text("w")?,
+        },
+        _ => return None,
+    })
 }
 
 /// The listener task of one store. `pool` is its own (one connection, `search_path` set), so
@@ -140,9 +175,11 @@ impl Listener {
                         whole_since = Instant::now();
                         match decode(&self.schema, &self.origin, notification.payload()) {
                             Decoded::Ignore => {}
-                            Decoded::Signal(signal) => {
-                                // No receivers is fine: nobody is waiting.
-                                let _ = self.signals.send(signal);
+                            Decoded::Signals(signals) => {
+                                for signal in signals {
+                                    // No receivers is fine: nobody is waiting.
+                                    let _ = self.signals.send(signal);
+                                }
                             }
                             Decoded::CatchUp => {
                                 if let Err(e) = self.catch_up(&mut current, whole_since).await {
@@ -233,28 +270,45 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_and_foreign_ones_are_ignored() {
-        let signal = Signal::RunEvents {
-            run_id: "r1".into(),
-            seq: 7,
-        };
-        let payload = encode("s1", "a", &signal);
-        assert_eq!(decode("s1", "b", &payload), Decoded::Signal(signal));
+        let signals = vec![
+            Signal::RunEvents {
+                run_id: "r1".into(),
+                seq: 7,
+            },
+            Signal::RunPending { lane: "x".into() },
+            Signal::RoomFreed {
+                lane: "l".into(),
+                worker_id: "w".into(),
+            },
+            Signal::CancelRequested {
+                run_id: "r".into(),
+                attempt: 3,
+                worker_id: "w".into(),
+            },
+        ];
+        let payload = encode("s1", "a", &signals);
+        assert_eq!(decode("s1", "b", &payload), Decoded::Signals(signals));
         assert_eq!(decode("s1", "a", &payload), Decoded::Ignore, "our own");
         assert_eq!(
             decode("s2", "b", &payload),
             Decoded::Ignore,
             "another schema"
         );
-        let pending = Signal::RunPending { lane: "x".into() };
+        let older = r#"{"s":"s1","o":"a","k":"p","lane":"x"}"#;
         assert_eq!(
-            decode("s1", "b", &encode("s1", "a", &pending)),
-            Decoded::Signal(pending)
+            decode("s1", "b", older),
+            Decoded::Signals(vec![Signal::RunPending { lane: "x".into() }]),
+            "one signal per payload, as older servers send"
         );
-        let huge = Signal::RunPending {
+        let huge = [Signal::RunPending {
             lane: "x".repeat(10_000),
-        };
+        }];
         let payload = encode("s1", "a", &huge);
         assert!(payload.len() < MAX_PAYLOAD);
         assert_eq!(decode("s1", "b", &payload), Decoded::CatchUp);
+        assert!(!wanted_elsewhere(&Signal::RunEvents {
+            run_id: "new".into(),
+            seq: 1
+        }));
     }
 }

@@ -41,7 +41,7 @@ use crate::write::{
     end_attempt, guard, guarded, load_run, one_row, push_event, push_status, transition_error,
     Ending,
 };
-use tether_store::{status_body, Outbox};
+use tether_store::{batch_entry, status_body, BatchAdmission, Outbox};
 
 /// Any database failure: the request may be retried.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
@@ -186,71 +186,87 @@ impl SqliteStore {
         policy: Option<&AdmissionPolicy>,
     ) -> StoreResult<Admission> {
         let mut tx = self.begin().await?;
-        let now = clock();
         let mut out = Outbox::default();
-        if let Some(key) = &spec.idempotency_key {
-            let existing =
-                sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            if let Some(row) = existing {
-                let run_id: String = row.try_get("id").map_err(db)?;
-                let fingerprint: String = row.try_get("request_fingerprint").map_err(db)?;
-                if fingerprint != spec.request_fingerprint {
-                    return Err(StoreError::IdempotencyConflict { run_id });
-                }
-                let run = reload(&mut tx, &run_id).await?;
-                return Ok(Admission::Accepted(Box::new(CreatedRun {
-                    run,
-                    created: false,
-                })));
-            }
+        let admission = insert_run(&mut tx, &mut out, clock(), spec, policy).await?;
+        // A refusal or a replayed key wrote nothing: dropping the transaction rolls it back.
+        if matches!(&admission, Admission::Accepted(created) if created.created) {
+            self.commit(tx, out).await?;
         }
-        if let Some(policy) = policy {
-            if let Some(refusal) = admission_refusal(&mut tx, now, spec, policy).await? {
-                return Ok(refusal);
-            }
-        }
-        let id = uuid::Uuid::now_v7().to_string();
-        let state = RunState::new(spec.max_attempts);
-        sqlx::query(
-            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
-             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
-             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(&spec.lane)
-        .bind(state.status.as_str())
-        .bind(i64::from(state.max_attempts))
-        .bind(encode(spec, "run spec")?)
-        .bind(spec.resources.cpus)
-        .bind(spec.resources.memory_mb as i64)
-        .bind(now)
-        .bind(spec.heartbeat_timeout_ms)
-        .bind(spec.timeout_ms)
-        .bind(spec.output_limit_bytes)
-        .bind(spec.idempotency_key.as_deref())
-        .bind(&spec.request_fingerprint)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let body = status_body(RunStatus::Pending, 0, None, None);
-        push_status(&mut tx, &mut out, &id, now, body, RunStatus::Pending, 0).await?;
-        out.run_pending(&spec.lane);
-        let run = reload(&mut tx, &id).await?;
-        self.commit(tx, out).await?;
-        Ok(Admission::Accepted(Box::new(CreatedRun {
-            run,
-            created: true,
-        })))
+        Ok(admission)
     }
 
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         let mut conn = self.reader.acquire().await.map_err(db)?;
         Ok(load_run(&mut conn, run_id).await?.map(|l| l.run))
     }
+}
+
+/// Accepts a run inside the caller's transaction, deciding its admission first when a policy
+/// is given, or answers the run an identical submission under the same key already made. The
+/// caller commits (or, on a refusal, drops the transaction).
+async fn insert_run(
+    tx: &mut SqliteConnection,
+    out: &mut Outbox,
+    now: Millis,
+    spec: &RunSpec,
+    policy: Option<&AdmissionPolicy>,
+) -> StoreResult<Admission> {
+    if let Some(key) = &spec.idempotency_key {
+        let existing =
+            sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = ?")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if let Some(row) = existing {
+            let run_id: String = row.try_get("id").map_err(db)?;
+            let fingerprint: String = row.try_get("request_fingerprint").map_err(db)?;
+            if fingerprint != spec.request_fingerprint {
+                return Err(StoreError::IdempotencyConflict { run_id });
+            }
+            let run = reload(&mut *tx, &run_id).await?;
+            return Ok(Admission::Accepted(Box::new(CreatedRun {
+                run,
+                created: false,
+            })));
+        }
+    }
+    if let Some(policy) = policy {
+        if let Some(refusal) = admission_refusal(&mut *tx, now, spec, policy).await? {
+            return Ok(refusal);
+        }
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let state = RunState::new(spec.max_attempts);
+    sqlx::query(
+        "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
+         created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
+         request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(&spec.lane)
+    .bind(state.status.as_str())
+    .bind(i64::from(state.max_attempts))
+    .bind(encode(spec, "run spec")?)
+    .bind(spec.resources.cpus)
+    .bind(spec.resources.memory_mb as i64)
+    .bind(now)
+    .bind(spec.heartbeat_timeout_ms)
+    .bind(spec.timeout_ms)
+    .bind(spec.output_limit_bytes)
+    .bind(spec.idempotency_key.as_deref())
+    .bind(&spec.request_fingerprint)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let body = status_body(RunStatus::Pending, 0, None, None);
+    push_status(&mut *tx, out, &id, now, body, RunStatus::Pending, 0).await?;
+    out.run_pending(&spec.lane);
+    let run = reload(&mut *tx, &id).await?;
+    Ok(Admission::Accepted(Box::new(CreatedRun {
+        run,
+        created: true,
+    })))
 }
 
 /// Loads a run for a worker call, or `NotFound`.
@@ -436,6 +452,26 @@ impl Store for SqliteStore {
         self.create(spec, Some(policy)).await
     }
 
+    async fn admit_runs(
+        &self,
+        batch: &[(RunSpec, AdmissionPolicy)],
+    ) -> StoreResult<BatchAdmission> {
+        let mut tx = self.begin().await?;
+        let now = clock();
+        let mut out = Outbox::default();
+        let mut runs = Vec::with_capacity(batch.len());
+        for (index, (spec, policy)) in batch.iter().enumerate() {
+            let decided = insert_run(&mut tx, &mut out, now, spec, Some(policy)).await;
+            match batch_entry(&spec.lane, decided)? {
+                Ok(created) => runs.push(created),
+                // Dropping the transaction un-writes the entries before this one.
+                Err(refusal) => return Ok(BatchAdmission::Refused { index, refusal }),
+            }
+        }
+        self.commit(tx, out).await?;
+        Ok(BatchAdmission::Accepted(runs))
+    }
+
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         self.read_run(run_id).await
     }
@@ -522,8 +558,15 @@ impl Store for SqliteStore {
         ))
         .bind(now);
         one_row(guarded(q, &loaded).execute(&mut *tx).await.map_err(db)?)?;
-        if let Some(decision) = transition.decision {
-            end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?;
+        match (transition.decision, &loaded.run.worker_id) {
+            (Some(decision), _) => {
+                end_attempt(&mut tx, &mut out, now, &loaded, decision, Ending::default()).await?
+            }
+            // In flight: its worker's control poll hears of it now, its heartbeat later.
+            (None, Some(worker_id)) => {
+                out.cancel_requested(run_id, loaded.run.attempt, worker_id);
+            }
+            (None, None) => {}
         }
         let run = reload(&mut tx, run_id).await?;
         self.commit(tx, out).await?;

@@ -177,6 +177,9 @@ pub(crate) async fn end_attempt(
             one_row(guarded(q, loaded).execute(&mut *conn).await.map_err(db)?)?;
         }
     }
+    if let (true, Some(worker_id)) = (run.status.is_in_flight(), &run.worker_id) {
+        out.room_freed(&run.spec.lane, worker_id);
+    }
     if run.status.is_in_flight() {
         sqlx::query(
             "UPDATE attempts SET finished_at = ?, status = ?, error_code = ?, exit_code = ?, \

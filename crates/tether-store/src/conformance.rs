@@ -23,9 +23,9 @@ use tether_domain::{
 };
 
 use crate::{
-    Admission, AdmissionPolicy, AppendOutcome, ClaimLimits, EventKind, EventRecord, FinishReport,
-    NewWorker, OutputChunk, OutputStream, ReapPolicy, RunBeat, RunFilter, RunRef, SharedStore,
-    Signal, StoreError,
+    Admission, AdmissionPolicy, AppendOutcome, BatchAdmission, BatchRefusal, ClaimLimits,
+    EventKind, EventRecord, FinishReport, NewWorker, OutputChunk, OutputStream, ReapPolicy,
+    RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError,
 };
 
 /// A fresh store, and whatever must stay alive while it is used (a temp dir, a database).
@@ -56,6 +56,9 @@ macro_rules! store_conformance_tests {
             legacy_queued_reads_as_pending,
             idempotency_key_returns_the_same_run_or_conflicts,
             a_reject_lane_admits_only_what_fits_at_once,
+            a_batch_is_written_whole_in_order_and_replays_by_key,
+            a_batch_refused_at_one_entry_writes_nothing,
+            a_batch_into_a_reject_lane_is_all_or_nothing,
             concurrent_claims_hand_each_run_to_one_worker,
             claims_are_first_in_first_out_within_a_lane,
             claims_stay_within_worker_capacity,
@@ -469,6 +472,161 @@ pub async fn idempotency_key_returns_the_same_run_or_conflicts(h: &dyn Harness) 
     let page = store.list_runs(&RunFilter::default()).await.unwrap();
     assert_eq!(page.runs.len(), 1, "no second run was made");
     assert_eq!(all_events(store, &first.run.id).await.len(), 1);
+}
+
+fn queue_policy() -> AdmissionPolicy {
+    AdmissionPolicy {
+        reject_when_full: false,
+        max_concurrency: None,
+        worker_fresh_ms: 60_000,
+    }
+}
+
+fn keyed(key: &str, command: &str) -> RunSpec {
+    spec_with(|r| {
+        r.idempotency_key = Some(key.into());
+        r.command = vec![command.into()];
+    })
+}
+
+pub async fn a_batch_is_written_whole_in_order_and_replays_by_key(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let mut signals = store.subscribe();
+    let batch: Vec<_> = (0..5)
+        .map(|i| (keyed(&format!("k{i}"), "true"), queue_policy()))
+        .collect();
+    let BatchAdmission::Accepted(first) = store.admit_runs(&batch).await.unwrap() else {
+        panic!("a queue lane admits the whole batch");
+    };
+    assert_eq!(first.len(), 5);
+    assert!(first.iter().all(|c| c.created));
+    let keys: Vec<_> = first
+        .iter()
+        .map(|c| c.run.spec.idempotency_key.clone().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["k0", "k1", "k2", "k3", "k4"],
+        "answers in the batch's order"
+    );
+    for created in &first {
+        assert_eq!(created.run.status, RunStatus::Pending);
+        assert_eq!(all_events(store, &created.run.id).await.len(), 1);
+    }
+    let woke = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(Signal::RunPending { lane }) = signals.recv().await {
+                return lane;
+            }
+        }
+    })
+    .await
+    .expect("a RunPending signal after the batch commits");
+    assert_eq!(woke, "default");
+
+    // The same batch again: the same runs, nothing new; a key repeated inside one batch
+    // answers its first run.
+    let BatchAdmission::Accepted(again) = store.admit_runs(&batch).await.unwrap() else {
+        panic!("a replayed batch is accepted");
+    };
+    let ids =
+        |runs: &[crate::CreatedRun]| runs.iter().map(|c| c.run.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&first));
+    assert!(again.iter().all(|c| !c.created));
+    let twice = vec![
+        (keyed("dup", "true"), queue_policy()),
+        (keyed("dup", "true"), queue_policy()),
+    ];
+    let BatchAdmission::Accepted(dup) = store.admit_runs(&twice).await.unwrap() else {
+        panic!("a key repeated in a batch is accepted");
+    };
+    assert_eq!(dup[0].run.id, dup[1].run.id);
+    assert!(dup[0].created && !dup[1].created);
+    let page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 6);
+}
+
+pub async fn a_batch_refused_at_one_entry_writes_nothing(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let earlier = store.create_run(&keyed("taken", "true")).await.unwrap();
+    let batch = vec![
+        (keyed("a", "true"), queue_policy()),
+        (keyed("b", "true"), queue_policy()),
+        (keyed("taken", "false"), queue_policy()),
+        (keyed("c", "true"), queue_policy()),
+    ];
+    match store.admit_runs(&batch).await.unwrap() {
+        BatchAdmission::Refused {
+            index: 2,
+            refusal: BatchRefusal::IdempotencyConflict { run_id },
+        } => assert_eq!(run_id, earlier.run.id),
+        other => panic!("entry 2 reuses a key with another body, got {other:?}"),
+    }
+    let page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 1, "entries 0 and 1 were not kept");
+
+    register(store, 2.0).await;
+    let huge = spec_with(|r| {
+        r.resources = Some(Resources {
+            cpus: 64.0,
+            memory_mb: 256,
+        })
+    });
+    let batch = vec![(spec(), queue_policy()), (huge, queue_policy())];
+    assert_eq!(
+        store.admit_runs(&batch).await.unwrap(),
+        BatchAdmission::Refused {
+            index: 1,
+            refusal: BatchRefusal::NeverFits
+        }
+    );
+    let page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 1, "a refused batch writes nothing");
+}
+
+pub async fn a_batch_into_a_reject_lane_is_all_or_nothing(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let reject = AdmissionPolicy {
+        reject_when_full: true,
+        ..queue_policy()
+    };
+    let strict = || (spec_with(|r| r.lane = Some("strict".into())), reject);
+    register(store, 3.0).await;
+    // Room for three: a batch of four is refused whole, naming the lane; of three, admitted.
+    let four: Vec<_> = (0..4).map(|_| strict()).collect();
+    assert_eq!(
+        store.admit_runs(&four).await.unwrap(),
+        BatchAdmission::Refused {
+            index: 3,
+            refusal: BatchRefusal::LaneFull {
+                lane: "strict".into()
+            }
+        }
+    );
+    assert!(store
+        .list_runs(&RunFilter::default())
+        .await
+        .unwrap()
+        .runs
+        .is_empty());
+    let three: Vec<_> = (0..3).map(|_| strict()).collect();
+    let BatchAdmission::Accepted(runs) = store.admit_runs(&three).await.unwrap() else {
+        panic!("room for three");
+    };
+    assert_eq!(runs.len(), 3);
+    assert_eq!(
+        store.admit_runs(&[strict()]).await.unwrap(),
+        BatchAdmission::Refused {
+            index: 0,
+            refusal: BatchRefusal::LaneFull {
+                lane: "strict".into()
+            }
+        },
+        "the batch's runs hold the room"
+    );
 }
 
 pub async fn a_reject_lane_admits_only_what_fits_at_once(h: &dyn Harness) {

@@ -3,7 +3,26 @@
 
 use tether_domain::{ErrorCode, Millis, RunStatus};
 
-use crate::{ReapPolicy, RunRecord, StoreError, StoreResult};
+use crate::{Admission, BatchRefusal, CreatedRun, ReapPolicy, RunRecord, StoreError, StoreResult};
+
+/// One batch entry's outcome, as both stores read [`crate::Store::admit_runs`]'s per-entry
+/// decision: the run, or why the batch stops at it. Other errors fail the whole call.
+pub fn batch_entry(
+    lane: &str,
+    decided: StoreResult<Admission>,
+) -> StoreResult<Result<CreatedRun, BatchRefusal>> {
+    match decided {
+        Ok(Admission::Accepted(created)) => Ok(Ok(*created)),
+        Ok(Admission::LaneFull) => Ok(Err(BatchRefusal::LaneFull {
+            lane: lane.to_string(),
+        })),
+        Ok(Admission::NeverFits) => Ok(Err(BatchRefusal::NeverFits)),
+        Err(StoreError::IdempotencyConflict { run_id }) => {
+            Ok(Err(BatchRefusal::IdempotencyConflict { run_id }))
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// The reaper's deadlines of one in-flight run, as the store keeps them on the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ mod records;
 
 pub use endpoints::*;
 pub use error::StoreError;
-pub use judge::{parse_cursor, reap_reason, ReapDeadlines};
+pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
 pub use outbox::{status_body, Outbox};
 pub use records::*;
 
@@ -51,6 +51,13 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// reserve, have room for it now and the lane is under its `max_concurrency`. A resubmission
     /// under an accepted idempotency key is accepted (`created: false`) whatever the room.
     async fn admit_run(&self, spec: &RunSpec, policy: &AdmissionPolicy) -> StoreResult<Admission>;
+
+    /// Many submissions in one transaction, each decided as [`Store::admit_run`] would, in
+    /// order, seeing the runs admitted before it in the same batch (so a `reject` lane's room
+    /// is counted once for all of them, and a key repeated in the batch answers its first
+    /// run). All are written, or, at the first refusal, none.
+    async fn admit_runs(&self, batch: &[(RunSpec, AdmissionPolicy)])
+        -> StoreResult<BatchAdmission>;
 
     /// One run, with `queue_position` filled in while it is pending.
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;

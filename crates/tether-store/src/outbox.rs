@@ -13,12 +13,27 @@ use crate::Signal;
 pub struct Outbox {
     last_seq: BTreeMap<String, i64>,
     pending_lanes: BTreeSet<String>,
+    /// (lane, worker) pairs that have room again.
+    room_freed: BTreeSet<(String, String)>,
+    cancels: Vec<(String, u32, String)>,
 }
 
 impl Outbox {
     /// A run became pending in `lane`.
     pub fn run_pending(&mut self, lane: &str) {
         self.pending_lanes.insert(lane.to_string());
+    }
+
+    /// An attempt `worker_id` held in `lane` ended.
+    pub fn room_freed(&mut self, lane: &str, worker_id: &str) {
+        self.room_freed
+            .insert((lane.to_string(), worker_id.to_string()));
+    }
+
+    /// A cancel was asked of the in-flight `attempt` that `worker_id` holds.
+    pub fn cancel_requested(&mut self, run_id: &str, attempt: u32, worker_id: &str) {
+        self.cancels
+            .push((run_id.to_string(), attempt, worker_id.to_string()));
     }
 
     /// A run's events now reach `seq`.
@@ -35,7 +50,19 @@ impl Outbox {
             .pending_lanes
             .into_iter()
             .map(|lane| Signal::RunPending { lane });
-        events.chain(lanes).collect()
+        let freed = self
+            .room_freed
+            .into_iter()
+            .map(|(lane, worker_id)| Signal::RoomFreed { lane, worker_id });
+        let cancels = self
+            .cancels
+            .into_iter()
+            .map(|(run_id, attempt, worker_id)| Signal::CancelRequested {
+                run_id,
+                attempt,
+                worker_id,
+            });
+        events.chain(lanes).chain(freed).chain(cancels).collect()
     }
 }
 

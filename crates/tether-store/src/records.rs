@@ -98,6 +98,30 @@ pub enum Admission {
     NeverFits,
 }
 
+/// What admission decided for a batch: all of it, or the first entry refused and why (then
+/// nothing of the batch was written).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchAdmission {
+    /// Every run, in the batch's order.
+    Accepted(Vec<CreatedRun>),
+    Refused {
+        index: usize,
+        refusal: BatchRefusal,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchRefusal {
+    LaneFull {
+        lane: String,
+    },
+    NeverFits,
+    /// The entry's idempotency key names a different submission (`run_id`).
+    IdempotencyConflict {
+        run_id: String,
+    },
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunFilter {
     pub status: Option<RunStatus>,
@@ -314,6 +338,17 @@ pub enum Signal {
     RunPending { lane: String },
     /// A run has new events up to `seq`.
     RunEvents { run_id: String, seq: i64 },
+    /// An attempt held by `worker_id` in `lane` ended (finished, reaped, cancelled, handed
+    /// back), so that worker, and the lane's `max_concurrency`, have room again: waiting claims
+    /// re-try at once instead of on a timer.
+    RoomFreed { lane: String, worker_id: String },
+    /// A cancel was asked of an in-flight attempt: its worker's control poll answers at once
+    /// instead of at the next heartbeat.
+    CancelRequested {
+        run_id: String,
+        attempt: u32,
+        worker_id: String,
+    },
 }
 
 /// How the reaper judges in-flight runs.

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tether_api::{
-    Assignment, ClaimRequest, ClientError, HeartbeatRequest, HeartbeatResponse,
+    Assignment, ClaimRequest, ClientError, ControlRequest, HeartbeatRequest, HeartbeatResponse,
     RegisterWorkerRequest, RunBeatWire, TetherClient,
 };
 use tether_domain::Resources;
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,7 +57,8 @@ impl Default for WorkerConfig {
             labels: BTreeMap::new(),
             kill_grace: Duration::from_secs(10),
             claim_wait: Duration::from_secs(20),
-            max_runs_per_claim: 4,
+            // The server hands out no more than fits, so asking for many costs nothing.
+            max_runs_per_claim: 64,
             drain_timeout: Duration::ZERO,
             pass_env: crate::supervisor::DEFAULT_PASS_ENV
                 .iter()
@@ -112,6 +114,7 @@ pub async fn run_worker(
             worker_id: worker_id.clone(),
             held: Held::default(),
             tracker: TaskTracker::new(),
+            freed: Arc::new(Notify::new()),
         };
         match session.run(interval, &shutdown).await {
             SessionEnd::Shutdown => {
@@ -201,12 +204,22 @@ struct Held(Arc<Mutex<HashMap<(String, u32), HeldAttempt>>>);
 struct HeldAttempt {
     control: AttemptControl,
     stats: Arc<AttemptStats>,
+    /// What the attempt reserves of this worker's capacity.
+    reserves: Resources,
 }
 
 impl Held {
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, u32), HeldAttempt>> {
         // A panic while holding the lock leaves a map that is still valid.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `capacity`, less what the held attempts reserve, could take another run.
+    fn has_room(&self, capacity: &Resources) -> bool {
+        let held = self.lock();
+        let cpus: f64 = held.values().map(|h| h.reserves.cpus).sum();
+        let memory_mb: u64 = held.values().map(|h| h.reserves.memory_mb).sum();
+        capacity.cpus - cpus > 1e-9 && capacity.memory_mb > memory_mb
     }
 
     /// Every attempt's part of a heartbeat.
@@ -249,6 +262,8 @@ struct Session {
     worker_id: String,
     held: Held,
     tracker: TaskTracker,
+    /// Told each time an attempt ends, so a full worker asks for more at once.
+    freed: Arc<Notify>,
 }
 
 impl Session {
@@ -265,6 +280,13 @@ impl Session {
             forgotten.clone(),
             stop_beating.clone(),
             draining.clone(),
+        ));
+        let control = tokio::spawn(control_loop(
+            self.client.clone(),
+            self.worker_id.clone(),
+            self.config.claim_wait,
+            self.held.clone(),
+            stop_beating.clone(),
         ));
         let end = self.claim_loop(shutdown, &forgotten).await;
         self.tracker.close();
@@ -290,6 +312,7 @@ impl Session {
         self.tracker.wait().await;
         stop_beating.cancel();
         let _ = beats.await;
+        let _ = control.await;
         end
     }
 
@@ -304,6 +327,16 @@ impl Session {
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
+            // A full worker asks for nothing: the end of one of its attempts wakes it (a
+            // claim held open meanwhile would only be woken to take nothing).
+            if !self.held.has_room(&self.config.capacity) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                    _ = forgotten.cancelled() => return SessionEnd::Forgotten,
+                    _ = self.freed.notified() => {}
+                }
+                continue;
+            }
             let asked = Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -362,6 +395,7 @@ impl Session {
                 HeldAttempt {
                     control,
                     stats: stats.clone(),
+                    reserves: assignment.resources.unwrap_or_default(),
                 },
             );
         }
@@ -375,10 +409,13 @@ impl Session {
             pass_env: self.config.pass_env.iter().cloned().collect(),
         };
         let held = self.held.clone();
+        let freed = self.freed.clone();
         self.tracker.spawn(async move {
             let end = supervise(assignment, reporter, stats, directives, options).await;
             tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
             held.lock().remove(&key);
+            // A stored permit if the claim loop is not waiting: it looks again at once.
+            freed.notify_one();
         });
     }
 }
@@ -419,6 +456,57 @@ async fn heartbeat_loop(
             }
             Ok(Err(err)) => tracing::warn!(worker_id, %err, "heartbeat failed"),
             Err(_) => tracing::warn!(worker_id, ?patience, "heartbeat timed out"),
+        }
+    }
+}
+
+/// Keeps a control long-poll open, so a cancel reaches its attempt about one round trip after
+/// it is asked rather than at the next heartbeat (which still carries it, as the fallback).
+async fn control_loop(
+    client: TetherClient,
+    worker_id: String,
+    wait: Duration,
+    held: Held,
+    stop: CancellationToken,
+) {
+    let request = ControlRequest {
+        wait_ms: wait.as_millis() as u64,
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.control(&worker_id, &request) => r,
+        };
+        let pause = match result {
+            Ok(answer) => {
+                backoff.reset();
+                for run in &answer.cancel {
+                    tracing::info!(
+                        run_id = run.run_id,
+                        attempt = run.attempt,
+                        "cancel requested"
+                    );
+                    held.order(&run.run_id, run.attempt, Directive::Cancel);
+                }
+                None
+            }
+            // A server without the control call: the heartbeat carries cancels alone.
+            Err(err) if err.code() == Some("no_route") => {
+                tracing::info!("the server has no control channel; cancels arrive by heartbeat");
+                return;
+            }
+            // The heartbeat loop handles a forgotten worker; this loop only waits.
+            Err(err) => {
+                tracing::debug!(worker_id, %err, "control poll failed; retrying");
+                Some(backoff.next_delay())
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
     }
 }

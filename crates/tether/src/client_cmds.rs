@@ -6,7 +6,7 @@ use std::io::Write;
 use clap::Args;
 use futures::StreamExt;
 use tether_api::client::ListRunsQuery;
-use tether_api::{SubmitRequest, TetherClient};
+use tether_api::{BatchSubmitRequest, SubmitRequest, TetherClient};
 use tether_domain::time::parse_duration_ms;
 use tether_domain::Resources;
 
@@ -101,10 +101,19 @@ pub struct RunArgs {
     /// claims the run, to a ready endpoint or the pool's fallback.
     #[arg(long = "endpoint", value_parser = key_value)]
     pub endpoints: Vec<(String, String)>,
+    /// Read one command per line from standard input (each runs as `sh -c LINE`; blank lines
+    /// are skipped) and submit them in batches of up to 1,000, each batch admitted whole or
+    /// not at all. Needs --detach; prints one run id per line, in order. With
+    /// --idempotency-key K, line N gets the key `K:N`.
+    #[arg(long, requires = "detach", conflicts_with = "command")]
+    pub stdin: bool,
     /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "stdin")]
     pub command: Vec<String>,
 }
+
+/// Submissions per `POST /v1/runs/batch` (the server's limit).
+const BATCH: usize = 1_000;
 
 pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     let client = args.client.client()?;
@@ -129,12 +138,47 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         endpoints: args.endpoints.into_iter().collect(),
         ..SubmitRequest::default()
     };
+    if args.stdin {
+        return submit_lines(&client, &request).await;
+    }
     let run = client.submit(&request).await?;
     if args.detach {
         println!("{}", run.id);
         return Ok(0);
     }
     follow_run(&client, &run.id).await
+}
+
+/// `tether run --detach --stdin`: every line of standard input as `sh -c LINE`, with the rest
+/// of `template`, submitted in batches.
+async fn submit_lines(client: &TetherClient, template: &SubmitRequest) -> Result<u8, CliError> {
+    use std::io::BufRead;
+    let mut requests = Vec::new();
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        requests.push(SubmitRequest {
+            command: vec!["sh".into(), "-c".into(), line],
+            idempotency_key: template
+                .idempotency_key
+                .as_ref()
+                .map(|key| format!("{key}:{}", n + 1)),
+            ..template.clone()
+        });
+    }
+    for chunk in requests.chunks(BATCH) {
+        let answer = client
+            .submit_batch(&BatchSubmitRequest {
+                runs: chunk.to_vec(),
+            })
+            .await?;
+        for run in answer.runs {
+            println!("{}", run.id);
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Debug, Clone, Args)]

@@ -20,6 +20,7 @@ use crate::AppState;
 pub fn router(state: AppState) -> Router {
     let client = Router::new()
         .route("/v1/runs", post(runs::create_run).get(runs::list_runs))
+        .route("/v1/runs/batch", post(runs::create_runs))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
         .route("/v1/runs/{id}/logs", get(runs::run_logs))
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/workers/{id}/claim", post(workers::claim))
         .route("/v1/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route("/v1/workers/{id}/control", post(workers::control))
         .route(
             "/v1/runs/{id}/attempts/{attempt}/start",
             post(attempts::start),

@@ -7,9 +7,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream;
 use serde::Deserialize;
-use tether_api::{RunList, RunView, SubmitRequest};
-use tether_domain::RunStatus;
-use tether_store::{Admission, EventKind, RunFilter, RunRecord};
+use tether_api::{BatchSubmitResponse, RunList, RunView, SubmitRequest};
+use tether_domain::{RunSpec, RunStatus};
+use tether_store::{
+    Admission, AdmissionPolicy, BatchAdmission, BatchRefusal, CreatedRun, EventKind, RunFilter,
+    RunRecord,
+};
 
 use crate::admission::{admission_policy, retry_after, Capacity};
 
@@ -27,38 +30,14 @@ pub async fn create_run(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SubmitRequest>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
-    let lane_name = request
-        .lane
-        .as_deref()
-        .unwrap_or(tether_domain::config::DEFAULT_LANE);
-    let lane = state.config.lanes.lane(lane_name);
-    let spec = request.resolve(lane.as_ref(), &state.config.submit_defaults())?;
-    crate::dispatch::check_run_endpoints(&state, &spec.endpoints).await?;
-    let policy = admission_policy(&state, &lane.unwrap_or_default());
+    let (spec, policy) = resolve_submission(&state, request).await?;
     // Admit-or-refuse is decided in the store, in the transaction that accepts the run.
     let created = match state.store.admit_run(&spec, &policy).await? {
         Admission::Accepted(created) => created,
-        Admission::LaneFull => {
-            crate::metrics::run_refused(&spec.lane, "full");
-            return Err(ApiError::ResourcesExhausted {
-                retry_after_s: retry_after(&state, &spec.lane).await?,
-                lane: spec.lane,
-            });
-        }
-        Admission::NeverFits => {
-            crate::metrics::run_refused(&spec.lane, "never_fits");
-            return Err(ApiError::NeverFits {
-                needs: format!(
-                    "it needs {} cpus and {} MB",
-                    spec.resources.cpus, spec.resources.memory_mb
-                ),
-                lane: spec.lane,
-            });
-        }
+        Admission::LaneFull => return Err(lane_full(&state, spec.lane).await),
+        Admission::NeverFits => return Err(never_fits(&spec)),
     };
-    if created.created {
-        metrics::counter!(crate::metrics::RUNS_CREATED, "lane" => spec.lane.clone()).increment(1);
-    }
+    count_created(&created);
     // A new run's liveness is judged at its own creation stamp; one resubmitted under its key
     // needs the store's clock.
     let now = if created.created {
@@ -72,6 +51,116 @@ pub async fn create_run(
         StatusCode::ACCEPTED,
         Json(run_view(&created.run, None, &state.config, now)),
     ))
+}
+
+/// The most submissions one batch may hold.
+pub const MAX_BATCH: usize = 1_000;
+
+/// The body of a batch as read: entries are decoded one by one, so a bad one is named by its
+/// index.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    runs: Vec<serde_json::Value>,
+}
+
+/// `POST /v1/runs/batch`: many submissions in one transaction. Each is validated and admitted
+/// as `POST /v1/runs` would (idempotency keys included); all are accepted or none, and a
+/// refusal names the entry (`error.index`) and, for a full `reject` lane, the lane.
+#[utoipa::path(post, path = "/v1/runs/batch", request_body = tether_api::BatchSubmitRequest,
+    responses((status = 202, body = tether_api::BatchSubmitResponse),
+              (status = 400, body = tether_api::ErrorBody), (status = 409, body = tether_api::ErrorBody),
+              (status = 422, body = tether_api::ErrorBody, description = "an entry is invalid; `error.index` names it"),
+              (status = 503, body = tether_api::ErrorBody, description = "a reject lane has no room for the whole batch; see Retry-After")))]
+pub async fn create_runs(
+    State(state): State<AppState>,
+    ApiJson(batch): ApiJson<RawBatch>,
+) -> ApiResult<(StatusCode, Json<BatchSubmitResponse>)> {
+    if batch.runs.is_empty() || batch.runs.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            format!("runs: must hold 1 to {MAX_BATCH} submissions"),
+        ));
+    }
+    let mut entries = Vec::with_capacity(batch.runs.len());
+    for (index, raw) in batch.runs.into_iter().enumerate() {
+        let entry = async {
+            let request: SubmitRequest = serde_json::from_value(raw)
+                .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
+            resolve_submission(&state, request).await
+        };
+        entries.push(entry.await.map_err(|e| e.in_batch(index))?);
+    }
+    let created = match state.store.admit_runs(&entries).await? {
+        BatchAdmission::Accepted(created) => created,
+        BatchAdmission::Refused { index, refusal } => {
+            let error = match refusal {
+                BatchRefusal::LaneFull { lane } => lane_full(&state, lane).await,
+                BatchRefusal::NeverFits => never_fits(&entries[index].0),
+                BatchRefusal::IdempotencyConflict { run_id } => {
+                    ApiError::IdempotencyConflict { run_id }
+                }
+            };
+            return Err(error.in_batch(index));
+        }
+    };
+    let now = state.store.now().await?;
+    let runs = created
+        .iter()
+        .map(|c| {
+            count_created(c);
+            run_view(&c.run, None, &state.config, now)
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(BatchSubmitResponse { runs })))
+}
+
+/// A submission with its lane's and the server's defaults resolved and its endpoints checked,
+/// and the policy its lane admits it under.
+async fn resolve_submission(
+    state: &AppState,
+    request: SubmitRequest,
+) -> ApiResult<(RunSpec, AdmissionPolicy)> {
+    let lane_name = request
+        .lane
+        .as_deref()
+        .unwrap_or(tether_domain::config::DEFAULT_LANE);
+    let lane = state.config.lanes.lane(lane_name);
+    let spec = request.resolve(lane.as_ref(), &state.config.submit_defaults())?;
+    crate::dispatch::check_run_endpoints(state, &spec.endpoints).await?;
+    let policy = admission_policy(state, &lane.unwrap_or_default());
+    Ok((spec, policy))
+}
+
+fn count_created(created: &CreatedRun) {
+    if created.created {
+        metrics::counter!(crate::metrics::RUNS_CREATED, "lane" => created.run.spec.lane.clone())
+            .increment(1);
+    }
+}
+
+/// A `reject` lane without room: `503` with a `Retry-After` from what the lane runs (or the
+/// store's own error, should reading that fail).
+async fn lane_full(state: &AppState, lane: String) -> ApiError {
+    crate::metrics::run_refused(&lane, "full");
+    match retry_after(state, &lane).await {
+        Ok(retry_after_s) => ApiError::ResourcesExhausted {
+            retry_after_s,
+            lane,
+        },
+        Err(e) => e.into(),
+    }
+}
+
+fn never_fits(spec: &RunSpec) -> ApiError {
+    crate::metrics::run_refused(&spec.lane, "never_fits");
+    ApiError::NeverFits {
+        needs: format!(
+            "it needs {} cpus and {} MB",
+            spec.resources.cpus, spec.resources.memory_mb
+        ),
+        lane: spec.lane.clone(),
+    }
 }
 
 /// Why a pending run waits, read fresh (lists read capacity once for the whole page).

@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use tether_api::{
-    Assignment, ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse,
-    RegisterWorkerRequest, RegisterWorkerResponse, RunRefWire, WorkerList,
+    Assignment, ClaimRequest, ClaimResponse, ControlRequest, ControlResponse, HeartbeatRequest,
+    HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunRefWire, WorkerList,
 };
 use tether_store::{ClaimLimits, ClaimedRun, NewWorker, RunBeat, RunRef, Signal};
 use tokio::sync::broadcast::error::RecvError;
@@ -131,15 +131,31 @@ fn assignment(claimed: ClaimedRun) -> Assignment {
         timeout_ms: spec.timeout_ms.map(|ms| ms.max(0) as u64),
         stall_timeout_ms: spec.stall_timeout_ms.map(|ms| ms.max(0) as u64),
         output_limit_bytes: spec.output_limit_bytes.max(0) as u64,
+        resources: Some(spec.resources),
     }
 }
 
-/// While a claim waits, it retries this often even without a wake-up, so capacity freed
-/// elsewhere (a lane's `max_concurrency`) is noticed.
+/// While a claim waits, it also retries this often without a wake-up: a safety net only (a
+/// signal lost with a PostgreSQL listener's connection, a worker's heartbeat turning fresh
+/// again). Every change that frees room wakes the claim itself.
 const CLAIM_RECHECK: Duration = Duration::from_millis(1_000);
 
-/// `POST /v1/workers/{id}/claim`: hands out what fits now, or waits up to `wait_ms` for a run
-/// to become pending, woken by the store's signal rather than a poll.
+/// Whether `signal` may let `worker_id`'s claim take something it could not before: a run
+/// became pending, this worker has room again, or a lane capped by `max_concurrency` has.
+fn may_free_room(signal: &Signal, worker_id: &str, limits: &ClaimLimits) -> bool {
+    match signal {
+        Signal::RunPending { .. } => true,
+        Signal::RoomFreed {
+            lane,
+            worker_id: freed,
+        } => freed == worker_id || limits.lane_max_concurrency.contains_key(lane),
+        Signal::RunEvents { .. } | Signal::CancelRequested { .. } => false,
+    }
+}
+
+/// `POST /v1/workers/{id}/claim`: hands out what fits now, or waits up to `wait_ms` for
+/// something to fit, woken by the store's signals (a run became pending, room was freed)
+/// rather than a poll.
 #[utoipa::path(post, path = "/v1/workers/{id}/claim", request_body = tether_api::ClaimRequest,
     responses((status = 200, body = tether_api::ClaimResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn claim(
@@ -194,7 +210,8 @@ pub async fn claim(
                 }
                 _ = tokio::time::sleep_until(recheck) => break,
                 signal = signals.recv() => match signal {
-                    Ok(Signal::RunPending { .. }) | Err(RecvError::Lagged(_)) => break,
+                    Ok(signal) if may_free_room(&signal, &worker_id, &limits) => break,
+                    Err(RecvError::Lagged(_)) => break,
                     Ok(_) => continue,
                     Err(RecvError::Closed) => {
                         tokio::time::sleep_until(recheck).await;
@@ -204,6 +221,51 @@ pub async fn claim(
             }
         }
     }
+}
+
+/// `POST /v1/workers/{id}/control`: answers as soon as a cancel is asked of a run this worker
+/// holds, or empty after `wait_ms`. Woken by the store's signal, so a cancel reaches the
+/// worker in about a round trip instead of at its next heartbeat; a cancel asked while no
+/// poll is open (or lost with a lagging channel) still reaches it by the heartbeat.
+#[utoipa::path(post, path = "/v1/workers/{id}/control", request_body = tether_api::ControlRequest,
+    responses((status = 200, body = tether_api::ControlResponse)))]
+pub async fn control(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(worker_id): ApiPath<String>,
+    ApiJson(request): ApiJson<ControlRequest>,
+) -> ApiResult<Json<ControlResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
+    let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut signals = state.store.subscribe();
+    let mut cancel = Vec::new();
+    loop {
+        let signal = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            signal = signals.recv() => signal,
+        };
+        match signal {
+            Ok(Signal::CancelRequested {
+                run_id,
+                attempt,
+                worker_id: holder,
+            }) if holder == worker_id => {
+                cancel.push(RunRefWire { run_id, attempt });
+                break;
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => {
+                tokio::time::sleep_until(deadline).await;
+                break;
+            }
+        }
+    }
+    Ok(Json(ControlResponse { cancel }))
 }
 
 fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {

@@ -1,5 +1,6 @@
 //! The server's HTTP tests: every endpoint, every status code, against a real SQLite store.
 
+mod batch;
 mod console;
 mod endpoints;
 mod harness;

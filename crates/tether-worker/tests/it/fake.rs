@@ -146,6 +146,7 @@ pub fn assignment(command: &[&str]) -> Assignment {
         timeout_ms: None,
         stall_timeout_ms: None,
         output_limit_bytes: 1 << 30,
+        resources: None,
     }
 }
 

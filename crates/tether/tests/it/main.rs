@@ -13,3 +13,4 @@ mod outcomes;
 mod pg;
 mod restart;
 mod security;
+mod throughput;

@@ -1,0 +1,211 @@
+//! No timer on the hot path (issue 15): a slot that frees while work waits is refilled at once,
+//! and a cancel reaches its command in about a second (issue 12), with real processes.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cluster::{fast_except, free_port, id, spawn, wait_ready, Cluster, TETHER};
+use crate::pg::PgDatabase;
+
+fn stamp_ms(value: &Value) -> i64 {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("no stamp: {value}"));
+    let t = humantime::parse_rfc3339(text).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Every run of the (single) worker, once all `n` have ended.
+async fn wait_all_ended(c: &Cluster, n: usize, within: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let page: Value = c
+            .http
+            .get(format!("{}/v1/runs?limit=500", c.base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let runs = page["runs"].as_array().unwrap().clone();
+        let ended = runs.iter().filter(|r| !r["finished_at"].is_null()).count();
+        if runs.len() == n && ended == n {
+            return runs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ended} of {n} runs ended in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// For each start past the first `slots`, the time since the slot it took was freed: the
+/// earliest end not yet followed by a start. Runs in `runs` all ran on one worker.
+fn refill_gaps(runs: &[Value], slots: usize) -> Vec<i64> {
+    let mut spans: Vec<(i64, i64)> = runs
+        .iter()
+        .map(|r| (stamp_ms(&r["started_at"]), stamp_ms(&r["finished_at"])))
+        .collect();
+    spans.sort();
+    let mut ends = BinaryHeap::new();
+    let mut gaps = Vec::new();
+    for (start, end) in spans {
+        if ends.len() == slots {
+            let Reverse(freed) = ends.pop().unwrap();
+            gaps.push(start - freed);
+        }
+        ends.push(Reverse(end));
+    }
+    gaps
+}
+
+async fn refill_is_immediate(mut c: Cluster) {
+    c.start_server(&[]).await;
+    for _ in 0..200 {
+        c.submit(json!({"command": ["true"]})).await;
+    }
+    let _w = c.worker("w1", "2", &[]);
+    let runs = wait_all_ended(&c, 200, Duration::from_secs(120)).await;
+    for run in &runs {
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    let mut gaps = refill_gaps(&runs, 2);
+    gaps.sort();
+    assert_eq!(gaps.len(), 198);
+    let worst = *gaps.last().unwrap();
+    eprintln!(
+        "refill gaps (ms): p50 {} p99 {} max {worst}",
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() * 99 / 100]
+    );
+    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second, median about
+    // half; these bounds fail it for certain yet hold on a 2-core box at load 13 (measured
+    // there: median 89 ms, max 490 ms on PostgreSQL in a debug build).
+    let median = gaps[gaps.len() / 2];
+    assert!(median < 200, "median refill gap {median} ms: {gaps:?}");
+    assert!(worst < 800, "a freed slot waited {worst} ms: {gaps:?}");
+}
+
+#[tokio::test]
+async fn a_freed_slot_is_refilled_at_once_sqlite() {
+    refill_is_immediate(Cluster::sqlite()).await;
+}
+
+#[tokio::test]
+async fn a_freed_slot_is_refilled_at_once_postgres() {
+    let db = PgDatabase::create();
+    refill_is_immediate(Cluster::on_database(&db.url)).await;
+}
+
+#[tokio::test]
+async fn tether_up_drains_100_queued_echo_runs_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["up", "--listen", &listen, "--cpus", "2"];
+    args.extend(fast_except(&[]));
+    let _up = spawn(&args, dir.path());
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    wait_ready(&http, &base).await;
+    // Submitted as a user would: one command per line, in one batch.
+    let lines: String = (0..100).map(|n| format!("echo {n}\n")).collect();
+    let mut child = std::process::Command::new(TETHER)
+        .args(["run", "--detach", "--stdin"])
+        .env("TETHER_SERVER", &base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(lines.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let ids: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 100, "one id per line");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut first_created = i64::MAX;
+    let mut last_finished = 0;
+    for (n, run_id) in ids.iter().enumerate() {
+        let run = crate::cluster::wait_for(
+            &http,
+            &base,
+            run_id,
+            deadline - tokio::time::Instant::now(),
+            |r| !r["finished_at"].is_null(),
+        )
+        .await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        first_created = first_created.min(stamp_ms(&run["created_at"]));
+        last_finished = last_finished.max(stamp_ms(&run["finished_at"]));
+        let logs = http
+            .get(format!("{base}/v1/runs/{run_id}/logs"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(logs, format!("{n}\n"), "output exactly once");
+    }
+    let span = last_finished - first_created;
+    eprintln!("100 echo runs: first submitted to last ended in {span} ms");
+    // The target is 2 s on an idle machine; the bound here leaves room for a loaded CI box
+    // while still failing a timer-paced drain (about 43 s before).
+    assert!(span < 8_000, "100 runs took {span} ms");
+}
+
+/// `tether cancel` of a running command, with a 10 s heartbeat interval: the command gets
+/// SIGTERM within 1.5 s, because the cancel travels on the worker's open control poll.
+#[tokio::test]
+async fn a_cancel_reaches_the_command_within_a_second() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&["--heartbeat-interval", "10s", "--stale-after", "40s"])
+        .await;
+    let _w = c.worker("w1", "2", &[]);
+    c.wait_workers(1).await;
+    let marker = c.path().join("got-term");
+    let script = format!(
+        "trap 'touch {}; exit 0' TERM; sleep 60 & wait",
+        marker.display()
+    );
+    let run = c.submit(json!({"command": ["sh", "-c", script]})).await;
+    let run_id = id(&run);
+    c.wait_for(&run_id, Duration::from_secs(20), |r| {
+        r["status"] == "running"
+    })
+    .await;
+    // Let the control poll that was answered by the claim settle into its wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let out = std::process::Command::new(TETHER)
+        .args(["cancel", &run_id])
+        .env("TETHER_SERVER", c.base())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    while !marker.exists() {
+        assert!(
+            asked.elapsed() < Duration::from_millis(1_500),
+            "no SIGTERM within 1.5 s of the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "SIGTERM {} ms after tether cancel",
+        asked.elapsed().as_millis()
+    );
+    let done = c.wait_terminal(&run_id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+}
