@@ -192,7 +192,16 @@ pub struct TetherClient {
     current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
+    /// The secret of each worker this client registered, by worker id, sent with that
+    /// worker's calls (`WORKER_SECRET_HEADER`).
+    worker_secrets: Arc<std::sync::RwLock<std::collections::HashMap<String, String>>>,
 }
+
+/// How long an idle connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The header a worker call carries its worker's secret in.
+pub const WORKER_SECRET_HEADER: &str = "tether-worker-secret";
 
 impl TetherClient {
     /// `base_url` is the server's root, e.g. `http://127.0.0.1:7070` (a trailing `/` is fine).
@@ -225,6 +234,9 @@ impl TetherClient {
         }
         let http = http_client(ca_pem)?
             .connect_timeout(CONNECT_TIMEOUT)
+            // Well inside the server's header-read timeout (30 s by default), which also closes
+            // kept-alive connections: a connection is never reused just as the server drops it.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()
             .map_err(ClientError::transport)?;
         Ok(TetherClient {
@@ -232,6 +244,7 @@ impl TetherClient {
             current: Arc::new(AtomicUsize::new(0)),
             token: token.filter(|t| !t.is_empty()),
             http,
+            worker_secrets: Arc::default(),
         })
     }
 
@@ -370,13 +383,33 @@ impl TetherClient {
         request: &RegisterWorkerRequest,
     ) -> Result<RegisterWorkerResponse, ClientError> {
         let req = self.request(Method::POST, "/v1/workers").json(request);
-        self.call(req).await
+        let registered: RegisterWorkerResponse = self.call(req).await?;
+        if let Ok(mut secrets) = self.worker_secrets.write() {
+            secrets.insert(
+                registered.worker_id.clone(),
+                registered.worker_secret.clone(),
+            );
+        }
+        Ok(registered)
+    }
+
+    /// Adds the secret of `worker_id`, if this client registered it.
+    fn as_worker(&self, req: RequestBuilder, worker_id: &str) -> RequestBuilder {
+        let secret = self
+            .worker_secrets
+            .read()
+            .ok()
+            .and_then(|s| s.get(worker_id).cloned());
+        match secret {
+            Some(secret) => req.header(WORKER_SECRET_HEADER, secret),
+            None => req,
+        }
     }
 
     /// `DELETE /v1/workers/{id}`: the server hands the worker's in-flight runs back at once.
     pub async fn deregister_worker(&self, worker_id: &str) -> Result<(), ClientError> {
         let path = format!("/v1/workers/{}", segment(worker_id));
-        self.send(self.request(Method::DELETE, &path))
+        self.send(self.as_worker(self.request(Method::DELETE, &path), worker_id))
             .await
             .map(drop)
     }
@@ -393,7 +426,7 @@ impl TetherClient {
             .request_without_timeout(Method::POST, &path)
             .timeout(timeout)
             .json(request);
-        self.call(req).await
+        self.call(self.as_worker(req, worker_id)).await
     }
 
     /// `POST /v1/workers/{id}/control`: long-polls for up to `request.wait_ms` for cancels.
@@ -408,7 +441,7 @@ impl TetherClient {
             .request_without_timeout(Method::POST, &path)
             .timeout(timeout)
             .json(request);
-        self.call(req).await
+        self.call(self.as_worker(req, worker_id)).await
     }
 
     /// `POST /v1/workers/{id}/heartbeat`: one per interval, for the worker and all its runs.
@@ -418,8 +451,8 @@ impl TetherClient {
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
         let path = format!("/v1/workers/{}/heartbeat", segment(worker_id));
-        self.call(self.request(Method::POST, &path).json(request))
-            .await
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, worker_id)).await
     }
 
     /// `POST /v1/runs/{id}/attempts/{attempt}/start`.
@@ -430,8 +463,8 @@ impl TetherClient {
         request: &StartRequest,
     ) -> Result<RunView, ClientError> {
         let path = attempt_path(run_id, attempt, "start");
-        self.call(self.request(Method::POST, &path).json(request))
-            .await
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, &request.worker_id)).await
     }
 
     /// `POST /v1/runs/{id}/attempts/{attempt}/logs`.
@@ -442,8 +475,8 @@ impl TetherClient {
         request: &AppendLogRequest,
     ) -> Result<AppendLogResponse, ClientError> {
         let path = attempt_path(run_id, attempt, "logs");
-        self.call(self.request(Method::POST, &path).json(request))
-            .await
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, &request.worker_id)).await
     }
 
     /// `POST /v1/runs/{id}/attempts/{attempt}/finish`.
@@ -454,8 +487,8 @@ impl TetherClient {
         request: &FinishRequest,
     ) -> Result<RunView, ClientError> {
         let path = attempt_path(run_id, attempt, "finish");
-        self.call(self.request(Method::POST, &path).json(request))
-            .await
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, &request.worker_id)).await
     }
 
     // ---- endpoints (SPEC §5) --------------------------------------------------------------

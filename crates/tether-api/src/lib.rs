@@ -5,6 +5,8 @@ pub mod client;
 mod endpoints;
 mod wire;
 
-pub use client::{BoxStream, ClientError, ListRunsQuery, SseItem, TetherClient};
+pub use client::{
+    BoxStream, ClientError, ListRunsQuery, SseItem, TetherClient, WORKER_SECRET_HEADER,
+};
 pub use endpoints::*;
 pub use wire::*;

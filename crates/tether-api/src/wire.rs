@@ -129,6 +129,9 @@ pub struct RegisterWorkerRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterWorkerResponse {
     pub worker_id: String,
+    /// This worker's secret: every later worker call for `worker_id` sends it in the
+    /// `Tether-Worker-Secret` header. Shown once; the server keeps only its hash.
+    pub worker_secret: String,
     /// How often the worker must heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
 }

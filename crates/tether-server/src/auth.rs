@@ -105,6 +105,87 @@ pub async fn require_worker_token(
     Ok(next.run(request).await)
 }
 
+/// A new worker's secret and the hash the store keeps of it: 32 bytes from the kernel's
+/// generator, URL-safe base64.
+pub fn new_worker_secret() -> Result<(String, String), ApiError> {
+    use base64::Engine;
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| ApiError::Internal(format!("reading /dev/urandom: {e}")))?;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let hash = secret_hash(&secret);
+    Ok((secret, hash))
+}
+
+fn secret_hash(secret: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The worker secrets this server has checked against the store, by worker id: a worker's
+/// secret never changes, so after its first call each worker call costs no store read. Any
+/// server sharing the store verifies the same secret (the hash is in the store).
+#[derive(Default)]
+pub struct WorkerSecrets {
+    verified: std::sync::RwLock<std::collections::HashMap<String, String>>,
+}
+
+/// Past this many cached workers the cache starts over (a bound, not an expected size).
+const MAX_CACHED_WORKERS: usize = 65_536;
+
+impl WorkerSecrets {
+    /// Whether the call presenting `headers` is `worker_id`'s own: the secret handed out at its
+    /// registration must be in `Tether-Worker-Secret`. Invariant: a worker call is served only
+    /// for the worker whose secret it carries, so naming another worker's id is `403`.
+    pub async fn verify(
+        &self,
+        store: &tether_store::SharedStore,
+        worker_id: &str,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), ApiError> {
+        let cached = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|m| m.get(worker_id).cloned());
+        let expected = match cached {
+            Some(hash) => hash,
+            // A worker without a hash registered before secrets existed: it must register again.
+            None => match store.worker_secret_hash(worker_id).await? {
+                Some(hash) => hash,
+                None => return Err(ApiError::UnknownWorker),
+            },
+        };
+        // Unknown workers are told so (404) first, so they register again.
+        let presented = headers
+            .get(tether_api::WORKER_SECRET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(secret_hash)
+            .ok_or(ApiError::NotThisWorker)?;
+        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::NotThisWorker);
+        }
+        self.remember(worker_id, expected);
+        Ok(())
+    }
+
+    /// Caches a worker's hash: at registration (so its first call reads nothing) and once a
+    /// call has verified against the store.
+    pub fn remember(&self, worker_id: &str, hash: String) {
+        if let Ok(mut m) = self.verified.write() {
+            if m.len() >= MAX_CACHED_WORKERS {
+                m.clear();
+            }
+            m.insert(worker_id.to_string(), hash);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     /// CA certificates (PEM) trusted for `https://` readiness probes besides the public CAs.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// Where readiness probes may go (`--probe-networks`).
+    pub probe_networks: crate::probe_policy::ProbeNetworks,
     /// Timeouts and the cap on connections (see `accept.rs`).
     pub connections: crate::accept::ConnectionLimits,
 }
@@ -50,6 +52,7 @@ impl Default for ServerConfig {
             retention: Duration::from_secs(14 * 24 * 3600),
             tls: None,
             ca_cert_pem: None,
+            probe_networks: crate::probe_policy::ProbeNetworks::default(),
             connections: crate::accept::ConnectionLimits::default(),
         }
     }

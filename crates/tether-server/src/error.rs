@@ -23,6 +23,9 @@ pub enum ApiError {
     /// mark of a DNS-rebinding page.
     #[error("this server serves loopback only: Host and Origin must name localhost or a loopback address")]
     ForbiddenHost,
+    /// A worker call without the named worker's secret: one worker acting as another.
+    #[error("this call does not carry the secret of the worker it names")]
+    NotThisWorker,
     #[error("that method is not allowed on this path")]
     MethodNotAllowed,
     #[error("the request URI is too long")]
@@ -89,6 +92,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::ForbiddenHost => (StatusCode::FORBIDDEN, "forbidden_host"),
+            ApiError::NotThisWorker => (StatusCode::FORBIDDEN, "not_this_worker"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
             ApiError::HeadersTooLarge => (

@@ -13,6 +13,7 @@ mod extract;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod probe_policy;
 pub mod pruner;
 pub mod reaper;
 pub mod reconciler;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Recent store failures: readiness, and the heartbeat grace the reaper owes.
     pub health: health::StoreHealth,
+    pub worker_secrets: Arc<auth::WorkerSecrets>,
 }
 
 /// Why a server could not start.
@@ -104,6 +106,15 @@ impl RunningServer {
     }
 }
 
+/// Whether `config` may serve on `addr`: beyond loopback, both tokens are required. Callers
+/// check this before opening (and so creating) a store.
+pub fn check_listen(config: &ServerConfig, addr: SocketAddr) -> Result<(), StartError> {
+    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
+        return Err(StartError::TokensRequired(addr));
+    }
+    Ok(())
+}
+
 /// Starts serving on `listener` with `store`, and starts the background services.
 pub async fn start(
     config: ServerConfig,
@@ -113,9 +124,7 @@ pub async fn start(
     // Normally installed by the binary already; a no-op then.
     metrics::install();
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() && (config.api_token.is_none() || config.worker_token.is_none()) {
-        return Err(StartError::TokensRequired(addr));
-    }
+    check_listen(&config, addr)?;
     upsert_config_pools(&config, &store).await?;
     let shutdown = CancellationToken::new();
     let hub = events::EventHub::start(store.clone(), shutdown.clone());
@@ -125,6 +134,7 @@ pub async fn start(
         hub,
         shutdown: shutdown.clone(),
         health: health::StoreHealth::default(),
+        worker_secrets: Arc::default(),
     };
     let app = routes::router(state.clone());
     let open_files = accept::raise_open_files_limit();

@@ -73,6 +73,115 @@ use utoipa::OpenApi;
 )]
 struct ApiDoc;
 
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+/// The document as served: the handlers' annotations, with every path parameter declared and
+/// the error answers any call can get (from the guards, the extractors and the store) listed
+/// on every operation, so the document names every status the server can answer.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return doc;
+    };
+    for (path, item) in paths.iter_mut() {
+        let names: Vec<&str> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .collect();
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (_method, op) in item.iter_mut() {
+            let Some(op) = op.as_object_mut() else {
+                continue;
+            };
+            declare_path_params(op, &names);
+            add_common_errors(op);
+        }
+    }
+    doc
+}
+
+fn declare_path_params(op: &mut serde_json::Map<String, serde_json::Value>, names: &[&str]) {
+    let params = op
+        .entry("parameters")
+        .or_insert_with(|| serde_json::json!([]));
+    let Some(params) = params.as_array_mut() else {
+        return;
+    };
+    for name in names {
+        let declared = params
+            .iter()
+            .any(|p| p["name"] == *name && p["in"] == "path");
+        if declared {
+            continue;
+        }
+        let schema = if *name == "attempt" {
+            serde_json::json!({"type": "integer", "format": "int32", "minimum": 1})
+        } else {
+            serde_json::json!({"type": "string", "minLength": 1})
+        };
+        params.push(serde_json::json!({
+            "name": name,
+            "in": "path",
+            "required": true,
+            "schema": schema,
+        }));
+    }
+}
+
+/// Answers every operation may give whatever its handler does.
+const COMMON_ERRORS: &[(&str, &str)] = &[
+    ("400", "malformed JSON"),
+    ("401", "missing or wrong bearer token"),
+    (
+        "403",
+        "forbidden_host (tokens off, a Host or Origin that is not loopback) or not_this_worker",
+    ),
+    ("404", "not found"),
+    ("405", "method not allowed"),
+    ("409", "conflict"),
+    ("413", "body too large"),
+    ("414", "URI too long"),
+    ("415", "not sent as JSON"),
+    ("422", "invalid field"),
+    ("431", "headers too large"),
+    ("503", "store unavailable (see Retry-After)"),
+];
+
+fn add_common_errors(op: &mut serde_json::Map<String, serde_json::Value>) {
+    let responses = op
+        .entry("responses")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(responses) = responses.as_object_mut() else {
+        return;
+    };
+    for (status, description) in COMMON_ERRORS {
+        responses.entry(*status).or_insert_with(|| {
+            serde_json::json!({
+                "description": description,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            })
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_path_parameter_is_declared() {
+        let doc = super::document();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for name in path
+                    .split('/')
+                    .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+                {
+                    let declared = op["parameters"].as_array().is_some_and(|ps| {
+                        ps.iter().any(|p| p["name"] == name && p["in"] == "path")
+                    });
+                    assert!(declared, "{method} {path}: {name} is not declared");
+                }
+                assert!(op["responses"]["422"].is_object(), "{method} {path}");
+            }
+        }
+    }
 }

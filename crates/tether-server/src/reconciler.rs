@@ -55,6 +55,9 @@ pub async fn run_reconciler(state: AppState) {
         .timeout(timeout)
         .connect_timeout(timeout)
         .no_proxy()
+        // Only where the probe policy allows, and a redirect is an answer, not a hop.
+        .dns_resolver(state.config.probe_networks.resolver())
+        .redirect(reqwest::redirect::Policy::none())
         .build()
     {
         Ok(http) => http,
@@ -76,7 +79,8 @@ pub async fn run_reconciler(state: AppState) {
                 match state.store.claim_due_probes(due_after_ms, MAX_CLAIMS_PER_TICK).await {
                     Ok(claims) => {
                         for claim in claims {
-                            probes.spawn(probe(state.store.clone(), http.clone(), claim, timeout));
+                            let allowed = state.config.probe_networks.allows_url(&claim.readiness_url);
+                            probes.spawn(probe(state.store.clone(), http.clone(), claim, timeout, allowed));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim readiness probes"),
@@ -87,22 +91,32 @@ pub async fn run_reconciler(state: AppState) {
     }
 }
 
-/// Probes one endpoint and records the outcome against its claim.
-async fn probe(store: SharedStore, http: reqwest::Client, claim: ProbeClaim, timeout: Duration) {
-    let outcome = match tokio::time::timeout(timeout, http.get(&claim.readiness_url).send()).await {
-        Ok(Ok(resp)) if resp.status().is_success() => ProbeOutcome::Ready,
-        Ok(Ok(resp)) => ProbeOutcome::NotReady {
-            error: format!("readiness answered HTTP {}", resp.status()),
-        },
-        Ok(Err(e)) if e.is_timeout() => ProbeOutcome::NotReady {
-            error: format!("no readiness answer within {timeout:?}"),
-        },
-        Ok(Err(e)) => ProbeOutcome::NotReady {
-            error: format!("readiness probe failed: {e}"),
-        },
-        Err(_) => ProbeOutcome::NotReady {
-            error: format!("no readiness answer within {timeout:?}"),
-        },
+/// Probes one endpoint and records the outcome against its claim. `last_error` says only
+/// what kind of failure it was (`HTTP 503`, `unreachable`, a timeout): nothing of the answer's
+/// body or of the network's detail reaches clients.
+async fn probe(
+    store: SharedStore,
+    http: reqwest::Client,
+    claim: ProbeClaim,
+    timeout: Duration,
+    allowed: bool,
+) {
+    let not_ready = |error: String| ProbeOutcome::NotReady { error };
+    let outcome = if !allowed {
+        not_ready("refused: the probe policy does not allow this address".into())
+    } else {
+        match tokio::time::timeout(timeout, http.get(&claim.readiness_url).send()).await {
+            Ok(Ok(resp)) if resp.status().is_success() => ProbeOutcome::Ready,
+            Ok(Ok(resp)) => not_ready(format!("HTTP {}", resp.status().as_u16())),
+            Ok(Err(e)) if e.is_timeout() => {
+                not_ready(format!("no readiness answer within {timeout:?}"))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %claim.endpoint, error = %e, "readiness probe failed");
+                not_ready("unreachable".into())
+            }
+            Err(_) => not_ready(format!("no readiness answer within {timeout:?}")),
+        }
     };
     let label = match outcome {
         ProbeOutcome::Ready => "ready",

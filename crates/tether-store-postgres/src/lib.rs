@@ -872,7 +872,7 @@ impl Store for PgStore {
         let id = uuid::Uuid::now_v7().to_string();
         sqlx::query(
             "INSERT INTO workers (id, name, cpus, memory_mb, lanes, labels, registered_at, \
-             last_heartbeat_at) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7)",
+             last_heartbeat_at, secret_hash) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7, $8)",
         )
         .bind(&id)
         .bind(&worker.name)
@@ -881,6 +881,7 @@ impl Store for PgStore {
         .bind(&worker.lanes)
         .bind(encode(&worker.labels, "worker labels")?)
         .bind(now)
+        .bind(&worker.secret_hash)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -951,6 +952,20 @@ impl Store for PgStore {
 
     async fn lane_loads(&self) -> StoreResult<Vec<tether_store::LaneLoad>> {
         lanes::lane_loads(self.pool()).await
+    }
+
+    async fn worker_secret_hash(&self, worker_id: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query(
+            "SELECT secret_hash FROM workers WHERE id = $1 AND deregistered_at IS NULL",
+        )
+        .bind(worker_id)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(db)?;
+        match row {
+            Some(row) => row.try_get("secret_hash").map_err(db),
+            None => Err(StoreError::UnknownWorker),
+        }
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {

@@ -74,6 +74,31 @@ pub struct SqliteStore {
     signals: broadcast::Sender<Signal>,
 }
 
+/// Creates the database file (and any missing directories) readable by this user alone: new
+/// directories 0700, the file 0600 (an existing file is narrowed to 0600). SQLite gives its
+/// `-wal` and `-shm` files the database file's mode, so they are private too.
+fn make_private_file(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let failed = |what: &Path, e: std::io::Error| {
+        StoreError::Unavailable(format!("creating {}: {e}", what.display()))
+    };
+    if let Some(parent) = path.parent().filter(|p| *p != Path::new("")) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| failed(parent, e))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| failed(path, e))
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at a URL like `sqlite://./.tether/tether.db`
     /// and applies the embedded migrations.
@@ -87,13 +112,7 @@ impl SqliteStore {
             .foreign_keys(true);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         if !in_memory {
-            if let Some(parent) = options.get_filename().parent() {
-                if parent != Path::new("") {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        StoreError::Unavailable(format!("creating {}: {e}", parent.display()))
-                    })?;
-                }
-            }
+            make_private_file(options.get_filename())?;
         }
         // The one writer connection is kept for the store's life: an in-memory database dies
         // with its connection, and a file's is cheap to keep.
@@ -596,7 +615,7 @@ impl Store for SqliteStore {
         let id = uuid::Uuid::now_v7().to_string();
         sqlx::query(
             "INSERT INTO workers (id, name, cpus, memory_mb, lanes, labels, registered_at, \
-             last_heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             last_heartbeat_at, secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&worker.name)
@@ -606,12 +625,26 @@ impl Store for SqliteStore {
         .bind(encode(&worker.labels, "worker labels")?)
         .bind(now)
         .bind(now)
+        .bind(&worker.secret_hash)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
         let record = live_worker(&mut tx, &id).await?;
         self.commit(tx, Outbox::default()).await?;
         Ok(record)
+    }
+
+    async fn worker_secret_hash(&self, worker_id: &str) -> StoreResult<Option<String>> {
+        let row =
+            sqlx::query("SELECT secret_hash FROM workers WHERE id = ? AND deregistered_at IS NULL")
+                .bind(worker_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db)?;
+        match row {
+            Some(row) => row.try_get("secret_hash").map_err(db),
+            None => Err(StoreError::UnknownWorker),
+        }
     }
 
     async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>> {

@@ -66,6 +66,7 @@ macro_rules! store_conformance_tests {
             a_run_too_big_is_skipped_without_blocking_smaller_ones,
             claims_respect_lane_max_concurrency,
             unknown_and_deregistered_workers_are_refused,
+            a_worker_s_secret_hash_is_kept_while_it_is_registered,
             a_worker_with_a_stale_heartbeat_is_handed_nothing,
             lane_loads_count_pending_and_in_flight_runs,
             events_before_reads_a_log_backwards_from_its_tail,
@@ -162,6 +163,7 @@ fn worker(cpus: f64, lanes: &[&str]) -> NewWorker {
         },
         lanes: lanes.iter().map(|l| l.to_string()).collect(),
         labels: BTreeMap::new(),
+        secret_hash: None,
     }
 }
 
@@ -1167,6 +1169,37 @@ pub async fn writes_survive_callers_dropped_mid_transaction(h: &dyn Harness) {
             "a run without its first event"
         );
     }
+}
+
+/// The hash a worker registered with reads back while it is registered; an unknown or
+/// deregistered worker has none to read.
+pub async fn a_worker_s_secret_hash_is_kept_while_it_is_registered(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let with = store
+        .register_worker(&NewWorker {
+            secret_hash: Some("ab12".into()),
+            ..worker(1.0, &[])
+        })
+        .await
+        .unwrap();
+    let without = register(store, 1.0).await;
+    assert_eq!(
+        store.worker_secret_hash(&with.id).await.unwrap().as_deref(),
+        Some("ab12")
+    );
+    assert_eq!(store.worker_secret_hash(&without).await.unwrap(), None);
+    assert_err(
+        store.worker_secret_hash("no-such-worker").await,
+        is_unknown_worker,
+        "secret of an unknown worker",
+    );
+    store.deregister_worker(&with.id).await.unwrap();
+    assert_err(
+        store.worker_secret_hash(&with.id).await,
+        is_unknown_worker,
+        "secret of a deregistered worker",
+    );
 }
 
 pub async fn unknown_and_deregistered_workers_are_refused(h: &dyn Harness) {

@@ -79,6 +79,10 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
 
     async fn register_worker(&self, worker: &NewWorker) -> StoreResult<WorkerRecord>;
 
+    /// The secret hash a live worker registered with (`None` if it registered without one).
+    /// `UnknownWorker` if there is no such worker or it has deregistered.
+    async fn worker_secret_hash(&self, worker_id: &str) -> StoreResult<Option<String>>;
+
     /// A worker leaving on purpose: marks it gone and hands its in-flight runs back at once
     /// (each current attempt ends as if its heartbeat was lost: retried if attempts remain).
     /// Returns the runs it held.

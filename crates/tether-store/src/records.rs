@@ -163,6 +163,9 @@ pub struct RunPage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewWorker {
     pub name: String,
+    /// SHA-256 (hex) of the secret the worker was handed at registration; every worker call
+    /// presents the secret.
+    pub secret_hash: Option<String>,
     pub capacity: Resources,
     /// Empty: every lane.
     pub lanes: Vec<String>,

@@ -15,5 +15,7 @@ pub use control::{AttemptControl, AttemptStats, Directive};
 pub use reporter::{
     AppendAck, AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
 };
-pub use supervisor::{supervise, AttemptEnd, SupervisorOptions, Unreported};
+pub use supervisor::{
+    command_env, supervise, AttemptEnd, SupervisorOptions, Unreported, DEFAULT_PASS_ENV,
+};
 pub use worker::{run_worker, WorkerConfig, WorkerError};

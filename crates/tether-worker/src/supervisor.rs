@@ -30,18 +30,45 @@ const REPORT_PATIENCE: Duration = Duration::from_secs(30);
 /// rest of its process group is killed.
 const EXIT_SETTLE: Duration = Duration::from_millis(200);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SupervisorOptions {
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Names of the worker's own environment variables a command receives (besides the run's
+    /// `env`); see `command_env`.
+    pub pass_env: Arc<[String]>,
 }
 
 impl Default for SupervisorOptions {
     fn default() -> Self {
         SupervisorOptions {
             kill_grace: Duration::from_secs(10),
+            pass_env: DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
         }
     }
+}
+
+/// What a command receives of the worker's environment unless the worker is told otherwise:
+/// enough to find programs, a home, a locale and a time zone; no credentials.
+pub const DEFAULT_PASS_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+    "TERM",
+];
+
+/// A command's whole environment: the worker's variables named in `pass_env`, then the run's
+/// `env` over them. Nothing else of the worker's is passed: not its token, and no `TETHER_*`
+/// variable even when listed, since those configure Tether itself and may carry credentials.
+pub fn command_env(
+    pass_env: &[String],
+    run_env: &std::collections::BTreeMap<String, String>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = pass_env
+        .iter()
+        .filter(|name| !name.starts_with("TETHER_") && !run_env.contains_key(*name))
+        .filter_map(|name| std::env::var_os(name).map(|v| (name.into(), v)))
+        .collect();
+    env.extend(run_env.iter().map(|(k, v)| (k.into(), v.into())));
+    env
 }
 
 /// Why an attempt ended without a report.
@@ -98,7 +125,7 @@ pub async fn supervise(
     if orders.current() >= Directive::Shutdown {
         return AttemptEnd::Unreported(unreported_for(orders.current()));
     }
-    let mut child = match spawn(&assignment) {
+    let mut child = match spawn(&assignment, &options.pass_env) {
         Ok(child) => child,
         Err(message) => {
             tracing::info!(run_id, attempt, %message, "spawn failed");
@@ -283,10 +310,11 @@ pub async fn supervise(
     report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await
 }
 
-fn spawn(assignment: &Assignment) -> Result<Child, String> {
+fn spawn(assignment: &Assignment, pass_env: &[String]) -> Result<Child, String> {
     let Some((program, args)) = assignment.command.split_first() else {
         return Err("the command is empty".into());
     };
+    let env = command_env(pass_env, &assignment.env);
     let shim = crate::shim::shim_program();
     if shim.is_some() {
         // The shim would start fine and only then fail to run the command: find out here, so
@@ -295,7 +323,9 @@ fn spawn(assignment: &Assignment) -> Result<Child, String> {
         crate::shim::check_runnable(
             program,
             relative_to,
-            assignment.env.get("PATH").map(String::as_str),
+            env.iter()
+                .find(|(name, _)| name == "PATH")
+                .and_then(|(_, value)| value.to_str()),
         )
         .map_err(|err| format!("cannot run `{program}`: {err}"))?;
     }
@@ -316,7 +346,8 @@ fn spawn(assignment: &Assignment) -> Result<Child, String> {
     };
     command
         .args(args)
-        .envs(&assignment.env)
+        .env_clear()
+        .envs(env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so one signal reaches everything it starts.

@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// CA certificates (PEM) trusted for an `https://` server besides the system's.
     pub ca_cert_pem: Option<Vec<u8>>,
+    /// Names of this worker's environment variables its commands receive besides the run's
+    /// `env` (never `TETHER_*`, never the token).
+    pub pass_env: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -60,6 +63,10 @@ impl Default for WorkerConfig {
             max_runs_per_claim: 64,
             drain_timeout: Duration::ZERO,
             ca_cert_pem: None,
+            pass_env: crate::supervisor::DEFAULT_PASS_ENV
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -406,6 +413,7 @@ impl Session {
         ));
         let options = SupervisorOptions {
             kill_grace: self.config.kill_grace,
+            pass_env: self.config.pass_env.iter().cloned().collect(),
         };
         let held = self.held.clone();
         let freed = self.freed.clone();

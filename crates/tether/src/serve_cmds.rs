@@ -77,6 +77,33 @@ pub struct ServerArgs {
     /// public CAs are always trusted).
     #[arg(long, env = "TETHER_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// A request's headers must arrive within this; a kept-alive connection waiting longer for
+    /// its next request is closed.
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// A connection on which nothing moves for this long is closed (never less than the
+    /// longest claim wait plus 10 s).
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "120s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Networks readiness probes may reach, comma-separated (e.g. `10.0.0.0/8,fd00::/8`).
+    /// Default: anywhere except link-local (169.254.0.0/16, fe80::/10) and cloud-metadata
+    /// addresses and names.
+    #[arg(long, env = "TETHER_PROBE_NETWORKS", default_value = "", value_parser = tether_server::probe_policy::ProbeNetworks::parse_list)]
+    pub probe_networks: tether_server::probe_policy::ProbeNetworks,
+    /// The most connections served at once; past it, new ones wait in the listen backlog.
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub max_connections: usize,
+}
+
+/// `--pass-env`: the worker's own environment variables its commands receive.
+fn pass_env(flag: Option<Vec<String>>) -> Vec<String> {
+    match flag {
+        Some(names) => names.into_iter().filter(|n| !n.is_empty()).collect(),
+        None => tether_worker::DEFAULT_PASS_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -97,6 +124,11 @@ pub struct UpArgs {
     /// out.
     #[arg(long, env = "TETHER_KILL_GRACE", default_value = "10s", value_parser = duration)]
     pub kill_grace: Duration,
+    /// Variables of this process's environment that commands receive besides the run's `env`,
+    /// comma-separated (default: PATH,HOME,USER,LOGNAME,SHELL,LANG,LC_ALL,LC_CTYPE,TZ,TMPDIR,TERM).
+    /// `TETHER_*` variables and tokens are never passed.
+    #[arg(long, env = "TETHER_PASS_ENV", value_delimiter = ',')]
+    pub pass_env: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,6 +166,11 @@ pub struct WorkerArgs {
     /// CAs are always trusted).
     #[arg(long, env = "TETHER_CA_CERT")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Variables of this worker's environment that commands receive besides the run's `env`,
+    /// comma-separated (default: PATH,HOME,USER,LOGNAME,SHELL,LANG,LC_ALL,LC_CTYPE,TZ,TMPDIR,TERM).
+    /// `TETHER_*` variables and the worker's token are never passed.
+    #[arg(long, env = "TETHER_PASS_ENV", value_delimiter = ',')]
+    pub pass_env: Option<Vec<String>>,
 }
 
 fn machine_cpus() -> f64 {
@@ -213,6 +250,12 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, CliError> {
             "--worker-token",
             "--worker-token-file",
         )?,
+        probe_networks: args.probe_networks.clone(),
+        connections: tether_server::accept::ConnectionLimits {
+            header_read_timeout: args.header_read_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+        },
         ..ServerConfig::default()
     })
 }
@@ -232,22 +275,34 @@ async fn termination() {
     }
 }
 
-async fn start_server(args: &ServerArgs) -> Result<tether_server::RunningServer, CliError> {
+/// A server that has decided to start: its config read, its address bound and allowed. Nothing
+/// is created on disk before this.
+struct Prepared {
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+}
+
+async fn prepare_server(args: &ServerArgs) -> Result<Prepared, CliError> {
     let config = server_config(args)?;
     warn_clear_text_listener(
         args.listen,
         config.tls.is_some(),
         config.api_token.is_some() || config.worker_token.is_some(),
     );
-    let store = tether_server::open_store(&config.database).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
-    Ok(tether_server::start(config, store, listener).await?)
+    tether_server::check_listen(&config, listener.local_addr()?)?;
+    Ok(Prepared { config, listener })
+}
+
+async fn start_server(prepared: Prepared) -> Result<tether_server::RunningServer, CliError> {
+    let store = tether_server::open_store(&prepared.config.database).await?;
+    Ok(tether_server::start(prepared.config, store, prepared.listener).await?)
 }
 
 pub async fn server(args: ServerArgs) -> Result<u8, CliError> {
-    let running = start_server(&args).await?;
+    let running = start_server(prepare_server(&args).await?).await?;
     termination().await;
     tracing::info!("shutting down");
     running.stop().await;
@@ -269,14 +324,20 @@ fn lock_embedded_database(database: &str) -> Result<UpLock, CliError> {
     else {
         return Ok(None);
     };
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let lock_path = std::path::PathBuf::from(format!("{path}.up.lock"));
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        // Private, as the database beside it (see the SQLite store's `open`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(lock)),
@@ -292,8 +353,9 @@ fn lock_embedded_database(database: &str) -> Result<UpLock, CliError> {
 }
 
 pub async fn up(args: UpArgs) -> Result<u8, CliError> {
+    let prepared = prepare_server(&args.server).await?;
     let _lock = lock_embedded_database(&args.server.database)?;
-    let running = start_server(&args.server).await?;
+    let running = start_server(prepared).await?;
     // The previous `tether up` on this database is gone: hand its local worker's runs back now
     // (retried if attempts remain) rather than after the stale window.
     let store = running.state.store.clone();
@@ -339,6 +401,7 @@ pub async fn up(args: UpArgs) -> Result<u8, CliError> {
             memory_mb: args.memory_mb.unwrap_or_else(machine_memory_mb),
         },
         kill_grace: args.kill_grace,
+        pass_env: pass_env(args.pass_env),
         ..WorkerConfig::default()
     };
     let stop_worker = CancellationToken::new();
@@ -441,6 +504,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         kill_grace: args.kill_grace,
         drain_timeout: args.drain_timeout,
         ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
+        pass_env: pass_env(args.pass_env),
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

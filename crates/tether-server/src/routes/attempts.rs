@@ -2,6 +2,7 @@
 //! store refuses any attempt that is no longer current (`409 stale_attempt`).
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use base64::Engine;
 use tether_api::{
@@ -20,9 +21,14 @@ use crate::AppState;
     responses((status = 200, body = tether_api::RunView), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
 pub async fn start(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<StartRequest>,
 ) -> ApiResult<Json<RunView>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &request.worker_id, &headers)
+        .await?;
     let run = state
         .store
         .start_attempt(&run_id, attempt, &request.worker_id)
@@ -61,9 +67,14 @@ fn coalesce(chunks: Vec<OutputChunk>) -> Vec<OutputChunk> {
     responses((status = 200, body = tether_api::AppendLogResponse), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt, or output_gap (with expected_offsets: resend from there)")))]
 pub async fn append_logs(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<AppendLogRequest>,
 ) -> ApiResult<Json<AppendLogResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &request.worker_id, &headers)
+        .await?;
     let engine = base64::engine::general_purpose::STANDARD;
     let mut chunks = Vec::with_capacity(request.chunks.len());
     for chunk in request.chunks {
@@ -136,9 +147,14 @@ fn outcome(request: &FinishRequest) -> ApiResult<AttemptOutcome> {
     responses((status = 200, body = tether_api::RunView), (status = 409, body = tether_api::ErrorBody, description = "stale_attempt")))]
 pub async fn finish(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath((run_id, attempt)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<FinishRequest>,
 ) -> ApiResult<Json<RunView>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &request.worker_id, &headers)
+        .await?;
     let report = FinishReport {
         outcome: outcome(&request)?,
         exit_code: request.exit_code,

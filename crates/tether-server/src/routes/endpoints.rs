@@ -88,7 +88,15 @@ pub async fn put_endpoint(
     check_name("pool", &request.pool)?;
     check_url("url", &request.url)?;
     match (&request.readiness_url, request.kind) {
-        (Some(url), _) => check_url("readiness_url", url)?,
+        (Some(url), _) => {
+            check_url("readiness_url", url)?;
+            if !state.config.probe_networks.allows_url(url) {
+                return Err(ApiError::invalid(
+                    "invalid_field",
+                    "readiness_url: probes may not reach that address (see --probe-networks)",
+                ));
+            }
+        }
         (None, EndpointKind::Probed) => {
             return Err(ApiError::invalid(
                 "invalid_field",

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use tether_api::{
     Assignment, ClaimRequest, ClaimResponse, ControlRequest, ControlResponse, HeartbeatRequest,
@@ -57,20 +57,24 @@ pub async fn register_worker(
             ));
         }
     }
+    let (secret, secret_hash) = crate::auth::new_worker_secret()?;
     let worker = state
         .store
         .register_worker(&NewWorker {
+            secret_hash: Some(secret_hash.clone()),
             name: request.name,
             capacity: cap,
             lanes: request.lanes,
             labels: request.labels,
         })
         .await?;
+    state.worker_secrets.remember(&worker.id, secret_hash);
     tracing::info!(worker_id = %worker.id, name = %worker.name, "worker registered");
     Ok((
         StatusCode::CREATED,
         Json(RegisterWorkerResponse {
             worker_id: worker.id,
+            worker_secret: secret,
             heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
         }),
     ))
@@ -81,8 +85,13 @@ pub async fn register_worker(
     responses((status = 204), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn deregister_worker(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
+    state
+        .worker_secrets
+        .verify(&state.store, &id, &headers)
+        .await?;
     let runs = state.store.deregister_worker(&id).await?;
     // Each handed-back attempt ended as if its heartbeat was lost.
     for run_id in &runs {
@@ -151,9 +160,14 @@ fn may_free_room(signal: &Signal, worker_id: &str, limits: &ClaimLimits) -> bool
     responses((status = 200, body = tether_api::ClaimResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn claim(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<ClaimRequest>,
 ) -> ApiResult<Json<ClaimResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
     let limits = ClaimLimits {
         max_runs: request.max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
         lane_max_concurrency: state
@@ -217,9 +231,14 @@ pub async fn claim(
     responses((status = 200, body = tether_api::ControlResponse)))]
 pub async fn control(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<ControlRequest>,
 ) -> ApiResult<Json<ControlResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut signals = state.store.subscribe();
@@ -263,9 +282,14 @@ fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {
     responses((status = 200, body = tether_api::HeartbeatResponse), (status = 404, body = tether_api::ErrorBody)))]
 pub async fn heartbeat(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> ApiResult<Json<HeartbeatResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
     let beats: Vec<RunBeat> = request
         .runs
         .into_iter()

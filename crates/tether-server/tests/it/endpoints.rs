@@ -576,3 +576,77 @@ async fn servers_sharing_postgres_share_the_probing() {
         ])
         .output();
 }
+
+/// Probes go where an operator allows (issue 10): metadata addresses are refused at the door,
+/// a name resolving outside `--probe-networks` is never contacted, and `last_error` names the
+/// kind of failure only.
+#[tokio::test]
+async fn probes_never_reach_metadata_or_networks_the_operator_did_not_allow() {
+    let s = TestServer::start_with(config(100)).await;
+    for readiness in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/ready",
+        "http://metadata.google.internal/computeMetadata/v1/",
+    ] {
+        let (status, body) = put(
+            &s,
+            "/v1/endpoints/meta",
+            json!({"pool": "cache", "url": "http://x.internal", "readiness_url": readiness, "kind": "probed"}),
+        )
+        .await;
+        assert_error(status, &body, 422, "invalid_field");
+    }
+
+    // Only 10.0.0.0/8 allowed: a loopback literal is refused at the door, and a name that
+    // resolves to loopback is never contacted.
+    let node = Readiness::start().await;
+    let s = TestServer::start_with(ServerConfig {
+        probe_networks: tether_server::probe_policy::ProbeNetworks::parse_list("10.0.0.0/8")
+            .unwrap(),
+        ..config(100)
+    })
+    .await;
+    let (status, body) = put(
+        &s,
+        "/v1/endpoints/literal",
+        json!({"pool": "cache", "url": "http://x.internal", "readiness_url": node.url("/ready"), "kind": "probed"}),
+    )
+    .await;
+    assert_error(status, &body, 422, "invalid_field");
+    let by_name = node.url("/ready").replace("127.0.0.1", "localhost");
+    register_probed(&s, "by-name", "http://x.internal", &by_name).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let e = loop {
+        let e = endpoint(&s, "by-name").await;
+        if e["last_error"].is_string() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(e["last_error"], "unreachable", "{e}");
+    assert_eq!(e["ready"], false);
+    assert_eq!(
+        node.probes.load(Ordering::SeqCst),
+        0,
+        "the endpoint was contacted"
+    );
+}
+
+#[tokio::test]
+async fn last_error_says_the_status_and_nothing_of_the_answer() {
+    let node = Readiness::start().await;
+    node.set(503);
+    let s = TestServer::start_with(config(100)).await;
+    register_probed(&s, "n", "http://n.internal", &node.url("/ready")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = endpoint(&s, "n").await;
+        if e["last_error"].is_string() {
+            assert_eq!(e["last_error"], "HTTP 503", "{e}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -9,6 +9,8 @@ pub struct TestServer {
     pub server: Option<RunningServer>,
     pub base: String,
     pub http: reqwest::Client,
+    /// Each registered worker's secret, by id: `post` sends it with that worker's calls.
+    pub secrets: std::sync::Mutex<std::collections::HashMap<String, String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -51,6 +53,7 @@ impl TestServer {
             base: format!("http://{}", server.addr),
             server: Some(server),
             http: reqwest::Client::new(),
+            secrets: Default::default(),
             _dir: dir,
         }
     }
@@ -63,17 +66,47 @@ impl TestServer {
         &self.server.as_ref().unwrap().state
     }
 
-    /// POSTs JSON, returns status and body.
+    /// The worker a worker call names: in its path, or as `worker_id` in its body.
+    fn named_worker(path: &str, body: &Value) -> Option<String> {
+        body["worker_id"].as_str().map(str::to_string).or_else(|| {
+            path.strip_prefix("/v1/workers/")
+                .map(|rest| rest.split('/').next().unwrap_or(rest).to_string())
+        })
+    }
+
+    /// Adds the secret of the worker a call names, if this harness saw it register.
+    pub fn as_worker(
+        &self,
+        req: reqwest::RequestBuilder,
+        worker_id: &str,
+    ) -> reqwest::RequestBuilder {
+        match self.secrets.lock().unwrap().get(worker_id) {
+            Some(secret) => req.header(tether_api::WORKER_SECRET_HEADER, secret),
+            None => req,
+        }
+    }
+
+    /// POSTs JSON, returns status and body. A worker call carries its worker's secret.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let mut req = self.http.post(self.url(path)).json(&body);
+        if let Some(worker) = Self::named_worker(path, &body) {
+            req = self.as_worker(req, &worker);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let answer = r.json().await.unwrap_or(Value::Null);
+        if path == "/v1/workers" && status == 201 {
+            if let (Some(id), Some(secret)) = (
+                answer["worker_id"].as_str(),
+                answer["worker_secret"].as_str(),
+            ) {
+                self.secrets
+                    .lock()
+                    .unwrap()
+                    .insert(id.to_string(), secret.to_string());
+            }
+        }
+        (status, answer)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

@@ -23,9 +23,15 @@ async fn live_worker(s: &TestServer, cpus: f64) -> String {
     let worker = s.register(cpus).await;
     let http = s.http.clone();
     let url = s.url(&format!("/v1/workers/{worker}/heartbeat"));
+    let secret = s.secrets.lock().unwrap()[&worker].clone();
     tokio::spawn(async move {
         loop {
-            let _ = http.post(&url).json(&json!({"runs": []})).send().await;
+            let _ = http
+                .post(&url)
+                .header(tether_api::WORKER_SECRET_HEADER, &secret)
+                .json(&json!({"runs": []}))
+                .send()
+                .await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });

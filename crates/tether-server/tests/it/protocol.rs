@@ -274,9 +274,12 @@ async fn unknown_workers_are_404_and_bad_worker_input_is_422() {
         "claimed",
         "bad input changed the run"
     );
+    // Only the worker itself may deregister: its secret is required.
+    let url = s.url(&format!("/v1/workers/{worker}"));
+    let r = s.http.delete(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
     let r = s
-        .http
-        .delete(s.url(&format!("/v1/workers/{worker}")))
+        .as_worker(s.http.delete(&url), &worker)
         .send()
         .await
         .unwrap();
@@ -289,12 +292,13 @@ async fn unknown_workers_are_404_and_bad_worker_input_is_422() {
 async fn a_claim_long_polls_until_a_run_is_submitted() {
     let s = TestServer::start().await;
     let worker = s.register(1.0).await;
-    let http = s.http.clone();
-    let url = s.url(&format!("/v1/workers/{worker}/claim"));
+    let request = s.as_worker(
+        s.http.post(s.url(&format!("/v1/workers/{worker}/claim"))),
+        &worker,
+    );
     let waiting = tokio::spawn(async move {
         let started = tokio::time::Instant::now();
-        let body: Value = http
-            .post(url)
+        let body: Value = request
             .json(&json!({"max_runs": 1, "wait_ms": 4000}))
             .send()
             .await

@@ -333,3 +333,102 @@ async fn long_uris_and_large_heads_are_json_errors() {
     let (status, body) = send(&s, reqwest::Method::GET, "/healthz", &many, None).await;
     assert_error(status, &body, 431, "headers_too_large");
 }
+
+/// A worker is its secret: naming another worker's id, in a path or a body, is refused.
+#[tokio::test]
+async fn a_forged_worker_id_is_403_and_changes_nothing() {
+    let s = TestServer::start().await;
+    let a = s.register(1.0).await;
+    let b = s.register(1.0).await;
+    let run = s.submit(json!({"command": ["true"]})).await;
+    let id = run["id"].as_str().unwrap();
+    assert_eq!(s.claim(&a, 1).await.len(), 1);
+    let b_secret = s.secrets.lock().unwrap()[&b].clone();
+    let forged = |r: reqwest::RequestBuilder| r.header(tether_api::WORKER_SECRET_HEADER, &b_secret);
+    // B, with its own secret, acting as A.
+    for (path, body) in [
+        (
+            format!("/v1/runs/{id}/attempts/1/start"),
+            json!({"worker_id": a}),
+        ),
+        (
+            format!("/v1/runs/{id}/attempts/1/finish"),
+            json!({"worker_id": a, "status": "failed", "exit_code": 1}),
+        ),
+        (format!("/v1/workers/{a}/heartbeat"), json!({"runs": []})),
+        (format!("/v1/workers/{a}/claim"), json!({"wait_ms": 0})),
+    ] {
+        let r = forged(s.http.post(s.url(&path)).json(&body))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_error(status, &r.json().await.unwrap(), 403, "not_this_worker");
+    }
+    // No secret at all.
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/runs/{id}/attempts/1/start")))
+        .json(&json!({"worker_id": a}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = forged(s.http.delete(s.url(&format!("/v1/workers/{a}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let run = s.run(id).await;
+    assert_eq!(run["status"], "claimed", "{run}");
+    assert_eq!(run["worker_id"], json!(a));
+    // A itself is served.
+    let (status, _) = s
+        .post(
+            &format!("/v1/runs/{id}/attempts/1/start"),
+            json!({"worker_id": a}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// The secret is checked against the shared store, so any server verifies it.
+#[tokio::test]
+async fn a_worker_secret_verifies_on_every_server_sharing_postgres() {
+    let url = std::env::var("TETHER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let _guard = PgSchema {
+        schema: schema.clone(),
+        url: url.clone(),
+    };
+    let open = || async {
+        let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
+            .await
+            .unwrap();
+        std::sync::Arc::new(store) as tether_store::SharedStore
+    };
+    let one = TestServer::start_on(fast_config(), open().await).await;
+    let two = TestServer::start_on(fast_config(), open().await).await;
+    let worker = one.register(1.0).await;
+    let secret = one.secrets.lock().unwrap()[&worker].clone();
+    two.secrets.lock().unwrap().insert(worker.clone(), secret);
+    let (status, body) = two
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            json!({"runs": []}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    two.secrets
+        .lock()
+        .unwrap()
+        .insert(worker.clone(), "wrong".into());
+    let (status, body) = two
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            json!({"runs": []}),
+        )
+        .await;
+    assert_error(status, &body, 403, "not_this_worker");
+}

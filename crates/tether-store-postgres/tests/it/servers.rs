@@ -34,6 +34,7 @@ fn worker(cpus: f64) -> NewWorker {
         },
         lanes: Vec::new(),
         labels: BTreeMap::new(),
+        secret_hash: None,
     }
 }
 
@@ -636,6 +637,7 @@ async fn a_value_postgres_refuses_as_data_is_invalid_input_not_an_outage() {
             capacity: Resources::default(),
             lanes: Vec::new(),
             labels: BTreeMap::new(),
+            secret_hash: None,
         })
         .await
         .unwrap_err();

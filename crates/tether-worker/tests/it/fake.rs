@@ -160,6 +160,7 @@ pub fn sh(script: &str) -> Assignment {
 pub fn options() -> SupervisorOptions {
     SupervisorOptions {
         kill_grace: Duration::from_millis(500),
+        ..SupervisorOptions::default()
     }
 }
 

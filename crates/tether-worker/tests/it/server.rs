@@ -106,7 +106,9 @@ async fn register(State(s): State<FakeServer>, Json(req): Json<RegisterWorkerReq
     w.known.insert(id.clone());
     (
         StatusCode::CREATED,
-        Json(json!({ "worker_id": id, "heartbeat_interval_ms": HEARTBEAT_MS })),
+        Json(
+            json!({ "worker_id": id, "worker_secret": "s", "heartbeat_interval_ms": HEARTBEAT_MS }),
+        ),
     )
         .into_response()
 }

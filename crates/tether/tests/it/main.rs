@@ -15,5 +15,6 @@ mod multi_server;
 mod outcomes;
 mod pg;
 mod restart;
+mod security;
 mod throughput;
 mod tls;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::cluster::{id, Cluster};
 
@@ -205,13 +205,18 @@ async fn the_first_scrape_shows_every_outcome_refusal_and_reap() {
         "worker_heartbeat_lost"
     );
 
-    // A fenced write: an attempt that is not current.
-    let main_worker = c
-        .workers()
+    // A fenced write: an attempt that is not current, from a worker with its own secret (a
+    // call naming another worker's id would be refused before the store, 403).
+    let fencer: Value = c
+        .http
+        .post(format!("{}/v1/workers", c.base()))
+        .json(&json!({"name": "fencer", "capacity": {"cpus": 1, "memory_mb": 64}, "lanes": ["doomed"]}))
+        .send()
         .await
-        .into_iter()
-        .find(|w| w["name"] == "main")
-        .expect("the main worker");
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let stale = c
         .http
         .post(format!(
@@ -219,11 +224,31 @@ async fn the_first_scrape_shows_every_outcome_refusal_and_reap() {
             c.base(),
             id(&holder)
         ))
-        .json(&json!({"worker_id": main_worker["id"], "status": "succeeded"}))
+        .header(
+            tether_api::WORKER_SECRET_HEADER,
+            fencer["worker_secret"].as_str().unwrap(),
+        )
+        .json(&json!({"worker_id": fencer["worker_id"], "status": "succeeded"}))
         .send()
         .await
         .unwrap();
     assert_eq!(stale.status().as_u16(), 409);
+    // The fencer leaves at once, so the worker gauges below count only the test's two.
+    let left = c
+        .http
+        .delete(format!(
+            "{}/v1/workers/{}",
+            c.base(),
+            fencer["worker_id"].as_str().unwrap()
+        ))
+        .header(
+            tether_api::WORKER_SECRET_HEADER,
+            fencer["worker_secret"].as_str().unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.status().as_u16(), 204);
     // One event stream, read to its end.
     let events = c
         .http
