@@ -232,7 +232,10 @@ impl TetherClient {
         if bases.is_empty() {
             return Err(ClientError::InvalidUrl("no server URL given".into()));
         }
-        let http = http_client(ca_pem)?
+        // The machine's own CAs matter only for https; plain-http clients (a thousand
+        // followers, say) skip reading them.
+        let https = bases.iter().any(|b| b.starts_with("https://"));
+        let http = http_client(ca_pem, https)?
             .connect_timeout(CONNECT_TIMEOUT)
             // Well inside the server's header-read timeout (30 s by default), which also closes
             // kept-alive connections: a connection is never reused just as the server drops it.
@@ -564,9 +567,18 @@ impl TetherClient {
 }
 
 /// A reqwest builder on rustls trusting the bundled Mozilla roots (webpki-roots: the public
-/// CAs, offline) and the certificates in `ca_pem`. Shared by the client and the server's readiness probes.
-pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, ClientError> {
+/// CAs, offline), this machine's CA bundle when `system_roots` (see [`system_roots`]), and the
+/// certificates in `ca_pem`. Shared by the client and the server's readiness probes.
+pub fn http_client(
+    ca_pem: Option<&[u8]>,
+    system_roots: bool,
+) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if system_roots {
+        for cert in self::system_roots() {
+            builder = builder.add_root_certificate(cert.clone());
+        }
+    }
     if let Some(pem) = ca_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| ClientError::InvalidCaCert(e.to_string()))?;
@@ -580,6 +592,48 @@ pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, Clie
         }
     }
     Ok(builder)
+}
+
+/// Where operating systems keep their CA bundle; `SSL_CERT_FILE` comes first, as for OpenSSL.
+const SYSTEM_CA_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// This machine's trusted CAs (a private CA an operator added with `update-ca-certificates`,
+/// say), read from the first CA bundle found and parsed once per process, so a process that
+/// builds many clients pays for it once. Empty when there is no bundle, or when rustls
+/// refuses one of its certificates (rather than failing every client).
+pub fn system_roots() -> &'static [reqwest::Certificate] {
+    static ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+        let paths = from_env
+            .into_iter()
+            .chain(SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from));
+        for path in paths {
+            let Ok(pem) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem) else {
+                continue;
+            };
+            // One trial build for the whole bundle: a certificate rustls refuses would fail
+            // every client, so such a bundle is not used at all.
+            let mut trial = reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false);
+            for cert in &certs {
+                trial = trial.add_root_certificate(cert.clone());
+            }
+            if !certs.is_empty() && trial.build().is_ok() {
+                return certs;
+            }
+        }
+        Vec::new()
+    })
 }
 
 /// Sends and turns an error status into `ClientError::Api`.

@@ -44,7 +44,7 @@ pub async fn run_reconciler(state: AppState) {
     let interval = state.config.probe_interval.max(Duration::from_millis(10));
     let timeout = probe_timeout(interval);
     let due_after_ms = due_after(interval).as_millis() as i64;
-    let builder = match tether_api::client::http_client(state.config.ca_cert_pem.as_deref()) {
+    let builder = match tether_api::client::http_client(state.config.ca_cert_pem.as_deref(), true) {
         Ok(builder) => builder,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the readiness prober; endpoints will go stale");

@@ -112,6 +112,7 @@ fn tether(base: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .env("TETHER_SERVER", base)
         .env_remove("TETHER_CA_CERT")
+        .env_remove("SSL_CERT_FILE")
         .output()
         .unwrap()
 }
@@ -157,6 +158,23 @@ async fn a_worker_and_the_cli_work_through_a_server_on_tls() {
     let plain = base.replace("https://", "http://");
     let out = tether(&plain, &["ps"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[tokio::test]
+async fn the_machine_s_own_ca_bundle_is_trusted_without_ca_cert() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, base) = tls_server(&pki, dir.path(), &[]).await;
+    // The machine's bundle, as an operator who ran update-ca-certificates has it; SSL_CERT_FILE
+    // points there as it does for OpenSSL.
+    let out = Command::new(TETHER)
+        .args(["ps"])
+        .env("TETHER_SERVER", &base)
+        .env_remove("TETHER_CA_CERT")
+        .env("SSL_CERT_FILE", &pki.ca)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 #[tokio::test]
