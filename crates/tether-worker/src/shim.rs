@@ -93,7 +93,9 @@ pub fn check_runnable(
         std::fs::metadata(candidate)
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    let not_found = || std::io::Error::from(std::io::ErrorKind::NotFound);
+    // The OS's own errors, so the reason reads as the kernel would give it ("No such file or
+    // directory"), the same as when the worker spawns the command itself.
+    let not_found = || std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32);
     if program.contains('/') {
         let file = match cwd {
             Some(dir) => dir.join(program),
@@ -102,7 +104,9 @@ pub fn check_runnable(
         return if runnable(&file) {
             Ok(())
         } else if file.exists() {
-            Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+            Err(std::io::Error::from_raw_os_error(
+                nix::errno::Errno::EACCES as i32,
+            ))
         } else {
             Err(not_found())
         };
