@@ -1592,35 +1592,28 @@ impl Store for PgStore {
         retention_ms: i64,
         batch: u32,
     ) -> StoreResult<u64> {
-        let (mut tx, now) = self.begin().await?;
-        let cutoff = now.saturating_sub(retention_ms.max(0));
-        // SKIP LOCKED: a row someone else holds is left for the next pass, so pruning never
-        // waits on (or blocks) anyone for long. Terminal is final, so nobody else writes them.
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM runs \
-             WHERE lane = $1 AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
-             AND finished_at < $2 ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+        // One statement, so no transaction stays open between round trips: a pass never
+        // holds locks while its caller waits (a paused or cancelled pruner leaves nothing
+        // locked). SKIP LOCKED: a row someone else holds is left for the next pass, so pruning
+        // never waits on (or blocks) anyone for long. Terminal is final, so nobody else
+        // writes these rows; the children go first within the statement, so the foreign keys
+        // hold when it ends. The cutoff is by the database's clock, like every stamp.
+        let deleted = sqlx::query(
+            "WITH doomed AS ( \
+                 SELECT id FROM runs \
+                 WHERE lane = $1 AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+                 AND finished_at < tether_now_ms() - $2 \
+                 ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+             events AS (DELETE FROM run_events WHERE run_id IN (SELECT id FROM doomed)), \
+             tries AS (DELETE FROM attempts WHERE run_id IN (SELECT id FROM doomed)) \
+             DELETE FROM runs WHERE id IN (SELECT id FROM doomed)",
         )
         .bind(lane)
-        .bind(cutoff)
+        .bind(retention_ms.max(0))
         .bind(i64::from(batch.max(1)))
-        .fetch_all(&mut *tx)
+        .execute(self.pool())
         .await
         .map_err(db)?;
-        if !ids.is_empty() {
-            for sql in [
-                "DELETE FROM run_events WHERE run_id = ANY($1)",
-                "DELETE FROM attempts WHERE run_id = ANY($1)",
-                "DELETE FROM runs WHERE id = ANY($1)",
-            ] {
-                sqlx::query(sql)
-                    .bind(&ids)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            }
-        }
-        self.commit(tx, Outbox::default()).await?;
-        Ok(ids.len() as u64)
+        Ok(deleted.rows_affected())
     }
 }

@@ -14,13 +14,19 @@ struct PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
+        // Detached, not waited for: waiting would block this test's runtime while one of its
+        // servers may hold a lock in the schema (a transaction it could then never finish).
+        // The DROP goes through once this process's connections are gone.
         let _ = std::process::Command::new("psql")
             .args([
                 &self.url,
                 "-qAtc",
                 &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
             ])
-            .output();
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
     }
 }
 
