@@ -188,16 +188,29 @@ impl Browser {
     }
 
     /// Clicks the element as a user would (WebDriver's element click).
+    /// The page re-renders on live updates, so an element found a moment ago may be replaced
+    /// before the click lands: then it is found again and clicked again, within a deadline.
     pub async fn click(&self, css: &str) {
-        let el = self.element(css).await;
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/element/{el}/click"),
-                Some(json!({})),
-            )
-            .await;
-        assert!(v.is_null(), "click on {css} failed: {v}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let el = self.element(css).await;
+            let v = self
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/element/{el}/click"),
+                    Some(json!({})),
+                )
+                .await;
+            if v.is_null() {
+                return;
+            }
+            let replaced = v["error"] == "stale element reference";
+            assert!(
+                replaced && std::time::Instant::now() < deadline,
+                "click on {css} failed: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Types `text` into the element.
