@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tether_domain::TetherConfig;
 use tether_server::ServerConfig;
 
-use crate::harness::{assert_error, fast_config, TestServer};
+use crate::harness::{assert_error, fast_config, pg_server, PgSchema, TestServer};
 
 fn config() -> ServerConfig {
     ServerConfig {
@@ -17,41 +17,12 @@ fn config() -> ServerConfig {
 }
 
 /// A SQLite server, or one on a fresh PostgreSQL schema (dropped by the guard).
-async fn server(postgres: bool) -> (TestServer, Option<SchemaGuard>) {
+async fn server(postgres: bool) -> (TestServer, Option<PgSchema>) {
     if !postgres {
         return (TestServer::start_with(config()).await, None);
     }
-    let url = std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
-        .await
-        .unwrap();
-    let s = TestServer::start_on(config(), std::sync::Arc::new(store)).await;
-    (s, Some(SchemaGuard { url, schema }))
-}
-
-struct SchemaGuard {
-    url: String,
-    schema: String,
-}
-
-impl Drop for SchemaGuard {
-    fn drop(&mut self) {
-        // Detached, not waited for: waiting would block this test's runtime while one of its
-        // servers may hold a lock in the schema (a transaction it could then never finish).
-        // The DROP goes through once this process's connections are gone.
-        let _ = std::process::Command::new("psql")
-            .args([
-                &self.url,
-                "-qAtc",
-                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-    }
+    let (s, schema) = pg_server(config()).await;
+    (s, Some(schema))
 }
 
 async fn count_runs(s: &TestServer) -> usize {

@@ -4,42 +4,7 @@
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::harness::{assert_error, fast_config, TestServer};
-
-/// A fresh PostgreSQL schema, dropped when the test ends.
-struct PgSchema {
-    url: String,
-    schema: String,
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        // Detached, not waited for: waiting would block this test's runtime while one of its
-        // servers may hold a lock in the schema (a transaction it could then never finish).
-        // The DROP goes through once this process's connections are gone.
-        let _ = std::process::Command::new("psql")
-            .args([
-                &self.url,
-                "-qAtc",
-                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-    }
-}
-
-async fn pg_server() -> (TestServer, PgSchema) {
-    let url = std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
-        .await
-        .unwrap();
-    let server = TestServer::start_on(unhurried_config(), std::sync::Arc::new(store)).await;
-    (server, PgSchema { url, schema })
-}
+use crate::harness::{assert_error, fast_config, pg_server, TestServer};
 
 /// The run under test does not heartbeat while its output is written; a long stale window keeps
 /// a loaded machine from reaping it mid-test.
@@ -164,7 +129,7 @@ async fn output_pages_cover_the_log_exactly_once_on_sqlite() {
 
 #[tokio::test]
 async fn output_pages_cover_the_log_exactly_once_on_postgres() {
-    let (s, _schema) = pg_server().await;
+    let (s, _schema) = pg_server(unhurried_config()).await;
     pages_cover_the_log_exactly_once(&s).await;
 }
 

@@ -180,3 +180,39 @@ pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str
         .as_str()
         .is_some_and(|m| !m.is_empty()));
 }
+
+/// A PostgreSQL store in a fresh schema, dropped when the guard goes.
+pub struct PgSchema {
+    pub schema: String,
+    pub url: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Detached, not waited for: waiting would block this test's runtime while one of its
+        // servers may hold a lock in the schema (a transaction it could then never finish).
+        // The DROP goes through once this process's connections are gone.
+        let _ = std::process::Command::new("psql")
+            .args([
+                &self.url,
+                "-qAtc",
+                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}
+
+/// A server on a fresh PostgreSQL schema, with the guard that drops it.
+pub async fn pg_server(config: tether_server::ServerConfig) -> (TestServer, PgSchema) {
+    let url = std::env::var("TETHER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
+        .await
+        .unwrap();
+    let server = TestServer::start_on(config, std::sync::Arc::new(store)).await;
+    (server, PgSchema { schema, url })
+}

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tether_domain::TetherConfig;
 use tether_server::ServerConfig;
 
-use crate::harness::{assert_error, fast_config, TestServer};
+use crate::harness::{assert_error, fast_config, PgSchema, TestServer};
 
 fn lanes(toml_text: &str) -> ServerConfig {
     ServerConfig {
@@ -102,26 +102,8 @@ async fn fifty_at_once_into_room_for_five_admits_exactly_five_on_sqlite() {
 struct PgPair {
     a: TestServer,
     b: TestServer,
-    schema: String,
-    url: String,
-}
-
-impl Drop for PgPair {
-    fn drop(&mut self) {
-        // Detached, not waited for: waiting would block this test's runtime while one of its
-        // servers may hold a lock in the schema (a transaction it could then never finish).
-        // The DROP goes through once this process's connections are gone.
-        let _ = std::process::Command::new("psql")
-            .args([
-                &self.url,
-                "-qAtc",
-                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-    }
+    /// Last, so the servers go before their schema.
+    _schema: PgSchema,
 }
 
 async fn pg_pair(config: ServerConfig) -> PgPair {
@@ -136,7 +118,11 @@ async fn pg_pair(config: ServerConfig) -> PgPair {
     };
     let a = TestServer::start_on(config.clone(), open().await).await;
     let b = TestServer::start_on(config, open().await).await;
-    PgPair { a, b, schema, url }
+    PgPair {
+        a,
+        b,
+        _schema: PgSchema { schema, url },
+    }
 }
 
 #[tokio::test]
