@@ -35,6 +35,12 @@ impl Default for Resources {
 }
 
 impl Resources {
+    /// Nothing at all: the sum of no runs.
+    pub const NONE: Resources = Resources {
+        cpus: 0.0,
+        memory_mb: 0,
+    };
+
     /// Whether `self` fits inside `room`.
     pub fn fits_in(&self, room: &Resources) -> bool {
         // A small tolerance so 0.1 + 0.2 cpus fit in 0.3.

@@ -11,7 +11,7 @@ use tether_domain::{Resources, RunSpec, RunStatus};
 use tether_store::{StoreError, StoreResult};
 
 use crate::{db, encode, PgStore};
-use tether_store::status_body;
+use tether_store::{EventBody, StatusBody};
 
 /// The worker seeded attempts name; never registered.
 const SEEDED_WORKER: &str = "seeded-worker";
@@ -52,7 +52,14 @@ impl PgStore {
         let count =
             i64::try_from(n).map_err(|_| StoreError::Unavailable(format!("too many runs: {n}")))?;
         let spec = encode(&seeded_spec(), "run spec")?;
-        let body = status_body(RunStatus::Succeeded, 1, None, Some(0)).to_string();
+        let body = EventBody::Status(StatusBody {
+            status: RunStatus::Succeeded,
+            attempt: 1,
+            error_code: None,
+            exit_code: Some(0),
+        })
+        .to_json()
+        .to_string();
         // Ids look like the store's own (UUID text): a fresh v7 prefix, then the counter.
         let uuid = uuid::Uuid::now_v7().to_string();
         let prefix = &uuid[..24];

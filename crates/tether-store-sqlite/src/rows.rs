@@ -3,13 +3,14 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+use tether_store::driver::LoadedRun;
 use tether_store::{
     AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
 };
 
 use crate::db;
 
-/// Every column a [`Loaded`] run is read from, with its queue position while pending (legacy
+/// Every column a [`LoadedRun`] is read from, with its queue position while pending (legacy
 /// `queued` rows count as pending).
 pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.spec, \
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
@@ -20,19 +21,6 @@ pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.
         WHERE p.lane = r.lane AND p.status IN ('pending', 'queued') AND p.seq < r.seq) \
     END AS queue_position \
     FROM runs r";
-
-/// A run as loaded inside a transaction: the record, plus what the store needs to write it
-/// back conditionally and to judge it.
-#[derive(Debug, Clone)]
-pub(crate) struct Loaded {
-    pub run: RunRecord,
-    /// The status exactly as stored (maybe the legacy `queued`), for conditional writes.
-    pub raw_status: String,
-    pub output_bytes: i64,
-    pub confirmed: bool,
-    pub stale_at: Option<Millis>,
-    pub timeout_at: Option<Millis>,
-}
 
 pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
     u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
@@ -53,7 +41,7 @@ fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
+pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<LoadedRun> {
     let raw_status: String = row.try_get("status").map_err(db)?;
     let spec: RunSpec = json(&row.try_get::<String, _>("spec").map_err(db)?, "run spec")?;
     let exit_code: Option<i64> = row.try_get("exit_code").map_err(db)?;
@@ -79,7 +67,7 @@ pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
         queue_position: row.try_get("queue_position").map_err(db)?,
         last_event_seq: row.try_get("last_event_seq").map_err(db)?,
     };
-    Ok(Loaded {
+    Ok(LoadedRun {
         run,
         raw_status,
         output_bytes: row.try_get("output_bytes").map_err(db)?,

@@ -8,17 +8,22 @@
 //! domain's status machine ([`tether_domain::machine::RunState::apply`]).
 
 pub mod conformance;
+pub mod driver;
 mod endpoints;
+mod engine;
 mod error;
+mod events;
 mod judge;
 mod outbox;
 mod output;
 mod records;
 
+pub use driver::{Driver, DriverTx};
 pub use endpoints::*;
 pub use error::StoreError;
+pub use events::{EventBody, StatusBody};
 pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
-pub use outbox::{status_body, Outbox};
+pub use outbox::Outbox;
 pub use output::new_output;
 pub use records::*;
 

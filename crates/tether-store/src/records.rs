@@ -379,6 +379,13 @@ pub struct EventRecord {
     pub data: Option<Vec<u8>>,
 }
 
+impl EventRecord {
+    /// The body as its kind's type; `None` for a body this code did not write.
+    pub fn typed_body(&self) -> Option<crate::EventBody> {
+        crate::EventBody::from_json(self.kind, &self.body)
+    }
+}
+
 /// A change other tasks may want to wake for. Delivered after the change commits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
