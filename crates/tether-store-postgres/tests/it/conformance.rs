@@ -42,3 +42,4 @@ impl Harness for PgHarness {
 }
 
 tether_store::store_conformance_tests!(PgHarness);
+tether_store::store_batch_conformance_tests!(PgHarness);

@@ -46,3 +46,4 @@ impl Harness for SqliteHarness {
 }
 
 tether_store::store_conformance_tests!(SqliteHarness);
+tether_store::store_batch_conformance_tests!(SqliteHarness);

@@ -1,4 +1,5 @@
-//! The worker's calls on an attempt, each fenced by it: start, output, finish.
+//! The worker's calls on an attempt, each fenced by it: start, output, finish; and the batched
+//! forms of start and finish, one transaction for many.
 
 use tether_domain::machine::{AttemptOutcome, Command};
 use tether_domain::{ErrorCode, RunStatus};
@@ -7,8 +8,8 @@ use super::Ending;
 use super::{end_attempt, must_lock, push, push_status, reload, transition_error, write_one};
 use crate::driver::{Driver, DriverTx, RunChange};
 use crate::{
-    new_output, AppendOutcome, EventBody, FinishReport, Outbox, OutputChunk, OutputStream,
-    RunRecord, StatusBody, StoreError, StoreResult,
+    new_output, AppendOutcome, AttemptFinish, EventBody, FinishReport, Outbox, OutputChunk,
+    OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
 };
 
 pub(super) async fn start_one<D: Driver>(
@@ -36,6 +37,64 @@ pub(super) async fn finish_one<D: Driver>(
     let run = finish_in(&mut tx, &mut out, run_id, attempt, worker_id, report).await?;
     d.commit(tx, out).await?;
     Ok(run)
+}
+
+/// Many starts in one transaction, each judged as [`start_one`] would judge it alone.
+pub(super) async fn start_many<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    items: &[RunRef],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    let ids: Vec<&str> = items.iter().map(|i| i.run_id.as_str()).collect();
+    tx.lock_runs(&ids).await?;
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        let started = start_in(&mut tx, &mut out, &item.run_id, item.attempt, worker_id).await;
+        answers.push(per_item(started)?);
+    }
+    d.commit(tx, out).await?;
+    Ok(answers)
+}
+
+/// Many finishes in one transaction, each judged as [`finish_one`] would judge it alone.
+pub(super) async fn finish_many<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    items: &[AttemptFinish],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    let ids: Vec<&str> = items.iter().map(|i| i.run_id.as_str()).collect();
+    tx.lock_runs(&ids).await?;
+    let mut answers = Vec::with_capacity(items.len());
+    for item in items {
+        let finished = finish_in(
+            &mut tx,
+            &mut out,
+            &item.run_id,
+            item.attempt,
+            worker_id,
+            &item.report,
+        )
+        .await;
+        answers.push(per_item(finished)?);
+    }
+    d.commit(tx, out).await?;
+    Ok(answers)
+}
+
+/// An item's own answer: a refusal judged before anything of it was written (an unknown run,
+/// a stale attempt, a terminal run) is that item's alone; anything else (the database failed)
+/// fails the whole batch, which then writes nothing.
+fn per_item(result: StoreResult<RunRecord>) -> StoreResult<StoreResult<RunRecord>> {
+    match result {
+        Err(StoreError::NotFound | StoreError::StaleAttempt | StoreError::Terminal) | Ok(_) => {
+            Ok(result)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 async fn start_in<T: DriverTx>(

@@ -20,11 +20,11 @@ use tokio::sync::broadcast;
 
 use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
 use crate::{
-    Admission, AdmissionPolicy, AppendOutcome, AttemptRecord, BatchAdmission, ClaimLimits,
-    ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord, FinishReport, HeartbeatAnswer,
-    LaneLoad, NewWorker, Outbox, OutputChunk, ReapPolicy, ReapReport, ReapedRun, RunBeat,
-    RunFilter, RunPage, RunRecord, Signal, StatusBody, Store, StoreError, StoreResult,
-    WorkerRecord,
+    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, BatchAdmission,
+    ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord, FinishReport,
+    HeartbeatAnswer, LaneLoad, NewWorker, Outbox, OutputChunk, ReapPolicy, ReapReport, ReapedRun,
+    RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store, StoreError,
+    StoreResult, WorkerRecord,
 };
 
 #[async_trait]
@@ -139,6 +139,22 @@ impl<D: Driver + EndpointStore> Store for D {
         report: &FinishReport,
     ) -> StoreResult<RunRecord> {
         attempts::finish_one(self, run_id, attempt, worker_id, report).await
+    }
+
+    async fn finish_attempts(
+        &self,
+        worker_id: &str,
+        items: &[AttemptFinish],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        attempts::finish_many(self, worker_id, items).await
+    }
+
+    async fn start_attempts(
+        &self,
+        worker_id: &str,
+        items: &[RunRef],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        attempts::start_many(self, worker_id, items).await
     }
 
     async fn events_after(
