@@ -19,8 +19,8 @@ use tokio::sync::broadcast;
 use tokio::time::timeout;
 
 use crate::rows::{
-    decode_attempt, decode_event, decode_run, decode_worker, to_u32, ATTEMPT_SELECT, EVENT_SELECT,
-    RUN_SELECT, WORKER_SELECT,
+    decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
+    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
 };
 use crate::{
     clock, db, encode, lane_lock, lanes, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT, REAPER_LOCK,
@@ -98,8 +98,9 @@ async fn held_by(
             row.try_get::<String, _>("id").map_err(db)?,
             to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
         ));
-        reserved.cpus += row.try_get::<f64, _>("cpus").map_err(db)?;
-        reserved.memory_mb += row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64;
+        let needs = resources(&row)?;
+        reserved.cpus += needs.cpus;
+        reserved.memory_mb += needs.memory_mb;
     }
     Ok((runs, reserved))
 }
@@ -698,15 +699,7 @@ impl DriverTx for PgTx {
         .await
         .map_err(db)?;
         rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("id").map_err(db)?,
-                    Resources {
-                        cpus: row.try_get("cpus").map_err(db)?,
-                        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-                    },
-                ))
-            })
+            .map(|row| Ok((row.try_get("id").map_err(db)?, resources(row)?)))
             .collect()
     }
 
@@ -720,10 +713,7 @@ impl DriverTx for PgTx {
         .fetch_one(&mut *self.tx)
         .await
         .map_err(db)?;
-        Ok(Resources {
-            cpus: row.try_get("cpus").map_err(db)?,
-            memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-        })
+        resources(&row)
     }
 
     async fn lock_lane(&mut self, lane: &str) -> StoreResult<()> {
@@ -752,10 +742,7 @@ impl DriverTx for PgTx {
         .map_err(db)?;
         Ok(Waiting {
             count: row.try_get("n").map_err(db)?,
-            needs: Resources {
-                cpus: row.try_get("cpus").map_err(db)?,
-                memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-            },
+            needs: resources(&row)?,
         })
     }
 
@@ -786,10 +773,7 @@ impl DriverTx for PgTx {
                     seq: row.try_get("seq").map_err(db)?,
                     id: row.try_get("id").map_err(db)?,
                     lane: row.try_get("lane").map_err(db)?,
-                    needs: Resources {
-                        cpus: row.try_get("cpus").map_err(db)?,
-                        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-                    },
+                    needs: resources(row)?,
                 })
             })
             .collect()

@@ -26,6 +26,14 @@ pub(crate) const RUN_SELECT: &str =
     END AS queue_position \
     FROM runs r";
 
+/// Resources from a row's `cpus` and `memory_mb` columns (a negative memory reads as none).
+pub(crate) fn resources(row: &PgRow) -> StoreResult<Resources> {
+    Ok(Resources {
+        cpus: row.try_get("cpus").map_err(col)?,
+        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(col)?.max(0) as u64,
+    })
+}
+
 pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
     u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
 }

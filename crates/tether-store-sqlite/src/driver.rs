@@ -19,8 +19,8 @@ use tether_store::{
 use tokio::sync::broadcast;
 
 use crate::rows::{
-    decode_attempt, decode_event, decode_run, decode_worker, to_u32, ATTEMPT_SELECT, EVENT_SELECT,
-    RUN_SELECT, WORKER_SELECT,
+    decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
+    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
 };
 use crate::{clock, db, encode, lanes, SqliteStore, IN_FLIGHT, PENDING};
 
@@ -77,8 +77,9 @@ async fn held_by(
             row.try_get::<String, _>("id").map_err(db)?,
             to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
         ));
-        reserved.cpus += row.try_get::<f64, _>("cpus").map_err(db)?;
-        reserved.memory_mb += row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64;
+        let needs = resources(&row)?;
+        reserved.cpus += needs.cpus;
+        reserved.memory_mb += needs.memory_mb;
     }
     Ok((runs, reserved))
 }
@@ -684,10 +685,7 @@ impl DriverTx for SqliteTx {
         .fetch_one(&mut *self.tx)
         .await
         .map_err(db)?;
-        Ok(Resources {
-            cpus: row.try_get("cpus").map_err(db)?,
-            memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-        })
+        resources(&row)
     }
 
     async fn lock_lane(&mut self, _lane: &str) -> StoreResult<()> {
@@ -716,10 +714,7 @@ impl DriverTx for SqliteTx {
         .map_err(db)?;
         Ok(Waiting {
             count: row.try_get("n").map_err(db)?,
-            needs: Resources {
-                cpus: row.try_get("cpus").map_err(db)?,
-                memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-            },
+            needs: resources(&row)?,
         })
     }
 
@@ -753,10 +748,7 @@ impl DriverTx for SqliteTx {
                     seq: row.try_get("seq").map_err(db)?,
                     id: row.try_get("id").map_err(db)?,
                     lane: row.try_get("lane").map_err(db)?,
-                    needs: Resources {
-                        cpus: row.try_get("cpus").map_err(db)?,
-                        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-                    },
+                    needs: resources(row)?,
                 })
             })
             .collect()

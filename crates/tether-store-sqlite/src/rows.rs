@@ -22,6 +22,14 @@ pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.
     END AS queue_position \
     FROM runs r";
 
+/// Resources from a row's `cpus` and `memory_mb` columns (a negative memory reads as none).
+pub(crate) fn resources(row: &SqliteRow) -> StoreResult<Resources> {
+    Ok(Resources {
+        cpus: row.try_get("cpus").map_err(db)?,
+        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
+    })
+}
+
 pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
     u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
 }
