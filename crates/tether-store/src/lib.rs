@@ -1,6 +1,7 @@
-//! The storage interface every Tether store implements, and the conformance suite that holds
-//! each implementation to it (like River's `riverdriver`: one driver interface, one shared
-//! test suite every driver runs).
+//! The storage interface the server calls ([`Store`]), the engine that implements it once for
+//! every store, the thin per-store interface it runs over ([`Driver`], [`DriverTx`]: one
+//! method per query, as River's `riverdriver`), and the conformance suite that holds each
+//! store to it.
 //!
 //! A store owns the clock: every stamp it writes and every freshness comparison it makes uses
 //! its own `now` (SQL `now()` on PostgreSQL), never a worker's or a server's. Every status

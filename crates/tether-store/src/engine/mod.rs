@@ -15,7 +15,7 @@ mod workers;
 
 use async_trait::async_trait;
 use tether_domain::machine::{Command, Decision, TransitionError};
-use tether_domain::{ErrorCode, Millis, RunSpec, RunStatus};
+use tether_domain::{ErrorCode, Millis, RunSpec};
 use tokio::sync::broadcast;
 
 use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
@@ -377,9 +377,4 @@ async fn reap_one<T: DriverTx>(
         Err(StoreError::StaleAttempt) => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// The status a run is written with when it is accepted.
-fn first_status() -> StatusBody {
-    StatusBody::plain(RunStatus::Pending, 0)
 }

@@ -6,12 +6,12 @@ use tether_domain::admission::{door, Door, LaneHolds};
 use tether_domain::machine::{Command, RunState};
 use tether_domain::RunSpec;
 
-use super::{end_attempt, first_status, must_lock, push_status, reload, transition_error};
+use super::{end_attempt, must_lock, push_status, reload, transition_error};
 use super::{write_one, Ending};
 use crate::driver::{Driver, DriverTx, RunChange};
 use crate::{
     batch_entry, parse_cursor, Admission, AdmissionPolicy, BatchAdmission, CreatedRun, Outbox,
-    RunFilter, RunPage, RunRecord, StoreError, StoreResult,
+    RunFilter, RunPage, RunRecord, StatusBody, StoreError, StoreResult,
 };
 
 /// One submission in its own transaction: committed only when a run was created (a refusal or
@@ -94,7 +94,8 @@ async fn accept<T: DriverTx>(
             )),
         };
     }
-    push_status(tx, out, &id, first_status()).await?;
+    let first = StatusBody::plain(state.status, 0);
+    push_status(tx, out, &id, first).await?;
     out.run_pending(&spec.lane);
     let run = reload(tx, &id).await?;
     Ok(Admission::Accepted(Box::new(CreatedRun {
