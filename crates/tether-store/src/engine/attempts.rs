@@ -45,17 +45,7 @@ pub(super) async fn start_many<D: Driver>(
     worker_id: &str,
     items: &[RunRef],
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
-    let ids: Vec<&str> = items.iter().map(|i| i.run_id.as_str()).collect();
-    tx.lock_runs(&ids).await?;
-    let mut answers = Vec::with_capacity(items.len());
-    for item in items {
-        let started = start_in(&mut tx, &mut out, &item.run_id, item.attempt, worker_id).await;
-        answers.push(per_item(started)?);
-    }
-    d.commit(tx, out).await?;
-    Ok(answers)
+    in_one_transaction(d, worker_id, items.iter().map(Call::Start).collect()).await
 }
 
 /// Many finishes in one transaction, each judged as [`finish_one`] would judge it alone.
@@ -64,22 +54,47 @@ pub(super) async fn finish_many<D: Driver>(
     worker_id: &str,
     items: &[AttemptFinish],
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    in_one_transaction(d, worker_id, items.iter().map(Call::Finish).collect()).await
+}
+
+/// One worker call on one attempt, as a batch carries it.
+enum Call<'a> {
+    Start(&'a RunRef),
+    Finish(&'a AttemptFinish),
+}
+
+impl Call<'_> {
+    fn run_id(&self) -> &str {
+        match self {
+            Call::Start(r) => &r.run_id,
+            Call::Finish(f) => &f.run_id,
+        }
+    }
+}
+
+/// The calls in order, in one transaction, with their runs locked up front (in `seq` order,
+/// as every multi-run writer locks); one answer per call.
+async fn in_one_transaction<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    calls: Vec<Call<'_>>,
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let mut tx = d.begin().await?;
     let mut out = Outbox::default();
-    let ids: Vec<&str> = items.iter().map(|i| i.run_id.as_str()).collect();
+    let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
     tx.lock_runs(&ids).await?;
-    let mut answers = Vec::with_capacity(items.len());
-    for item in items {
-        let finished = finish_in(
-            &mut tx,
-            &mut out,
-            &item.run_id,
-            item.attempt,
-            worker_id,
-            &item.report,
-        )
-        .await;
-        answers.push(per_item(finished)?);
+    let mut answers = Vec::with_capacity(calls.len());
+    for call in &calls {
+        let answer = match call {
+            Call::Start(r) => start_in(&mut tx, &mut out, &r.run_id, r.attempt, worker_id).await,
+            Call::Finish(f) => {
+                finish_in(
+                    &mut tx, &mut out, &f.run_id, f.attempt, worker_id, &f.report,
+                )
+                .await
+            }
+        };
+        answers.push(per_item(answer)?);
     }
     d.commit(tx, out).await?;
     Ok(answers)
