@@ -166,6 +166,25 @@ fn add_common_errors(op: &mut serde_json::Map<String, serde_json::Value>) {
 
 #[cfg(test)]
 mod tests {
+    /// The document is the contract clients are generated from: any change to it must be
+    /// deliberate. Moving types between crates must leave it byte-for-byte the same; a
+    /// deliberate change re-records it with `TETHER_BLESS_OPENAPI=1`.
+    #[test]
+    fn document_matches_the_recorded_contract() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openapi.json");
+        let served = serde_json::to_string_pretty(&super::document()).unwrap() + "\n";
+        if std::env::var_os("TETHER_BLESS_OPENAPI").is_some() {
+            std::fs::write(path, &served).unwrap();
+            return;
+        }
+        let recorded = std::fs::read_to_string(path).unwrap();
+        assert!(
+            served == recorded,
+            "GET /openapi.json differs from {path}; if the change is meant, re-record it with \
+             TETHER_BLESS_OPENAPI=1 cargo nextest run -p tether-server -E 'test(document_matches)'"
+        );
+    }
+
     #[test]
     fn every_path_parameter_is_declared() {
         let doc = super::document();
