@@ -26,7 +26,7 @@ fn decode_pool(row: &PgRow) -> StoreResult<PoolRecord> {
         fallback_url: row.try_get("fallback_url").map_err(db)?,
         freshness_ms: row.try_get("freshness_ms").map_err(db)?,
         source: PoolSource::parse(&source)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown pool source `{source}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown pool source `{source}`")))?,
         updated_at: row.try_get("updated_at").map_err(db)?,
     })
 }
@@ -39,7 +39,7 @@ fn decode_endpoint(row: &PgRow) -> StoreResult<EndpointRecord> {
         url: row.try_get("url").map_err(db)?,
         readiness_url: row.try_get("readiness_url").map_err(db)?,
         kind: EndpointKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown endpoint kind `{kind}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown endpoint kind `{kind}`")))?,
         revision: row.try_get("revision").map_err(db)?,
         created_at: row.try_get("created_at").map_err(db)?,
         updated_at: row.try_get("updated_at").map_err(db)?,
@@ -127,8 +127,8 @@ impl EndpointStore for PgStore {
                 .map_err(db)?;
                 if inserted.rows_affected() != 1 {
                     // Another server registered it between our read and our insert.
-                    return Err(StoreError::Unavailable(
-                        "the endpoint was registered concurrently; retry".into(),
+                    return Err(StoreError::unavailable(
+                        "the endpoint was registered concurrently; retry",
                     ));
                 }
                 true
@@ -154,8 +154,8 @@ impl EndpointStore for PgStore {
                 .await
                 .map_err(db)?;
                 if result.rows_affected() != 1 {
-                    return Err(StoreError::Unavailable(
-                        "the endpoint changed underneath; retry".into(),
+                    return Err(StoreError::unavailable(
+                        "the endpoint changed underneath; retry",
                     ));
                 }
                 false

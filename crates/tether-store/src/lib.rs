@@ -14,13 +14,15 @@ mod judge;
 mod outbox;
 mod output;
 mod records;
+mod stored_spec;
 
 pub use endpoints::*;
-pub use error::StoreError;
+pub use error::{BoxError, StoreError};
 pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
 pub use outbox::{status_body, Outbox};
 pub use output::new_output;
 pub use records::*;
+pub use stored_spec::{decode_spec, encode_spec, SPEC_VERSION};
 
 use async_trait::async_trait;
 use tether_domain::{Millis, RunSpec};
