@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tether_domain::machine::AttemptOutcome;
 use tether_domain::{
-    ErrorCode, LanePolicy, Millis, Resources, RunSpec, RunStatus, SubmitDefaults, SubmitRequest,
+    ErrorCode, LanePolicy, Millis, Resources, RunSpec, RunStatus, Submission, SubmitDefaults,
 };
 
 use crate::{
@@ -122,21 +122,24 @@ fn defaults() -> SubmitDefaults {
     }
 }
 
-fn resolve_with(request: SubmitRequest, defaults: &SubmitDefaults) -> RunSpec {
+fn resolve_with(request: Submission, defaults: &SubmitDefaults) -> RunSpec {
+    // The submission's own text stands in for the wire body's fingerprint: equal only for
+    // equal submissions.
+    let fingerprint = format!("{request:?}");
     request
-        .resolve(Some(&LanePolicy::default()), defaults)
+        .resolve(Some(&LanePolicy::default()), defaults, fingerprint)
         .expect("a valid submission")
 }
 
-fn request() -> SubmitRequest {
-    SubmitRequest {
+fn request() -> Submission {
+    Submission {
         command: vec!["true".into()],
-        ..SubmitRequest::default()
+        ..Submission::default()
     }
 }
 
 /// A spec in the default lane with the given changes to its submission.
-fn spec_with(change: impl FnOnce(&mut SubmitRequest)) -> RunSpec {
+fn spec_with(change: impl FnOnce(&mut Submission)) -> RunSpec {
     let mut req = request();
     change(&mut req);
     resolve_with(req, &defaults())

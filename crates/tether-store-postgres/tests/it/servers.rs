@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use sqlx::Row;
-use tether_domain::{LanePolicy, Resources, RunSpec, RunStatus, SubmitDefaults, SubmitRequest};
+use tether_domain::{LanePolicy, Resources, RunSpec, RunStatus, Submission, SubmitDefaults};
 use tether_store::{
     ClaimLimits, EventKind, NewWorker, ReapPolicy, RunBeat, RunFilter, Signal, Store, StoreError,
 };
@@ -14,14 +14,19 @@ use tether_store_postgres::{PgStore, REAPER_LOCK, REAP_QUERY};
 
 use crate::schema::TestSchema;
 
-fn spec_with(change: impl FnOnce(&mut SubmitRequest)) -> RunSpec {
-    let mut request = SubmitRequest {
+fn spec_with(change: impl FnOnce(&mut Submission)) -> RunSpec {
+    let mut request = Submission {
         command: vec!["true".into()],
-        ..SubmitRequest::default()
+        ..Submission::default()
     };
     change(&mut request);
+    let fingerprint = format!("{request:?}");
     request
-        .resolve(Some(&LanePolicy::default()), &SubmitDefaults::default())
+        .resolve(
+            Some(&LanePolicy::default()),
+            &SubmitDefaults::default(),
+            fingerprint,
+        )
         .expect("a valid submission")
 }
 
@@ -374,7 +379,7 @@ async fn the_reaper_query_uses_partial_indexes_over_100k_finished_runs() {
             .len(),
         5
     );
-    let spec = serde_json::to_string(&spec_with(|_| {})).unwrap();
+    let spec = tether_store::encode_spec(&spec_with(|_| {})).unwrap();
     let inserted = sqlx::query(
         "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
          created_at, finished_at, heartbeat_timeout_ms, output_limit_bytes, request_fingerprint, \

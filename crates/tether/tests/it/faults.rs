@@ -335,7 +335,7 @@ async fn pruning_pass_measurement() {
     let seeded = Instant::now();
     store.seed_finished_runs(100_000).await.unwrap();
     eprintln!("seeded 100,000 finished runs in {:?}", seeded.elapsed());
-    let spec = tether_domain::SubmitRequest {
+    let spec = tether_api::SubmitRequest {
         command: vec!["true".into()],
         ..Default::default()
     }
