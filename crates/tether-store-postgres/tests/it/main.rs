@@ -5,3 +5,4 @@
 mod conformance;
 mod schema;
 mod servers;
+mod stored_spec;
