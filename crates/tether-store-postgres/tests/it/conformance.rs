@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tether_store::conformance::{Fixture, Harness};
+use tether_store_conformance::{Fixture, Harness};
 use tether_store_postgres::PgStore;
 
 use crate::schema::TestSchema;
@@ -41,4 +41,4 @@ impl Harness for PgHarness {
     }
 }
 
-tether_store::store_conformance_tests!(PgHarness);
+tether_store_conformance::store_conformance_tests!(PgHarness);
