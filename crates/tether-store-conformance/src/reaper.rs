@@ -5,7 +5,7 @@ use crate::Harness;
 
 /// Sweeps until something is reaped.
 async fn reap_until_some(store: &SharedStore, policy: &ReapPolicy) -> Vec<tether_store::ReapedRun> {
-    poll("a sweep to reap something", || async {
+    eventually("a sweep to reap something", PATIENCE, || async {
         let report = store
             .reap_stale_runs(policy)
             .await

@@ -1,8 +1,9 @@
 //! What every area's cases share: specs, workers, claims, polls and error matchers.
 
 pub(crate) use std::collections::{BTreeMap, BTreeSet};
-pub(crate) use std::future::Future;
 pub(crate) use std::time::{Duration, Instant};
+
+pub(crate) use tether_testkit::eventually;
 
 pub(crate) use tether_domain::machine::AttemptOutcome;
 pub(crate) use tether_domain::{
@@ -14,7 +15,7 @@ pub(crate) use tether_store::{
     RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError, StreamOffsets,
 };
 
-/// How long any poll waits before the case fails.
+/// How long any poll ([`eventually`]) waits before the case fails.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
 pub(crate) fn defaults() -> SubmitDefaults {
@@ -167,25 +168,9 @@ pub(crate) async fn status(store: &SharedStore, run_id: &str) -> RunStatus {
         .status
 }
 
-/// Polls `probe` until it answers `Some`, failing the case after [`PATIENCE`].
-pub(crate) async fn poll<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until the store's clock has passed `moment`.
 pub(crate) async fn wait_past(store: &SharedStore, moment: Millis) {
-    poll("the store's clock to pass a deadline", || async {
+    eventually("the store's clock to pass a deadline", PATIENCE, || async {
         (store.now().await.expect("now") > moment).then_some(())
     })
     .await;
