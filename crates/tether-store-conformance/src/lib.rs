@@ -33,8 +33,10 @@ mod retention;
 mod runs;
 mod signals;
 mod workers;
-// Slot for batched transactions (issue 11, `engine`): a `batch.rs` module with its cases goes
-// here as `mod batch;` plus `pub use batch::*;` below, and its case names in the macro's list.
+// Slot for batched transactions (issue 11, `engine`): `tether-store/src/conformance_batch.rs`
+// becomes `batch.rs` here, declared as `mod batch;` plus `pub use batch::*;` below, importing
+// `crate::support::*` and `crate::Harness` (and `tether_store::…` for what was `crate::…`),
+// with its case names added to the macro's list.
 
 pub use admission::*;
 pub use claims::*;
