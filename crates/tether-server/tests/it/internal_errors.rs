@@ -11,7 +11,7 @@ async fn psql(schema: &PgSchema, sql: &str) {
         .args([
             &schema.url,
             "-qAtc",
-            &format!("SET search_path TO {}; {sql}", schema.schema),
+            &format!("SET search_path TO {}; {sql}", schema.name),
         ])
         .stdin(std::process::Stdio::null())
         .status()
@@ -32,7 +32,7 @@ fn assert_says_nothing_internal(body: &Value, schema: &PgSchema) {
         "version",
         "pools",
         "runs\\\"",
-        schema.schema.as_str(),
+        schema.name.as_str(),
     ] {
         assert!(!text.contains(leak), "`{leak}` leaked: {body}");
     }

@@ -4,14 +4,14 @@ use tether_domain::{LanePolicy, Submission, SubmitDefaults};
 use tether_store::Store;
 use tether_store_postgres::PgStore;
 
-use crate::schema::TestSchema;
+use tether_testkit::PgSchema;
 
 /// A spec exactly as this store wrote it before `version` (and before `secret_env`).
 const UNVERSIONED: &str = r#"{"command":["sh","-c","echo hi"],"env":{"A":"1"},"cwd":null,"lane":"default","resources":{"cpus":0.5,"memory_mb":128},"timeout_ms":5000,"heartbeat_timeout_ms":60000,"stall_timeout_ms":null,"max_attempts":3,"idempotency_key":null,"labels":{"team":"a"},"endpoints":{},"output_limit_bytes":67108864,"request_fingerprint":"{}"}"#;
 
 #[tokio::test]
 async fn a_row_written_before_the_spec_version_reads_back() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = PgStore::open_in_schema(&schema.url, &schema.name)
         .await
         .unwrap();
