@@ -246,3 +246,221 @@ impl<D: EndpointDriver> EndpointStore for D {
         self.commit_endpoints(tx).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decisions, against a scripted driver: what each answer is, and that nothing is
+    //! committed when a transaction refuses. (What the queries do is the conformance suite's.)
+
+    use std::sync::Mutex;
+
+    use tether_domain::EndpointKind;
+
+    use super::*;
+
+    /// Answers each query as scripted and notes what was asked.
+    #[derive(Default)]
+    struct Scripted {
+        pool: Option<PoolRecord>,
+        endpoint: Option<EndpointRecord>,
+        inserted: bool,
+        redefined: bool,
+        dispatch_current: bool,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Scripted {
+        fn note(&self, call: &'static str) {
+            self.calls.lock().unwrap().push(call);
+        }
+
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl EndpointDriver for Scripted {
+        type Tx = ();
+
+        async fn begin_endpoints(&self) -> StoreResult<((), Millis)> {
+            self.note("begin");
+            Ok(((), 1_000))
+        }
+        async fn commit_endpoints(&self, _: ()) -> StoreResult<()> {
+            self.note("commit");
+            Ok(())
+        }
+        async fn pool_upsert_unless_set_by_api(
+            &self,
+            _: &mut (),
+            _: &NewPool,
+            _: PoolSource,
+            _: Millis,
+        ) -> StoreResult<()> {
+            self.note("pool_upsert");
+            Ok(())
+        }
+        async fn pool_get(&self, _: &mut (), _: &str) -> StoreResult<Option<PoolRecord>> {
+            Ok(self.pool.clone())
+        }
+        async fn pool_list(&self) -> StoreResult<Vec<PoolRecord>> {
+            Ok(self.pool.clone().into_iter().collect())
+        }
+        async fn endpoint_get_for_update(
+            &self,
+            _: &mut (),
+            _: &str,
+        ) -> StoreResult<Option<EndpointRecord>> {
+            Ok(self.endpoint.clone())
+        }
+        async fn endpoint_get(&self, _: &mut (), _: &str) -> StoreResult<Option<EndpointRecord>> {
+            Ok(self.endpoint.clone())
+        }
+        async fn endpoint_insert(
+            &self,
+            _: &mut (),
+            _: &NewEndpoint,
+            _: Millis,
+        ) -> StoreResult<bool> {
+            self.note("insert");
+            Ok(self.inserted)
+        }
+        async fn endpoint_redefine_if_revision(
+            &self,
+            _: &mut (),
+            _: &NewEndpoint,
+            _: i64,
+            _: Millis,
+        ) -> StoreResult<bool> {
+            self.note("redefine");
+            Ok(self.redefined)
+        }
+        async fn endpoint_delete(&self, _: &mut (), _: &str) -> StoreResult<bool> {
+            Ok(true)
+        }
+        async fn endpoint_list(&self) -> StoreResult<Vec<EndpointRecord>> {
+            Ok(Vec::new())
+        }
+        async fn endpoint_claim_due_probes(
+            &self,
+            _: &mut (),
+            _: Millis,
+            _: Millis,
+            _: i64,
+        ) -> StoreResult<Vec<ProbeClaim>> {
+            Ok(Vec::new())
+        }
+        async fn endpoint_set_probe_result_if_claimed(
+            &self,
+            _: &mut (),
+            _: &ProbeClaim,
+            _: bool,
+            _: Option<&str>,
+            _: Millis,
+        ) -> StoreResult<bool> {
+            Ok(true)
+        }
+        async fn attempt_set_dispatch_if_current(
+            &self,
+            _: &mut (),
+            _: &str,
+            _: u32,
+            _: &str,
+            _: &str,
+        ) -> StoreResult<bool> {
+            self.note("set_dispatch");
+            Ok(self.dispatch_current)
+        }
+    }
+
+    fn pool() -> PoolRecord {
+        PoolRecord {
+            name: "p".into(),
+            fallback_url: None,
+            freshness_ms: 1_000,
+            source: PoolSource::Api,
+            updated_at: 0,
+        }
+    }
+
+    fn new_endpoint() -> NewEndpoint {
+        NewEndpoint {
+            name: "e".into(),
+            pool: "p".into(),
+            url: "http://e".into(),
+            readiness_url: Some("http://e/ready".into()),
+            kind: EndpointKind::Probed,
+        }
+    }
+
+    fn stored(new: &NewEndpoint) -> EndpointRecord {
+        EndpointRecord {
+            name: new.name.clone(),
+            pool: new.pool.clone(),
+            url: new.url.clone(),
+            readiness_url: new.readiness_url.clone(),
+            kind: new.kind,
+            revision: 1,
+            created_at: 0,
+            updated_at: 0,
+            last_ready_at: None,
+            last_probe_at: None,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_of_an_unknown_pool_writes_nothing() {
+        let driver = Scripted::default();
+        let saved = driver.upsert_endpoint(&new_endpoint()).await.unwrap();
+        assert_eq!(saved, EndpointSaved::UnknownPool);
+        assert_eq!(driver.calls(), ["begin"]);
+    }
+
+    #[tokio::test]
+    async fn losing_a_registration_race_is_retryable_and_commits_nothing() {
+        let driver = Scripted {
+            pool: Some(pool()),
+            inserted: false,
+            ..Scripted::default()
+        };
+        let refused = driver.upsert_endpoint(&new_endpoint()).await;
+        assert!(matches!(refused, Err(StoreError::Unavailable(_))));
+        assert_eq!(driver.calls(), ["begin", "insert"]);
+    }
+
+    #[tokio::test]
+    async fn the_same_definition_is_not_rewritten_and_a_new_one_is_fenced_by_revision() {
+        let same = Scripted {
+            pool: Some(pool()),
+            endpoint: Some(stored(&new_endpoint())),
+            ..Scripted::default()
+        };
+        let saved = same.upsert_endpoint(&new_endpoint()).await.unwrap();
+        assert!(matches!(saved, EndpointSaved::Updated(_)));
+        assert_eq!(same.calls(), ["begin", "commit"]);
+
+        let mut moved = new_endpoint();
+        moved.url = "http://elsewhere".into();
+        let raced = Scripted {
+            pool: Some(pool()),
+            endpoint: Some(stored(&new_endpoint())),
+            redefined: false,
+            ..Scripted::default()
+        };
+        assert!(matches!(
+            raced.upsert_endpoint(&moved).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(raced.calls(), ["begin", "redefine"]);
+    }
+
+    #[tokio::test]
+    async fn a_dispatch_for_an_attempt_no_longer_current_is_stale_and_not_committed() {
+        let driver = Scripted::default();
+        let refused = driver.record_dispatch("r", 1, "w", &BTreeMap::new()).await;
+        assert!(matches!(refused, Err(StoreError::StaleAttempt)));
+        assert_eq!(driver.calls(), ["begin", "set_dispatch"]);
+    }
+}
