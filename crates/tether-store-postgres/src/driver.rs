@@ -128,9 +128,7 @@ impl Driver for PgStore {
         let probe = sqlx::query("SELECT 1").execute(self.pool());
         match timeout(PING_TIMEOUT, probe).await {
             Ok(result) => result.map(|_| ()).map_err(db),
-            Err(_) => Err(StoreError::Unavailable(
-                "the database did not answer".into(),
-            )),
+            Err(_) => Err(StoreError::unavailable("the database did not answer")),
         }
     }
 
@@ -475,7 +473,7 @@ impl DriverTx for PgTx {
         .bind(&spec.lane)
         .bind(status.as_str())
         .bind(i64::from(spec.max_attempts))
-        .bind(encode(spec, "run spec")?)
+        .bind(tether_store::encode_spec(spec)?)
         .bind(spec.resources.cpus)
         .bind(spec.resources.memory_mb as i64)
         .bind(self.now)

@@ -446,7 +446,7 @@ impl DriverTx for SqliteTx {
         .bind(&spec.lane)
         .bind(status.as_str())
         .bind(i64::from(spec.max_attempts))
-        .bind(encode(spec, "run spec")?)
+        .bind(tether_store::encode_spec(spec)?)
         .bind(spec.resources.cpus)
         .bind(spec.resources.memory_mb as i64)
         .bind(self.now)

@@ -33,10 +33,8 @@ use tokio::sync::broadcast;
 /// different matter: the data is not what this code wrote.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
     match e {
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-            StoreError::Corrupt(e.to_string())
-        }
-        _ => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::corrupt(e),
+        _ => StoreError::unavailable(e),
     }
 }
 
@@ -49,7 +47,7 @@ fn clock() -> Millis {
 }
 
 fn encode<T: serde::Serialize>(value: &T, what: &str) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    serde_json::to_string(value).map_err(|e| StoreError::corrupt_while(what, e))
 }
 
 const IN_FLIGHT: &str = "('claimed', 'running')";
@@ -69,7 +67,7 @@ pub struct SqliteStore {
 fn make_private_file(path: &Path) -> StoreResult<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let failed = |what: &Path, e: std::io::Error| {
-        StoreError::Unavailable(format!("creating {}: {e}", what.display()))
+        StoreError::unavailable_while(format!("creating {}", what.display()), e)
     };
     if let Some(parent) = path.parent().filter(|p| *p != Path::new("")) {
         std::fs::DirBuilder::new()
@@ -116,7 +114,7 @@ impl SqliteStore {
         sqlx::migrate!()
             .run(&writer)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;
+            .map_err(|e| StoreError::unavailable_while("migrating", e))?;
         // An in-memory database lives in one connection: read through the writer too.
         let reader = if in_memory {
             writer.clone()
@@ -155,7 +153,7 @@ impl SqliteStore {
         });
         begun
             .await
-            .map_err(|e| StoreError::Unavailable(format!("beginning a transaction: {e}")))?
+            .map_err(|e| StoreError::unavailable_while("beginning a transaction", e))?
             .map_err(db)
     }
 

@@ -41,8 +41,8 @@ impl<D: Driver + EndpointStore> Store for D {
         match runs::admit_one(self, spec, None).await? {
             Admission::Accepted(created) => Ok(*created),
             // Without a policy nothing is refused; kept total rather than panicking.
-            Admission::LaneFull | Admission::NeverFits => Err(StoreError::Corrupt(
-                "a run without an admission policy was refused".into(),
+            Admission::LaneFull | Admission::NeverFits => Err(StoreError::corrupt(
+                "a run without an admission policy was refused",
             )),
         }
     }

@@ -89,8 +89,8 @@ async fn accept<T: DriverTx>(
         // before us.
         return match find_by_key(tx, spec).await? {
             Some(run) => Ok(replayed(run)),
-            None => Err(StoreError::Unavailable(
-                "idempotency key conflict vanished; retry".into(),
+            None => Err(StoreError::unavailable(
+                "idempotency key conflict vanished; retry",
             )),
         };
     }

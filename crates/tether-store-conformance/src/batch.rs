@@ -1,54 +1,23 @@
-//! Conformance cases for the batched worker calls (`start_attempts`, `finish_attempts`): each
-//! item judged as its single call would judge it, answers in order, one per item. A store's
-//! tests expand [`store_batch_conformance_tests!`](crate::store_batch_conformance_tests) with
-//! the same harness as the main suite.
+//! Batched worker calls (`start_attempts`, `finish_attempts`): each item judged as its single
+//! call would judge it, answers in order, one per item.
 
-use std::collections::BTreeMap;
+use tether_store::{AttemptFinish, RunRecord, StoreResult};
 
-use tether_domain::machine::AttemptOutcome;
-use tether_domain::{ErrorCode, LanePolicy, Resources, RunStatus, SubmitDefaults, SubmitRequest};
+use crate::support::*;
+use crate::Harness;
 
-use crate::conformance::Harness;
-use crate::{
-    AttemptFinish, ClaimLimits, EventKind, EventRecord, FinishReport, NewWorker, RunRecord, RunRef,
-    SharedStore, StoreError, StoreResult,
-};
-
-/// Expands every batch case as its own `#[tokio::test]`.
-#[macro_export]
-macro_rules! store_batch_conformance_tests {
-    ($harness:expr) => {
-        $crate::store_batch_conformance_tests!(@cases $harness;
-            batched_starts_judge_each_item_and_answer_in_order,
-            batched_finishes_judge_each_item_and_answer_in_order,
-            batched_finishes_retry_or_end_as_single_finishes_do,
-        );
-    };
-    (@cases $harness:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                $crate::conformance_batch::$case(&$harness).await;
-            }
-        )*
-    };
-}
-
-fn spec(max_attempts: u32) -> tether_domain::RunSpec {
-    SubmitRequest {
-        command: vec!["true".into()],
-        max_attempts: Some(max_attempts),
-        ..SubmitRequest::default()
-    }
-    .resolve(Some(&LanePolicy::default()), &SubmitDefaults::default())
-    .expect("a valid submission")
+fn spec_of(max_attempts: u32) -> RunSpec {
+    spec_with(|r| r.max_attempts = Some(max_attempts))
 }
 
 /// `n` runs claimed by one new worker: `(worker_id, run_ids)`, each at attempt 1.
 async fn claimed(store: &SharedStore, n: usize, max_attempts: u32) -> (String, Vec<String>) {
     let mut runs = Vec::new();
     for _ in 0..n {
-        let created = store.create_run(&spec(max_attempts)).await.expect("create");
+        let created = store
+            .create_run(&spec_of(max_attempts))
+            .await
+            .expect("create");
         runs.push(created.run.id);
     }
     let worker = store
