@@ -5,7 +5,7 @@ use tether_api::{AttemptView, EventView, RunRefWire, RunView, WorkerView};
 use tether_domain::liveness::RunLivenessInput;
 use tether_domain::time::{age_s, format_rfc3339};
 use tether_domain::{judge_run_liveness, judge_worker, Liveness, Millis};
-use tether_store::{AttemptRecord, EventBody, EventKind, EventRecord, RunRecord, WorkerRecord};
+use tether_store::{AttemptRecord, EventBody, EventRecord, RunRecord, WorkerRecord};
 
 use crate::config::ServerConfig;
 
@@ -121,27 +121,24 @@ pub fn event_view(e: &EventRecord) -> EventView {
         attempt: Some(e.attempt),
         ..EventView::default()
     };
-    match e.typed_body() {
-        Some(EventBody::Status(s) | EventBody::End(s)) => {
+    match &e.body {
+        EventBody::Status(s) | EventBody::End(s) => {
             view.status = Some(s.status);
             view.error_code = s.error_code;
             view.exit_code = s.exit_code;
         }
-        Some(EventBody::Attempt { worker_id, .. }) => {
-            view.worker_id = Some(worker_id);
+        EventBody::Attempt { worker_id, .. } => {
+            view.worker_id = Some(worker_id.clone());
         }
-        Some(EventBody::Log { stream }) => {
+        EventBody::Log { stream } => {
             view.stream = Some(stream.as_str().to_string());
-        }
-        None => {}
-    }
-    if e.kind == EventKind::Log {
-        let data = e.data.as_deref().unwrap_or_default();
-        match std::str::from_utf8(data) {
-            Ok(text) => view.text = Some(text.to_string()),
-            Err(_) => {
-                view.text = Some(String::from_utf8_lossy(data).into_owned());
-                view.data_b64 = Some(base64::engine::general_purpose::STANDARD.encode(data));
+            let data = e.data.as_deref().unwrap_or_default();
+            match std::str::from_utf8(data) {
+                Ok(text) => view.text = Some(text.to_string()),
+                Err(_) => {
+                    view.text = Some(String::from_utf8_lossy(data).into_owned());
+                    view.data_b64 = Some(base64::engine::general_purpose::STANDARD.encode(data));
+                }
             }
         }
     }

@@ -76,10 +76,7 @@ fn is_stale(answer: &StoreResult<RunRecord>) -> bool {
 }
 
 fn is_running(event: &EventRecord) -> bool {
-    event
-        .typed_body()
-        .and_then(|b| b.status().map(|s| s.status))
-        == Some(RunStatus::Running)
+    status_in(event) == Some(RunStatus::Running)
 }
 
 fn is_not_found(answer: &StoreResult<RunRecord>) -> bool {

@@ -49,7 +49,7 @@ pub async fn output_past_the_limit_ends_the_run_failed(h: &dyn Harness) {
     assert_eq!(logs.len(), 3);
     assert_eq!(logs[0].data.as_deref(), Some(&b"abcdef"[..]));
     assert_eq!(logs[1].data.as_deref(), Some(&b"ghij"[..]));
-    assert_eq!(logs[2].body["stream"].as_str(), Some("stderr"));
+    assert_eq!(stream_in(logs[2]), Some(OutputStream::Stderr));
     let note = String::from_utf8_lossy(logs[2].data.as_deref().unwrap_or_default()).to_string();
     assert!(note.contains("output limit"), "the cut is noted: {note}");
     assert_eq!(

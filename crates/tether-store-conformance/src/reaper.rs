@@ -43,11 +43,8 @@ pub async fn a_stale_run_is_retried_then_timed_out(h: &dyn Harness) {
     let events = all_events(store, &run_id).await;
     let last = events.last().unwrap();
     assert_eq!(last.kind, EventKind::Status);
-    assert_eq!(status_of(last).as_deref(), Some("pending"));
-    assert_eq!(
-        last.body["error_code"].as_str(),
-        Some("worker_heartbeat_lost")
-    );
+    assert_eq!(status_in(last), Some(RunStatus::Pending));
+    assert_eq!(error_in(last), Some(ErrorCode::WorkerHeartbeatLost));
 
     // Attempt 2 goes the same way, and with no attempts left the run ends.
     let w2 = register(store, 1.0).await;
@@ -86,8 +83,8 @@ pub async fn a_stale_run_with_one_attempt_ends_timed_out(h: &dyn Harness) {
         vec![EventKind::Status, EventKind::End]
     );
     assert_eq!(
-        events.last().unwrap().body["error_code"].as_str(),
-        Some("worker_heartbeat_lost")
+        events.last().and_then(error_in),
+        Some(ErrorCode::WorkerHeartbeatLost)
     );
 }
 
@@ -231,7 +228,7 @@ pub async fn concurrent_sweeps_retry_each_stale_run_once(h: &dyn Harness) {
         let events = all_events(&store, id).await;
         let back_to_pending = events
             .iter()
-            .filter(|e| e.kind == EventKind::Status && status_of(e).as_deref() == Some("pending"))
+            .filter(|e| e.kind == EventKind::Status && status_in(e) == Some(RunStatus::Pending))
             .count();
         assert_eq!(back_to_pending, 2, "created, then retried once");
         events_before.insert(id.clone(), events.len());

@@ -30,7 +30,7 @@ pub async fn create_get_and_list_newest_first(h: &dyn Harness) {
         let events = all_events(store, id).await;
         assert_eq!(kinds(&events), vec![EventKind::Status]);
         assert_eq!(events[0].seq, 1);
-        assert_eq!(status_of(&events[0]).as_deref(), Some("pending"));
+        assert_eq!(status_in(&events[0]), Some(RunStatus::Pending));
     }
     assert!(store.get_run("no-such-run").await.unwrap().is_none());
 
@@ -317,20 +317,28 @@ pub async fn a_run_goes_from_pending_to_succeeded_with_events_in_order(h: &dyn H
     );
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "seq rises by one");
-    let statuses: Vec<String> = events.iter().filter_map(status_of).collect();
+    let statuses: Vec<RunStatus> = events.iter().filter_map(status_in).collect();
     assert_eq!(
         statuses,
-        vec!["pending", "claimed", "running", "succeeded", "succeeded"]
+        vec![
+            RunStatus::Pending,
+            RunStatus::Claimed,
+            RunStatus::Running,
+            RunStatus::Succeeded,
+            RunStatus::Succeeded
+        ]
     );
     assert_eq!(
-        events[2].body["worker_id"].as_str(),
-        Some(worker_id.as_str())
+        events[2].body,
+        EventBody::Attempt {
+            attempt: 1,
+            worker_id: worker_id.clone()
+        }
     );
-    assert_eq!(events[2].body["attempt"].as_u64(), Some(1));
-    assert_eq!(events[4].body["stream"].as_str(), Some("stdout"));
+    assert_eq!(stream_in(&events[4]), Some(OutputStream::Stdout));
     assert_eq!(events[4].data.as_deref(), Some(&b"hello\n"[..]));
-    assert_eq!(events[5].body["stream"].as_str(), Some("stderr"));
-    assert_eq!(events[7].body["exit_code"].as_i64(), Some(0));
+    assert_eq!(stream_in(&events[5]), Some(OutputStream::Stderr));
+    assert_eq!(status_of(&events[7]).and_then(|s| s.exit_code), Some(0));
     let tail = store.events_after(&run_id, 6, 100).await.unwrap();
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![7, 8]);
 

@@ -18,8 +18,8 @@ pub async fn cancel_of_pending_is_immediate_and_it_is_never_claimed(h: &dyn Harn
         kinds(&events),
         vec![EventKind::Status, EventKind::Status, EventKind::End]
     );
-    assert_eq!(status_of(&events[1]).as_deref(), Some("cancelled"));
-    assert_eq!(events[1].body["error_code"].as_str(), Some("cancelled"));
+    assert_eq!(status_in(&events[1]), Some(RunStatus::Cancelled));
+    assert_eq!(error_in(&events[1]), Some(ErrorCode::Cancelled));
 
     let worker_id = register(store, 4.0).await;
     assert!(store

@@ -11,8 +11,9 @@ pub(crate) use tether_domain::{
 };
 pub(crate) use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, BatchAdmission, BatchRefusal, ClaimLimits,
-    EventKind, EventRecord, FinishReport, NewWorker, OutputChunk, OutputStream, ReapPolicy,
-    RunBeat, RunFilter, RunRef, SharedStore, Signal, StoreError, StreamOffsets,
+    EventBody, EventKind, EventRecord, FinishReport, NewWorker, OutputChunk, OutputStream,
+    ReapPolicy, RunBeat, RunFilter, RunRef, SharedStore, Signal, StatusBody, StoreError,
+    StreamOffsets,
 };
 
 /// How long any poll ([`eventually`]) waits before the case fails.
@@ -158,8 +159,27 @@ pub(crate) fn kinds(events: &[EventRecord]) -> Vec<EventKind> {
     events.iter().map(|e| e.kind).collect()
 }
 
-pub(crate) fn status_of(event: &EventRecord) -> Option<String> {
-    event.body["status"].as_str().map(str::to_string)
+/// What a `status` or `end` event reports; `None` for other kinds.
+pub(crate) fn status_of(event: &EventRecord) -> Option<StatusBody> {
+    event.body.status().copied()
+}
+
+/// The run status a `status` or `end` event reports.
+pub(crate) fn status_in(event: &EventRecord) -> Option<RunStatus> {
+    status_of(event).map(|s| s.status)
+}
+
+/// The error code a `status` or `end` event reports.
+pub(crate) fn error_in(event: &EventRecord) -> Option<ErrorCode> {
+    status_of(event).and_then(|s| s.error_code)
+}
+
+/// The stream a `log` event carries.
+pub(crate) fn stream_in(event: &EventRecord) -> Option<OutputStream> {
+    match event.body {
+        EventBody::Log { stream } => Some(stream),
+        _ => None,
+    }
 }
 
 pub(crate) async fn status(store: &SharedStore, run_id: &str) -> RunStatus {

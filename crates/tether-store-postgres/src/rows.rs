@@ -5,7 +5,8 @@ use sqlx::Row;
 use tether_domain::{ErrorCode, Millis, Resources, RunStatus};
 use tether_store::driver::LoadedRun;
 use tether_store::{
-    AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
+    AttemptRecord, EventBody, EventKind, EventRecord, RunRecord, StoreError, StoreResult,
+    WorkerRecord,
 };
 
 /// A column that would not decode: the row is not what this code wrote.
@@ -120,17 +121,15 @@ pub(crate) const EVENT_SELECT: &str =
 
 pub(crate) fn decode_event(row: &PgRow) -> StoreResult<EventRecord> {
     let kind: String = row.try_get("kind").map_err(col)?;
+    let kind = EventKind::parse(&kind)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?;
     Ok(EventRecord {
         run_id: row.try_get("run_id").map_err(col)?,
         seq: row.try_get("seq").map_err(col)?,
-        kind: EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?,
+        kind,
         ts: row.try_get("ts").map_err(col)?,
         attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
-        body: json(
-            &row.try_get::<String, _>("body").map_err(col)?,
-            "event body",
-        )?,
+        body: EventBody::decode(kind, &row.try_get::<String, _>("body").map_err(col)?)?,
         data: row.try_get("data").map_err(col)?,
     })
 }

@@ -5,7 +5,8 @@ use sqlx::Row;
 use tether_domain::{ErrorCode, Millis, Resources, RunStatus};
 use tether_store::driver::LoadedRun;
 use tether_store::{
-    AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
+    AttemptRecord, EventBody, EventKind, EventRecord, RunRecord, StoreError, StoreResult,
+    WorkerRecord,
 };
 
 use crate::db;
@@ -117,14 +118,15 @@ pub(crate) const EVENT_SELECT: &str =
 
 pub(crate) fn decode_event(row: &SqliteRow) -> StoreResult<EventRecord> {
     let kind: String = row.try_get("kind").map_err(db)?;
+    let kind = EventKind::parse(&kind)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?;
     Ok(EventRecord {
         run_id: row.try_get("run_id").map_err(db)?,
         seq: row.try_get("seq").map_err(db)?,
-        kind: EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?,
+        kind,
         ts: row.try_get("ts").map_err(db)?,
         attempt: to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
-        body: json(&row.try_get::<String, _>("body").map_err(db)?, "event body")?,
+        body: EventBody::decode(kind, &row.try_get::<String, _>("body").map_err(db)?)?,
         data: row.try_get("data").map_err(db)?,
     })
 }

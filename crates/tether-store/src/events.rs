@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use tether_domain::{ErrorCode, RunStatus};
 
-use crate::{EventKind, OutputStream};
+use crate::{EventKind, OutputStream, StoreError, StoreResult};
 
 /// A status a run took, as its `status` and `end` events say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,19 @@ impl EventBody {
         })
     }
 
+    /// Reads a body as a store keeps it (JSON text) for an event of `kind`; `Corrupt` when it
+    /// is not what this code writes, as for any other column that will not decode.
+    pub fn decode(kind: EventKind, text: &str) -> StoreResult<EventBody> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| StoreError::corrupt_while("event body", e))?;
+        EventBody::from_json(kind, &value).ok_or_else(|| {
+            StoreError::corrupt(format!(
+                "a `{}` event's body is not its shape: {text}",
+                kind.as_str()
+            ))
+        })
+    }
+
     /// The status this event reports, for `status` and `end` events.
     pub fn status(&self) -> Option<&StatusBody> {
         match self {
@@ -152,6 +165,28 @@ mod tests {
             assert_eq!(
                 EventBody::from_json(body.kind(), &body.to_json()),
                 Some(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_body_not_of_its_kind_s_shape_is_corrupt() {
+        let stored = r#"{"attempt":1,"worker_id":"w"}"#;
+        assert_eq!(
+            EventBody::decode(EventKind::Attempt, stored).ok(),
+            Some(EventBody::Attempt {
+                attempt: 1,
+                worker_id: "w".into()
+            })
+        );
+        for (kind, text) in [
+            (EventKind::Status, stored),
+            (EventKind::Log, r#"{"stream":"stdin"}"#),
+            (EventKind::End, "not json"),
+        ] {
+            assert!(
+                matches!(EventBody::decode(kind, text), Err(StoreError::Corrupt(_))),
+                "{kind:?} {text}"
             );
         }
     }

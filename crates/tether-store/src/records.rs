@@ -380,18 +380,11 @@ pub struct EventRecord {
     pub kind: EventKind,
     pub ts: Millis,
     pub attempt: u32,
-    /// For `status` and `end`: `{ "status", "attempt", "error_code", "exit_code" }`; for
-    /// `attempt`: `{ "attempt", "worker_id" }`; for `log`: `{ "stream" }`.
-    pub body: serde_json::Value,
+    /// What the event says, typed by its kind (`body.kind() == kind`). Stored, and sent, as
+    /// [`EventBody::to_json`](crate::EventBody::to_json).
+    pub body: crate::EventBody,
     /// For `log`: the raw output bytes.
     pub data: Option<Vec<u8>>,
-}
-
-impl EventRecord {
-    /// The body as its kind's type; `None` for a body this code did not write.
-    pub fn typed_body(&self) -> Option<crate::EventBody> {
-        crate::EventBody::from_json(self.kind, &self.body)
-    }
 }
 
 /// A change other tasks may want to wake for. Delivered after the change commits.

@@ -305,7 +305,10 @@ async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
             .await
             .unwrap()
             .iter()
-            .filter(|e| e.kind == EventKind::Status && e.body["status"] == "pending")
+            .filter(|e| {
+                e.kind == EventKind::Status
+                    && e.body.status().map(|s| s.status) == Some(RunStatus::Pending)
+            })
             .count();
         assert_eq!(retries, 2, "created, then retried once");
     }
