@@ -29,8 +29,8 @@ use crate::{
 
 /// A write transaction with the database's clock read once for all of it.
 pub struct PgTx {
-    tx: Transaction<'static, Postgres>,
-    now: Millis,
+    pub(crate) tx: Transaction<'static, Postgres>,
+    pub(crate) now: Millis,
 }
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;

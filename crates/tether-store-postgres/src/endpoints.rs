@@ -1,18 +1,19 @@
 //! Endpoint readiness on PostgreSQL: the queries of pools, endpoints, probe claims and stamps,
 //! and each attempt's dispatch. The transactions themselves are `tether_store`'s, written once
-//! over [`EndpointDriver`]; each is stamped with the database's clock (`tether_now_ms()`, read
+//! over [`EndpointDriver`], each in the store's one kind of transaction ([`PgTx`], begun and
+//! committed by its [`Driver`]), stamped with the database's clock (`tether_now_ms()`, read
 //! once by `begin`), so stamps from every server compare alike.
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::Row;
 use tether_domain::{EndpointKind, Millis};
 use tether_store::{
-    EndpointDriver, EndpointRecord, NewEndpoint, NewPool, PoolRecord, PoolSource, ProbeClaim,
-    StoreError, StoreResult,
+    Driver, EndpointDriver, EndpointRecord, NewEndpoint, NewPool, Outbox, PoolRecord, PoolSource,
+    ProbeClaim, StoreError, StoreResult,
 };
 
-use crate::{db, PgStore, IN_FLIGHT};
+use crate::{db, PgStore, PgTx, IN_FLIGHT};
 
 const POOL_SELECT: &str = "SELECT name, fallback_url, freshness_ms, source, updated_at FROM pools";
 const ENDPOINT_SELECT: &str = "SELECT name, pool, url, readiness_url, kind, revision, \
@@ -61,14 +62,17 @@ fn decode_claim(row: &PgRow, claimed_at: Millis) -> StoreResult<ProbeClaim> {
 
 #[async_trait]
 impl EndpointDriver for PgStore {
-    type Tx = Transaction<'static, Postgres>;
+    type Tx = PgTx;
 
-    async fn begin_endpoints(&self) -> StoreResult<(Self::Tx, Millis)> {
-        self.begin().await
+    async fn begin_endpoints(&self) -> StoreResult<(PgTx, Millis)> {
+        let tx = Driver::begin(self).await?;
+        let now = tx.now;
+        Ok((tx, now))
     }
 
-    async fn commit_endpoints(&self, tx: Self::Tx) -> StoreResult<()> {
-        tx.commit().await.map_err(db)
+    async fn commit_endpoints(&self, tx: PgTx) -> StoreResult<()> {
+        // Endpoint writes wake nobody: nothing is notified.
+        Driver::commit(self, tx, Outbox::default()).await
     }
 
     async fn pool_upsert_unless_set_by_api(
@@ -91,7 +95,7 @@ impl EndpointDriver for PgStore {
         .bind(pool.freshness_ms)
         .bind(source.as_str())
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(())
@@ -100,7 +104,7 @@ impl EndpointDriver for PgStore {
     async fn pool_get(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<Option<PoolRecord>> {
         sqlx::query(&format!("{POOL_SELECT} WHERE name = $1"))
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
@@ -124,7 +128,7 @@ impl EndpointDriver for PgStore {
         // Locks the row, so concurrent PUTs of one endpoint apply one after another.
         sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1 FOR UPDATE"))
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
@@ -139,7 +143,7 @@ impl EndpointDriver for PgStore {
     ) -> StoreResult<Option<EndpointRecord>> {
         sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1"))
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
@@ -165,7 +169,7 @@ impl EndpointDriver for PgStore {
         .bind(endpoint.kind.as_str())
         .bind(now)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(inserted.rows_affected() == 1)
@@ -191,7 +195,7 @@ impl EndpointDriver for PgStore {
         .bind(now)
         .bind(&endpoint.name)
         .bind(revision)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -200,7 +204,7 @@ impl EndpointDriver for PgStore {
     async fn endpoint_delete(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<bool> {
         let result = sqlx::query("DELETE FROM endpoints WHERE name = $1")
             .bind(name)
-            .execute(&mut **tx)
+            .execute(&mut *tx.tx)
             .await
             .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -237,7 +241,7 @@ impl EndpointDriver for PgStore {
         .bind(now)
         .bind(due_at_or_before)
         .bind(limit)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx.tx)
         .await
         .map_err(db)?;
         rows.iter().map(|row| decode_claim(row, now)).collect()
@@ -263,7 +267,7 @@ impl EndpointDriver for PgStore {
         .bind(&claim.endpoint)
         .bind(claim.revision)
         .bind(claim.claimed_at)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -287,7 +291,7 @@ impl EndpointDriver for PgStore {
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)

@@ -26,8 +26,8 @@ use crate::{clock, db, encode, lanes, SqliteStore, IN_FLIGHT, PENDING};
 
 /// A write transaction on the writer, with the clock read once for all of it.
 pub struct SqliteTx {
-    tx: Transaction<'static, Sqlite>,
-    now: Millis,
+    pub(crate) tx: Transaction<'static, Sqlite>,
+    pub(crate) now: Millis,
 }
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;

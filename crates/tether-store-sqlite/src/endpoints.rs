@@ -1,18 +1,18 @@
 //! Endpoint readiness on SQLite: the queries of pools, endpoints, probe claims and stamps, and
 //! each attempt's dispatch. The transactions themselves are `tether_store`'s, written once over
-//! [`EndpointDriver`]; each is one `BEGIN IMMEDIATE` transaction on the writer with the clock
-//! read once, like the rest of the store.
+//! [`EndpointDriver`]; each is the store's one kind of transaction ([`SqliteTx`], begun and
+//! committed by its [`Driver`]): `BEGIN IMMEDIATE` on the writer with the clock read once.
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
 use tether_domain::{EndpointKind, Millis};
 use tether_store::{
-    EndpointDriver, EndpointRecord, NewEndpoint, NewPool, PoolRecord, PoolSource, ProbeClaim,
-    StoreError, StoreResult,
+    Driver, EndpointDriver, EndpointRecord, NewEndpoint, NewPool, Outbox, PoolRecord, PoolSource,
+    ProbeClaim, StoreError, StoreResult,
 };
 
-use crate::{clock, db, SqliteStore, IN_FLIGHT};
+use crate::{db, SqliteStore, SqliteTx, IN_FLIGHT};
 
 const POOL_SELECT: &str = "SELECT name, fallback_url, freshness_ms, source, updated_at FROM pools";
 const ENDPOINT_SELECT: &str = "SELECT name, pool, url, readiness_url, kind, revision, \
@@ -61,15 +61,17 @@ fn decode_claim(row: &SqliteRow, claimed_at: Millis) -> StoreResult<ProbeClaim> 
 
 #[async_trait]
 impl EndpointDriver for SqliteStore {
-    type Tx = Transaction<'static, Sqlite>;
+    type Tx = SqliteTx;
 
-    async fn begin_endpoints(&self) -> StoreResult<(Self::Tx, Millis)> {
-        let tx = self.begin().await?;
-        Ok((tx, clock()))
+    async fn begin_endpoints(&self) -> StoreResult<(SqliteTx, Millis)> {
+        let tx = Driver::begin(self).await?;
+        let now = tx.now;
+        Ok((tx, now))
     }
 
-    async fn commit_endpoints(&self, tx: Self::Tx) -> StoreResult<()> {
-        tx.commit().await.map_err(db)
+    async fn commit_endpoints(&self, tx: SqliteTx) -> StoreResult<()> {
+        // Endpoint writes wake nobody: nothing waits on them.
+        Driver::commit(self, tx, Outbox::default()).await
     }
 
     async fn pool_upsert_unless_set_by_api(
@@ -92,7 +94,7 @@ impl EndpointDriver for SqliteStore {
         .bind(pool.freshness_ms)
         .bind(source.as_str())
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(())
@@ -101,7 +103,7 @@ impl EndpointDriver for SqliteStore {
     async fn pool_get(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<Option<PoolRecord>> {
         sqlx::query(&format!("{POOL_SELECT} WHERE name = ?"))
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
@@ -133,7 +135,7 @@ impl EndpointDriver for SqliteStore {
     ) -> StoreResult<Option<EndpointRecord>> {
         sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = ?"))
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
@@ -159,7 +161,7 @@ impl EndpointDriver for SqliteStore {
         .bind(endpoint.kind.as_str())
         .bind(now)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(inserted.rows_affected() == 1)
@@ -185,7 +187,7 @@ impl EndpointDriver for SqliteStore {
         .bind(now)
         .bind(&endpoint.name)
         .bind(revision)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -194,7 +196,7 @@ impl EndpointDriver for SqliteStore {
     async fn endpoint_delete(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<bool> {
         let result = sqlx::query("DELETE FROM endpoints WHERE name = ?")
             .bind(name)
-            .execute(&mut **tx)
+            .execute(&mut *tx.tx)
             .await
             .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -227,7 +229,7 @@ impl EndpointDriver for SqliteStore {
         .bind(now)
         .bind(due_at_or_before)
         .bind(limit)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx.tx)
         .await
         .map_err(db)?;
         rows.iter().map(|row| decode_claim(row, now)).collect()
@@ -253,7 +255,7 @@ impl EndpointDriver for SqliteStore {
         .bind(&claim.endpoint)
         .bind(claim.revision)
         .bind(claim.claimed_at)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -280,7 +282,7 @@ impl EndpointDriver for SqliteStore {
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
-        .execute(&mut **tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
