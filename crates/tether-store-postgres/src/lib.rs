@@ -18,6 +18,8 @@
 mod endpoints;
 mod lanes;
 mod rows;
+// Bulk history and schema hooks for `tether bench` and tests, never for the server.
+#[cfg(feature = "seed")]
 mod seed;
 pub mod signals;
 mod write;
