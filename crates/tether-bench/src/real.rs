@@ -527,8 +527,14 @@ fn stamp_ms(text: Option<&str>) -> Option<i64> {
 
 impl Stamps {
     fn of(run: &RunView) -> Stamps {
+        // A finished run names no worker; its attempts do (on `GET /v1/runs/{id}` only).
+        let attempt_worker = run
+            .attempts
+            .as_ref()
+            .and_then(|attempts| attempts.iter().find(|a| a.attempt == run.attempt))
+            .map(|a| a.worker_id.clone());
         Stamps {
-            worker_id: run.worker_id.clone(),
+            worker_id: run.worker_id.clone().or(attempt_worker),
             started: stamp_ms(run.started_at.as_deref()),
             finished: stamp_ms(run.finished_at.as_deref()),
             succeeded_once: run.status == RunStatus::Succeeded && run.attempt == 1,
@@ -559,6 +565,24 @@ async fn read_stamps(
             _ => return Ok(found),
         }
     }
+}
+
+/// The stamps of each run, with the worker that ran it, one `GET /v1/runs/{id}` each.
+async fn read_runs(
+    client: &TetherClient,
+    ids: &[String],
+) -> Result<HashMap<String, Stamps>, BenchError> {
+    let reads = futures::stream::iter(ids)
+        .map(|id| async move { client.get_run(id).await })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let mut found = HashMap::with_capacity(ids.len());
+    for run in reads {
+        let run = run?;
+        found.insert(run.id.clone(), Stamps::of(&run));
+    }
+    Ok(found)
 }
 
 /// For each start on a worker whose `slots` were all taken, the time since the slot it took
@@ -598,7 +622,7 @@ async fn drain(
     let submit_seconds = t.elapsed().as_secs_f64();
     fleet.start_workers(real_workers(args), args.cpus).await?;
     wait_drained(fleet, args.runs, || {}).await?;
-    let stamps = read_stamps(&fleet.client, &ids).await?;
+    let stamps = read_runs(&fleet.client, &ids).await?;
     let runs: Vec<&Stamps> = stamps.values().collect();
     let first = runs.iter().filter_map(|r| r.started).min().unwrap_or(0);
     let last = runs.iter().filter_map(|r| r.finished).max().unwrap_or(0);
