@@ -60,18 +60,16 @@ use tether_store::{batch_entry, status_body, BatchAdmission, Outbox};
 /// data (SQLSTATE class 22) is the caller's, which retrying will not mend.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
     match e {
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-            StoreError::Corrupt(e.to_string())
-        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::corrupt(e),
         sqlx::Error::Database(ref d) if d.code().is_some_and(|c| c.starts_with("22")) => {
             StoreError::InvalidInput(d.message().to_string())
         }
-        _ => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::unavailable(e),
     }
 }
 
 fn encode<T: serde::Serialize>(value: &T, what: &str) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    serde_json::to_string(value).map_err(|e| StoreError::corrupt_while(what, e))
 }
 
 const IN_FLIGHT: &str = "('claimed', 'running')";
@@ -156,7 +154,7 @@ impl PgStore {
     /// can share one database this way.
     pub async fn open_in_schema(url: &str, schema: &str) -> StoreResult<PgStore> {
         if !valid_schema(schema) {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "invalid schema name `{schema}`: use lowercase letters, digits and `_`"
             )));
         }
@@ -183,14 +181,13 @@ impl PgStore {
         sqlx::migrate!()
             .run(&pool)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;
+            .map_err(|e| StoreError::unavailable_while("migrating", e))?;
         let current: Option<String> = sqlx::query_scalar("SELECT current_schema()")
             .fetch_one(&pool)
             .await
             .map_err(db)?;
-        let current = current.ok_or_else(|| {
-            StoreError::Unavailable("no schema on the search_path to work in".into())
-        })?;
+        let current = current
+            .ok_or_else(|| StoreError::unavailable("no schema on the search_path to work in"))?;
         // Its own pool of one, never idled out: the listening connection lives as long as the
         // store, and the pool reconnects it when it dies.
         let listener_pool = pool_options(schema, 1)
@@ -270,7 +267,7 @@ impl PgStore {
         let pool = self.inner.pool.clone();
         let mut tx = tokio::spawn(async move { pool.begin().await })
             .await
-            .map_err(|e| StoreError::Unavailable(format!("beginning a transaction: {e}")))?
+            .map_err(|e| StoreError::unavailable_while("beginning a transaction", e))?
             .map_err(db)?;
         let now = clock(&mut tx).await?;
         Ok((tx, now))
@@ -369,7 +366,7 @@ async fn insert_run(
     .bind(&spec.lane)
     .bind(state.status.as_str())
     .bind(i64::from(state.max_attempts))
-    .bind(encode(spec, "run spec")?)
+    .bind(tether_store::encode_spec(spec)?)
     .bind(spec.resources.cpus)
     .bind(spec.resources.memory_mb as i64)
     .bind(now)
@@ -389,8 +386,8 @@ async fn insert_run(
                 run,
                 created: false,
             }))),
-            None => Err(StoreError::Unavailable(
-                "idempotency key conflict vanished; retry".into(),
+            None => Err(StoreError::unavailable(
+                "idempotency key conflict vanished; retry",
             )),
         };
     }
@@ -704,9 +701,7 @@ impl Store for PgStore {
         let probe = sqlx::query("SELECT 1").execute(&self.inner.pool);
         match tokio::time::timeout(PING_TIMEOUT, probe).await {
             Ok(result) => result.map(|_| ()).map_err(db),
-            Err(_) => Err(StoreError::Unavailable(
-                "the database did not answer".into(),
-            )),
+            Err(_) => Err(StoreError::unavailable("the database did not answer")),
         }
     }
 
@@ -714,8 +709,8 @@ impl Store for PgStore {
         match self.create_in(spec, None).await? {
             Admission::Accepted(created) => Ok(*created),
             // Without an admission policy nothing is refused.
-            Admission::LaneFull | Admission::NeverFits => Err(StoreError::Unavailable(
-                "a run was refused without an admission policy".into(),
+            Admission::LaneFull | Admission::NeverFits => Err(StoreError::unavailable(
+                "a run was refused without an admission policy",
             )),
         }
     }

@@ -2,14 +2,14 @@
 
 use sqlx::postgres::PgRow;
 use sqlx::Row;
-use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+use tether_domain::{ErrorCode, Millis, Resources, RunStatus};
 use tether_store::{
     AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
 };
 
 /// A column that would not decode: the row is not what this code wrote.
 pub(crate) fn col(e: sqlx::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
+    StoreError::corrupt(e)
 }
 
 /// Every column a [`Loaded`] run is read from, with its queue position while pending (legacy
@@ -39,27 +39,27 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
-    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+    u32::try_from(value).map_err(|_| StoreError::corrupt(format!("{what} out of range: {value}")))
 }
 
 fn status(text: &str) -> StoreResult<RunStatus> {
-    RunStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status `{text}`")))
+    RunStatus::parse(text).ok_or_else(|| StoreError::corrupt(format!("unknown status `{text}`")))
 }
 
 fn error_code(text: Option<String>) -> StoreResult<Option<ErrorCode>> {
     text.map(|t| {
-        ErrorCode::parse(&t).ok_or_else(|| StoreError::Corrupt(format!("unknown error code `{t}`")))
+        ErrorCode::parse(&t).ok_or_else(|| StoreError::corrupt(format!("unknown error code `{t}`")))
     })
     .transpose()
 }
 
 fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt_while(what, e))
 }
 
 pub(crate) fn decode_run(row: &PgRow) -> StoreResult<Loaded> {
     let raw_status: String = row.try_get("status").map_err(col)?;
-    let spec: RunSpec = json(&row.try_get::<String, _>("spec").map_err(col)?, "run spec")?;
+    let spec = tether_store::decode_spec(&row.try_get::<String, _>("spec").map_err(col)?)?;
     let run = RunRecord {
         id: row.try_get("id").map_err(col)?,
         seq: row.try_get("seq").map_err(col)?,
@@ -128,7 +128,7 @@ pub(crate) fn decode_event(row: &PgRow) -> StoreResult<EventRecord> {
         run_id: row.try_get("run_id").map_err(col)?,
         seq: row.try_get("seq").map_err(col)?,
         kind: EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind `{kind}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?,
         ts: row.try_get("ts").map_err(col)?,
         attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
         body: json(

@@ -45,9 +45,13 @@ use crate::write::{
 };
 use tether_store::{batch_entry, status_body, BatchAdmission, Outbox};
 
-/// Any database failure: the request may be retried.
+/// Any database failure: the request may be retried. A value that would not decode is a
+/// different matter (as on PostgreSQL): the data is not what this code wrote.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    match e {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::corrupt(e),
+        _ => StoreError::unavailable(e),
+    }
 }
 
 /// The store's clock. Each transaction reads it once and uses that one value throughout.
@@ -59,7 +63,7 @@ fn clock() -> Millis {
 }
 
 fn encode<T: serde::Serialize>(value: &T, what: &str) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    serde_json::to_string(value).map_err(|e| StoreError::corrupt_while(what, e))
 }
 
 const IN_FLIGHT: &str = "('claimed', 'running')";
@@ -82,7 +86,7 @@ pub struct SqliteStore {
 fn make_private_file(path: &Path) -> StoreResult<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let failed = |what: &Path, e: std::io::Error| {
-        StoreError::Unavailable(format!("creating {}: {e}", what.display()))
+        StoreError::unavailable_while(format!("creating {}", what.display()), e)
     };
     if let Some(parent) = path.parent().filter(|p| *p != Path::new("")) {
         std::fs::DirBuilder::new()
@@ -129,7 +133,7 @@ impl SqliteStore {
         sqlx::migrate!()
             .run(&writer)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;
+            .map_err(|e| StoreError::unavailable_while("migrating", e))?;
         // An in-memory database lives in one connection: read through the writer too.
         let reader = if in_memory {
             writer.clone()
@@ -168,7 +172,7 @@ impl SqliteStore {
         });
         begun
             .await
-            .map_err(|e| StoreError::Unavailable(format!("beginning a transaction: {e}")))?
+            .map_err(|e| StoreError::unavailable_while("beginning a transaction", e))?
             .map_err(db)
     }
 
@@ -249,7 +253,7 @@ async fn insert_run(
     .bind(&spec.lane)
     .bind(state.status.as_str())
     .bind(i64::from(state.max_attempts))
-    .bind(encode(spec, "run spec")?)
+    .bind(tether_store::encode_spec(spec)?)
     .bind(spec.resources.cpus)
     .bind(spec.resources.memory_mb as i64)
     .bind(now)
@@ -467,8 +471,8 @@ impl Store for SqliteStore {
         match self.create(spec, None).await? {
             Admission::Accepted(created) => Ok(*created),
             // Without a policy nothing is refused; kept total rather than panicking.
-            Admission::LaneFull | Admission::NeverFits => Err(StoreError::Corrupt(
-                "a run without an admission policy was refused".into(),
+            Admission::LaneFull | Admission::NeverFits => Err(StoreError::corrupt(
+                "a run without an admission policy was refused",
             )),
         }
     }

@@ -64,15 +64,18 @@ fn assert_real_report(report: &Value) {
     );
     assert!(number(&drain["runs_per_s"]) > 0.0, "{report:#}");
     let gaps = &drain["refill_gap_ms"];
-    // Two workers of two slots: every start past a worker's first two is a refill.
-    assert_eq!(number(&gaps["count"]), 16.0, "{report:#}");
+    // Two slots per worker: every start past a worker's first two is a refill. (The first
+    // worker to register may drain all 20 before the second asks.)
+    let per_worker = drain["runs_per_worker"].as_object().unwrap();
+    let ran: u64 = per_worker.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(ran, 20, "{report:#}");
+    let refills = 20 - 2 * per_worker.len();
+    assert_eq!(number(&gaps["count"]), refills as f64, "{report:#}");
     for p in ["p50", "p99", "max"] {
         assert!(number(&gaps[p]) >= 0.0, "{p}: {report:#}");
     }
     assert!(number(&gaps["p50"]) <= number(&gaps["p99"]));
     assert!(number(&gaps["p99"]) <= number(&gaps["max"]));
-    let per_worker = drain["runs_per_worker"].as_object().unwrap();
-    assert_eq!(per_worker.len(), 2, "both workers ran some: {report:#}");
 
     let idle = &report["idle"];
     assert_eq!(idle["succeeded_once"], 3, "{report:#}");
