@@ -153,6 +153,40 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
         report: &FinishReport,
     ) -> StoreResult<RunRecord>;
 
+    /// One finish per item, in one transaction where the store can, each judged exactly as
+    /// `finish_attempt` would be; one answer per item, in order.
+    async fn finish_attempts(
+        &self,
+        worker_id: &str,
+        items: &[AttemptFinish],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            answers.push(
+                self.finish_attempt(&item.run_id, item.attempt, worker_id, &item.report)
+                    .await,
+            );
+        }
+        Ok(answers)
+    }
+
+    /// One start per item, in one transaction where the store can, each judged exactly as
+    /// `start_attempt` would be; one answer per item, in order.
+    async fn start_attempts(
+        &self,
+        worker_id: &str,
+        items: &[RunRef],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            answers.push(
+                self.start_attempt(&item.run_id, item.attempt, worker_id)
+                    .await,
+            );
+        }
+        Ok(answers)
+    }
+
     // ---- events -----------------------------------------------------------------------
 
     /// A run's persisted events with `seq > after_seq`, in order, at most `limit`.

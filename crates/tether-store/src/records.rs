@@ -330,6 +330,14 @@ pub struct FinishReport {
     pub error_message: Option<String>,
 }
 
+/// One finish of a batch ([`crate::Store::finish_attempts`]): which attempt, and how it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptFinish {
+    pub run_id: String,
+    pub attempt: u32,
+    pub report: FinishReport,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
