@@ -148,7 +148,8 @@ pub async fn supervise(
         .take()
         .map(|stdin| crate::shim::hold_lifeline(pgid, stdin));
     let started = Instant::now();
-    tracing::info!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
+    // Per run, so below info: a busy worker starts hundreds a second.
+    tracing::debug!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
 
     let (queue, rx) = output_queue();
     let exited = CancellationToken::new();
@@ -306,7 +307,11 @@ pub async fn supervise(
         }
         UploadEnd::Stop => return AttemptEnd::Unreported(Unreported::OutputLimit),
     }
-    tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
+    if finish.status == RunStatus::Succeeded {
+        tracing::debug!(run_id, attempt, "finished");
+    } else {
+        tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
+    }
     report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await
 }
 
