@@ -87,11 +87,14 @@ pub trait AttemptReporter: Send + Sync + 'static {
         attempt: u32,
         chunks: &[OutputChunk],
     ) -> Result<AppendAck, ReportError>;
-    /// The attempt ended.
+    /// The attempt ended. For a command that ended silently before its start was answered,
+    /// this is called while `start` is still waiting: the start must reach the server first.
     async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError>;
 }
 
-/// Reports over HTTP, as one registered worker.
+/// Reports over HTTP, as one registered worker, one call per report. Alone it does not hold a
+/// finish back behind its start's answer; the worker uses it through [`send_reports`], which
+/// does.
 #[derive(Debug, Clone)]
 pub struct HttpReporter {
     client: TetherClient,
@@ -286,13 +289,14 @@ pub async fn send_reports(
     rider: std::sync::Arc<dyn ClaimRider>,
 ) {
     let mut batched = true;
+    let mut unconfirmed = Unconfirmed::default();
     while let Some(first) = queue.recv().await {
         let mut reports = vec![first];
         while let Ok(more) = queue.try_recv() {
             reports.push(more);
         }
         if batched {
-            match send_batch(&http, reports, &*rider).await {
+            match send_batch(&http, reports, &*rider, &mut unconfirmed).await {
                 None => continue,
                 Some(unsent) => {
                     tracing::info!("the server has no batch call; reporting attempts one by one");
@@ -301,7 +305,64 @@ pub async fn send_reports(
                 }
             }
         }
-        futures::future::join_all(reports.into_iter().map(|r| send_alone(&http, r))).await;
+        // Starts before finishes: a finish may be queued behind its own start.
+        let (starts, finishes): (Vec<_>, Vec<_>) = reports
+            .into_iter()
+            .partition(|r| matches!(r.kind, ReportKind::Start { .. }));
+        for (key, result) in
+            futures::future::join_all(starts.into_iter().map(|r| send_alone(&http, r))).await
+        {
+            unconfirmed.note(&key.0, key.1, &result);
+        }
+        let finishes = unconfirmed.hold_back(finishes, &std::collections::HashSet::new());
+        futures::future::join_all(finishes.into_iter().map(|r| send_alone(&http, r))).await;
+    }
+}
+
+/// Attempts whose start failed in a way that may succeed later: their finish waits until the
+/// start lands, so no run ends without having been `running`.
+#[derive(Debug, Default)]
+struct Unconfirmed(std::collections::HashSet<(String, u32)>);
+
+impl Unconfirmed {
+    fn note(&mut self, run_id: &str, attempt: u32, result: &Result<(), ReportError>) {
+        let key = (run_id.to_string(), attempt);
+        match result {
+            Err(ReportError::Transient(_)) => {
+                self.0.insert(key);
+            }
+            _ => {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    /// Answers, as "try again", each finish whose start failed and is not in `starting`.
+    fn hold_back(
+        &self,
+        reports: Vec<QueuedReport>,
+        starting: &std::collections::HashSet<(String, u32)>,
+    ) -> Vec<QueuedReport> {
+        if self.0.is_empty() {
+            return reports;
+        }
+        reports
+            .into_iter()
+            .filter_map(|r| {
+                let key = (r.run_id.clone(), r.attempt);
+                if matches!(r.kind, ReportKind::Finish(_))
+                    && self.0.contains(&key)
+                    && !starting.contains(&key)
+                {
+                    let _ = r.reply.send(Err(ReportError::Transient(
+                        "its start is not confirmed yet".into(),
+                    )));
+                    None
+                } else {
+                    Some(r)
+                }
+            })
+            .collect()
     }
 }
 
@@ -310,7 +371,17 @@ async fn send_batch(
     http: &HttpReporter,
     reports: Vec<QueuedReport>,
     rider: &dyn ClaimRider,
+    unconfirmed: &mut Unconfirmed,
 ) -> Option<Vec<QueuedReport>> {
+    let starting: std::collections::HashSet<(String, u32)> = reports
+        .iter()
+        .filter(|r| matches!(r.kind, ReportKind::Start { .. }))
+        .map(|r| (r.run_id.clone(), r.attempt))
+        .collect();
+    let mut reports = unconfirmed.hold_back(reports, &starting);
+    if reports.is_empty() {
+        return None;
+    }
     let mut request = AttemptReportsRequest::default();
     for r in &reports {
         match &r.kind {
@@ -343,9 +414,12 @@ async fn send_batch(
             return Some(reports);
         }
         Err(err) => {
-            let why = classify(err);
-            for r in reports {
-                let _ = r.reply.send(Err(why.clone()));
+            let why = Err(classify(err));
+            for r in reports.drain(..) {
+                if matches!(r.kind, ReportKind::Start { .. }) {
+                    unconfirmed.note(&r.run_id, r.attempt, &why);
+                }
+                let _ = r.reply.send(why.clone());
             }
             return None;
         }
@@ -376,6 +450,9 @@ async fn send_batch(
                 "the server answered fewer items than were sent".into(),
             )),
         };
+        if matches!(r.kind, ReportKind::Start { .. }) {
+            unconfirmed.note(&r.run_id, r.attempt, &result);
+        }
         let _ = r.reply.send(result);
     }
     // Let the attempts just answered queue what follows (their finishes) before the next
@@ -384,12 +461,17 @@ async fn send_batch(
     None
 }
 
-async fn send_alone(http: &HttpReporter, report: QueuedReport) {
+/// One report through its single-attempt call; answers it, and says which attempt and how.
+async fn send_alone(
+    http: &HttpReporter,
+    report: QueuedReport,
+) -> ((String, u32), Result<(), ReportError>) {
     let result = match &report.kind {
         ReportKind::Start { pid } => http.start(&report.run_id, report.attempt, *pid).await,
         ReportKind::Finish(f) => http.finish(&report.run_id, report.attempt, f).await,
     };
-    let _ = report.reply.send(result);
+    let _ = report.reply.send(result.clone());
+    ((report.run_id, report.attempt), result)
 }
 
 #[cfg(test)]
