@@ -22,6 +22,8 @@ mod driver;
 mod endpoints;
 mod lanes;
 mod rows;
+// Bulk history and schema hooks for `tether bench` and tests, never for the server.
+#[cfg(feature = "seed")]
 mod seed;
 pub mod signals;
 

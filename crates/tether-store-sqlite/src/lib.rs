@@ -13,6 +13,8 @@ mod driver;
 mod endpoints;
 mod lanes;
 mod rows;
+// Bulk history and schema hooks for `tether bench` and tests, never for the server.
+#[cfg(feature = "seed")]
 mod seed;
 
 pub use driver::SqliteTx;
