@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use tether_domain::{DispatchSource, EndpointKind};
 
+use crate::shape;
+
 /// `PUT /v1/endpoints/{name}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -15,8 +17,8 @@ pub struct PutEndpointRequest {
     #[serde(default)]
     pub readiness_url: Option<String>,
     /// `probed` (default) or `always_ready`.
-    #[serde(default)]
-    #[schema(value_type = crate::schema::EndpointKind)]
+    #[serde(default, with = "shape::EndpointKind")]
+    #[schema(value_type = shape::EndpointKind)]
     pub kind: EndpointKind,
 }
 
@@ -27,7 +29,8 @@ pub struct EndpointView {
     pub pool: String,
     pub url: String,
     pub readiness_url: Option<String>,
-    #[schema(value_type = crate::schema::EndpointKind)]
+    #[serde(with = "shape::EndpointKind")]
+    #[schema(value_type = shape::EndpointKind)]
     pub kind: EndpointKind,
     /// Would dispatch hand it out now: `always_ready`, or stamped within the pool's
     /// `freshness_s`.
@@ -84,7 +87,8 @@ pub struct DispatchView {
     /// `null` only in an attempt's record, when nothing was ready and the pool has no
     /// fallback (the variable was then not set).
     pub url: Option<String>,
-    #[schema(value_type = crate::schema::DispatchSource)]
+    #[serde(with = "shape::DispatchSource")]
+    #[schema(value_type = shape::DispatchSource)]
     pub source: DispatchSource,
     /// The endpoint's name when `source` is `endpoint`.
     pub endpoint: Option<String>,

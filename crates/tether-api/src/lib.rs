@@ -3,7 +3,7 @@
 
 pub mod client;
 mod endpoints;
-pub mod schema;
+pub mod shape;
 mod submit;
 mod wire;
 

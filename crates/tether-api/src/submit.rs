@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use tether_domain::{LanePolicy, Resources, RunSpec, Submission, SubmitDefaults, ValidationError};
 
+use crate::shape;
+
 /// The body of `POST /v1/runs`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -15,7 +17,8 @@ pub struct SubmitRequest {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub lane: Option<String>,
-    #[schema(value_type = Option<crate::schema::Resources>)]
+    #[serde(default, with = "shape::Optional::<shape::Resources>")]
+    #[schema(value_type = Option<shape::Resources>)]
     pub resources: Option<Resources>,
     pub timeout_s: Option<f64>,
     /// Absent: the lane's default, else `--stale-after`. `null`: never reaped for a missing

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tether_domain::{ErrorCode, Liveness, Resources, RunStatus, WorkerState};
 
+use crate::shape;
 use crate::SubmitRequest;
 
 /// `{ "error": { "code", "message" } }`: every error answer.
@@ -50,9 +51,11 @@ pub struct AttemptView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     /// `None` while in flight.
-    #[schema(value_type = Option<crate::schema::RunStatus>)]
+    #[serde(default, with = "shape::Optional::<shape::RunStatus>")]
+    #[schema(value_type = Option<shape::RunStatus>)]
     pub status: Option<RunStatus>,
-    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    #[serde(default, with = "shape::Optional::<shape::ErrorCode>")]
+    #[schema(value_type = Option<shape::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
@@ -65,7 +68,8 @@ pub struct AttemptView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     pub id: String,
-    #[schema(value_type = crate::schema::RunStatus)]
+    #[serde(with = "shape::RunStatus")]
+    #[schema(value_type = shape::RunStatus)]
     pub status: RunStatus,
     pub attempt: u32,
     pub max_attempts: u32,
@@ -76,7 +80,8 @@ pub struct RunView {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_env: Vec<String>,
     pub cwd: Option<String>,
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub resources: Resources,
     pub labels: BTreeMap<String, String>,
     pub endpoints: BTreeMap<String, String>,
@@ -93,7 +98,8 @@ pub struct RunView {
     pub last_output_at: Option<String>,
     pub cancel_requested_at: Option<String>,
     pub exit_code: Option<i32>,
-    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    #[serde(default, with = "shape::Optional::<shape::ErrorCode>")]
+    #[schema(value_type = Option<shape::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     pub error_message: Option<String>,
     pub stdout_bytes: i64,
@@ -104,7 +110,8 @@ pub struct RunView {
     /// `max_concurrency`, no worker has room now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
-    #[schema(value_type = crate::schema::Liveness)]
+    #[serde(with = "shape::Liveness")]
+    #[schema(value_type = shape::Liveness)]
     pub liveness: Liveness,
     /// Present on `GET /v1/runs/{id}`; left out of lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,7 +131,8 @@ pub struct RunList {
 #[serde(deny_unknown_fields)]
 pub struct RegisterWorkerRequest {
     pub name: String,
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub capacity: Resources,
     /// Empty or absent: every lane.
     #[serde(default)]
@@ -171,8 +179,8 @@ pub struct Assignment {
     pub output_limit_bytes: u64,
     /// What the run reserves of the worker, so the worker knows when it has room to ask for
     /// more. Absent from older servers: then the default request.
-    #[serde(default)]
-    #[schema(value_type = Option<crate::schema::Resources>)]
+    #[serde(default, with = "shape::Optional::<shape::Resources>")]
+    #[schema(value_type = Option<shape::Resources>)]
     pub resources: Option<Resources>,
 }
 
@@ -292,10 +300,11 @@ pub struct AppendLogResponse {
 pub struct FinishRequest {
     pub worker_id: String,
     /// `succeeded`, `failed`, `timed_out` or `cancelled`.
-    #[schema(value_type = crate::schema::RunStatus)]
+    #[serde(with = "shape::RunStatus")]
+    #[schema(value_type = shape::RunStatus)]
     pub status: RunStatus,
-    #[serde(default)]
-    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    #[serde(default, with = "shape::Optional::<shape::ErrorCode>")]
+    #[schema(value_type = Option<shape::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     #[serde(default)]
     pub exit_code: Option<i32>,
@@ -338,10 +347,15 @@ pub struct AttemptFinishWire {
     pub run_id: String,
     pub attempt: u32,
     /// `succeeded`, `failed`, `timed_out` or `cancelled`.
-    #[schema(value_type = crate::schema::RunStatus)]
+    #[serde(with = "shape::RunStatus")]
+    #[schema(value_type = shape::RunStatus)]
     pub status: RunStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::ErrorCode>"
+    )]
+    #[schema(value_type = Option<shape::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -374,8 +388,12 @@ pub struct AttemptReportsResponse {
 pub struct ReportAnswer {
     pub run_id: String,
     pub attempt: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::RunStatus>)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::RunStatus>"
+    )]
+    #[schema(value_type = Option<shape::RunStatus>)]
     pub run_status: Option<RunStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ReportRefusal>,
@@ -397,11 +415,14 @@ pub struct ReportRefusal {
 pub struct WorkerView {
     pub id: String,
     pub name: String,
-    #[schema(value_type = crate::schema::WorkerState)]
+    #[serde(with = "shape::WorkerState")]
+    #[schema(value_type = shape::WorkerState)]
     pub state: WorkerState,
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub capacity: Resources,
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub reserved: Resources,
     pub lanes: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -429,11 +450,19 @@ pub struct EventView {
     pub ts: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::RunStatus>)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::RunStatus>"
+    )]
+    #[schema(value_type = Option<shape::RunStatus>)]
     pub status: Option<RunStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::ErrorCode>"
+    )]
+    #[schema(value_type = Option<shape::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -451,8 +480,12 @@ pub struct EventView {
     /// `heartbeat`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::Liveness>)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::Liveness>"
+    )]
+    #[schema(value_type = Option<shape::Liveness>)]
     pub liveness: Option<Liveness>,
 }
 
@@ -462,20 +495,24 @@ pub struct EventView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LaneView {
     pub name: String,
-    #[schema(value_type = crate::schema::OnFull)]
+    #[serde(with = "shape::OnFull")]
+    #[schema(value_type = shape::OnFull)]
     pub on_full: tether_domain::OnFull,
     pub max_concurrency: Option<u32>,
     pub heartbeat_timeout_s: Option<f64>,
     pub max_attempts: Option<u32>,
     pub timeout_s: Option<f64>,
-    #[schema(value_type = Option<crate::schema::Resources>)]
+    #[serde(default, with = "shape::Optional::<shape::Resources>")]
+    #[schema(value_type = Option<shape::Resources>)]
     pub resources: Option<Resources>,
     pub output_limit_mb: Option<u64>,
     /// What live workers serving the lane advertise, summed.
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub capacity: Resources,
     /// What the lane's in-flight runs reserve.
-    #[schema(value_type = crate::schema::Resources)]
+    #[serde(with = "shape::Resources")]
+    #[schema(value_type = shape::Resources)]
     pub reserved: Resources,
     pub live_workers: u32,
     pub in_flight: i64,

@@ -1,14 +1,12 @@
-//! Lanes and pools, as the config file (`--config`, TOML) names them (SPEC §4).
+//! Lanes and pools, as the config file (`--config`, TOML) names them (SPEC §4). The file's
+//! TOML form is the server's (`tether_server::config_file`); these are what it means.
 
 use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
 
 use crate::spec::Resources;
 
 /// What a lane does with a submission that does not fit now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnFull {
     /// Wait `pending`, first in first out within the lane.
     #[default]
@@ -19,10 +17,8 @@ pub enum OnFull {
 
 /// A lane's policy. Every key is optional; what a lane leaves out comes from the server's
 /// defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LanePolicy {
-    #[serde(default)]
     pub on_full: OnFull,
     pub max_concurrency: Option<u32>,
     pub heartbeat_timeout_s: Option<f64>,
@@ -36,25 +32,16 @@ pub struct LanePolicy {
 }
 
 /// A pool of service endpoints with its public fallback (SPEC §5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub fallback_url: Option<String>,
-    #[serde(default = "default_freshness_s")]
     pub freshness_s: f64,
 }
 
-fn default_freshness_s() -> f64 {
-    120.0
-}
-
 /// The whole config file.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TetherConfig {
-    #[serde(default)]
     pub lanes: BTreeMap<String, LanePolicy>,
-    #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
 }
 

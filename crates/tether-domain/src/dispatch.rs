@@ -3,14 +3,11 @@
 //! [`Freshness`] at the store's `now`; an `always_ready` endpoint needs no stamp. With no
 //! ready endpoint the pool's public fallback is handed out instead.
 
-use serde::{Deserialize, Serialize};
-
 use crate::liveness::Freshness;
 use crate::time::Millis;
 
 /// How an endpoint's readiness is known.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum EndpointKind {
     /// Ready only while the reconciler's last 2xx from its `readiness_url` is fresh.
     #[default]
@@ -37,8 +34,7 @@ impl EndpointKind {
 }
 
 /// Where a dispatched URL came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DispatchSource {
     /// A ready endpoint of the pool.
     Endpoint,
@@ -57,7 +53,7 @@ impl DispatchSource {
 
 /// What a pool handed out. `url` is `None` only when no endpoint was ready and the pool has
 /// no fallback: the run then gets no variable for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatch {
     pub url: Option<String>,
     pub source: DispatchSource,

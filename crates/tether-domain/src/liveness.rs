@@ -1,8 +1,6 @@
 //! Liveness judgements. One mechanism, [`Freshness`], answers "is this stamp younger than that
 //! window, by the store's clock" for runs, workers and endpoints alike.
 
-use serde::{Deserialize, Serialize};
-
 use crate::status::RunStatus;
 use crate::time::{age_s, Millis};
 
@@ -24,8 +22,7 @@ impl Freshness {
 }
 
 /// How alive an in-flight run looks (SPEC §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LivenessState {
     /// Pending: no worker holds it yet.
     Waiting,
@@ -41,8 +38,22 @@ pub enum LivenessState {
     Done,
 }
 
+impl LivenessState {
+    /// The name the API and the CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LivenessState::Waiting => "waiting",
+            LivenessState::Alive => "alive",
+            LivenessState::Quiet => "quiet",
+            LivenessState::Suspect => "suspect",
+            LivenessState::Lost => "lost",
+            LivenessState::Done => "done",
+        }
+    }
+}
+
 /// The `liveness` object on every run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Liveness {
     pub state: LivenessState,
     /// Seconds since the last heartbeat (or the claim, before any heartbeat).
@@ -118,8 +129,7 @@ pub fn judge_run_liveness(input: RunLivenessInput, now: Millis) -> Liveness {
 }
 
 /// A worker's state as `GET /v1/workers` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
     Active,
     Suspect,

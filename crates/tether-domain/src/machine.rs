@@ -2,8 +2,6 @@
 //! does to it, and write the answer back conditionally on the state they loaded (status and
 //! attempt), so the machine below is the only place that decides what may happen to a run.
 
-use serde::{Deserialize, Serialize};
-
 use crate::status::{ErrorCode, RunStatus};
 
 /// The part of a run the status machine reads.
@@ -19,8 +17,7 @@ pub struct RunState {
 }
 
 /// How an attempt ended, as its worker (or the reaper) reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
     Succeeded,
     Failed { error_code: ErrorCode },

@@ -3,17 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{LanePolicy, DEFAULT_LANE};
 
 /// What a run reserves on a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resources {
-    #[serde(default = "default_cpus")]
     pub cpus: f64,
-    #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
 }
 

@@ -1,10 +1,7 @@
 //! Run statuses and error codes, with the exact strings of SPEC §2.
 
-use serde::{Deserialize, Serialize};
-
 /// Where a run is in its life. `Pending → Claimed → Running → one terminal status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunStatus {
     Pending,
     Claimed,
@@ -73,8 +70,7 @@ impl std::fmt::Display for RunStatus {
 }
 
 /// Why an attempt ended the way it did (SPEC §2 `error_code`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The worker heartbeated for this attempt, then went silent.
     WorkerHeartbeatLost,
@@ -147,10 +143,6 @@ mod tests {
     fn every_status_round_trips() {
         for s in RunStatus::ALL {
             assert_eq!(RunStatus::parse(s.as_str()), Some(s));
-            assert_eq!(
-                serde_json::to_string(&s).unwrap(),
-                format!("\"{}\"", s.as_str())
-            );
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod accept;
 pub mod admission;
 pub mod auth;
 pub mod config;
+pub mod config_file;
 pub mod dispatch;
 pub mod error;
 pub mod events;

@@ -124,7 +124,7 @@ pub(crate) fn decode_attempt(row: &PgRow) -> StoreResult<AttemptRecord> {
         exit_code: row.try_get("exit_code").map_err(col)?,
         error_message: row.try_get("error_message").map_err(col)?,
         endpoints: match row.try_get::<Option<String>, _>("endpoints").map_err(col)? {
-            Some(text) => json(&text, "attempt endpoints")?,
+            Some(text) => tether_store::decode_dispatches(&text)?,
             None => Default::default(),
         },
     })

@@ -120,7 +120,7 @@ pub(crate) fn decode_attempt(row: &SqliteRow) -> StoreResult<AttemptRecord> {
         exit_code: exit_code.map(|c| c as i32),
         error_message: row.try_get("error_message").map_err(db)?,
         endpoints: match row.try_get::<Option<String>, _>("endpoints").map_err(db)? {
-            Some(text) => json(&text, "attempt endpoints")?,
+            Some(text) => tether_store::decode_dispatches(&text)?,
             None => Default::default(),
         },
     })

@@ -17,6 +17,7 @@ mod judge;
 mod outbox;
 mod output;
 mod records;
+mod stored_dispatch;
 mod stored_spec;
 
 pub use driver::{Driver, DriverTx};
@@ -27,6 +28,7 @@ pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
 pub use outbox::Outbox;
 pub use output::new_output;
 pub use records::*;
+pub use stored_dispatch::{decode_dispatches, encode_dispatches};
 pub use stored_spec::{decode_spec, encode_spec, SPEC_VERSION};
 
 use async_trait::async_trait;

@@ -160,7 +160,7 @@ pub struct RunPage {
 }
 
 /// `POST /v1/workers`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewWorker {
     pub name: String,
     /// SHA-256 (hex) of the secret the worker was handed at registration; every worker call

@@ -399,7 +399,7 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
             Cell::new(run.id.clone()),
             Cell::coloured(run.status.as_str(), status_colour(run.status)),
             Cell::coloured(
-                ui::wire_name(&run.liveness.state),
+                run.liveness.state.as_str(),
                 liveness_colour(run.liveness.state),
             ),
             Cell::new(age),
@@ -534,7 +534,7 @@ pub async fn workers(args: WorkersArgs) -> Result<u8, CliError> {
         table.row(vec![
             Cell::new(w.id.clone()),
             Cell::new(w.name.clone()),
-            Cell::coloured(ui::wire_name(&w.state), colour),
+            Cell::coloured(w.state.as_str(), colour),
             Cell::new(ui::ago(w.heartbeat_age_s)),
             Cell::new(format!("{}/{}", w.reserved.cpus, w.capacity.cpus)),
             Cell::new(format!("{}/{}", w.reserved.memory_mb, w.capacity.memory_mb)),

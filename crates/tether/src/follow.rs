@@ -111,7 +111,7 @@ impl StatusLine {
         }
         match self.liveness {
             None | Some(LivenessState::Waiting | LivenessState::Done) => {}
-            Some(state) => parts.push(ui::wire_name(&state)),
+            Some(state) => parts.push(state.as_str().to_string()),
         }
         if self.status != Some(RunStatus::Pending) {
             if let Some(age) = self.heartbeat_age_s {

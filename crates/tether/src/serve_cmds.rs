@@ -211,7 +211,7 @@ fn load_config(path: Option<&std::path::Path>) -> Result<TetherConfig, CliError>
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Usage(format!("cannot read --config {}: {e}", path.display())))?;
-    toml::from_str(&text)
+    tether_server::config_file::parse(&text)
         .map_err(|e| CliError::Usage(format!("--config {} is not valid: {e}", path.display())))
 }
 

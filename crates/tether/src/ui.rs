@@ -4,14 +4,6 @@
 
 use std::io::IsTerminal;
 
-/// A state's name as the API writes it (`quiet`, `draining`, …).
-pub fn wire_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Whether stdout gets colour: a terminal, and `NO_COLOR` unset or empty.
 pub fn colour_on_stdout() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())

@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether_domain::TetherConfig;
 use tether_server::ServerConfig;
 
 use crate::harness::{assert_error, fast_config, pg_server, PgSchema, TestServer};
 
 fn config() -> ServerConfig {
     ServerConfig {
-        lanes: toml::from_str::<TetherConfig>("[lanes.strict]\non_full = \"reject\"\n").unwrap(),
+        lanes: tether_server::config_file::parse("[lanes.strict]\non_full = \"reject\"\n").unwrap(),
         ..fast_config()
     }
 }

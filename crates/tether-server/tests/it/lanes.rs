@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether_domain::TetherConfig;
 use tether_server::ServerConfig;
 
 use crate::harness::{assert_error, fast_config, pg_store, PgSchema, TestServer};
 
 fn lanes(toml_text: &str) -> ServerConfig {
     ServerConfig {
-        lanes: toml::from_str::<TetherConfig>(toml_text).unwrap(),
+        lanes: tether_server::config_file::parse(toml_text).unwrap(),
         ..fast_config()
     }
 }

@@ -233,8 +233,7 @@ impl<D: EndpointDriver> EndpointStore for D {
         worker_id: &str,
         endpoints: &BTreeMap<String, Dispatch>,
     ) -> StoreResult<()> {
-        let json = serde_json::to_string(endpoints)
-            .map_err(|e| StoreError::corrupt_while("attempt endpoints", e))?;
+        let json = crate::encode_dispatches(endpoints)?;
         let (mut tx, _) = self.begin_endpoints().await?;
         // Written once, and only for the run's current attempt while its worker holds it.
         if !self

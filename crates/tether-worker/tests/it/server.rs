@@ -219,7 +219,9 @@ async fn attempts(
     }
     let mut finishes = Vec::new();
     for f in req.finishes {
-        finishes.push(json!({"run_id": f.run_id, "attempt": f.attempt, "run_status": f.status}));
+        finishes.push(
+            json!({"run_id": f.run_id, "attempt": f.attempt, "run_status": f.status.as_str()}),
+        );
         w.finishes.push((
             f.run_id.clone(),
             FinishRequest {
