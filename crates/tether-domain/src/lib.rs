@@ -1,6 +1,9 @@
 //! Tether's domain: what a run is, how its status may move, how alive it is, and what a lane
 //! allows. Everything here is pure: no clocks, no I/O. Callers pass the store's `now` in, so
 //! every judgement is made by one clock (the store's), never a worker's.
+//!
+//! Nor does it know any serialized form: the JSON of its types on the wire is `tether-api`'s
+//! (`shape`), their stored forms are the stores', and the config file's form is the server's.
 
 pub mod admission;
 pub mod config;
