@@ -8,7 +8,10 @@
 //! on a whole pass. Pending and in-flight runs are never touched (the store's query selects
 //! terminal runs only, and a terminal status never changes).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tether_store::Store;
+use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 
@@ -35,26 +38,62 @@ fn interval(retentions_ms: &[(String, i64)]) -> Duration {
 pub async fn prune_pass(state: &AppState) -> tether_store::StoreResult<u64> {
     let mut total = 0;
     for (lane, retention_ms) in state.config.lane_retentions_ms() {
-        loop {
-            if state.shutdown.is_cancelled() {
-                return Ok(total);
-            }
-            let deleted = state
-                .store
-                .prune_finished_runs(&lane, retention_ms, BATCH)
-                .await?;
-            total += deleted;
-            if deleted > 0 {
-                metrics::counter!("tether_runs_pruned_total", "lane" => lane.clone())
-                    .increment(deleted);
-            }
-            if deleted < u64::from(BATCH) {
-                break;
-            }
-            tokio::time::sleep(PAUSE).await;
-        }
+        let deleted = prune_lane(
+            state.store.as_ref(),
+            &lane,
+            retention_ms,
+            &state.shutdown,
+            |_| {},
+        )
+        .await?;
+        total += deleted;
     }
     Ok(total)
+}
+
+/// What one batch did, for whoever watches a pass (the measurement in BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchDone {
+    /// Runs the batch was allowed to delete.
+    pub size: u32,
+    pub deleted: u64,
+    /// From asking the store to its answer: waiting for the writer included.
+    pub took: Duration,
+}
+
+/// Prunes one lane until nothing past `retention_ms` is left (or shutdown), batch by batch.
+/// Returns how many runs it deleted.
+pub async fn prune_lane(
+    store: &dyn Store,
+    lane: &str,
+    retention_ms: i64,
+    shutdown: &CancellationToken,
+    mut on_batch: impl FnMut(BatchDone),
+) -> tether_store::StoreResult<u64> {
+    let mut total = 0;
+    let size = BATCH;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(total);
+        }
+        let asked = Instant::now();
+        let deleted = store.prune_finished_runs(lane, retention_ms, size).await?;
+        let took = asked.elapsed();
+        on_batch(BatchDone {
+            size,
+            deleted,
+            took,
+        });
+        total += deleted;
+        if deleted > 0 {
+            metrics::counter!("tether_runs_pruned_total", "lane" => lane.to_string())
+                .increment(deleted);
+        }
+        if deleted < u64::from(size) {
+            return Ok(total);
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
 }
 
 /// Runs until the server shuts down.
