@@ -7,6 +7,12 @@
 //! held for one batch at a time, so submissions and worker calls wait on a batch at most, never
 //! on a whole pass. Pending and in-flight runs are never touched (the store's query selects
 //! terminal runs only, and a terminal status never changes).
+//!
+//! A batch's cost depends on the machine (a debug build, a loaded host, a slow disk), so the
+//! pruner times each one and sizes the next to stay within [`BUDGET`]: what a submission may
+//! wait behind it. It also pauses at least as long as the last batch took, so on a machine
+//! slow enough that every batch overruns, the pruner still holds the writer at most about half
+//! the time.
 
 use std::time::{Duration, Instant};
 
@@ -15,9 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 
-/// Runs deleted per transaction.
+/// Runs deleted per transaction at most (and the first batch of a pass).
 pub const BATCH: u32 = 100;
-/// Between two batches of one pass: room for everyone else's writes.
+/// The fewest runs a batch deletes, however slow batches are: a pass must end.
+pub const MIN_BATCH: u32 = 10;
+/// How long one batch should take, from asking the store to its answer.
+pub const BUDGET: Duration = Duration::from_millis(10);
+/// Between two batches of one pass, at least: room for everyone else's writes.
 const PAUSE: Duration = Duration::from_millis(20);
 /// Passes run at most this far apart...
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
@@ -32,6 +42,24 @@ fn interval(retentions_ms: &[(String, i64)]) -> Duration {
         .min()
         .unwrap_or(MAX_INTERVAL)
         .clamp(MIN_INTERVAL, MAX_INTERVAL)
+}
+
+/// The size of the batch after one of `size` runs that took `took`: halved past the budget,
+/// grown by a quarter well under it (a single slow batch, such as one that waited for the
+/// CPU, costs a few smaller batches, not a pass of them).
+pub fn next_batch(size: u32, took: Duration) -> u32 {
+    if took > BUDGET {
+        (size / 2).max(MIN_BATCH)
+    } else if took < BUDGET / 2 {
+        (size + size / 4 + 1).min(BATCH)
+    } else {
+        size
+    }
+}
+
+/// The pause after a batch that took `took`: never shorter than the batch itself.
+fn pause_after(took: Duration) -> Duration {
+    PAUSE.max(took)
 }
 
 /// One pass over every lane that prunes. Returns how many runs it deleted.
@@ -71,7 +99,7 @@ pub async fn prune_lane(
     mut on_batch: impl FnMut(BatchDone),
 ) -> tether_store::StoreResult<u64> {
     let mut total = 0;
-    let size = BATCH;
+    let mut size = BATCH;
     loop {
         if shutdown.is_cancelled() {
             return Ok(total);
@@ -92,7 +120,8 @@ pub async fn prune_lane(
         if deleted < u64::from(size) {
             return Ok(total);
         }
-        tokio::time::sleep(PAUSE).await;
+        size = next_batch(size, took);
+        tokio::time::sleep(pause_after(took)).await;
     }
 }
 
@@ -132,5 +161,29 @@ mod tests {
             Duration::from_secs(2)
         );
         assert_eq!(interval(&lanes(&[14 * 86_400_000])), MAX_INTERVAL);
+    }
+
+    #[test]
+    fn batches_shrink_past_the_budget_and_grow_back_under_it() {
+        let slow = BUDGET * 3;
+        let fast = BUDGET / 10;
+        assert_eq!(next_batch(BATCH, slow), BATCH / 2);
+        assert_eq!(
+            next_batch(MIN_BATCH, slow),
+            MIN_BATCH,
+            "never below the floor"
+        );
+        assert_eq!(next_batch(BATCH, fast), BATCH, "never above the cap");
+        assert_eq!(next_batch(40, BUDGET * 3 / 4), 40, "near the budget: kept");
+        // From the floor back to the cap in a few fast batches.
+        let mut size = MIN_BATCH;
+        let mut steps = 0;
+        while size < BATCH {
+            size = next_batch(size, fast);
+            steps += 1;
+        }
+        assert!(steps <= 12, "{steps} batches to grow back");
+        assert_eq!(pause_after(fast), PAUSE);
+        assert_eq!(pause_after(slow * 10), slow * 10);
     }
 }
