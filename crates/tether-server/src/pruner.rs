@@ -8,9 +8,9 @@
 //! on a whole pass. Pending and in-flight runs are never touched (the store's query selects
 //! terminal runs only, and a terminal status never changes).
 //!
-//! A batch's cost depends on the machine (a debug build, a loaded host, a slow disk), so the
-//! pruner times each one and sizes the next to stay within [`BUDGET`]: what a submission may
-//! wait behind it. It also pauses at least as long as the last batch took, so on a machine
+//! A batch's cost depends on the machine (a debug build, a loaded host, a slow disk), so on
+//! SQLite the pruner times each one and sizes the next to stay within [`BUDGET`]: what a
+//! submission may wait behind it (see [`budget_for`]). It also pauses at least as long as the last batch took, so on a machine
 //! slow enough that every batch overruns, the pruner still holds the writer at most about half
 //! the time.
 
@@ -47,14 +47,23 @@ fn interval(retentions_ms: &[(String, i64)]) -> Duration {
 /// The size of the batch after one of `size` runs that took `took`: halved past the budget,
 /// grown by a quarter well under it (a single slow batch, such as one that waited for the
 /// CPU, costs a few smaller batches, not a pass of them).
-pub fn next_batch(size: u32, took: Duration) -> u32 {
-    if took > BUDGET {
+pub fn next_batch(size: u32, took: Duration, budget: Duration) -> u32 {
+    if took > budget {
         (size / 2).max(MIN_BATCH)
-    } else if took < BUDGET / 2 {
+    } else if took < budget / 2 {
         (size + size / 4 + 1).min(BATCH)
     } else {
         size
     }
+}
+
+/// The batch budget for the store a database URL names. SQLite has one writer, so a batch's
+/// time is what the next submission may wait. A PostgreSQL batch blocks no one (one statement,
+/// `SKIP LOCKED`, rows nobody else writes) and costs about the same per statement whatever its
+/// size, so smaller batches there only mean more statements (BENCHMARKS.md): no budget, the
+/// pause alone.
+pub fn budget_for(database_url: &str) -> Option<Duration> {
+    database_url.starts_with("sqlite:").then_some(BUDGET)
 }
 
 /// The pause after a batch that took `took`: never shorter than the batch itself.
@@ -65,11 +74,13 @@ fn pause_after(took: Duration) -> Duration {
 /// One pass over every lane that prunes. Returns how many runs it deleted.
 pub async fn prune_pass(state: &AppState) -> tether_store::StoreResult<u64> {
     let mut total = 0;
+    let budget = budget_for(&state.config.database);
     for (lane, retention_ms) in state.config.lane_retentions_ms() {
         let deleted = prune_lane(
             state.store.as_ref(),
             &lane,
             retention_ms,
+            budget,
             &state.shutdown,
             |_| {},
         )
@@ -95,6 +106,7 @@ pub async fn prune_lane(
     store: &dyn Store,
     lane: &str,
     retention_ms: i64,
+    budget: Option<Duration>,
     shutdown: &CancellationToken,
     mut on_batch: impl FnMut(BatchDone),
 ) -> tether_store::StoreResult<u64> {
@@ -120,7 +132,9 @@ pub async fn prune_lane(
         if deleted < u64::from(size) {
             return Ok(total);
         }
-        size = next_batch(size, took);
+        if let Some(budget) = budget {
+            size = next_batch(size, took, budget);
+        }
         tokio::time::sleep(pause_after(took)).await;
     }
 }
@@ -167,23 +181,33 @@ mod tests {
     fn batches_shrink_past_the_budget_and_grow_back_under_it() {
         let slow = BUDGET * 3;
         let fast = BUDGET / 10;
-        assert_eq!(next_batch(BATCH, slow), BATCH / 2);
+        assert_eq!(next_batch(BATCH, slow, BUDGET), BATCH / 2);
         assert_eq!(
-            next_batch(MIN_BATCH, slow),
+            next_batch(MIN_BATCH, slow, BUDGET),
             MIN_BATCH,
             "never below the floor"
         );
-        assert_eq!(next_batch(BATCH, fast), BATCH, "never above the cap");
-        assert_eq!(next_batch(40, BUDGET * 3 / 4), 40, "near the budget: kept");
+        assert_eq!(
+            next_batch(BATCH, fast, BUDGET),
+            BATCH,
+            "never above the cap"
+        );
+        assert_eq!(
+            next_batch(40, BUDGET * 3 / 4, BUDGET),
+            40,
+            "near the budget: kept"
+        );
         // From the floor back to the cap in a few fast batches.
         let mut size = MIN_BATCH;
         let mut steps = 0;
         while size < BATCH {
-            size = next_batch(size, fast);
+            size = next_batch(size, fast, BUDGET);
             steps += 1;
         }
         assert!(steps <= 12, "{steps} batches to grow back");
         assert_eq!(pause_after(fast), PAUSE);
         assert_eq!(pause_after(slow * 10), slow * 10);
+        assert_eq!(budget_for("sqlite://./.tether/tether.db"), Some(BUDGET));
+        assert_eq!(budget_for("postgres://db/tether"), None);
     }
 }

@@ -431,6 +431,7 @@ fn slow_ones(
 /// pruning pass by the pruner's own code (`prune_lane`), and prints both.
 async fn measure_pruning(
     store: tether_store::SharedStore,
+    database_url: &str,
     seed: impl std::future::Future<Output = ()>,
     baseline: Duration,
 ) {
@@ -462,6 +463,7 @@ async fn measure_pruning(
         "default",
         // Everything seeded finished over a minute ago; the submissions are pending.
         1,
+        tether_server::pruner::budget_for(database_url),
         &tokio_util::sync::CancellationToken::new(),
         |b| batches.push((t0.elapsed(), b)),
     )
@@ -494,6 +496,7 @@ async fn pruning_pass_measurement_sqlite() {
     let seeding = store.clone();
     measure_pruning(
         store,
+        &url,
         async move { seeding.seed_finished_runs(100_000).await.unwrap() },
         Duration::from_secs(15),
     )
@@ -509,6 +512,7 @@ async fn pruning_pass_measurement_postgres() {
     let seeding = store.clone();
     measure_pruning(
         store,
+        &db.url,
         async move { seeding.seed_finished_runs(100_000).await.unwrap() },
         Duration::from_secs(15),
     )
