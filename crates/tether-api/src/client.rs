@@ -21,8 +21,9 @@ use crate::wire::{
     AppendLogRequest, AppendLogResponse, BatchSubmitRequest, BatchSubmitResponse, ClaimRequest,
     ClaimResponse, ControlRequest, ControlResponse, ErrorBody, ErrorDetail, EventView,
     FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, RunList, RunView, StartRequest, SubmitRequest, WorkerList,
+    RegisterWorkerResponse, RunList, RunView, StartRequest, WorkerList,
 };
+use crate::SubmitRequest;
 
 /// The whole-request timeout of every ordinary call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

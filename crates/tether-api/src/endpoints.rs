@@ -16,6 +16,7 @@ pub struct PutEndpointRequest {
     pub readiness_url: Option<String>,
     /// `probed` (default) or `always_ready`.
     #[serde(default)]
+    #[schema(value_type = crate::schema::EndpointKind)]
     pub kind: EndpointKind,
 }
 
@@ -26,6 +27,7 @@ pub struct EndpointView {
     pub pool: String,
     pub url: String,
     pub readiness_url: Option<String>,
+    #[schema(value_type = crate::schema::EndpointKind)]
     pub kind: EndpointKind,
     /// Would dispatch hand it out now: `always_ready`, or stamped within the pool's
     /// `freshness_s`.
@@ -82,6 +84,7 @@ pub struct DispatchView {
     /// `null` only in an attempt's record, when nothing was ready and the pool has no
     /// fallback (the variable was then not set).
     pub url: Option<String>,
+    #[schema(value_type = crate::schema::DispatchSource)]
     pub source: DispatchSource,
     /// The endpoint's name when `source` is `endpoint`.
     pub endpoint: Option<String>,

@@ -3,10 +3,13 @@
 
 pub mod client;
 mod endpoints;
+pub mod schema;
+mod submit;
 mod wire;
 
 pub use client::{
     BoxStream, ClientError, ListRunsQuery, SseItem, TetherClient, WORKER_SECRET_HEADER,
 };
 pub use endpoints::*;
+pub use submit::SubmitRequest;
 pub use wire::*;

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tether_domain::{ErrorCode, Liveness, Resources, RunStatus, WorkerState};
 
-pub use tether_domain::SubmitRequest;
+use crate::SubmitRequest;
 
 /// `{ "error": { "code", "message" } }`: every error answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -50,7 +50,9 @@ pub struct AttemptView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     /// `None` while in flight.
+    #[schema(value_type = Option<crate::schema::RunStatus>)]
     pub status: Option<RunStatus>,
+    #[schema(value_type = Option<crate::schema::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     pub exit_code: Option<i32>,
     pub error_message: Option<String>,
@@ -63,6 +65,7 @@ pub struct AttemptView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     pub id: String,
+    #[schema(value_type = crate::schema::RunStatus)]
     pub status: RunStatus,
     pub attempt: u32,
     pub max_attempts: u32,
@@ -73,6 +76,7 @@ pub struct RunView {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_env: Vec<String>,
     pub cwd: Option<String>,
+    #[schema(value_type = crate::schema::Resources)]
     pub resources: Resources,
     pub labels: BTreeMap<String, String>,
     pub endpoints: BTreeMap<String, String>,
@@ -89,6 +93,7 @@ pub struct RunView {
     pub last_output_at: Option<String>,
     pub cancel_requested_at: Option<String>,
     pub exit_code: Option<i32>,
+    #[schema(value_type = Option<crate::schema::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     pub error_message: Option<String>,
     pub stdout_bytes: i64,
@@ -99,6 +104,7 @@ pub struct RunView {
     /// `max_concurrency`, no worker has room now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
+    #[schema(value_type = crate::schema::Liveness)]
     pub liveness: Liveness,
     /// Present on `GET /v1/runs/{id}`; left out of lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,6 +124,7 @@ pub struct RunList {
 #[serde(deny_unknown_fields)]
 pub struct RegisterWorkerRequest {
     pub name: String,
+    #[schema(value_type = crate::schema::Resources)]
     pub capacity: Resources,
     /// Empty or absent: every lane.
     #[serde(default)]
@@ -165,6 +172,7 @@ pub struct Assignment {
     /// What the run reserves of the worker, so the worker knows when it has room to ask for
     /// more. Absent from older servers: then the default request.
     #[serde(default)]
+    #[schema(value_type = Option<crate::schema::Resources>)]
     pub resources: Option<Resources>,
 }
 
@@ -284,8 +292,10 @@ pub struct AppendLogResponse {
 pub struct FinishRequest {
     pub worker_id: String,
     /// `succeeded`, `failed`, `timed_out` or `cancelled`.
+    #[schema(value_type = crate::schema::RunStatus)]
     pub status: RunStatus,
     #[serde(default)]
+    #[schema(value_type = Option<crate::schema::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     #[serde(default)]
     pub exit_code: Option<i32>,
@@ -298,8 +308,11 @@ pub struct FinishRequest {
 pub struct WorkerView {
     pub id: String,
     pub name: String,
+    #[schema(value_type = crate::schema::WorkerState)]
     pub state: WorkerState,
+    #[schema(value_type = crate::schema::Resources)]
     pub capacity: Resources,
+    #[schema(value_type = crate::schema::Resources)]
     pub reserved: Resources,
     pub lanes: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -328,8 +341,10 @@ pub struct EventView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::RunStatus>)]
     pub status: Option<RunStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::ErrorCode>)]
     pub error_code: Option<ErrorCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -348,6 +363,7 @@ pub struct EventView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::Liveness>)]
     pub liveness: Option<Liveness>,
 }
 
@@ -357,16 +373,20 @@ pub struct EventView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LaneView {
     pub name: String,
+    #[schema(value_type = crate::schema::OnFull)]
     pub on_full: tether_domain::OnFull,
     pub max_concurrency: Option<u32>,
     pub heartbeat_timeout_s: Option<f64>,
     pub max_attempts: Option<u32>,
     pub timeout_s: Option<f64>,
+    #[schema(value_type = Option<crate::schema::Resources>)]
     pub resources: Option<Resources>,
     pub output_limit_mb: Option<u64>,
     /// What live workers serving the lane advertise, summed.
+    #[schema(value_type = crate::schema::Resources)]
     pub capacity: Resources,
     /// What the lane's in-flight runs reserve.
+    #[schema(value_type = crate::schema::Resources)]
     pub reserved: Resources,
     pub live_workers: u32,
     pub in_flight: i64,

@@ -53,11 +53,113 @@ fn median(values: &[i64]) -> Option<i64> {
     Some(sorted[sorted.len() / 2])
 }
 
-/// A live worker serving the lane, as a waiting run sees it.
+/// A live worker serving the lane: what it advertises and what its in-flight runs hold.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WorkerRoom {
     pub capacity: Resources,
-    pub free: Resources,
+    pub held: Resources,
+}
+
+impl WorkerRoom {
+    /// What is left of this worker once its in-flight runs are counted.
+    pub fn free(&self) -> Room {
+        Room::left(&self.capacity, &self.held, &Resources::NONE)
+    }
+}
+
+/// Room left for new runs: capacity less what in-flight runs hold and less what admitted,
+/// not yet claimed runs are owed. Signed, so an overcommitted lane reads as no room at all.
+/// The one arithmetic behind admission (fleet-wide), claims (one worker) and
+/// [`waiting_reason`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Room {
+    pub cpus: f64,
+    pub memory_mb: i64,
+}
+
+impl Room {
+    /// `capacity` less what is `held` and less what `waiting` runs are owed.
+    pub fn left(capacity: &Resources, held: &Resources, waiting: &Resources) -> Room {
+        Room {
+            cpus: capacity.cpus - held.cpus - waiting.cpus,
+            memory_mb: capacity.memory_mb as i64 - held.memory_mb as i64 - waiting.memory_mb as i64,
+        }
+    }
+
+    /// Does `needs` fit in what is left? Never when the room is overcommitted.
+    pub fn fits(&self, needs: &Resources) -> bool {
+        self.memory_mb >= 0
+            && needs.fits_in(&Resources {
+                cpus: self.cpus,
+                memory_mb: self.memory_mb as u64,
+            })
+    }
+
+    /// Counts `needs` as taken.
+    pub fn take(&mut self, needs: &Resources) {
+        self.cpus -= needs.cpus;
+        self.memory_mb -= needs.memory_mb as i64;
+    }
+
+    /// Nothing more can fit (a scan for runs that fit may stop).
+    pub fn is_spent(&self) -> bool {
+        self.cpus <= 1e-9 || self.memory_mb <= 0
+    }
+}
+
+/// Is a lane with `count` runs (in flight, plus waiting where the caller counts them) under
+/// its `max_concurrency`? A lane without one always is.
+pub fn under_ceiling(count: i64, max_concurrency: Option<u32>) -> bool {
+    max_concurrency.is_none_or(|max| count < i64::from(max))
+}
+
+/// What a lane's door decides for a submission now (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Admit,
+    /// A `reject` lane has no room for it now.
+    Full,
+    /// Live workers serve the lane but none could ever hold it.
+    NeverFits,
+}
+
+/// What a `reject` lane holds, for [`door`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LaneHolds {
+    /// What the in-flight runs of the serving workers hold.
+    pub held: Resources,
+    /// Runs in flight in the lane.
+    pub in_flight: i64,
+    /// Runs admitted and not yet claimed (cancels asked excluded), and what they are owed.
+    pub waiting: i64,
+    pub waiting_needs: Resources,
+}
+
+/// Admission: `NeverFits` when live workers serve the lane (`capacities`) and none advertises
+/// enough; in a `reject` lane (`holds` given), `Full` unless [`Room::left`] of the serving
+/// workers has room for it now and the lane, counting its waiting runs, is under its ceiling.
+pub fn door(
+    needs: &Resources,
+    capacities: &[Resources],
+    holds: Option<&LaneHolds>,
+    max_concurrency: Option<u32>,
+) -> Door {
+    if !capacities.is_empty() && !capacities.iter().any(|c| needs.fits_in(c)) {
+        return Door::NeverFits;
+    }
+    let Some(holds) = holds else {
+        return Door::Admit;
+    };
+    let total = capacities.iter().fold(Resources::NONE, |sum, c| Resources {
+        cpus: sum.cpus + c.cpus,
+        memory_mb: sum.memory_mb + c.memory_mb,
+    });
+    if !Room::left(&total, &holds.held, &holds.waiting_needs).fits(needs)
+        || !under_ceiling(holds.in_flight + holds.waiting, max_concurrency)
+    {
+        return Door::Full;
+    }
+    Door::Admit
 }
 
 /// Why a pending run is not running yet, in words a person can act on; `None` when it is
@@ -79,11 +181,11 @@ pub fn waiting_reason(
         ));
     }
     if let Some(max) = lane_max_concurrency {
-        if lane_in_flight >= i64::from(max) {
+        if !under_ceiling(lane_in_flight, Some(max)) {
             return Some(format!("lane `{lane}` is at its max_concurrency of {max}"));
         }
     }
-    if !workers.iter().any(|w| needs.fits_in(&w.free)) {
+    if !workers.iter().any(|w| w.free().fits(needs)) {
         return Some(format!(
             "waiting for {} cpus and {} MB to free up on a worker",
             needs.cpus, needs.memory_mb
@@ -141,9 +243,9 @@ mod tests {
                 cpus: 4.0,
                 memory_mb: 4096,
             },
-            free: Resources {
-                cpus: 0.0,
-                memory_mb: 4096,
+            held: Resources {
+                cpus: 4.0,
+                memory_mb: 0,
             },
         };
         assert!(waiting_reason(&one, "l", &[], 0, None)
@@ -159,9 +261,43 @@ mod tests {
             .unwrap()
             .contains("free up"));
         let idle = WorkerRoom {
-            free: worker.capacity,
+            held: Resources::NONE,
             ..worker
         };
         assert_eq!(waiting_reason(&one, "l", &[idle], 0, None), None);
+    }
+
+    #[test]
+    fn the_door_counts_capacity_less_held_less_waiting_and_the_ceiling() {
+        let one = Resources {
+            cpus: 1.0,
+            memory_mb: 100,
+        };
+        let two = Resources {
+            cpus: 2.0,
+            memory_mb: 200,
+        };
+        let idle = LaneHolds {
+            held: one,
+            in_flight: 1,
+            waiting: 0,
+            waiting_needs: Resources::NONE,
+        };
+        assert_eq!(door(&one, &[two], Some(&idle), None), Door::Admit);
+        let owed = LaneHolds {
+            waiting: 1,
+            waiting_needs: one,
+            ..idle
+        };
+        assert_eq!(door(&one, &[two], Some(&owed), None), Door::Full);
+        assert_eq!(door(&one, &[two], None, None), Door::Admit);
+        assert_eq!(door(&one, &[two], Some(&idle), Some(1)), Door::Full);
+        let big = Resources {
+            cpus: 8.0,
+            memory_mb: 1,
+        };
+        assert_eq!(door(&big, &[two], None, None), Door::NeverFits);
+        assert_eq!(door(&big, &[], Some(&idle), None), Door::Full);
+        assert_eq!(door(&big, &[], None, None), Door::Admit);
     }
 }

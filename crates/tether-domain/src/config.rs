@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::spec::Resources;
 
 /// What a lane does with a submission that does not fit now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFull {
     /// Wait `pending`, first in first out within the lane.
@@ -19,7 +19,7 @@ pub enum OnFull {
 
 /// A lane's policy. Every key is optional; what a lane leaves out comes from the server's
 /// defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LanePolicy {
     #[serde(default)]
@@ -36,7 +36,7 @@ pub struct LanePolicy {
 }
 
 /// A pool of service endpoints with its public fallback (SPEC §5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub fallback_url: Option<String>,

@@ -9,9 +9,7 @@ use crate::liveness::Freshness;
 use crate::time::Millis;
 
 /// How an endpoint's readiness is known.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointKind {
     /// Ready only while the reconciler's last 2xx from its `readiness_url` is fresh.
@@ -39,7 +37,7 @@ impl EndpointKind {
 }
 
 /// Where a dispatched URL came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DispatchSource {
     /// A ready endpoint of the pool.

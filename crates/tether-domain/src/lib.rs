@@ -17,6 +17,6 @@ pub use liveness::{
     judge_run_liveness, judge_worker, Freshness, Liveness, LivenessState, WorkerState,
 };
 pub use machine::{AttemptOutcome, Decision, TransitionError};
-pub use spec::{Resources, RunSpec, SubmitDefaults, SubmitRequest, ValidationError};
+pub use spec::{Resources, RunSpec, Submission, SubmitDefaults, ValidationError};
 pub use status::{ErrorCode, RunStatus};
 pub use time::Millis;

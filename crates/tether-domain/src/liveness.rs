@@ -24,7 +24,7 @@ impl Freshness {
 }
 
 /// How alive an in-flight run looks (SPEC §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LivenessState {
     /// Pending: no worker holds it yet.
@@ -42,7 +42,7 @@ pub enum LivenessState {
 }
 
 /// The `liveness` object on every run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Liveness {
     pub state: LivenessState,
     /// Seconds since the last heartbeat (or the claim, before any heartbeat).
@@ -118,7 +118,7 @@ pub fn judge_run_liveness(input: RunLivenessInput, now: Millis) -> Liveness {
 }
 
 /// A worker's state as `GET /v1/workers` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     Active,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a run is in its life. `Pending → Claimed → Running → one terminal status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Pending,
@@ -73,7 +73,7 @@ impl std::fmt::Display for RunStatus {
 }
 
 /// Why an attempt ended the way it did (SPEC §2 `error_code`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The worker heartbeated for this attempt, then went silent.

@@ -115,10 +115,7 @@ impl Capacity {
             .serving(lane)
             .map(|w| WorkerRoom {
                 capacity: w.capacity,
-                free: Resources {
-                    cpus: w.capacity.cpus - w.reserved.cpus,
-                    memory_mb: w.capacity.memory_mb.saturating_sub(w.reserved.memory_mb),
-                },
+                held: w.reserved,
             })
             .collect();
         waiting_reason(

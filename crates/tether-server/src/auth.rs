@@ -113,7 +113,7 @@ pub fn new_worker_secret() -> Result<(String, String), ApiError> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| ApiError::Internal(format!("reading /dev/urandom: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("reading /dev/urandom: {e}")))?;
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     let hash = secret_hash(&secret);
     Ok((secret, hash))

@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tether_api::{ErrorBody, ErrorDetail};
-use tether_store::StoreError;
+use tether_store::{BoxError, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,10 +56,13 @@ pub enum ApiError {
     NoReadyEndpoint(String),
     #[error("this append begins past what the attempt has stored (stdout {}, stderr {}): resend from there", expected.stdout, expected.stderr)]
     OutputGap { expected: tether_api::StreamOffsets },
-    #[error("the store is unavailable: {0}")]
-    StoreUnavailable(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The store failed. The client gets the code and this generic sentence; the store's own
+    /// text (SQL, addresses, driver errors) is the source, for the log only.
+    #[error("the store is unavailable; retry shortly")]
+    StoreUnavailable(#[source] StoreError),
+    /// A bug or unreadable data: the cause is logged, never answered.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
     /// An error about one entry of a batch submission: its status and code, its index.
     #[error("runs[{index}]: {error}")]
     InBatch { index: usize, error: Box<ApiError> },
@@ -70,6 +73,21 @@ impl ApiError {
         ApiError::Invalid {
             code,
             message: message.into(),
+        }
+    }
+
+    /// An internal error, keeping `cause` for the log.
+    pub fn internal(cause: impl Into<BoxError>) -> ApiError {
+        ApiError::Internal(cause.into())
+    }
+
+    /// Did this answer fail for want of the store (also as one entry of a batch)? Such answers
+    /// mark the store's health.
+    pub fn is_store_failure(&self) -> bool {
+        match self {
+            ApiError::StoreUnavailable(_) => true,
+            ApiError::InBatch { error, .. } => error.is_store_failure(),
+            _ => false,
         }
     }
 
@@ -143,8 +161,8 @@ impl From<StoreError> for ApiError {
                 },
             },
             StoreError::InvalidInput(m) => ApiError::invalid("invalid_field", m),
-            StoreError::Unavailable(m) => ApiError::StoreUnavailable(m),
-            StoreError::Corrupt(m) => ApiError::Internal(m),
+            e @ StoreError::Unavailable(_) => ApiError::StoreUnavailable(e),
+            e @ StoreError::Corrupt(_) => ApiError::Internal(Box::new(e)),
         }
     }
 }
@@ -165,8 +183,12 @@ impl IntoResponse for ApiError {
             },
             _ => (1, None),
         };
-        if status.is_server_error() {
-            tracing::warn!(code, error = %self, "request failed");
+        // The whole chain goes to the log; the body below carries only this error's own
+        // (generic, for server errors) message.
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(code, error = %source_chain(&self), "request failed");
+        } else if status.is_server_error() {
+            tracing::warn!(code, error = %source_chain(&self), "request failed");
         }
         let expected_offsets = match &self {
             ApiError::OutputGap { expected } => Some(*expected),
@@ -181,7 +203,7 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, ApiError::StoreUnavailable(_)) {
+        if self.is_store_failure() {
             // Seen by the store-health layer: this server could not reach its store.
             response.extensions_mut().insert(crate::health::StoreFailed);
         }
@@ -195,3 +217,44 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// `error` and every source under it, as one line for the log: `a: b: c`. A source whose text
+/// its parent already printed (errors that show their source in their own message) is not
+/// printed twice.
+pub fn source_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let text = source.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = source.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_is_generic_and_the_log_line_has_the_whole_chain() {
+        let driver = std::io::Error::other("relation \"runs\" does not exist");
+        let error = ApiError::from(StoreError::unavailable_while("loading a run", driver));
+        assert_eq!(error.to_string(), "the store is unavailable; retry shortly");
+        let line = source_chain(&error);
+        assert!(line.starts_with("the store is unavailable; retry shortly: "));
+        assert!(line.contains("loading a run"), "{line}");
+        // Printed once, though two errors of the chain show it.
+        assert_eq!(line.matches("does not exist").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn a_store_failure_in_a_batch_is_still_a_store_failure() {
+        let error = ApiError::from(StoreError::unavailable("down")).in_batch(3);
+        assert!(error.is_store_failure());
+        assert!(!ApiError::RunNotFound.in_batch(0).is_store_failure());
+    }
+}

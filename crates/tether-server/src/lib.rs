@@ -19,7 +19,6 @@ pub mod reaper;
 pub mod reconciler;
 mod routes;
 #[doc(hidden)]
-pub mod testing;
 pub mod tls;
 pub mod views;
 

@@ -166,6 +166,58 @@ fn add_common_errors(op: &mut serde_json::Map<String, serde_json::Value>) {
 
 #[cfg(test)]
 mod tests {
+    /// The document is the contract clients are generated from: any change to it must be
+    /// deliberate. Moving types between crates must leave it the same; a deliberate change
+    /// re-records it with `TETHER_BLESS_OPENAPI=1`.
+    #[test]
+    fn document_matches_the_recorded_contract() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openapi.json");
+        let served = super::document();
+        if std::env::var_os("TETHER_BLESS_OPENAPI").is_some() {
+            let text = serde_json::to_string_pretty(&served).unwrap() + "\n";
+            std::fs::write(path, text).unwrap();
+            return;
+        }
+        let recorded: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        if let Some(at) = first_difference(&served, &recorded, String::new()) {
+            panic!(
+                "GET /openapi.json differs from {path} at `{at}`; if the change is meant, \
+                 re-record it with TETHER_BLESS_OPENAPI=1 cargo nextest run -p tether-server \
+                 -E 'test(document_matches)'"
+            );
+        }
+    }
+
+    /// A key as a JSON pointer token (`/v1/runs` → `~1v1~1runs`).
+    fn token(key: &str) -> String {
+        key.replace('~', "~0").replace('/', "~1")
+    }
+
+    /// The JSON pointer of the first place `a` and `b` differ, if they do.
+    fn first_difference(
+        a: &serde_json::Value,
+        b: &serde_json::Value,
+        at: String,
+    ) -> Option<String> {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                keys.into_iter().find_map(|k| match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => first_difference(x, y, format!("{at}/{}", token(k))),
+                    _ => Some(format!("{at}/{}", token(k))),
+                })
+            }
+            (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+                .iter()
+                .zip(b)
+                .enumerate()
+                .find_map(|(i, (x, y))| first_difference(x, y, format!("{at}/{i}"))),
+            _ => (a != b).then_some(at),
+        }
+    }
+
     #[test]
     fn every_path_parameter_is_declared() {
         let doc = super::document();

@@ -5,7 +5,7 @@ use tether_api::{AttemptView, EventView, RunRefWire, RunView, WorkerView};
 use tether_domain::liveness::RunLivenessInput;
 use tether_domain::time::{age_s, format_rfc3339};
 use tether_domain::{judge_run_liveness, judge_worker, Liveness, Millis};
-use tether_store::{AttemptRecord, EventKind, EventRecord, RunRecord, WorkerRecord};
+use tether_store::{AttemptRecord, EventBody, EventRecord, RunRecord, WorkerRecord};
 
 use crate::config::ServerConfig;
 
@@ -112,10 +112,6 @@ pub fn attempt_view(a: &AttemptRecord) -> AttemptView {
     }
 }
 
-fn body_str(e: &EventRecord, key: &str) -> Option<String> {
-    e.body.get(key).and_then(|v| v.as_str()).map(str::to_string)
-}
-
 /// A stored event as SSE `data:` and NDJSON carry it.
 pub fn event_view(e: &EventRecord) -> EventView {
     let mut view = EventView {
@@ -125,22 +121,17 @@ pub fn event_view(e: &EventRecord) -> EventView {
         attempt: Some(e.attempt),
         ..EventView::default()
     };
-    match e.kind {
-        EventKind::Status | EventKind::End => {
-            view.status = body_str(e, "status").and_then(|s| tether_domain::RunStatus::parse(&s));
-            view.error_code =
-                body_str(e, "error_code").and_then(|s| tether_domain::ErrorCode::parse(&s));
-            view.exit_code = e
-                .body
-                .get("exit_code")
-                .and_then(|v| v.as_i64())
-                .map(|c| c as i32);
+    match &e.body {
+        EventBody::Status(s) | EventBody::End(s) => {
+            view.status = Some(s.status);
+            view.error_code = s.error_code;
+            view.exit_code = s.exit_code;
         }
-        EventKind::Attempt => {
-            view.worker_id = body_str(e, "worker_id");
+        EventBody::Attempt { worker_id, .. } => {
+            view.worker_id = Some(worker_id.clone());
         }
-        EventKind::Log => {
-            view.stream = body_str(e, "stream");
+        EventBody::Log { stream } => {
+            view.stream = Some(stream.as_str().to_string());
             let data = e.data.as_deref().unwrap_or_default();
             match std::str::from_utf8(data) {
                 Ok(text) => view.text = Some(text.to_string()),

@@ -1,19 +1,19 @@
-//! Endpoint readiness on PostgreSQL: pools, endpoints, probe claims and stamps, and each
-//! attempt's dispatch. Every write is one transaction stamped with the database's clock
-//! (`tether_now_ms()`, read once by `begin`), so stamps from every server compare alike.
-
-use std::collections::BTreeMap;
+//! Endpoint readiness on PostgreSQL: the queries of pools, endpoints, probe claims and stamps,
+//! and each attempt's dispatch. The transactions themselves are `tether_store`'s, written once
+//! over [`EndpointDriver`], each in the store's one kind of transaction ([`PgTx`], begun and
+//! committed by its [`Driver`]), stamped with the database's clock (`tether_now_ms()`, read
+//! once by `begin`), so stamps from every server compare alike.
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
-use tether_domain::{Dispatch, EndpointKind};
+use tether_domain::{EndpointKind, Millis};
 use tether_store::{
-    EndpointRecord, EndpointSaved, EndpointStore, NewEndpoint, NewPool, PoolRecord, PoolSource,
-    ProbeClaim, ProbeOutcome, StoreError, StoreResult,
+    Driver, EndpointDriver, EndpointRecord, NewEndpoint, NewPool, Outbox, PoolRecord, PoolSource,
+    ProbeClaim, StoreError, StoreResult,
 };
 
-use crate::{db, encode, PgStore, IN_FLIGHT};
+use crate::{db, PgStore, PgTx, IN_FLIGHT};
 
 const POOL_SELECT: &str = "SELECT name, fallback_url, freshness_ms, source, updated_at FROM pools";
 const ENDPOINT_SELECT: &str = "SELECT name, pool, url, readiness_url, kind, revision, \
@@ -26,7 +26,7 @@ fn decode_pool(row: &PgRow) -> StoreResult<PoolRecord> {
         fallback_url: row.try_get("fallback_url").map_err(db)?,
         freshness_ms: row.try_get("freshness_ms").map_err(db)?,
         source: PoolSource::parse(&source)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown pool source `{source}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown pool source `{source}`")))?,
         updated_at: row.try_get("updated_at").map_err(db)?,
     })
 }
@@ -39,7 +39,7 @@ fn decode_endpoint(row: &PgRow) -> StoreResult<EndpointRecord> {
         url: row.try_get("url").map_err(db)?,
         readiness_url: row.try_get("readiness_url").map_err(db)?,
         kind: EndpointKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown endpoint kind `{kind}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown endpoint kind `{kind}`")))?,
         revision: row.try_get("revision").map_err(db)?,
         created_at: row.try_get("created_at").map_err(db)?,
         updated_at: row.try_get("updated_at").map_err(db)?,
@@ -49,11 +49,39 @@ fn decode_endpoint(row: &PgRow) -> StoreResult<EndpointRecord> {
     })
 }
 
+fn decode_claim(row: &PgRow, claimed_at: Millis) -> StoreResult<ProbeClaim> {
+    let readiness_url: Option<String> = row.try_get("readiness_url").map_err(db)?;
+    Ok(ProbeClaim {
+        endpoint: row.try_get("name").map_err(db)?,
+        pool: row.try_get("pool").map_err(db)?,
+        revision: row.try_get("revision").map_err(db)?,
+        readiness_url: readiness_url.unwrap_or_default(),
+        claimed_at,
+    })
+}
+
 #[async_trait]
-impl EndpointStore for PgStore {
-    async fn upsert_pool(&self, pool: &NewPool, source: PoolSource) -> StoreResult<PoolRecord> {
-        let (mut tx, now) = self.begin().await?;
-        // The conditional write: a config upsert lands only on a pool the API never set.
+impl EndpointDriver for PgStore {
+    type Tx = PgTx;
+
+    async fn begin_endpoints(&self) -> StoreResult<(PgTx, Millis)> {
+        let tx = Driver::begin(self).await?;
+        let now = tx.now;
+        Ok((tx, now))
+    }
+
+    async fn commit_endpoints(&self, tx: PgTx) -> StoreResult<()> {
+        // Endpoint writes wake nobody: nothing is notified.
+        Driver::commit(self, tx, Outbox::default()).await
+    }
+
+    async fn pool_upsert_unless_set_by_api(
+        &self,
+        tx: &mut Self::Tx,
+        pool: &NewPool,
+        source: PoolSource,
+        now: Millis,
+    ) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO pools (name, fallback_url, freshness_ms, source, updated_at) \
              VALUES ($1, $2, $3, $4, $5) \
@@ -67,20 +95,24 @@ impl EndpointStore for PgStore {
         .bind(pool.freshness_ms)
         .bind(source.as_str())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        let row = sqlx::query(&format!("{POOL_SELECT} WHERE name = $1"))
-            .bind(&pool.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let record = decode_pool(&row)?;
-        tx.commit().await.map_err(db)?;
-        Ok(record)
+        Ok(())
     }
 
-    async fn list_pools(&self) -> StoreResult<Vec<PoolRecord>> {
+    async fn pool_get(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<Option<PoolRecord>> {
+        sqlx::query(&format!("{POOL_SELECT} WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&mut *tx.tx)
+            .await
+            .map_err(db)?
+            .as_ref()
+            .map(decode_pool)
+            .transpose()
+    }
+
+    async fn pool_list(&self) -> StoreResult<Vec<PoolRecord>> {
         let rows = sqlx::query(&format!("{POOL_SELECT} ORDER BY name"))
             .fetch_all(&self.inner.pool)
             .await
@@ -88,105 +120,97 @@ impl EndpointStore for PgStore {
         rows.iter().map(decode_pool).collect()
     }
 
-    async fn upsert_endpoint(&self, endpoint: &NewEndpoint) -> StoreResult<EndpointSaved> {
-        let (mut tx, now) = self.begin().await?;
-        let pool_exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1::bigint FROM pools WHERE name = $1")
-                .bind(&endpoint.pool)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        if pool_exists.is_none() {
-            return Ok(EndpointSaved::UnknownPool);
-        }
+    async fn endpoint_get_for_update(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> StoreResult<Option<EndpointRecord>> {
         // Locks the row, so concurrent PUTs of one endpoint apply one after another.
-        let existing = sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1 FOR UPDATE"))
-            .bind(&endpoint.name)
-            .fetch_optional(&mut *tx)
+        sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1 FOR UPDATE"))
+            .bind(name)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
             .map(decode_endpoint)
-            .transpose()?;
-        let created = match &existing {
-            None => {
-                let inserted = sqlx::query(
-                    "INSERT INTO endpoints (name, pool, url, readiness_url, kind, revision, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 1, $6, $7) \
-                     ON CONFLICT (name) DO NOTHING",
-                )
-                .bind(&endpoint.name)
-                .bind(&endpoint.pool)
-                .bind(&endpoint.url)
-                .bind(endpoint.readiness_url.as_deref())
-                .bind(endpoint.kind.as_str())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                if inserted.rows_affected() != 1 {
-                    // Another server registered it between our read and our insert.
-                    return Err(StoreError::Unavailable(
-                        "the endpoint was registered concurrently; retry".into(),
-                    ));
-                }
-                true
-            }
-            Some(old) if old.is_defined_as(endpoint) => false,
-            Some(old) => {
-                // A new definition: the old stamp vouched for something else, and a probe
-                // claimed for it must not land. Conditional on the revision read.
-                let result = sqlx::query(
-                    "UPDATE endpoints SET pool = $1, url = $2, readiness_url = $3, kind = $4, \
-                     revision = revision + 1, updated_at = $5, last_ready_at = NULL, \
-                     last_probe_at = NULL, last_error = NULL, probe_claimed_at = NULL \
-                     WHERE name = $6 AND revision = $7",
-                )
-                .bind(&endpoint.pool)
-                .bind(&endpoint.url)
-                .bind(endpoint.readiness_url.as_deref())
-                .bind(endpoint.kind.as_str())
-                .bind(now)
-                .bind(&endpoint.name)
-                .bind(old.revision)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                if result.rows_affected() != 1 {
-                    return Err(StoreError::Unavailable(
-                        "the endpoint changed underneath; retry".into(),
-                    ));
-                }
-                false
-            }
-        };
-        let row = sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1"))
-            .bind(&endpoint.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let record = decode_endpoint(&row)?;
-        tx.commit().await.map_err(db)?;
-        Ok(if created {
-            EndpointSaved::Created(record)
-        } else {
-            EndpointSaved::Updated(record)
-        })
+            .transpose()
     }
 
-    async fn delete_endpoint(&self, name: &str) -> StoreResult<bool> {
-        let (mut tx, _) = self.begin().await?;
-        let result = sqlx::query("DELETE FROM endpoints WHERE name = $1")
+    async fn endpoint_get(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> StoreResult<Option<EndpointRecord>> {
+        sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1"))
             .bind(name)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx.tx)
             .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+            .map_err(db)?
+            .as_ref()
+            .map(decode_endpoint)
+            .transpose()
+    }
+
+    async fn endpoint_insert(
+        &self,
+        tx: &mut Self::Tx,
+        endpoint: &NewEndpoint,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO endpoints (name, pool, url, readiness_url, kind, revision, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 1, $6, $7) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&endpoint.name)
+        .bind(&endpoint.pool)
+        .bind(&endpoint.url)
+        .bind(endpoint.readiness_url.as_deref())
+        .bind(endpoint.kind.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx.tx)
+        .await
+        .map_err(db)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn endpoint_redefine_if_revision(
+        &self,
+        tx: &mut Self::Tx,
+        endpoint: &NewEndpoint,
+        revision: i64,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE endpoints SET pool = $1, url = $2, readiness_url = $3, kind = $4, \
+             revision = revision + 1, updated_at = $5, last_ready_at = NULL, \
+             last_probe_at = NULL, last_error = NULL, probe_claimed_at = NULL \
+             WHERE name = $6 AND revision = $7",
+        )
+        .bind(&endpoint.pool)
+        .bind(&endpoint.url)
+        .bind(endpoint.readiness_url.as_deref())
+        .bind(endpoint.kind.as_str())
+        .bind(now)
+        .bind(&endpoint.name)
+        .bind(revision)
+        .execute(&mut *tx.tx)
+        .await
+        .map_err(db)?;
         Ok(result.rows_affected() == 1)
     }
 
-    async fn list_endpoints(&self) -> StoreResult<Vec<EndpointRecord>> {
+    async fn endpoint_delete(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<bool> {
+        let result = sqlx::query("DELETE FROM endpoints WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx.tx)
+            .await
+            .map_err(db)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn endpoint_list(&self) -> StoreResult<Vec<EndpointRecord>> {
         let rows = sqlx::query(&format!("{ENDPOINT_SELECT} ORDER BY name"))
             .fetch_all(&self.inner.pool)
             .await
@@ -194,16 +218,15 @@ impl EndpointStore for PgStore {
         rows.iter().map(decode_endpoint).collect()
     }
 
-    async fn claim_due_probes(
+    async fn endpoint_claim_due_probes(
         &self,
-        due_after_ms: i64,
-        limit: u32,
+        tx: &mut Self::Tx,
+        now: Millis,
+        due_at_or_before: Millis,
+        limit: i64,
     ) -> StoreResult<Vec<ProbeClaim>> {
-        let (mut tx, now) = self.begin().await?;
-        // One conditional write claims every due endpoint. Rows another server is claiming
-        // right now are skipped, not waited for; and a claim younger than the interval, by
-        // whichever server, makes an endpoint not due (re-checked on the locked row), so each
-        // endpoint is claimed once per interval across all servers.
+        // Rows another server is claiming right now are skipped, not waited for; the claim's
+        // age is re-checked on the locked row, so a claim that just landed keeps it not due.
         let rows = sqlx::query(
             "UPDATE endpoints e SET probe_claimed_at = $1 \
              FROM (SELECT name FROM endpoints \
@@ -216,35 +239,22 @@ impl EndpointStore for PgStore {
              RETURNING e.name, e.pool, e.revision, e.readiness_url",
         )
         .bind(now)
-        .bind(now.saturating_sub(due_after_ms))
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&mut *tx)
+        .bind(due_at_or_before)
+        .bind(limit)
+        .fetch_all(&mut *tx.tx)
         .await
         .map_err(db)?;
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let readiness_url: Option<String> = row.try_get("readiness_url").map_err(db)?;
-            claims.push(ProbeClaim {
-                endpoint: row.try_get("name").map_err(db)?,
-                pool: row.try_get("pool").map_err(db)?,
-                revision: row.try_get("revision").map_err(db)?,
-                readiness_url: readiness_url.unwrap_or_default(),
-                claimed_at: now,
-            });
-        }
-        tx.commit().await.map_err(db)?;
-        claims.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-        Ok(claims)
+        rows.iter().map(|row| decode_claim(row, now)).collect()
     }
 
-    async fn record_probe(&self, claim: &ProbeClaim, outcome: &ProbeOutcome) -> StoreResult<bool> {
-        let (mut tx, now) = self.begin().await?;
-        let (ready, error) = match outcome {
-            ProbeOutcome::Ready => (true, None),
-            ProbeOutcome::NotReady { error } => (false, Some(error.as_str())),
-        };
-        // Fenced by the claim: a slow probe whose claim another has since replaced, or of a
-        // definition since changed, records nothing.
+    async fn endpoint_set_probe_result_if_claimed(
+        &self,
+        tx: &mut Self::Tx,
+        claim: &ProbeClaim,
+        ready: bool,
+        error: Option<&str>,
+        now: Millis,
+    ) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE endpoints SET last_probe_at = $1, \
              last_ready_at = CASE WHEN $2 THEN $3 ELSE last_ready_at END, last_error = $4 \
@@ -257,39 +267,33 @@ impl EndpointStore for PgStore {
         .bind(&claim.endpoint)
         .bind(claim.revision)
         .bind(claim.claimed_at)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_dispatch(
+    async fn attempt_set_dispatch_if_current(
         &self,
+        tx: &mut Self::Tx,
         run_id: &str,
         attempt: u32,
         worker_id: &str,
-        endpoints: &BTreeMap<String, Dispatch>,
-    ) -> StoreResult<()> {
-        let (mut tx, _) = self.begin().await?;
-        // Written once, and only for the run's current attempt while its worker holds it.
+        endpoints_json: &str,
+    ) -> StoreResult<bool> {
         let result = sqlx::query(&format!(
             "UPDATE attempts SET endpoints = $1::jsonb \
              WHERE run_id = $2 AND attempt = $3 AND worker_id = $4 AND endpoints IS NULL \
                AND EXISTS (SELECT 1 FROM runs WHERE id = $2 AND attempt = $3 AND worker_id = $4 \
                  AND status IN {IN_FLIGHT})"
         ))
-        .bind(encode(endpoints, "attempt endpoints")?)
+        .bind(endpoints_json)
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        if result.rows_affected() != 1 {
-            return Err(StoreError::StaleAttempt);
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(())
+        Ok(result.rows_affected() == 1)
     }
 }

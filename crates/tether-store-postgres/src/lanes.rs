@@ -1,10 +1,10 @@
 //! What each lane holds, counted from the runs themselves.
 
 use sqlx::{PgPool, Row};
-use tether_domain::Resources;
 use tether_store::{LaneLoad, StoreResult};
 
 use crate::db;
+use crate::rows::resources;
 
 pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
     let rows = sqlx::query(
@@ -29,10 +29,7 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
                 in_flight: row.try_get("in_flight").map_err(db)?,
                 running: row.try_get("running").map_err(db)?,
                 oldest_pending_at: row.try_get("oldest_pending_at").map_err(db)?,
-                reserved: Resources {
-                    cpus: row.try_get("cpus").map_err(db)?,
-                    memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
-                },
+                reserved: resources(row)?,
             })
         })
         .collect()

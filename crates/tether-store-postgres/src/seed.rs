@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use tether_domain::{Resources, RunSpec, RunStatus};
 use tether_store::{StoreError, StoreResult};
 
-use crate::{db, encode, PgStore};
-use tether_store::status_body;
+use crate::{db, PgStore};
+use tether_store::{EventBody, StatusBody};
 
 /// The worker seeded attempts name; never registered.
 const SEEDED_WORKER: &str = "seeded-worker";
@@ -50,9 +50,16 @@ impl PgStore {
             return Ok(());
         }
         let count =
-            i64::try_from(n).map_err(|_| StoreError::Unavailable(format!("too many runs: {n}")))?;
-        let spec = encode(&seeded_spec(), "run spec")?;
-        let body = status_body(RunStatus::Succeeded, 1, None, Some(0)).to_string();
+            i64::try_from(n).map_err(|_| StoreError::unavailable(format!("too many runs: {n}")))?;
+        let spec = tether_store::encode_spec(&seeded_spec())?;
+        let body = EventBody::Status(StatusBody {
+            status: RunStatus::Succeeded,
+            attempt: 1,
+            error_code: None,
+            exit_code: Some(0),
+        })
+        .to_json()
+        .to_string();
         // Ids look like the store's own (UUID text): a fresh v7 prefix, then the counter.
         let uuid = uuid::Uuid::now_v7().to_string();
         let prefix = &uuid[..24];
@@ -130,8 +137,8 @@ impl PgStore {
     pub async fn drop_schema(&self) -> StoreResult<()> {
         let schema = self.schema().to_string();
         if schema == "public" {
-            return Err(StoreError::Unavailable(
-                "refusing to drop the public schema".into(),
+            return Err(StoreError::unavailable(
+                "refusing to drop the public schema",
             ));
         }
         let mut conn = self.pool().acquire().await.map_err(db)?;

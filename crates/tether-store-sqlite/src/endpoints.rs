@@ -1,19 +1,18 @@
-//! Endpoint readiness on SQLite: pools, endpoints, probe claims and stamps, and each attempt's
-//! dispatch. Every write is one `BEGIN IMMEDIATE` transaction on the writer with the clock read
-//! once, like the rest of the store.
-
-use std::collections::BTreeMap;
+//! Endpoint readiness on SQLite: the queries of pools, endpoints, probe claims and stamps, and
+//! each attempt's dispatch. The transactions themselves are `tether_store`'s, written once over
+//! [`EndpointDriver`]; each is the store's one kind of transaction ([`SqliteTx`], begun and
+//! committed by its [`Driver`]): `BEGIN IMMEDIATE` on the writer with the clock read once.
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use tether_domain::{Dispatch, EndpointKind};
+use tether_domain::{EndpointKind, Millis};
 use tether_store::{
-    EndpointRecord, EndpointSaved, EndpointStore, NewEndpoint, NewPool, PoolRecord, PoolSource,
-    ProbeClaim, ProbeOutcome, StoreError, StoreResult,
+    Driver, EndpointDriver, EndpointRecord, NewEndpoint, NewPool, Outbox, PoolRecord, PoolSource,
+    ProbeClaim, StoreError, StoreResult,
 };
 
-use crate::{clock, db, encode, SqliteStore, IN_FLIGHT};
+use crate::{db, SqliteStore, SqliteTx, IN_FLIGHT};
 
 const POOL_SELECT: &str = "SELECT name, fallback_url, freshness_ms, source, updated_at FROM pools";
 const ENDPOINT_SELECT: &str = "SELECT name, pool, url, readiness_url, kind, revision, \
@@ -26,7 +25,7 @@ fn decode_pool(row: &SqliteRow) -> StoreResult<PoolRecord> {
         fallback_url: row.try_get("fallback_url").map_err(db)?,
         freshness_ms: row.try_get("freshness_ms").map_err(db)?,
         source: PoolSource::parse(&source)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown pool source `{source}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown pool source `{source}`")))?,
         updated_at: row.try_get("updated_at").map_err(db)?,
     })
 }
@@ -39,7 +38,7 @@ fn decode_endpoint(row: &SqliteRow) -> StoreResult<EndpointRecord> {
         url: row.try_get("url").map_err(db)?,
         readiness_url: row.try_get("readiness_url").map_err(db)?,
         kind: EndpointKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown endpoint kind `{kind}`")))?,
+            .ok_or_else(|| StoreError::corrupt(format!("unknown endpoint kind `{kind}`")))?,
         revision: row.try_get("revision").map_err(db)?,
         created_at: row.try_get("created_at").map_err(db)?,
         updated_at: row.try_get("updated_at").map_err(db)?,
@@ -49,12 +48,39 @@ fn decode_endpoint(row: &SqliteRow) -> StoreResult<EndpointRecord> {
     })
 }
 
+fn decode_claim(row: &SqliteRow, claimed_at: Millis) -> StoreResult<ProbeClaim> {
+    let readiness_url: Option<String> = row.try_get("readiness_url").map_err(db)?;
+    Ok(ProbeClaim {
+        endpoint: row.try_get("name").map_err(db)?,
+        pool: row.try_get("pool").map_err(db)?,
+        revision: row.try_get("revision").map_err(db)?,
+        readiness_url: readiness_url.unwrap_or_default(),
+        claimed_at,
+    })
+}
+
 #[async_trait]
-impl EndpointStore for SqliteStore {
-    async fn upsert_pool(&self, pool: &NewPool, source: PoolSource) -> StoreResult<PoolRecord> {
-        let mut tx = self.begin().await?;
-        let now = clock();
-        // The conditional write: a config upsert lands only on a pool the API never set.
+impl EndpointDriver for SqliteStore {
+    type Tx = SqliteTx;
+
+    async fn begin_endpoints(&self) -> StoreResult<(SqliteTx, Millis)> {
+        let tx = Driver::begin(self).await?;
+        let now = tx.now;
+        Ok((tx, now))
+    }
+
+    async fn commit_endpoints(&self, tx: SqliteTx) -> StoreResult<()> {
+        // Endpoint writes wake nobody: nothing waits on them.
+        Driver::commit(self, tx, Outbox::default()).await
+    }
+
+    async fn pool_upsert_unless_set_by_api(
+        &self,
+        tx: &mut Self::Tx,
+        pool: &NewPool,
+        source: PoolSource,
+        now: Millis,
+    ) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO pools (name, fallback_url, freshness_ms, source, updated_at) \
              VALUES (?, ?, ?, ?, ?) \
@@ -68,20 +94,24 @@ impl EndpointStore for SqliteStore {
         .bind(pool.freshness_ms)
         .bind(source.as_str())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        let row = sqlx::query(&format!("{POOL_SELECT} WHERE name = ?"))
-            .bind(&pool.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let record = decode_pool(&row)?;
-        tx.commit().await.map_err(db)?;
-        Ok(record)
+        Ok(())
     }
 
-    async fn list_pools(&self) -> StoreResult<Vec<PoolRecord>> {
+    async fn pool_get(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<Option<PoolRecord>> {
+        sqlx::query(&format!("{POOL_SELECT} WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&mut *tx.tx)
+            .await
+            .map_err(db)?
+            .as_ref()
+            .map(decode_pool)
+            .transpose()
+    }
+
+    async fn pool_list(&self) -> StoreResult<Vec<PoolRecord>> {
         let rows = sqlx::query(&format!("{POOL_SELECT} ORDER BY name"))
             .fetch_all(&self.reader)
             .await
@@ -89,97 +119,90 @@ impl EndpointStore for SqliteStore {
         rows.iter().map(decode_pool).collect()
     }
 
-    async fn upsert_endpoint(&self, endpoint: &NewEndpoint) -> StoreResult<EndpointSaved> {
-        let mut tx = self.begin().await?;
-        let now = clock();
-        let pool_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pools WHERE name = ?")
-            .bind(&endpoint.pool)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-        if pool_exists.is_none() {
-            return Ok(EndpointSaved::UnknownPool);
-        }
-        let existing = sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = ?"))
-            .bind(&endpoint.name)
-            .fetch_optional(&mut *tx)
+    async fn endpoint_get_for_update(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> StoreResult<Option<EndpointRecord>> {
+        // The writer's transaction is the only one: the row needs no lock of its own.
+        self.endpoint_get(tx, name).await
+    }
+
+    async fn endpoint_get(
+        &self,
+        tx: &mut Self::Tx,
+        name: &str,
+    ) -> StoreResult<Option<EndpointRecord>> {
+        sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&mut *tx.tx)
             .await
             .map_err(db)?
             .as_ref()
             .map(decode_endpoint)
-            .transpose()?;
-        let created = match &existing {
-            None => {
-                sqlx::query(
-                    "INSERT INTO endpoints (name, pool, url, readiness_url, kind, revision, \
-                     created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
-                )
-                .bind(&endpoint.name)
-                .bind(&endpoint.pool)
-                .bind(&endpoint.url)
-                .bind(endpoint.readiness_url.as_deref())
-                .bind(endpoint.kind.as_str())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                true
-            }
-            Some(old) if old.is_defined_as(endpoint) => false,
-            Some(old) => {
-                // A new definition: the old stamp vouched for something else, and a probe
-                // claimed for it must not land. Conditional on the revision read.
-                let result = sqlx::query(
-                    "UPDATE endpoints SET pool = ?, url = ?, readiness_url = ?, kind = ?, \
-                     revision = revision + 1, updated_at = ?, last_ready_at = NULL, \
-                     last_probe_at = NULL, last_error = NULL, probe_claimed_at = NULL \
-                     WHERE name = ? AND revision = ?",
-                )
-                .bind(&endpoint.pool)
-                .bind(&endpoint.url)
-                .bind(endpoint.readiness_url.as_deref())
-                .bind(endpoint.kind.as_str())
-                .bind(now)
-                .bind(&endpoint.name)
-                .bind(old.revision)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                if result.rows_affected() != 1 {
-                    return Err(StoreError::Unavailable(
-                        "the endpoint changed underneath; retry".into(),
-                    ));
-                }
-                false
-            }
-        };
-        let row = sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = ?"))
-            .bind(&endpoint.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let record = decode_endpoint(&row)?;
-        tx.commit().await.map_err(db)?;
-        Ok(if created {
-            EndpointSaved::Created(record)
-        } else {
-            EndpointSaved::Updated(record)
-        })
+            .transpose()
     }
 
-    async fn delete_endpoint(&self, name: &str) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let result = sqlx::query("DELETE FROM endpoints WHERE name = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+    async fn endpoint_insert(
+        &self,
+        tx: &mut Self::Tx,
+        endpoint: &NewEndpoint,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO endpoints (name, pool, url, readiness_url, kind, revision, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&endpoint.name)
+        .bind(&endpoint.pool)
+        .bind(&endpoint.url)
+        .bind(endpoint.readiness_url.as_deref())
+        .bind(endpoint.kind.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx.tx)
+        .await
+        .map_err(db)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn endpoint_redefine_if_revision(
+        &self,
+        tx: &mut Self::Tx,
+        endpoint: &NewEndpoint,
+        revision: i64,
+        now: Millis,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE endpoints SET pool = ?, url = ?, readiness_url = ?, kind = ?, \
+             revision = revision + 1, updated_at = ?, last_ready_at = NULL, \
+             last_probe_at = NULL, last_error = NULL, probe_claimed_at = NULL \
+             WHERE name = ? AND revision = ?",
+        )
+        .bind(&endpoint.pool)
+        .bind(&endpoint.url)
+        .bind(endpoint.readiness_url.as_deref())
+        .bind(endpoint.kind.as_str())
+        .bind(now)
+        .bind(&endpoint.name)
+        .bind(revision)
+        .execute(&mut *tx.tx)
+        .await
+        .map_err(db)?;
         Ok(result.rows_affected() == 1)
     }
 
-    async fn list_endpoints(&self) -> StoreResult<Vec<EndpointRecord>> {
+    async fn endpoint_delete(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<bool> {
+        let result = sqlx::query("DELETE FROM endpoints WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx.tx)
+            .await
+            .map_err(db)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn endpoint_list(&self) -> StoreResult<Vec<EndpointRecord>> {
         let rows = sqlx::query(&format!("{ENDPOINT_SELECT} ORDER BY name"))
             .fetch_all(&self.reader)
             .await
@@ -187,15 +210,14 @@ impl EndpointStore for SqliteStore {
         rows.iter().map(decode_endpoint).collect()
     }
 
-    async fn claim_due_probes(
+    async fn endpoint_claim_due_probes(
         &self,
-        due_after_ms: i64,
-        limit: u32,
+        tx: &mut Self::Tx,
+        now: Millis,
+        due_at_or_before: Millis,
+        limit: i64,
     ) -> StoreResult<Vec<ProbeClaim>> {
-        let mut tx = self.begin().await?;
-        let now = clock();
-        // One conditional write claims every due endpoint: a claim younger than the interval
-        // (this server's or another process's on the same file) makes it not due.
+        // Another process on the same file waits for the writer lock, then sees these claims.
         let rows = sqlx::query(
             "UPDATE endpoints SET probe_claimed_at = ? \
              WHERE name IN (SELECT name FROM endpoints \
@@ -205,36 +227,22 @@ impl EndpointStore for SqliteStore {
              RETURNING name, pool, revision, readiness_url",
         )
         .bind(now)
-        .bind(now.saturating_sub(due_after_ms))
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&mut *tx)
+        .bind(due_at_or_before)
+        .bind(limit)
+        .fetch_all(&mut *tx.tx)
         .await
         .map_err(db)?;
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let readiness_url: Option<String> = row.try_get("readiness_url").map_err(db)?;
-            claims.push(ProbeClaim {
-                endpoint: row.try_get("name").map_err(db)?,
-                pool: row.try_get("pool").map_err(db)?,
-                revision: row.try_get("revision").map_err(db)?,
-                readiness_url: readiness_url.unwrap_or_default(),
-                claimed_at: now,
-            });
-        }
-        tx.commit().await.map_err(db)?;
-        claims.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-        Ok(claims)
+        rows.iter().map(|row| decode_claim(row, now)).collect()
     }
 
-    async fn record_probe(&self, claim: &ProbeClaim, outcome: &ProbeOutcome) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let now = clock();
-        let (ready, error) = match outcome {
-            ProbeOutcome::Ready => (true, None),
-            ProbeOutcome::NotReady { error } => (false, Some(error.as_str())),
-        };
-        // Fenced by the claim: a slow probe whose claim another has since replaced, or of a
-        // definition since changed, records nothing.
+    async fn endpoint_set_probe_result_if_claimed(
+        &self,
+        tx: &mut Self::Tx,
+        claim: &ProbeClaim,
+        ready: bool,
+        error: Option<&str>,
+        now: Millis,
+    ) -> StoreResult<bool> {
         let result = sqlx::query(
             "UPDATE endpoints SET last_probe_at = ?, \
              last_ready_at = CASE WHEN ? THEN ? ELSE last_ready_at END, last_error = ? \
@@ -247,42 +255,36 @@ impl EndpointStore for SqliteStore {
         .bind(&claim.endpoint)
         .bind(claim.revision)
         .bind(claim.claimed_at)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
         Ok(result.rows_affected() == 1)
     }
 
-    async fn record_dispatch(
+    async fn attempt_set_dispatch_if_current(
         &self,
+        tx: &mut Self::Tx,
         run_id: &str,
         attempt: u32,
         worker_id: &str,
-        endpoints: &BTreeMap<String, Dispatch>,
-    ) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        // Written once, and only for the run's current attempt while its worker holds it.
+        endpoints_json: &str,
+    ) -> StoreResult<bool> {
         let result = sqlx::query(&format!(
             "UPDATE attempts SET endpoints = ? \
              WHERE run_id = ? AND attempt = ? AND worker_id = ? AND endpoints IS NULL \
                AND EXISTS (SELECT 1 FROM runs WHERE id = ? AND attempt = ? AND worker_id = ? \
                  AND status IN {IN_FLIGHT})"
         ))
-        .bind(encode(endpoints, "attempt endpoints")?)
+        .bind(endpoints_json)
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
-        .execute(&mut *tx)
+        .execute(&mut *tx.tx)
         .await
         .map_err(db)?;
-        if result.rows_affected() != 1 {
-            return Err(StoreError::StaleAttempt);
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(())
+        Ok(result.rows_affected() == 1)
     }
 }

@@ -2,14 +2,16 @@
 
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use tether_domain::{ErrorCode, Millis, Resources, RunSpec, RunStatus};
+use tether_domain::{ErrorCode, Millis, Resources, RunStatus};
+use tether_store::driver::LoadedRun;
 use tether_store::{
-    AttemptRecord, EventKind, EventRecord, RunRecord, StoreError, StoreResult, WorkerRecord,
+    AttemptRecord, EventBody, EventKind, EventRecord, RunRecord, StoreError, StoreResult,
+    WorkerRecord,
 };
 
 use crate::db;
 
-/// Every column a [`Loaded`] run is read from, with its queue position while pending (legacy
+/// Every column a [`LoadedRun`] is read from, with its queue position while pending (legacy
 /// `queued` rows count as pending).
 pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.spec, \
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
@@ -21,41 +23,36 @@ pub(crate) const RUN_SELECT: &str = "SELECT r.seq, r.id, r.status, r.attempt, r.
     END AS queue_position \
     FROM runs r";
 
-/// A run as loaded inside a transaction: the record, plus what the store needs to write it
-/// back conditionally and to judge it.
-#[derive(Debug, Clone)]
-pub(crate) struct Loaded {
-    pub run: RunRecord,
-    /// The status exactly as stored (maybe the legacy `queued`), for conditional writes.
-    pub raw_status: String,
-    pub output_bytes: i64,
-    pub confirmed: bool,
-    pub stale_at: Option<Millis>,
-    pub timeout_at: Option<Millis>,
+/// Resources from a row's `cpus` and `memory_mb` columns (a negative memory reads as none).
+pub(crate) fn resources(row: &SqliteRow) -> StoreResult<Resources> {
+    Ok(Resources {
+        cpus: row.try_get("cpus").map_err(db)?,
+        memory_mb: row.try_get::<i64, _>("memory_mb").map_err(db)?.max(0) as u64,
+    })
 }
 
 pub(crate) fn to_u32(value: i64, what: &str) -> StoreResult<u32> {
-    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+    u32::try_from(value).map_err(|_| StoreError::corrupt(format!("{what} out of range: {value}")))
 }
 
 fn status(text: &str) -> StoreResult<RunStatus> {
-    RunStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status `{text}`")))
+    RunStatus::parse(text).ok_or_else(|| StoreError::corrupt(format!("unknown status `{text}`")))
 }
 
 fn error_code(text: Option<String>) -> StoreResult<Option<ErrorCode>> {
     text.map(|t| {
-        ErrorCode::parse(&t).ok_or_else(|| StoreError::Corrupt(format!("unknown error code `{t}`")))
+        ErrorCode::parse(&t).ok_or_else(|| StoreError::corrupt(format!("unknown error code `{t}`")))
     })
     .transpose()
 }
 
 fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt_while(what, e))
 }
 
-pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
+pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<LoadedRun> {
     let raw_status: String = row.try_get("status").map_err(db)?;
-    let spec: RunSpec = json(&row.try_get::<String, _>("spec").map_err(db)?, "run spec")?;
+    let spec = tether_store::decode_spec(&row.try_get::<String, _>("spec").map_err(db)?)?;
     let exit_code: Option<i64> = row.try_get("exit_code").map_err(db)?;
     let run = RunRecord {
         id: row.try_get("id").map_err(db)?,
@@ -79,7 +76,7 @@ pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<Loaded> {
         queue_position: row.try_get("queue_position").map_err(db)?,
         last_event_seq: row.try_get("last_event_seq").map_err(db)?,
     };
-    Ok(Loaded {
+    Ok(LoadedRun {
         run,
         raw_status,
         output_bytes: row.try_get("output_bytes").map_err(db)?,
@@ -121,14 +118,15 @@ pub(crate) const EVENT_SELECT: &str =
 
 pub(crate) fn decode_event(row: &SqliteRow) -> StoreResult<EventRecord> {
     let kind: String = row.try_get("kind").map_err(db)?;
+    let kind = EventKind::parse(&kind)
+        .ok_or_else(|| StoreError::corrupt(format!("unknown event kind `{kind}`")))?;
     Ok(EventRecord {
         run_id: row.try_get("run_id").map_err(db)?,
         seq: row.try_get("seq").map_err(db)?,
-        kind: EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind `{kind}`")))?,
+        kind,
         ts: row.try_get("ts").map_err(db)?,
         attempt: to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
-        body: json(&row.try_get::<String, _>("body").map_err(db)?, "event body")?,
+        body: EventBody::decode(kind, &row.try_get::<String, _>("body").map_err(db)?)?,
         data: row.try_get("data").map_err(db)?,
     })
 }

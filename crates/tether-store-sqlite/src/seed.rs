@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use tether_domain::{Resources, RunSpec, RunStatus};
 use tether_store::{StoreError, StoreResult};
 
-use crate::{clock, db, encode, SqliteStore};
-use tether_store::status_body;
+use crate::{clock, db, SqliteStore};
+use tether_store::{EventBody, StatusBody};
 
 /// The worker seeded attempts name; never registered.
 const SEEDED_WORKER: &str = "seeded-worker";
@@ -48,9 +48,16 @@ impl SqliteStore {
             return Ok(());
         }
         let count =
-            i64::try_from(n).map_err(|_| StoreError::Unavailable(format!("too many runs: {n}")))?;
-        let spec = encode(&seeded_spec(), "run spec")?;
-        let body = status_body(RunStatus::Succeeded, 1, None, Some(0)).to_string();
+            i64::try_from(n).map_err(|_| StoreError::unavailable(format!("too many runs: {n}")))?;
+        let spec = tether_store::encode_spec(&seeded_spec())?;
+        let body = EventBody::Status(StatusBody {
+            status: RunStatus::Succeeded,
+            attempt: 1,
+            error_code: None,
+            exit_code: Some(0),
+        })
+        .to_json()
+        .to_string();
         // Ids look like the store's own (UUID text): a fresh v7 prefix, then the counter.
         let uuid = uuid::Uuid::now_v7().to_string();
         let prefix = &uuid[..24];

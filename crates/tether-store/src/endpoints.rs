@@ -9,6 +9,9 @@ use tether_domain::{Dispatch, EndpointKind, Millis};
 
 use crate::StoreResult;
 
+mod engine;
+pub use engine::EndpointDriver;
+
 /// Who last set a pool. A pool set through the API keeps its settings when a server starts
 /// with a config file that names it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

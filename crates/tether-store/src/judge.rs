@@ -83,14 +83,18 @@ pub fn parse_cursor(cursor: &str) -> StoreResult<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_domain::{LanePolicy, SubmitDefaults, SubmitRequest};
+    use tether_domain::{LanePolicy, Submission, SubmitDefaults};
 
     fn run(status: RunStatus) -> RunRecord {
-        let spec = SubmitRequest {
+        let spec = Submission {
             command: vec!["true".into()],
-            ..SubmitRequest::default()
+            ..Submission::default()
         }
-        .resolve(Some(&LanePolicy::default()), &SubmitDefaults::default())
+        .resolve(
+            Some(&LanePolicy::default()),
+            &SubmitDefaults::default(),
+            String::new(),
+        )
         .unwrap();
         RunRecord {
             id: "r".into(),

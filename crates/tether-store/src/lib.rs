@@ -1,26 +1,33 @@
-//! The storage interface every Tether store implements, and the conformance suite that holds
-//! each implementation to it (like River's `riverdriver`: one driver interface, one shared
-//! test suite every driver runs).
+//! The storage interface the server calls ([`Store`]), the engine that implements it once for
+//! every store, and the thin per-store interface it runs over ([`Driver`], [`DriverTx`]: one
+//! method per query, as River's `riverdriver`). One shared suite holds every store to it:
+//! `tether-store-conformance`.
 //!
 //! A store owns the clock: every stamp it writes and every freshness comparison it makes uses
 //! its own `now` (SQL `now()` on PostgreSQL), never a worker's or a server's. Every status
 //! change is one conditional write on the run's current status and attempt, decided by the
 //! domain's status machine ([`tether_domain::machine::RunState::apply`]).
 
-pub mod conformance;
+pub mod driver;
 mod endpoints;
+mod engine;
 mod error;
+mod events;
 mod judge;
 mod outbox;
 mod output;
 mod records;
+mod stored_spec;
 
+pub use driver::{Driver, DriverTx};
 pub use endpoints::*;
-pub use error::StoreError;
+pub use error::{BoxError, StoreError};
+pub use events::{EventBody, StatusBody};
 pub use judge::{batch_entry, parse_cursor, reap_reason, ReapDeadlines};
-pub use outbox::{status_body, Outbox};
+pub use outbox::Outbox;
 pub use output::new_output;
 pub use records::*;
+pub use stored_spec::{decode_spec, encode_spec, SPEC_VERSION};
 
 use async_trait::async_trait;
 use tether_domain::{Millis, RunSpec};
@@ -152,6 +159,40 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
         worker_id: &str,
         report: &FinishReport,
     ) -> StoreResult<RunRecord>;
+
+    /// One finish per item, in one transaction where the store can, each judged exactly as
+    /// `finish_attempt` would be; one answer per item, in order.
+    async fn finish_attempts(
+        &self,
+        worker_id: &str,
+        items: &[AttemptFinish],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            answers.push(
+                self.finish_attempt(&item.run_id, item.attempt, worker_id, &item.report)
+                    .await,
+            );
+        }
+        Ok(answers)
+    }
+
+    /// One start per item, in one transaction where the store can, each judged exactly as
+    /// `start_attempt` would be; one answer per item, in order.
+    async fn start_attempts(
+        &self,
+        worker_id: &str,
+        items: &[RunRef],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            answers.push(
+                self.start_attempt(&item.run_id, item.attempt, worker_id)
+                    .await,
+            );
+        }
+        Ok(answers)
+    }
 
     // ---- events -----------------------------------------------------------------------
 

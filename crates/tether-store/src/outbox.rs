@@ -1,10 +1,6 @@
-//! What a store's write transaction leaves to do after it commits, and the body of the events
-//! every store writes the same way.
+//! What a store's write transaction leaves to do after it commits.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use serde_json::json;
-use tether_domain::{ErrorCode, RunStatus};
 
 use crate::Signal;
 
@@ -64,19 +60,4 @@ impl Outbox {
             });
         events.chain(lanes).chain(freed).chain(cancels).collect()
     }
-}
-
-/// The body of `status` and `end` events.
-pub fn status_body(
-    status: RunStatus,
-    attempt: u32,
-    error_code: Option<ErrorCode>,
-    exit_code: Option<i32>,
-) -> serde_json::Value {
-    json!({
-        "status": status.as_str(),
-        "attempt": attempt,
-        "error_code": error_code.map(|c| c.as_str()),
-        "exit_code": exit_code,
-    })
 }

@@ -330,6 +330,14 @@ pub struct FinishReport {
     pub error_message: Option<String>,
 }
 
+/// One finish of a batch ([`crate::Store::finish_attempts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptFinish {
+    pub run_id: String,
+    pub attempt: u32,
+    pub report: FinishReport,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -372,9 +380,9 @@ pub struct EventRecord {
     pub kind: EventKind,
     pub ts: Millis,
     pub attempt: u32,
-    /// For `status` and `end`: `{ "status", "attempt", "error_code", "exit_code" }`; for
-    /// `attempt`: `{ "attempt", "worker_id" }`; for `log`: `{ "stream" }`.
-    pub body: serde_json::Value,
+    /// What the event says, typed by its kind (`body.kind() == kind`). Stored, and sent, as
+    /// [`EventBody::to_json`](crate::EventBody::to_json).
+    pub body: crate::EventBody,
     /// For `log`: the raw output bytes.
     pub data: Option<Vec<u8>>,
 }

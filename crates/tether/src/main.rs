@@ -1,6 +1,5 @@
 //! `tether`: one binary for the server, the worker, the all-in-one `up`, and the client.
 
-mod bench;
 mod client_cmds;
 mod endpoint_cmds;
 mod follow;
@@ -55,8 +54,8 @@ enum Command {
     Workers(client_cmds::WorkersArgs),
     /// List endpoints with their readiness, and pools with what each hands out now.
     Endpoints(endpoint_cmds::EndpointsArgs),
-    /// Measure throughput, latency and reaper sweep time.
-    Bench(bench::BenchArgs),
+    /// Measure throughput, latency, memory and reaper sweep time, synthetic or with real workers.
+    Bench(tether_bench::BenchArgs),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -125,7 +124,7 @@ fn main() -> ExitCode {
             Command::Cancel(args) => client_cmds::cancel(args).await,
             Command::Workers(args) => client_cmds::workers(args).await,
             Command::Endpoints(args) => endpoint_cmds::endpoints(args).await,
-            Command::Bench(args) => bench::bench(args).await,
+            Command::Bench(args) => Ok(tether_bench::bench(args).await?),
         }
     });
     match result {
@@ -159,6 +158,8 @@ pub enum CliError {
     Client(#[from] tether_api::ClientError),
     #[error(transparent)]
     Worker(#[from] tether_worker::WorkerError),
+    #[error(transparent)]
+    Bench(#[from] tether_bench::BenchError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -15,22 +15,26 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Ready while the store answers and no call failed for want of it in the last few seconds
 /// (a full disk fails writes while reads still answer).
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let failure = match state.store.ping().await {
-        Ok(()) => state.health.recent_failure(crate::health::RECENT),
+    let failed = match state.store.ping().await {
+        Ok(()) => state.health.recent_failure(crate::health::RECENT).is_some(),
         Err(e) => {
-            state.health.failed(e.to_string());
-            Some(e.to_string())
+            let chain = crate::error::source_chain(&e);
+            tracing::warn!(error = %chain, "readiness: the store did not answer");
+            state.health.failed(chain);
+            true
         }
     };
-    match failure {
-        None => Json(json!({ "ready": true })).into_response(),
-        Some(message) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            Json(json!({ "ready": false, "error": { "code": "store_unavailable", "message": message } })),
-        )
-            .into_response(),
+    if !failed {
+        return Json(json!({ "ready": true })).into_response();
     }
+    // What failed is in the log; the answer says only that the store is unavailable.
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        Json(json!({ "ready": false, "error": {
+            "code": "store_unavailable", "message": "the store is unavailable" } })),
+    )
+        .into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

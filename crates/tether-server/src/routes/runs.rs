@@ -520,7 +520,7 @@ pub async fn run_logs(
                         Some((next, last_attempt, partial)),
                     ))
                 }
-                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
             }
         }
     });

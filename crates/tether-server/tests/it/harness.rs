@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_server::{RunningServer, ServerConfig};
+pub use tether_testkit::http::assert_error;
+pub use tether_testkit::PgSchema;
 
 pub struct TestServer {
     pub server: Option<RunningServer>,
@@ -157,62 +159,22 @@ impl TestServer {
         within: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let run = self.run(id).await;
-            if done(&run) {
-                return run;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting; last: {run}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        tether_testkit::http::wait_for_run(&self.http, &self.base, id, within, done).await
     }
 }
 
-/// Asserts an error answer's status and code.
-pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
-    assert_eq!(status, want_status, "{body}");
-    assert_eq!(body["error"]["code"], want_code, "{body}");
-    assert!(body["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-}
-
-/// A PostgreSQL store in a fresh schema, dropped when the guard goes.
-pub struct PgSchema {
-    pub schema: String,
-    pub url: String,
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        // Detached, not waited for: waiting would block this test's runtime while one of its
-        // servers may hold a lock in the schema (a transaction it could then never finish).
-        // The DROP goes through once this process's connections are gone.
-        let _ = std::process::Command::new("psql")
-            .args([
-                &self.url,
-                "-qAtc",
-                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-    }
-}
-
-/// A server on a fresh PostgreSQL schema, with the guard that drops it.
+/// A server on a fresh PostgreSQL schema, with the guard that drops it (keep it until the
+/// server is gone).
 pub async fn pg_server(config: tether_server::ServerConfig) -> (TestServer, PgSchema) {
-    let url = std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
+    let schema = PgSchema::new();
+    let server = TestServer::start_on(config, pg_store(&schema).await).await;
+    (server, schema)
+}
+
+/// A PostgreSQL store in `schema` (another server's view of the same database).
+pub async fn pg_store(schema: &PgSchema) -> tether_store::SharedStore {
+    let store = tether_store_postgres::PgStore::open_in_schema(&schema.url, &schema.name)
         .await
         .unwrap();
-    let server = TestServer::start_on(config, std::sync::Arc::new(store)).await;
-    (server, PgSchema { schema, url })
+    std::sync::Arc::new(store)
 }

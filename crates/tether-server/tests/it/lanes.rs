@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use tether_domain::TetherConfig;
 use tether_server::ServerConfig;
 
-use crate::harness::{assert_error, fast_config, PgSchema, TestServer};
+use crate::harness::{assert_error, fast_config, pg_store, PgSchema, TestServer};
 
 fn lanes(toml_text: &str) -> ServerConfig {
     ServerConfig {
@@ -107,21 +107,13 @@ struct PgPair {
 }
 
 async fn pg_pair(config: ServerConfig) -> PgPair {
-    let url = std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let open = || async {
-        let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
-            .await
-            .unwrap();
-        std::sync::Arc::new(store) as tether_store::SharedStore
-    };
-    let a = TestServer::start_on(config.clone(), open().await).await;
-    let b = TestServer::start_on(config, open().await).await;
+    let schema = PgSchema::new();
+    let a = TestServer::start_on(config.clone(), pg_store(&schema).await).await;
+    let b = TestServer::start_on(config, pg_store(&schema).await).await;
     PgPair {
         a,
         b,
-        _schema: PgSchema { schema, url },
+        _schema: schema,
     }
 }
 

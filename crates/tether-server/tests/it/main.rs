@@ -5,6 +5,7 @@ mod console;
 mod endpoints;
 mod harness;
 mod http_api;
+mod internal_errors;
 mod lanes;
 mod outage;
 mod protocol;

@@ -50,11 +50,6 @@ impl CuttableProxy {
     }
 }
 
-fn database_url() -> String {
-    std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 /// `host:port` of a `postgres://user@host:port/db` URL, and the URL with it replaced.
 fn through(url: &str, proxy: &str) -> (String, String) {
     let after_scheme = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
@@ -82,7 +77,7 @@ fn through(url: &str, proxy: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_lost_to_a_store_outage_are_not_held_against_the_worker() {
-    let url = database_url();
+    let url = tether_testkit::database_url();
     let (upstream, _) = through(&url, "unused");
     let proxy = CuttableProxy::start(upstream).await;
     let (_, proxied) = through(&url, &proxy.addr);
@@ -131,20 +126,19 @@ async fn heartbeats_lost_to_a_store_outage_are_not_held_against_the_worker() {
     // The store answers again. The reaper sweeps at once, but the run gets a full window
     // from now: silent for a second more, it is still on attempt 1 and still its worker's.
     let back = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = s
-            .http
-            .get(s.url(&format!("/v1/runs/{run_id}")))
-            .send()
-            .await
-            .unwrap();
-        if r.status().as_u16() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the store never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tether_testkit::eventually(
+        "the store to come back",
+        Duration::from_secs(10),
+        async || {
+            let (status, body) = s.get(&format!("/v1/runs/{run_id}")).await;
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1).saturating_sub(back.elapsed())).await;
     let now: Value = s.run(&run_id).await;
     assert_eq!(now["status"], "running", "{now}");

@@ -7,7 +7,7 @@ use base64::Engine;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tether_server::testing::IdleCuttingProxy;
+use tether_testkit::{eventually, IdleCuttingProxy};
 use tokio::time::Instant;
 
 use crate::harness::{fast_config, TestServer};
@@ -245,15 +245,19 @@ async fn a_thousand_followers_of_one_busy_run_all_get_every_event_in_order() {
         .map(|_| tokio::spawn(follow(base.clone(), run.clone(), Duration::from_secs(120))))
         .collect();
     // Every follower connected before the run gets busy.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.state().hub.follower_count() < 1000 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} connected",
-            s.state().hub.follower_count()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "1000 followers connected",
+        Duration::from_secs(60),
+        async || {
+            let connected = s.state().hub.follower_count();
+            if connected >= 1000 {
+                Ok(())
+            } else {
+                Err(format!("only {connected} connected"))
+            }
+        },
+    )
+    .await;
     let d = Driver::claim(&s, &run).await;
     d.start().await;
     for i in 0..100 {
@@ -267,9 +271,10 @@ async fn a_thousand_followers_of_one_busy_run_all_get_every_event_in_order() {
         let seqs: Vec<i64> = events.iter().filter_map(|(_, seq, _)| *seq).collect();
         assert_eq!(seqs, expected);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while s.state().hub.follower_count() != 0 {
-        assert!(Instant::now() < deadline, "followers not freed after end");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "followers freed after end",
+        Duration::from_secs(5),
+        async || s.state().hub.follower_count() == 0,
+    )
+    .await;
 }

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{assert_error, fast_config, pg_server, PgSchema, TestServer};
+use crate::harness::{assert_error, fast_config, pg_server, pg_store, PgSchema, TestServer};
 
 async fn send(
     s: &TestServer,
@@ -366,21 +366,9 @@ async fn a_forged_worker_id_is_403_and_changes_nothing() {
 /// The secret is checked against the shared store, so any server verifies it.
 #[tokio::test]
 async fn a_worker_secret_verifies_on_every_server_sharing_postgres() {
-    let url = std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let _guard = PgSchema {
-        schema: schema.clone(),
-        url: url.clone(),
-    };
-    let open = || async {
-        let store = tether_store_postgres::PgStore::open_in_schema(&url, &schema)
-            .await
-            .unwrap();
-        std::sync::Arc::new(store) as tether_store::SharedStore
-    };
-    let one = TestServer::start_on(fast_config(), open().await).await;
-    let two = TestServer::start_on(fast_config(), open().await).await;
+    let schema = PgSchema::new();
+    let one = TestServer::start_on(fast_config(), pg_store(&schema).await).await;
+    let two = TestServer::start_on(fast_config(), pg_store(&schema).await).await;
     let worker = one.register(1.0).await;
     let secret = one.secrets.lock().unwrap()[&worker].clone();
     two.secrets.lock().unwrap().insert(worker.clone(), secret);

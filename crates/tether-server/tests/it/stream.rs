@@ -248,14 +248,12 @@ async fn a_follower_that_leaves_is_freed() {
     assert_eq!(hub.follower_count(), 1);
     drop(body);
     // Gone within one heartbeat interval (300 ms here).
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
-    while hub.follower_count() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "follower still held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tether_testkit::eventually(
+        "the follower freed",
+        Duration::from_millis(600),
+        async || hub.follower_count() == 0,
+    )
+    .await;
 }
 
 #[tokio::test]

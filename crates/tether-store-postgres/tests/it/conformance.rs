@@ -3,17 +3,17 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tether_store::conformance::{Fixture, Harness};
+use tether_store_conformance::{Fixture, Harness};
 use tether_store_postgres::PgStore;
 
-use crate::schema::TestSchema;
+use tether_testkit::PgSchema;
 
 struct PgHarness;
 
 #[async_trait]
 impl Harness for PgHarness {
     async fn fresh(&self) -> Fixture {
-        let schema = TestSchema::new();
+        let schema = PgSchema::new();
         let store = PgStore::open_in_schema(&schema.url, &schema.name)
             .await
             .expect("open the store");
@@ -26,7 +26,7 @@ impl Harness for PgHarness {
     async fn write_status_text(&self, fixture: &Fixture, run_id: &str, status: &str) {
         let schema = fixture
             .guard
-            .downcast_ref::<TestSchema>()
+            .downcast_ref::<PgSchema>()
             .expect("the fixture's guard is ours");
         let mut conn = schema.connect().await;
         sqlx::query(&format!(
@@ -41,4 +41,4 @@ impl Harness for PgHarness {
     }
 }
 
-tether_store::store_conformance_tests!(PgHarness);
+tether_store_conformance::store_conformance_tests!(PgHarness);

@@ -3,5 +3,5 @@
 //! database at `TETHER_TEST_DATABASE_URL`, dropped when the case ends.
 
 mod conformance;
-mod schema;
 mod servers;
+mod stored_spec;

@@ -6,22 +6,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use sqlx::Row;
-use tether_domain::{LanePolicy, Resources, RunSpec, RunStatus, SubmitDefaults, SubmitRequest};
+use tether_domain::{LanePolicy, Resources, RunSpec, RunStatus, Submission, SubmitDefaults};
 use tether_store::{
     ClaimLimits, EventKind, NewWorker, ReapPolicy, RunBeat, RunFilter, Signal, Store, StoreError,
 };
 use tether_store_postgres::{PgStore, REAPER_LOCK, REAP_QUERY};
 
-use crate::schema::TestSchema;
+use tether_testkit::PgSchema;
 
-fn spec_with(change: impl FnOnce(&mut SubmitRequest)) -> RunSpec {
-    let mut request = SubmitRequest {
+fn spec_with(change: impl FnOnce(&mut Submission)) -> RunSpec {
+    let mut request = Submission {
         command: vec!["true".into()],
-        ..SubmitRequest::default()
+        ..Submission::default()
     };
     change(&mut request);
+    let fingerprint = format!("{request:?}");
     request
-        .resolve(Some(&LanePolicy::default()), &SubmitDefaults::default())
+        .resolve(
+            Some(&LanePolicy::default()),
+            &SubmitDefaults::default(),
+            fingerprint,
+        )
         .expect("a valid submission")
 }
 
@@ -46,7 +51,7 @@ fn limits(max_runs: u32) -> ClaimLimits {
     }
 }
 
-async fn open(schema: &TestSchema) -> PgStore {
+async fn open(schema: &PgSchema) -> PgStore {
     PgStore::open_in_schema(&schema.url, &schema.name)
         .await
         .expect("open the store")
@@ -71,7 +76,7 @@ async fn expect_signal(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_servers_migrating_one_schema_at_once_all_succeed() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let opens: Vec<_> = (0..4)
         .map(|_| {
             let (url, name) = (schema.url.clone(), schema.name.clone());
@@ -104,7 +109,7 @@ async fn four_servers_migrating_one_schema_at_once_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_hand_each_of_200_runs_to_exactly_one_of_10_workers() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let servers = [open(&schema).await, open(&schema).await];
     let mut ids = BTreeSet::new();
     for i in 0..200 {
@@ -184,10 +189,10 @@ async fn two_servers_hand_each_of_200_runs_to_exactly_one_of_10_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_submitted_on_one_server_wakes_a_subscriber_on_another() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let a = open(&schema).await;
     let b = open(&schema).await;
-    let other_schema = TestSchema::new();
+    let other_schema = PgSchema::new();
     let stranger = open(&other_schema).await;
     let mut on_b = b.subscribe();
     let mut on_stranger = stranger.subscribe();
@@ -226,7 +231,7 @@ async fn a_run_submitted_on_one_server_wakes_a_subscriber_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let servers = [open(&schema).await, open(&schema).await];
     let stale = spec_with(|r| {
         r.heartbeat_timeout_s = Some(Some(0.2));
@@ -300,7 +305,10 @@ async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
             .await
             .unwrap()
             .iter()
-            .filter(|e| e.kind == EventKind::Status && e.body["status"] == "pending")
+            .filter(|e| {
+                e.kind == EventKind::Status
+                    && e.body.status().map(|s| s.status) == Some(RunStatus::Pending)
+            })
             .count();
         assert_eq!(retries, 2, "created, then retried once");
     }
@@ -308,7 +316,7 @@ async fn two_servers_sweeping_at_once_retry_each_stale_run_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_one_server_sweeps_the_others_skip_the_sweep() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = open(&schema).await;
     let policy = ReapPolicy::default();
     assert!(store.reap_stale_runs(&policy).await.unwrap().swept);
@@ -332,7 +340,7 @@ async fn while_one_server_sweeps_the_others_skip_the_sweep() {
     assert!(report.reaped.is_empty());
 
     // A store in another schema sweeps regardless: the lock is per schema.
-    let elsewhere = TestSchema::new();
+    let elsewhere = PgSchema::new();
     assert!(
         open(&elsewhere)
             .await
@@ -359,7 +367,7 @@ fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<(String, String, String)>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_query_uses_partial_indexes_over_100k_finished_runs() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = open(&schema).await;
     // A few runs in flight, so the partial indexes are not empty.
     let worker_id = store.register_worker(&worker(10.0)).await.unwrap().id;
@@ -374,7 +382,7 @@ async fn the_reaper_query_uses_partial_indexes_over_100k_finished_runs() {
             .len(),
         5
     );
-    let spec = serde_json::to_string(&spec_with(|_| {})).unwrap();
+    let spec = tether_store::encode_spec(&spec_with(|_| {})).unwrap();
     let inserted = sqlx::query(
         "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
          created_at, finished_at, heartbeat_timeout_ms, output_limit_bytes, request_fingerprint, \
@@ -438,7 +446,7 @@ async fn the_reaper_query_uses_partial_indexes_over_100k_finished_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn now_is_the_database_clock() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = open(&schema).await;
     let before: f64 = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
         .fetch_one(store.pool())
@@ -468,7 +476,7 @@ async fn now_is_the_database_clock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connections_come_back_and_so_does_the_listener() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let a = open(&schema).await;
     let b = open(&schema).await;
     let mut on_b = b.subscribe();
@@ -533,7 +541,7 @@ async fn lost_connections_come_back_and_so_does_the_listener() {
 /// asked (`CancelRequested`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_gap_the_listener_wakes_claims_and_cancels() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let a = open(&schema).await;
     let b = open(&schema).await;
     let mut on_b = b.subscribe();
@@ -581,7 +589,7 @@ async fn after_a_gap_the_listener_wakes_claims_and_cancels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_without_its_database_answers_unavailable() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = open(&schema).await;
     store.close().await;
     assert!(matches!(
@@ -604,7 +612,7 @@ async fn a_store_without_its_database_answers_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_submitted_at_once_on_two_servers_makes_one_run() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let servers = [open(&schema).await, open(&schema).await];
     let keyed = spec_with(|r| r.idempotency_key = Some("deploy-7".into()));
     let tasks: Vec<_> = (0..8)
@@ -628,7 +636,7 @@ async fn one_idempotency_key_submitted_at_once_on_two_servers_makes_one_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reject_lane_admits_only_what_fits_across_servers() {
     use tether_store::{Admission, AdmissionPolicy};
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let servers = [open(&schema).await, open(&schema).await];
     servers[0].register_worker(&worker(4.0)).await.unwrap();
     let policy = AdmissionPolicy {
@@ -661,7 +669,7 @@ async fn a_reject_lane_admits_only_what_fits_across_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_path_in_the_url_picks_the_schema() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let first = open(&schema).await;
     let run = first.create_run(&spec_with(|_| {})).await.unwrap().run;
     let join = if schema.url.contains('?') { '&' } else { '?' };
@@ -678,7 +686,7 @@ async fn a_search_path_in_the_url_picks_the_schema() {
 /// `Unavailable`, so the API answers 422 rather than 503 with Retry-After.
 #[tokio::test]
 async fn a_value_postgres_refuses_as_data_is_invalid_input_not_an_outage() {
-    let schema = TestSchema::new();
+    let schema = PgSchema::new();
     let store = PgStore::open_in_schema(&schema.url, &schema.name)
         .await
         .unwrap();

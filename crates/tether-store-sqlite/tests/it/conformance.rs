@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::Connection;
-use tether_store::conformance::{Fixture, Harness};
+use tether_store_conformance::{Fixture, Harness};
 use tether_store_sqlite::SqliteStore;
 
 /// Keeps the database's directory alive for the case, and says where the file is.
@@ -45,4 +45,4 @@ impl Harness for SqliteHarness {
     }
 }
 
-tether_store::store_conformance_tests!(SqliteHarness);
+tether_store_conformance::store_conformance_tests!(SqliteHarness);

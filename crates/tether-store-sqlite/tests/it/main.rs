@@ -2,3 +2,4 @@
 
 mod conformance;
 mod open;
+mod stored_spec;

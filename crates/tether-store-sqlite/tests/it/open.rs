@@ -1,7 +1,7 @@
 //! Opening the embedded database.
 
 use sqlx::Connection;
-use tether_domain::{LanePolicy, SubmitDefaults, SubmitRequest};
+use tether_domain::{LanePolicy, Submission, SubmitDefaults};
 use tether_store::Store;
 use tether_store_sqlite::SqliteStore;
 
@@ -10,11 +10,15 @@ async fn open_creates_the_directory_and_keeps_data_across_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested").join(".tether").join("tether.db");
     let url = format!("sqlite://{}", path.display());
-    let spec = SubmitRequest {
+    let spec = Submission {
         command: vec!["true".into()],
-        ..SubmitRequest::default()
+        ..Submission::default()
     }
-    .resolve(Some(&LanePolicy::default()), &SubmitDefaults::default())
+    .resolve(
+        Some(&LanePolicy::default()),
+        &SubmitDefaults::default(),
+        String::new(),
+    )
     .unwrap();
     let run_id = {
         let store = SqliteStore::open(&url).await.unwrap();

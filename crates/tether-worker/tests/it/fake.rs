@@ -1,7 +1,7 @@
 //! An in-memory [`AttemptReporter`] that records what it is told.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tether_api::Assignment;
@@ -72,14 +72,7 @@ impl FakeReporter {
 
     /// Polls until the process has started, for at most `limit`.
     pub async fn wait_for_pid(&self, limit: Duration) -> u32 {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(pid) = self.pid() {
-                return pid;
-            }
-            assert!(Instant::now() < deadline, "the process never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tether_testkit::eventually("the process to start", limit, async || self.pid()).await
     }
 }
 

@@ -65,14 +65,7 @@ impl FakeServer {
 
     /// Polls `check` until it holds, for at most `limit`.
     pub async fn wait_for(&self, limit: Duration, what: &str, check: impl Fn(&World) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if check(&self.world()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tether_testkit::eventually(what, limit, async || check(&self.world())).await;
     }
 }
 

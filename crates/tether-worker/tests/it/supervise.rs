@@ -366,11 +366,10 @@ async fn a_partial_line_is_sent_while_the_command_still_runs() {
         rx,
         options(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while fake.output(OutputStream::Stdout) != b"progress: " {
-        assert!(Instant::now() < deadline, "the partial line never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tether_testkit::eventually("the partial line", Duration::from_secs(2), async || {
+        fake.output(OutputStream::Stdout) == b"progress: "
+    })
+    .await;
     control.cancel();
     let end = tokio::time::timeout(LIMIT, task)
         .await

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
+use tether_testkit::{eventually_every, poll_until};
 
 use crate::cluster::{free_port, Proc};
 
@@ -56,24 +57,19 @@ impl Browser {
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = match http.get(format!("{base}/status")).send().await {
+        eventually_every(
+            "chromedriver to get ready",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            async || match http.get(format!("{base}/status")).send().await {
                 Ok(r) => r
                     .json::<Value>()
                     .await
                     .is_ok_and(|v| v["value"]["ready"] == true),
                 Err(_) => false,
-            };
-            if ready {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "chromedriver never got ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            },
+        )
+        .await;
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -149,42 +145,45 @@ impl Browser {
     /// Polls `script` until it returns something other than null/false, failing after
     /// `within` with `what` and a screenshot.
     pub async fn wait_for(&self, what: &str, within: Duration, script: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
+        // Every 100 ms, not the kit's 20: each ask is a round trip through the renderer.
+        let answer = poll_until(within, Duration::from_millis(100), async || {
             let v = self.js(script, json!([])).await;
-            if !(v.is_null() || v == Value::Bool(false) || v.get("error").is_some()) {
-                return v;
+            if v.is_null() || v == Value::Bool(false) || v.get("error").is_some() {
+                Err(v)
+            } else {
+                Ok(v)
             }
-            if tokio::time::Instant::now() > deadline {
+        })
+        .await;
+        match answer {
+            Ok(v) => v,
+            Err(last) => {
                 self.screenshot(&format!("failed-{}", what.replace(' ', "-")))
                     .await;
-                panic!("timed out waiting for {what}; last answer: {v}");
+                panic!("timed out waiting for {what}; last answer: {last}");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Finds the element, retrying while it is absent or the browser is too busy to answer
     /// (a loaded machine can make the renderer time out).
     async fn element(&self, css: &str) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = self
-                .call(
-                    reqwest::Method::POST,
-                    "/element",
-                    Some(json!({"using": "css selector", "value": css})),
-                )
-                .await;
-            if let Some(el) = v[ELEMENT].as_str() {
-                return el.to_string();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no element {css}: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eventually_every(
+            &format!("element {css}"),
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            async || {
+                let v = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/element",
+                        Some(json!({"using": "css selector", "value": css})),
+                    )
+                    .await;
+                v[ELEMENT].as_str().map(str::to_string).ok_or(v)
+            },
+        )
+        .await
     }
 
     /// Clicks the element as a user would (WebDriver's element click).

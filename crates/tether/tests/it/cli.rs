@@ -5,7 +5,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::cluster::{fast_except, free_port, spawn, wait_ready, Proc, TETHER};
-use tether_server::testing::IdleCuttingProxy;
+use tether_testkit::eventually_every;
+use tether_testkit::IdleCuttingProxy;
 
 async fn up() -> (tempfile::TempDir, Proc, String) {
     up_with(&[]).await
@@ -83,13 +84,16 @@ async fn detach_ps_logs_cancel_workers_and_events() {
 
     let out = tether(&base, &["run", "-d", "--", "sleep", "762"]);
     let sleeper = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&tether(&base, &["ps", "--status", "running"]).stdout)
-        .contains(&sleeper)
-    {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_every(
+        "the sleeper listed as running",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        async || {
+            String::from_utf8_lossy(&tether(&base, &["ps", "--status", "running"]).stdout)
+                .contains(&sleeper)
+        },
+    )
+    .await;
     let out = tether(&base, &["cancel", &sleeper]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let out = tether(&base, &["logs", "-f", &sleeper]);

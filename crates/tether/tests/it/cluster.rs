@@ -1,6 +1,5 @@
 //! Servers and workers as separate `tether` processes on loopback, with small intervals.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -8,6 +7,10 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+pub use tether_testkit::http::{
+    free_port, get_run, id, submit_to, wait_for_run as wait_for, wait_ready,
+};
+use tether_testkit::{eventually, http::is_terminal};
 
 pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 
@@ -30,14 +33,6 @@ pub fn fast_except<'a>(extra: &[&str]) -> Vec<&'a str> {
         .flatten()
         .copied()
         .collect()
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.
@@ -211,11 +206,7 @@ impl Cluster {
     }
 
     pub async fn wait_terminal(&self, id: &str, within: Duration) -> Value {
-        self.wait_for(id, within, |r| {
-            ["succeeded", "failed", "cancelled", "timed_out"]
-                .contains(&r["status"].as_str().unwrap_or(""))
-        })
-        .await
+        self.wait_for(id, within, is_terminal).await
     }
 
     pub async fn workers(&self) -> Vec<Value> {
@@ -233,88 +224,21 @@ impl Cluster {
 
     /// Waits until `n` workers are registered and active.
     pub async fn wait_workers(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let active = self
-                .workers()
-                .await
-                .iter()
-                .filter(|w| w["state"] == "active")
-                .count();
-            if active >= n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "workers did not register"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            &format!("{n} active workers"),
+            Duration::from_secs(20),
+            async || {
+                let workers = self.workers().await;
+                let active = workers.iter().filter(|w| w["state"] == "active").count();
+                if active >= n {
+                    Ok(())
+                } else {
+                    Err(Value::Array(workers))
+                }
+            },
+        )
+        .await;
     }
-}
-
-pub async fn wait_ready(http: &reqwest::Client, base: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server at {base} never got ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub async fn submit_to(http: &reqwest::Client, base: &str, body: Value) -> Value {
-    let r = http
-        .post(format!("{base}/v1/runs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let run: Value = r.json().await.unwrap();
-    assert_eq!(status, 202, "{run}");
-    run
-}
-
-pub async fn get_run(http: &reqwest::Client, base: &str, id: &str) -> Value {
-    let r = http
-        .get(format!("{base}/v1/runs/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    r.json().await.unwrap()
-}
-
-pub async fn wait_for(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    within: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let run = get_run(http, base, id).await;
-        if done(&run) {
-            return run;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting; last: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub fn id(run: &Value) -> String {
-    run["id"].as_str().unwrap().to_string()
 }
 
 /// How many processes run with exactly this argv (read from /proc).

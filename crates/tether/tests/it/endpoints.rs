@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tether_testkit::eventually;
+use tether_testkit::http::get_json;
 
 use crate::cluster::{id, Cluster, TETHER};
 
@@ -48,23 +51,20 @@ async fn start(c: &mut Cluster) -> String {
 }
 
 async fn until_source(c: &Cluster, want: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let d: Value = c
-            .http
-            .get(format!("{}/v1/pools/cache/dispatch", c.base()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if d["source"] == want {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "dispatch is {d}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let url = format!("{}/v1/pools/cache/dispatch", c.base());
+    eventually(
+        &format!("dispatch from {want}"),
+        Duration::from_secs(5),
+        async || {
+            let (_, d) = get_json(&c.http, &url).await;
+            if d["source"] == want {
+                Ok(())
+            } else {
+                Err(d)
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

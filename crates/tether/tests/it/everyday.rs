@@ -5,11 +5,12 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use tether_testkit::eventually;
 
 use crate::cluster::{fast_except, free_port, spawn, wait_ready, Cluster, Proc, TETHER};
 
@@ -80,18 +81,15 @@ impl Watched {
 
     /// Waits until stderr holds `needle`; fails after `within`.
     async fn wait_for(&self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
+        eventually(&format!("stderr to say `{needle}`"), within, async || {
             let seen = self.stderr();
             if seen.contains(needle) {
-                return seen;
+                Ok(seen)
+            } else {
+                Err(format!("said:\n{seen}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "never said `{needle}`; said:\n{seen}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// The run id from the `[tether] run ID submitted` line.
@@ -109,18 +107,13 @@ impl Watched {
     }
 
     async fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
+        eventually("the process to exit", within, async || {
+            match self.child.try_wait().unwrap() {
+                Some(status) => Ok(status.code()),
+                None => Err(format!("said:\n{}", self.stderr())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "did not exit; said:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -141,15 +134,15 @@ async fn status_of(base: &str, run: &str) -> Value {
 }
 
 async fn wait_status(base: &str, run: &str, status: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(&format!("run {run} {status}"), within, async || {
         let r = status_of(base, run).await;
         if r["status"] == status {
-            return;
+            Ok(())
+        } else {
+            Err(r)
         }
-        assert!(Instant::now() < deadline, "never {status}: {r}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tether_server::testing::ReplyDroppingProxy;
+use tether_testkit::ReplyDroppingProxy;
 
 use crate::cluster::{id, processes_running, submit_to, wait_for, wait_ready, Cluster};
-use crate::pg::{wait_until, PgDatabase, PrivateCluster};
+use tether_testkit::eventually;
+
+use crate::pg::{PgDatabase, PrivateCluster};
 
 fn terminal(r: &Value) -> bool {
     matches!(
@@ -41,7 +43,12 @@ async fn a_sigkilled_worker_leaves_no_process_of_its_run_not_even_detached_ones(
         r["status"] == "running"
     })
     .await;
-    wait_until(Duration::from_secs(10), async || sleeps_running(tag) == 3).await;
+    eventually(
+        "three sleeps running",
+        Duration::from_secs(10),
+        async || sleeps_running(tag) == 3,
+    )
+    .await;
     w1.kill9();
     let killed_at = Instant::now();
     while sleeps_running(tag) > 0 || processes_running(&["sh", "-c", &script]) > 0 {
@@ -58,7 +65,12 @@ async fn a_sigkilled_worker_leaves_no_process_of_its_run_not_even_detached_ones(
         r["attempt"] == 2 && r["status"] == "running"
     })
     .await;
-    wait_until(Duration::from_secs(10), async || sleeps_running(tag) == 3).await;
+    eventually(
+        "three sleeps running",
+        Duration::from_secs(10),
+        async || sleeps_running(tag) == 3,
+    )
+    .await;
     assert_eq!(processes_running(&["sh", "-c", &script]), 1);
     // A cancel (graceful stop of the group) takes the detached one too.
     let r = c
@@ -70,7 +82,12 @@ async fn a_sigkilled_worker_leaves_no_process_of_its_run_not_even_detached_ones(
     assert_eq!(r.status().as_u16(), 202);
     let done = c.wait_terminal(&id(&run), Duration::from_secs(20)).await;
     assert_eq!(done["status"], "cancelled");
-    wait_until(Duration::from_secs(2), async || sleeps_running(tag) == 0).await;
+    eventually(
+        "no sleep left running",
+        Duration::from_secs(2),
+        async || sleeps_running(tag) == 0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -84,7 +101,12 @@ async fn a_command_that_exits_takes_what_it_left_running_with_it() {
     let run = c.submit(json!({"command": ["sh", "-c", script]})).await;
     let done = c.wait_terminal(&id(&run), Duration::from_secs(20)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    wait_until(Duration::from_secs(2), async || sleeps_running(tag) == 0).await;
+    eventually(
+        "no sleep left running",
+        Duration::from_secs(2),
+        async || sleeps_running(tag) == 0,
+    )
+    .await;
     assert_eq!(c.logs(&id(&run)).await, b"started\n");
 }
 
@@ -167,7 +189,7 @@ async fn postgres_down_for_three_stale_windows_is_not_worker_death() {
     // Not ready, and a submission fails fast with 503 and Retry-After.
     let http = c.http.clone();
     let ready_url = format!("{base}/readyz");
-    wait_until(Duration::from_secs(5), async || {
+    eventually("readyz to answer 503", Duration::from_secs(5), async || {
         http.get(&ready_url)
             .send()
             .await
@@ -261,7 +283,7 @@ async fn sqlite_on_a_full_disk_is_not_worker_death_and_not_ready() {
     let full_at = Instant::now();
     let http = c.http.clone();
     let ready_url = format!("{base}/readyz");
-    wait_until(Duration::from_secs(5), async || {
+    eventually("readyz to answer 503", Duration::from_secs(5), async || {
         http.get(&ready_url)
             .send()
             .await
@@ -301,12 +323,16 @@ async fn finished_runs_are_pruned_after_their_retention_and_nothing_else() {
         .await;
     let http = c.http.clone();
     let url = format!("{}/v1/runs/{}", c.base(), id(&done));
-    wait_until(Duration::from_secs(10), async || {
-        http.get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().as_u16() == 404)
-    })
+    eventually(
+        "the finished run to be pruned (404)",
+        Duration::from_secs(10),
+        async || {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 404)
+        },
+    )
     .await;
     let events = c
         .http
@@ -324,7 +350,7 @@ async fn finished_runs_are_pruned_after_their_retention_and_nothing_else() {
 
 /// The submission used by the pruning measurements: `POST /v1/runs {"command": ["true"]}`.
 fn true_spec() -> tether_domain::RunSpec {
-    tether_domain::SubmitRequest {
+    tether_api::SubmitRequest {
         command: vec!["true".into()],
         ..Default::default()
     }

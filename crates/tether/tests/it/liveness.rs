@@ -7,6 +7,7 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use crate::cluster::{id, processes_running, Cluster, Proc};
+use tether_testkit::{eventually, eventually_every};
 
 /// A command that sleeps (as `sleep <tag>`) on its first attempt and succeeds at once on the
 /// next, told apart by a marker file.
@@ -120,16 +121,21 @@ async fn a_run_silent_for_ten_stale_windows_is_never_reaped_and_shows_quiet() {
         .submit(json!({"command": ["sh", "-c", "sleep 10; echo finally"]}))
         .await;
     let mut states = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let done = loop {
-        let r = c.run(&id(&run)).await;
-        states.insert(r["liveness"]["state"].as_str().unwrap().to_string());
-        if r["status"] == "succeeded" || r["status"] == "failed" || r["status"] == "timed_out" {
-            break r;
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = eventually_every(
+        "the run to end",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        async || {
+            let r = c.run(&id(&run)).await;
+            states.insert(r["liveness"]["state"].as_str().unwrap().to_string());
+            if r["status"] == "succeeded" || r["status"] == "failed" || r["status"] == "timed_out" {
+                Ok(r)
+            } else {
+                Err(r)
+            }
+        },
+    )
+    .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempt"], 1);
     assert!(states.contains("quiet"), "{states:?}");
@@ -307,18 +313,19 @@ async fn a_draining_worker_finishes_its_run_takes_nothing_new_then_leaves() {
     holder_of(&c, &id(&run)).await;
     w1.signal(Signal::SIGTERM);
     // Shown draining within a heartbeat or two.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let workers = c.workers().await;
-        if workers.first().is_some_and(|w| w["state"] == "draining") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never shown draining: {workers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the worker shown draining",
+        Duration::from_secs(3),
+        async || {
+            let workers = c.workers().await;
+            if workers.first().is_some_and(|w| w["state"] == "draining") {
+                Ok(())
+            } else {
+                Err(Value::Array(workers))
+            }
+        },
+    )
+    .await;
     // It takes nothing new.
     let waiting = c.submit(json!({"command": ["echo", "later"]})).await;
     // Its run finishes normally, then it leaves.

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `tether` binary: real servers, real worker processes, real commands,
 //! killed the way failures happen (SIGKILL, SIGSTOP, restarts).
 
+mod bench;
 mod browser;
 mod cli;
 mod cluster;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::cluster::{id, Cluster};
+use tether_testkit::eventually;
 
 /// One sample of the text exposition: name, labels, value.
 #[derive(Debug)]
@@ -260,14 +261,12 @@ async fn the_first_scrape_shows_every_outcome_refusal_and_reap() {
     let body = events.text().await.unwrap();
     assert!(body.contains("event: end"), "{body}");
     // Wait until the dead worker is judged lost (stale after 1 s).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !c.workers().await.iter().any(|w| w["state"] == "lost") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never read as lost"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the worker to read as lost",
+        Duration::from_secs(20),
+        async || c.workers().await.iter().any(|w| w["state"] == "lost"),
+    )
+    .await;
 
     // The first scrape.
     let scrape = c

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster::{id, submit_to, wait_for, wait_ready, Cluster};
-use crate::pg::{wait_until, PgDatabase, PrivateCluster};
+use tether_testkit::eventually;
+
+use crate::pg::{PgDatabase, PrivateCluster};
 
 fn terminal(r: &Value) -> bool {
     ["succeeded", "failed", "cancelled", "timed_out"].contains(&r["status"].as_str().unwrap_or(""))
@@ -134,12 +136,16 @@ async fn postgres_restarting_mid_run_loses_nothing() {
     // Not ready while the database is unreachable.
     let http = c.http.clone();
     let ready_url = format!("{base}/readyz");
-    wait_until(Duration::from_secs(10), async || {
-        http.get(&ready_url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().as_u16() == 503)
-    })
+    eventually(
+        "readyz to answer 503",
+        Duration::from_secs(10),
+        async || {
+            http.get(&ready_url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 503)
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     pg.start_again();

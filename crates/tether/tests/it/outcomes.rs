@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cluster::{id, processes_running, Cluster};
+use tether_testkit::eventually;
 
 async fn cluster_with_worker() -> (Cluster, crate::cluster::Proc) {
     let mut c = Cluster::sqlite();
@@ -160,14 +161,12 @@ async fn output_past_the_lane_limit_ends_failed_output_limit() {
     let logs = c.logs(&id(&run)).await;
     assert!(logs.len() < 1_100_000, "{}", logs.len());
     assert!(String::from_utf8_lossy(&logs).contains("output limit"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while processes_running(&["sleep", "733"]) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the command was not stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the command to be stopped",
+        Duration::from_secs(5),
+        async || processes_running(&["sleep", "733"]) == 0,
+    )
+    .await;
 }
 
 #[tokio::test]

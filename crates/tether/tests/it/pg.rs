@@ -4,11 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 pub fn admin_url() -> String {
-    std::env::var("TETHER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    tether_testkit::database_url()
 }
 
 fn psql(url: &str, sql: &str) {
@@ -180,16 +178,5 @@ impl Drop for PrivateCluster {
             "immediate",
             "stop",
         ]);
-    }
-}
-
-pub async fn wait_until(within: Duration, mut ok: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !ok().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met in {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

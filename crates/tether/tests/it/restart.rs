@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cluster::{free_port, get_run, id, spawn, submit_to, wait_for, wait_ready, Proc, FAST};
+use tether_testkit::eventually;
 
 fn up(dir: &Path, listen: &str) -> Proc {
     let mut args = vec![
@@ -175,14 +176,10 @@ async fn interrupt_up(mut proc: Proc, times: usize) -> String {
         proc.signal(Signal::SIGINT);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while proc.child.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tether up did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("tether up to stop", Duration::from_secs(20), async || {
+        proc.child.try_wait().unwrap().is_some()
+    })
+    .await;
     let mut said = String::new();
     if let Some(mut err) = proc.child.stderr.take() {
         use std::io::Read;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::cluster::{fast_except, free_port, Proc, TETHER};
+use tether_testkit::eventually;
 
 const API_TOKEN: &str = "client-token-3f9a";
 const WORKER_TOKEN: &str = "worker-token-7c21";
@@ -58,15 +59,15 @@ async fn commands_under_token_protected_up_see_no_tokens_and_files_are_private()
     assert_eq!(status, 202, "{run}");
     assert_eq!(run["env"]["API_KEY"], "***");
     let id = run["id"].as_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("the run to succeed", Duration::from_secs(30), async || {
         let (_, run) = authed(&http, http.get(format!("{base}/v1/runs/{id}"))).await;
         if run["status"] == "succeeded" {
-            break;
+            Ok(())
+        } else {
+            Err(run)
         }
-        assert!(tokio::time::Instant::now() < deadline, "{run}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let logs = http
         .get(format!("{base}/v1/runs/{id}/logs"))
         .bearer_auth(API_TOKEN)

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use tether_testkit::eventually_every;
+
 use crate::cluster::{fast_except, free_port, id, spawn, wait_ready, Cluster, TETHER};
 use crate::pg::PgDatabase;
 
@@ -20,28 +22,30 @@ fn stamp_ms(value: &Value) -> i64 {
 
 /// Every run of the (single) worker, once all `n` have ended.
 async fn wait_all_ended(c: &Cluster, n: usize, within: Duration) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let page: Value = c
-            .http
-            .get(format!("{}/v1/runs?limit=500", c.base()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let runs = page["runs"].as_array().unwrap().clone();
-        let ended = runs.iter().filter(|r| !r["finished_at"].is_null()).count();
-        if runs.len() == n && ended == n {
-            return runs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{ended} of {n} runs ended in time"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_every(
+        &format!("{n} runs to end"),
+        within,
+        Duration::from_millis(100),
+        async || {
+            let page: Value = c
+                .http
+                .get(format!("{}/v1/runs?limit=500", c.base()))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let runs = page["runs"].as_array().unwrap().clone();
+            let ended = runs.iter().filter(|r| !r["finished_at"].is_null()).count();
+            if runs.len() == n && ended == n {
+                Ok(runs)
+            } else {
+                Err(format!("{ended} of {n} runs ended"))
+            }
+        },
+    )
+    .await
 }
 
 /// For each start past the first `slots`, the time since the slot it took was freed: the

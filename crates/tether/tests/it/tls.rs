@@ -4,12 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cluster::{fast_except, free_port, Proc, TETHER};
+use tether_testkit::eventually;
+use tether_testkit::http::{get_json, wait_ready};
 
 /// The files of a test CA and of a server certificate it signed for `localhost`/`127.0.0.1`.
 struct Pki {
@@ -86,16 +88,7 @@ async fn tls_server(pki: &Pki, dir: &Path, extra: &[&str]) -> (Proc, String) {
     let proc = Proc { child };
     let base = format!("https://{listen}");
     let http = trusting(&pki.ca);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "TLS server never got ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, &base).await;
     (proc, base)
 }
 
@@ -196,14 +189,12 @@ async fn a_client_or_worker_that_does_not_trust_the_ca_is_refused_with_a_clear_e
     }
     // A worker gives up at once rather than retrying forever.
     let mut w = worker(&base, &pki.other_ca, "untrusting");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = w.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the worker kept trying");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = eventually(
+        "the worker to give up",
+        Duration::from_secs(20),
+        async || w.child.try_wait().unwrap(),
+    )
+    .await;
     assert!(!status.success());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut w.child.stderr.take().unwrap(), &mut err).unwrap();
@@ -237,23 +228,16 @@ async fn an_https_readiness_endpoint_is_probed_and_dispatched() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{:?}", r.text().await);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let d: Value = http
-            .get(format!("{base}/v1/pools/cache/dispatch"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let d = eventually("dispatch to cache-1", Duration::from_secs(10), async || {
+        let (_, d) = get_json(&http, &format!("{base}/v1/pools/cache/dispatch")).await;
         if d["endpoint"] == "cache-1" {
-            assert_eq!(d["url"], "https://cache-1.internal");
-            break;
+            Ok(d)
+        } else {
+            Err(d)
         }
-        assert!(Instant::now() < deadline, "never dispatched: {d}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(d["url"], "https://cache-1.internal");
     let _worker = worker(&base, &pki.ca, "tls-worker");
     let out = tether(
         &base,

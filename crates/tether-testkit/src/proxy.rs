@@ -1,6 +1,6 @@
-//! Test support shared by the server's and the binary's test suites: a TCP proxy that cuts
-//! idle connections, the way nginx, ALB and Heroku do, so tests can prove that event streams
-//! survive it (SPEC §1 problem 1). Not used by the server itself.
+//! TCP proxies that inject the network faults tests need: one that cuts idle connections, the
+//! way nginx, ALB and Heroku do (event streams must survive it, SPEC §1 problem 1), and one
+//! that throws answers away after the server committed (retries must not do work twice).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,12 +1,13 @@
-//! `tether bench`: throughput, submit-to-start latency and the reaper's sweep time (issue 5;
-//! method and figures in `BENCHMARKS.md`).
+//! The synthetic path: throughput, submit-to-start latency and the reaper's sweep time
+//! (issue 5).
 //!
 //! An in-process server on 127.0.0.1:0, driven over real HTTP by the same client the CLI and
 //! the worker use. Submitters post no-op runs (`["true"]`); synthetic workers register,
-//! heartbeat once per interval, long-poll claims, and for each assignment call `start`, one
-//! `logs` with one short line, and `finish` succeeded — no process is spawned, so the figures
-//! are the system's own cost per run (HTTP, JSON, the store's transactions, signals), not a
-//! fork/exec. A sample of runs is followed over SSE to its `end` event to prove events flow.
+//! heartbeat once per interval, long-poll claims, and for each assignment report through the
+//! worker's own `HttpReporter` a `start`, one `logs` with one short line, and `finish`
+//! succeeded — no process is spawned, so the figures are the system's own cost per run (HTTP,
+//! JSON, the store's transactions, signals), not a fork/exec. A sample of runs is followed over
+//! SSE to its `end` event to prove events flow.
 //!
 //! Then, optionally, a long history is written straight into the store (`--seed-finished`,
 //! default one million finished runs) and the reaper's sweep, its next-deadline query, a list
@@ -19,28 +20,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use clap::Args;
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use tether_api::{
-    AppendLogRequest, Assignment, ClaimRequest, ClientError, FinishRequest, HeartbeatRequest,
-    ListRunsQuery, LogChunkWire, RegisterWorkerRequest, RunBeatWire, StartRequest, SubmitRequest,
-    TetherClient,
+    Assignment, ClaimRequest, ClientError, HeartbeatRequest, ListRunsQuery, RegisterWorkerRequest,
+    RunBeatWire, SubmitRequest, TetherClient,
 };
 use tether_domain::{Resources, RunStatus};
 use tether_server::ServerConfig;
-use tether_store::{EventKind, ReapPolicy, SharedStore, StoreError};
-use tether_store_postgres::PgStore;
-use tether_store_sqlite::SqliteStore;
+use tether_store::{EventKind, ReapPolicy, SharedStore};
+use tether_worker::{
+    AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::CliError;
+use crate::db::BenchDb;
+use crate::{progress, store_error, BenchArgs, BenchError, Percentiles};
 
-/// The most runs one claim may ask for (the server's own ceiling).
-const MAX_CLAIM_BATCH: u32 = 64;
 /// Runs left in flight while the big table is measured.
 const IN_FLIGHT: u32 = 8;
 /// How long a claim long-polls.
@@ -48,80 +47,7 @@ const CLAIM_WAIT_MS: u64 = 1000;
 /// How long a followed event stream may take to reach `end` once every run has finished.
 const FOLLOW_GRACE: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// `sqlite://PATH` or `postgres://…` (default: a fresh SQLite file in a temporary
-    /// directory, removed afterwards). On PostgreSQL the bench works in a schema of its own,
-    /// `tether_bench_…`, which it creates and drops.
-    #[arg(long)]
-    pub database: Option<String>,
-    /// No-op runs pushed through submit, claim, start, logs and finish.
-    #[arg(long, default_value_t = 2000)]
-    pub runs: u64,
-    /// Synthetic workers: HTTP clients that claim, start, log and finish without spawning
-    /// anything.
-    #[arg(long, default_value_t = 4)]
-    pub workers: u32,
-    /// Concurrent submitters.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: u32,
-    /// Runs one claim may take (each worker offers capacity for this many at once).
-    #[arg(long, default_value_t = 16)]
-    pub claim_batch: u32,
-    /// Follow the events of every Nth run over SSE to its `end` (0: none).
-    #[arg(long, default_value_t = 50)]
-    pub follow_every: u64,
-    /// Finished runs written straight into the store before the reaper, a list and a claim
-    /// are timed against the big table (0 skips that part).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub seed_finished: u64,
-    /// How many times each big-table call is timed.
-    #[arg(long, default_value_t = 50)]
-    pub samples: u32,
-    /// Then this many runs submitted one at a time, each once the one before has started:
-    /// submit-to-start latency on an idle system, where it is the wake-up path alone and not
-    /// the queue of a saturated one (0 skips that part).
-    #[arg(long, default_value_t = 200)]
-    pub paced: u64,
-    /// Print one JSON object instead of tables.
-    #[arg(long)]
-    pub json: bool,
-}
-
 // ---- the report ------------------------------------------------------------------------------
-
-/// Milliseconds: how many samples, and their nearest-rank percentiles.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Percentiles {
-    pub count: usize,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl Percentiles {
-    fn of(mut samples: Vec<f64>) -> Percentiles {
-        samples.sort_by(f64::total_cmp);
-        Percentiles {
-            count: samples.len(),
-            p50: percentile(&samples, 50.0),
-            p90: percentile(&samples, 90.0),
-            p99: percentile(&samples, 99.0),
-            max: samples.last().copied().unwrap_or(0.0),
-        }
-    }
-}
-
-/// The nearest-rank percentile of sorted samples: the smallest sample with at least `p`% of
-/// the samples at or below it. 0 for no samples.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 /// One pass of N runs through the whole cycle.
 #[derive(Debug, Clone, Serialize)]
@@ -185,7 +111,7 @@ pub struct BigTable {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct SyntheticReport {
     /// `sqlite` or `postgres`.
     pub store: String,
     /// The database URL, without its password.
@@ -200,7 +126,7 @@ pub struct Report {
     pub big_table: Option<BigTable>,
 }
 
-impl Report {
+impl SyntheticReport {
     /// Every run succeeded exactly once with all its events, in every pass.
     pub fn ok(&self) -> bool {
         self.throughput.ok()
@@ -212,179 +138,7 @@ impl Report {
     }
 }
 
-// ---- the command -------------------------------------------------------------------------------
-
-pub async fn bench(args: BenchArgs) -> Result<u8, CliError> {
-    validate(&args)?;
-    let db = BenchDb::open(args.database.as_deref()).await?;
-    let result = run_bench(&args, &db).await;
-    db.cleanup().await;
-    let report = result?;
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| CliError::Usage(format!("cannot write the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", render(&report));
-    }
-    if report.ok() {
-        Ok(0)
-    } else {
-        eprintln!("tether bench: some runs did not succeed exactly once with all their events");
-        Ok(1)
-    }
-}
-
-fn validate(args: &BenchArgs) -> Result<(), CliError> {
-    if args.runs == 0 || args.workers == 0 || args.concurrency == 0 || args.samples == 0 {
-        return Err(CliError::Usage(
-            "--runs, --workers, --concurrency and --samples must be at least 1".into(),
-        ));
-    }
-    if !(1..=MAX_CLAIM_BATCH).contains(&args.claim_batch) {
-        return Err(CliError::Usage(format!(
-            "--claim-batch must be 1 to {MAX_CLAIM_BATCH}"
-        )));
-    }
-    Ok(())
-}
-
-fn store_error(what: &str) -> impl FnOnce(StoreError) -> CliError + '_ {
-    move |e| CliError::Usage(format!("{what}: {e}"))
-}
-
-/// The store under test, with what it needs to be cleaned up.
-enum BenchDb {
-    Sqlite {
-        store: Arc<SqliteStore>,
-        url: String,
-        /// The default database's directory, removed when this is dropped.
-        _dir: Option<tempfile::TempDir>,
-    },
-    Postgres {
-        store: Arc<PgStore>,
-        url: String,
-    },
-}
-
-impl BenchDb {
-    async fn open(database: Option<&str>) -> Result<BenchDb, CliError> {
-        let url = database.map(str::to_string);
-        match url {
-            None => {
-                let dir = tempfile::tempdir()?;
-                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-                let store = SqliteStore::open(&url)
-                    .await
-                    .map_err(store_error("cannot open the SQLite store"))?;
-                Ok(BenchDb::Sqlite {
-                    store: Arc::new(store),
-                    url,
-                    _dir: Some(dir),
-                })
-            }
-            Some(url) if url.starts_with("sqlite:") => {
-                let store = SqliteStore::open(&url)
-                    .await
-                    .map_err(store_error("cannot open the SQLite store"))?;
-                Ok(BenchDb::Sqlite {
-                    store: Arc::new(store),
-                    url,
-                    _dir: None,
-                })
-            }
-            Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-                let stamp = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_micros())
-                    .unwrap_or(0);
-                let schema = format!("tether_bench_{}_{stamp}", std::process::id());
-                let store = PgStore::open_in_schema(&url, &schema)
-                    .await
-                    .map_err(store_error("cannot open the PostgreSQL store"))?;
-                Ok(BenchDb::Postgres {
-                    store: Arc::new(store),
-                    url,
-                })
-            }
-            Some(url) => Err(CliError::Usage(format!(
-                "unsupported --database `{url}`: use sqlite://PATH or postgres://…"
-            ))),
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            BenchDb::Sqlite { .. } => "sqlite",
-            BenchDb::Postgres { .. } => "postgres",
-        }
-    }
-
-    fn label(&self) -> String {
-        match self {
-            BenchDb::Sqlite { url, .. } => url.clone(),
-            BenchDb::Postgres { url, store } => {
-                format!("{} (schema {})", redact(url), store.schema())
-            }
-        }
-    }
-
-    fn shared(&self) -> SharedStore {
-        match self {
-            BenchDb::Sqlite { store, .. } => store.clone(),
-            BenchDb::Postgres { store, .. } => store.clone(),
-        }
-    }
-
-    async fn seed(&self, n: u64) -> Result<(), StoreError> {
-        match self {
-            BenchDb::Sqlite { store, .. } => store.seed_finished_runs(n).await,
-            BenchDb::Postgres { store, .. } => store.seed_finished_runs(n).await,
-        }
-    }
-
-    async fn bytes(&self) -> Result<u64, StoreError> {
-        match self {
-            BenchDb::Sqlite { store, .. } => store.database_bytes().await,
-            BenchDb::Postgres { store, .. } => store.database_bytes().await,
-        }
-    }
-
-    /// Drops the bench's PostgreSQL schema; the default SQLite directory goes with `self`.
-    async fn cleanup(self) {
-        if let BenchDb::Postgres { store, .. } = &self {
-            if let Err(e) = store.drop_schema().await {
-                eprintln!(
-                    "tether bench: could not drop schema {}: {e}",
-                    store.schema()
-                );
-            }
-        }
-    }
-}
-
-/// A URL without the password of its user info.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_string(),
-    }
-}
-
-async fn run_bench(args: &BenchArgs, db: &BenchDb) -> Result<Report, CliError> {
+pub(crate) async fn run(args: &BenchArgs, db: &BenchDb) -> Result<SyntheticReport, BenchError> {
     let store = db.shared();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let config = ServerConfig {
@@ -408,7 +162,7 @@ async fn phases(
     db: &BenchDb,
     store: &SharedStore,
     client: &TetherClient,
-) -> Result<Report, CliError> {
+) -> Result<SyntheticReport, BenchError> {
     progress(args, &format!("{} runs on an empty table…", args.runs));
     let throughput = throughput(args, client, store, "empty").await?;
     let paced = if args.paced > 0 {
@@ -428,23 +182,17 @@ async fn phases(
     } else {
         None
     };
-    Ok(Report {
+    Ok(SyntheticReport {
         store: db.kind().to_string(),
         database: db.label(),
         runs: args.runs,
-        workers: args.workers,
+        workers: synthetic_workers(args),
         concurrency: args.concurrency,
         claim_batch: args.claim_batch,
         throughput,
         paced,
         big_table,
     })
-}
-
-fn progress(args: &BenchArgs, text: &str) {
-    if !args.json {
-        eprintln!("tether bench: {text}");
-    }
 }
 
 // ---- the throughput pass -----------------------------------------------------------------------
@@ -465,6 +213,11 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Synthetic workers unless `--workers` says otherwise.
+fn synthetic_workers(args: &BenchArgs) -> u32 {
+    args.workers.unwrap_or(4)
 }
 
 /// What the tasks of one pass share.
@@ -495,9 +248,9 @@ impl Pass {
     }
 
     /// Awaits a call and records its round trip under `kind`.
-    async fn timed<T, F>(&self, kind: &'static str, call: F) -> Result<T, ClientError>
+    async fn timed<T, E, F>(&self, kind: &'static str, call: F) -> Result<T, E>
     where
-        F: Future<Output = Result<T, ClientError>>,
+        F: Future<Output = Result<T, E>>,
     {
         let t = Instant::now();
         let result = call.await;
@@ -507,15 +260,17 @@ impl Pass {
     }
 }
 
-/// A synthetic worker: its id, and the runs it holds (for its heartbeats).
+/// A synthetic worker: its id, the runs it holds (for its heartbeats), and the worker's own
+/// reporter, so its calls are the ones a real worker makes for `true`.
 #[derive(Clone)]
 struct Worker {
     id: String,
+    reporter: HttpReporter,
     heartbeat_interval: Duration,
     held: Arc<Mutex<HashMap<String, u32>>>,
 }
 
-async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Worker, CliError> {
+async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Worker, BenchError> {
     let answer = client
         .register_worker(&RegisterWorkerRequest {
             name,
@@ -528,6 +283,7 @@ async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Wor
         })
         .await?;
     Ok(Worker {
+        reporter: HttpReporter::new(client.clone(), answer.worker_id.clone()),
         id: answer.worker_id,
         heartbeat_interval: Duration::from_millis(answer.heartbeat_interval_ms.max(100)),
         held: Arc::new(Mutex::new(HashMap::new())),
@@ -599,77 +355,63 @@ async fn worker_loop(client: TetherClient, worker: Worker, batch: u32, pass: Arc
         pass.claims.fetch_add(1, Ordering::Relaxed);
         pass.claimed_runs
             .fetch_add(assignments.len() as u64, Ordering::Relaxed);
-        let plays = assignments
-            .into_iter()
-            .map(|a| play(&client, &worker, a, &pass));
+        let plays = assignments.into_iter().map(|a| play(&worker, a, &pass));
         futures::future::join_all(plays).await;
     }
 }
 
 /// start, one log line, finish `succeeded`: what a worker reports for `true`, without running
 /// it.
-async fn play(client: &TetherClient, worker: &Worker, a: Assignment, pass: &Pass) {
+async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
+    let reporter = &worker.reporter;
     lock(&worker.held).insert(a.run_id.clone(), a.attempt);
-    let start = StartRequest {
-        worker_id: worker.id.clone(),
-        pid: None,
-    };
     let started = pass
-        .timed("start", client.start_attempt(&a.run_id, a.attempt, &start))
+        .timed(
+            "start",
+            reporter.start(&a.run_id, a.attempt, std::process::id()),
+        )
         .await;
     if let Err(e) = started {
         pass.fail(format!("start {}: {e}", a.run_id));
         return;
     }
     lock(&pass.started).insert(a.run_id.clone(), Instant::now());
-    let logs = AppendLogRequest {
-        worker_id: worker.id.clone(),
-        chunks: vec![LogChunkWire {
-            offset: Some(0),
-            stream: "stdout".into(),
-            ts: now_ms(),
-            data: base64::engine::general_purpose::STANDARD.encode(b"ok\n"),
-        }],
-    };
+    let line = [OutputChunk {
+        stream: OutputStream::Stdout,
+        ts_ms: now_ms(),
+        data: Bytes::from_static(b"ok\n"),
+        offset: Some(0),
+    }];
     let appended = pass
-        .timed("logs", client.append_logs(&a.run_id, a.attempt, &logs))
+        .timed("logs", reporter.append(&a.run_id, a.attempt, &line))
         .await;
-    if let Err(e) = appended {
-        pass.fail(format!("logs {}: {e}", a.run_id));
-        return;
+    match appended {
+        Ok(ack) if !ack.stop && ack.resend_from.is_none() => {}
+        Ok(ack) => {
+            pass.fail(format!("logs {}: not taken as sent: {ack:?}", a.run_id));
+            return;
+        }
+        Err(e) => {
+            pass.fail(format!("logs {}: {e}", a.run_id));
+            return;
+        }
     }
-    let finish = FinishRequest {
-        worker_id: worker.id.clone(),
+    let finish = Finish {
         status: RunStatus::Succeeded,
         error_code: None,
         exit_code: Some(0),
         error_message: None,
     };
     let finished = pass
-        .timed(
-            "finish",
-            client.finish_attempt(&a.run_id, a.attempt, &finish),
-        )
+        .timed("finish", reporter.finish(&a.run_id, a.attempt, &finish))
         .await;
     lock(&worker.held).remove(&a.run_id);
-    match finished {
-        Ok(run) if run.status == RunStatus::Succeeded && run.attempt == 1 => {
-            *lock(&pass.finished).entry(a.run_id).or_insert(0) += 1;
-        }
-        Ok(run) => {
-            pass.fail(format!(
-                "finish {}: the run is {} on attempt {}",
-                a.run_id,
-                run.status.as_str(),
-                run.attempt
-            ));
-            return;
-        }
-        Err(e) => {
-            pass.fail(format!("finish {}: {e}", a.run_id));
-            return;
-        }
+    if let Err(e) = finished {
+        pass.fail(format!("finish {}: {e}", a.run_id));
+        return;
     }
+    // Whether it ended `succeeded` on attempt 1 is read back from the store after the pass.
+    *lock(&pass.finished).entry(a.run_id).or_insert(0) += 1;
     if pass.finished_count.fetch_add(1, Ordering::SeqCst) + 1 == pass.total {
         *lock(&pass.last_finish) = Some(Instant::now());
         pass.done.cancel();
@@ -748,7 +490,7 @@ async fn throughput(
     client: &TetherClient,
     store: &SharedStore,
     tag: &str,
-) -> Result<Throughput, CliError> {
+) -> Result<Throughput, BenchError> {
     pass_of(args, client, store, tag, false).await
 }
 
@@ -757,7 +499,7 @@ async fn throughput_paced(
     args: &BenchArgs,
     client: &TetherClient,
     store: &SharedStore,
-) -> Result<Throughput, CliError> {
+) -> Result<Throughput, BenchError> {
     pass_of(args, client, store, "paced", true).await
 }
 
@@ -767,7 +509,7 @@ async fn pass_of(
     store: &SharedStore,
     tag: &str,
     paced: bool,
-) -> Result<Throughput, CliError> {
+) -> Result<Throughput, BenchError> {
     let pass = Arc::new(Pass {
         total: args.runs,
         submitted: Mutex::new(HashMap::new()),
@@ -783,7 +525,7 @@ async fn pass_of(
         paced,
     });
     let mut workers = Vec::new();
-    for i in 0..args.workers {
+    for i in 0..synthetic_workers(args) {
         workers.push(register(client, format!("bench-{tag}-{i}"), args.claim_batch).await?);
     }
     let beats = Arc::new(AtomicU64::new(0));
@@ -855,7 +597,7 @@ async fn pass_of(
         client.deregister_worker(&worker.id).await?;
     }
     if let Some(failure) = lock(&pass.failure).take() {
-        return Err(CliError::Usage(format!("bench failed: {failure}")));
+        return Err(BenchError::Usage(format!("bench failed: {failure}")));
     }
 
     let end = lock(&pass.last_finish).unwrap_or_else(Instant::now);
@@ -871,11 +613,13 @@ async fn pass_of(
         })
         .collect();
     let finished = std::mem::take(&mut *lock(&pass.finished));
-    let succeeded_once = submitted
-        .keys()
-        .filter(|id| finished.get(*id) == Some(&1))
+    let read_back = read_back(store, submitted.keys().cloned()).await?;
+    let succeeded_once = read_back
+        .iter()
+        .filter(|r| r.succeeded_first_time && finished.get(&r.run_id) == Some(&1))
         .count() as u64;
-    let (events_written, runs_ended) = count_events(store, submitted.keys().cloned()).await?;
+    let events_written = read_back.iter().map(|r| r.events).sum();
+    let runs_ended = read_back.iter().filter(|r| r.ended).count() as u64;
     let calls = std::mem::take(&mut *lock(&pass.calls))
         .into_iter()
         .map(|(k, v)| (k.to_string(), Percentiles::of(v)))
@@ -907,28 +651,44 @@ async fn pass_of(
     })
 }
 
-/// Reads every run's events back from the store: how many, and how many runs end with `end`.
-async fn count_events(
+/// One run as the store has it after a pass.
+struct ReadBack {
+    run_id: String,
+    /// Its stored events.
+    events: u64,
+    /// Its last event is `end`.
+    ended: bool,
+    /// It is `succeeded` on attempt 1.
+    succeeded_first_time: bool,
+}
+
+/// Reads every run and its events back from the store.
+async fn read_back(
     store: &SharedStore,
     run_ids: impl Iterator<Item = String>,
-) -> Result<(u64, u64), CliError> {
+) -> Result<Vec<ReadBack>, BenchError> {
     let reads = futures::stream::iter(run_ids)
         .map(|id| {
             let store = store.clone();
-            async move { store.events_after(&id, 0, 10_000).await }
+            async move {
+                let run = store.get_run(&id).await?;
+                let events = store.events_after(&id, 0, 10_000).await?;
+                Ok::<_, tether_store::StoreError>(ReadBack {
+                    ended: events.last().map(|e| e.kind) == Some(EventKind::End),
+                    events: events.len() as u64,
+                    succeeded_first_time: run
+                        .is_some_and(|r| r.status == RunStatus::Succeeded && r.attempt == 1),
+                    run_id: id,
+                })
+            }
         })
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
-    let (mut events, mut ended) = (0, 0);
-    for read in reads {
-        let read = read.map_err(store_error("reading events back"))?;
-        events += read.len() as u64;
-        if read.last().map(|e| e.kind) == Some(EventKind::End) {
-            ended += 1;
-        }
-    }
-    Ok((events, ended))
+    reads
+        .into_iter()
+        .map(|r| r.map_err(store_error("reading runs back")))
+        .collect()
 }
 
 // ---- the big table -----------------------------------------------------------------------------
@@ -955,7 +715,7 @@ async fn big_table(
     db: &BenchDb,
     store: &SharedStore,
     client: &TetherClient,
-) -> Result<BigTable, CliError> {
+) -> Result<BigTable, BenchError> {
     progress(
         args,
         &format!("seeding {} finished runs…", args.seed_finished),
@@ -1024,35 +784,30 @@ struct Measured {
     empty_claims: u64,
 }
 
-async fn start_and_finish(
-    client: &TetherClient,
-    worker: &Worker,
-    run_id: &str,
-    attempt: u32,
-) -> Result<(), ClientError> {
-    let start = StartRequest {
-        worker_id: worker.id.clone(),
-        pid: None,
-    };
-    client.start_attempt(run_id, attempt, &start).await?;
-    finish(client, worker, run_id, attempt).await
+fn report_error(what: &'static str) -> impl FnOnce(ReportError) -> BenchError {
+    move |e| BenchError::Failed(format!("{what}: {e}"))
 }
 
-async fn finish(
-    client: &TetherClient,
-    worker: &Worker,
-    run_id: &str,
-    attempt: u32,
-) -> Result<(), ClientError> {
-    let finish = FinishRequest {
-        worker_id: worker.id.clone(),
+async fn start(worker: &Worker, run_id: &str, attempt: u32) -> Result<(), BenchError> {
+    worker
+        .reporter
+        .start(run_id, attempt, std::process::id())
+        .await
+        .map_err(report_error("start"))
+}
+
+async fn finish(worker: &Worker, run_id: &str, attempt: u32) -> Result<(), BenchError> {
+    let finish = Finish {
         status: RunStatus::Succeeded,
         error_code: None,
         exit_code: Some(0),
         error_message: None,
     };
-    client.finish_attempt(run_id, attempt, &finish).await?;
-    Ok(())
+    worker
+        .reporter
+        .finish(run_id, attempt, &finish)
+        .await
+        .map_err(report_error("finish"))
 }
 
 async fn measure_big_table(
@@ -1061,7 +816,7 @@ async fn measure_big_table(
     client: &TetherClient,
     holder: &Worker,
     claimer: &Worker,
-) -> Result<Measured, CliError> {
+) -> Result<Measured, BenchError> {
     let noop = SubmitRequest {
         command: vec!["true".into()],
         ..SubmitRequest::default()
@@ -1080,11 +835,7 @@ async fn measure_big_table(
     }
     for a in &held {
         lock(&holder.held).insert(a.run_id.clone(), a.attempt);
-        let start = StartRequest {
-            worker_id: holder.id.clone(),
-            pid: None,
-        };
-        client.start_attempt(&a.run_id, a.attempt, &start).await?;
+        start(holder, &a.run_id, a.attempt).await?;
     }
 
     let policy = ReapPolicy::default();
@@ -1101,7 +852,7 @@ async fn measure_big_table(
     };
     let (list_runs_ms, pages) = sample(args.samples, || client.list_runs(&page)).await?;
     if pages.iter().any(|p| p.runs.len() != 50) {
-        return Err(CliError::Usage(
+        return Err(BenchError::Usage(
             "GET /v1/runs?limit=50 gave fewer than 50 runs on the big table".into(),
         ));
     }
@@ -1118,7 +869,10 @@ async fn measure_big_table(
         let answer = client.claim(&claimer.id, &one).await?;
         claim_times.push(millis(t.elapsed()));
         match answer.assignments.first() {
-            Some(a) => start_and_finish(client, claimer, &a.run_id, a.attempt).await?,
+            Some(a) => {
+                start(claimer, &a.run_id, a.attempt).await?;
+                finish(claimer, &a.run_id, a.attempt).await?;
+            }
             None => {
                 empty_claims += 1;
                 client.cancel_run(&run.id).await?;
@@ -1127,7 +881,7 @@ async fn measure_big_table(
     }
 
     for a in &held {
-        finish(client, holder, &a.run_id, a.attempt).await?;
+        finish(holder, &a.run_id, a.attempt).await?;
         lock(&holder.held).remove(&a.run_id);
     }
     Ok(Measured {
@@ -1140,174 +894,36 @@ async fn measure_big_table(
     })
 }
 
-// ---- output ------------------------------------------------------------------------------------
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-fn render_throughput(out: &mut String, t: &Throughput) {
-    use std::fmt::Write;
-    let l = &t.submit_to_start_ms;
-    let _ = writeln!(
-        out,
-        "  runs/s                     {:>9.1}   ({} runs in {:.2} s, first submit to last finish)",
-        t.runs_per_s, t.runs, t.seconds
-    );
-    let _ = writeln!(
-        out,
-        "  submit→start ms            p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
-        l.p50, l.p90, l.p99, l.max
-    );
-    let _ = writeln!(
-        out,
-        "  call round trips ms        {:>6} {:>8} {:>8} {:>8} {:>8}",
-        "count", "p50", "p90", "p99", "max"
-    );
-    for (name, p) in &t.calls_ms {
-        let _ = writeln!(
-            out,
-            "    {:<24} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-            name, p.count, p.p50, p.p90, p.p99, p.max
-        );
-    }
-    let _ = writeln!(
-        out,
-        "  claims with work           {:>9}   ({:.1} runs per claim; {} worker heartbeats)",
-        t.claims, t.runs_per_claim, t.heartbeats
-    );
-    let _ = writeln!(
-        out,
-        "  events written             {:>9}   ({:.1} per run; {} of {} runs end with `end`)",
-        t.events_written,
-        t.events_written as f64 / t.runs.max(1) as f64,
-        t.runs_ended,
-        t.runs
-    );
-    let _ = writeln!(
-        out,
-        "  streams followed (SSE)     {:>9}   ({} reached `end` with every seq in order)",
-        t.followed, t.followed_complete
-    );
-    let _ = writeln!(
-        out,
-        "  succeeded exactly once     {:>9}   of {}",
-        t.succeeded_once, t.runs
-    );
-}
-
-/// The human report.
-fn render(r: &Report) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "tether bench: {} ({})", r.store, r.database);
-    let _ = writeln!(
-        out,
-        "{} no-op runs; {} synthetic workers (claims of up to {}), {} submitters; no process spawned",
-        r.runs, r.workers, r.claim_batch, r.concurrency
-    );
-    let _ = writeln!(out);
-    let _ = writeln!(out, "Throughput, empty table");
-    render_throughput(&mut out, &r.throughput);
-    if let Some(p) = &r.paced {
-        let l = &p.submit_to_start_ms;
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "One run at a time ({} runs, idle system)\n  submit→start ms            p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
-            p.runs, l.p50, l.p90, l.p99, l.max
-        );
-    }
-    if let Some(b) = &r.big_table {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "Big table: {} finished runs seeded in {:.1} s; tables {:.0} MiB; {} runs in flight",
-            b.seeded_runs,
-            b.seed_seconds,
-            mib(b.database_bytes),
-            b.in_flight
-        );
-        let _ = writeln!(
-            out,
-            "  ms                         {:>6} {:>8} {:>8} {:>8} {:>8}",
-            "count", "p50", "p90", "p99", "max"
-        );
-        for (name, p) in [
-            ("reaper sweep", &b.reap_sweep_ms),
-            ("next reap deadline", &b.next_deadline_ms),
-            ("GET /v1/runs?limit=50", &b.list_runs_ms),
-            ("claim (1 run, no wait)", &b.claim_ms),
-        ] {
-            let _ = writeln!(
-                out,
-                "    {:<24} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-                name, p.count, p.p50, p.p90, p.p99, p.max
-            );
-        }
-        let _ = writeln!(
-            out,
-            "  runs reaped by the timed sweeps: {}; empty claims: {}",
-            b.reaped, b.empty_claims
-        );
-        let _ = writeln!(out);
-        let _ = writeln!(out, "Throughput, big table");
-        render_throughput(&mut out, &b.throughput);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&samples, 50.0), 50.0);
-        assert_eq!(percentile(&samples, 99.0), 99.0);
-        assert_eq!(percentile(&samples, 100.0), 100.0);
-        assert_eq!(percentile(&samples, 0.0), 1.0);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-        let p = Percentiles::of(vec![3.0, 1.0, 2.0, 10.0]);
-        assert_eq!((p.count, p.p50, p.p90, p.max), (4, 2.0, 10.0, 10.0));
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact("postgres://postgres@127.0.0.1/test"),
-            "postgres://postgres@127.0.0.1/test"
-        );
-        assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
-    }
 
     fn tiny(database: Option<String>) -> BenchArgs {
         BenchArgs {
             database,
             runs: 20,
-            workers: 2,
+            workers: Some(2),
             concurrency: 4,
             claim_batch: 16,
             follow_every: 5,
             seed_finished: 1000,
             samples: 5,
             paced: 5,
+            real: false,
+            command: "true".into(),
+            cpus: 8,
+            backlog: 0,
+            followers: 0,
+            sse_heartbeat: Duration::from_secs(2),
             json: true,
         }
     }
 
-    async fn tiny_bench(args: BenchArgs) -> Report {
-        validate(&args).unwrap();
-        let db = BenchDb::open(args.database.as_deref()).await.unwrap();
-        let result = run_bench(&args, &db).await;
-        db.cleanup().await;
-        result.unwrap()
+    async fn tiny_bench(args: BenchArgs) -> SyntheticReport {
+        match crate::measure(&args).await.unwrap() {
+            crate::Report::Synthetic(report) => *report,
+            crate::Report::Real(_) => panic!("a synthetic bench gave a real report"),
+        }
     }
 
     fn assert_every_run_succeeded_once(t: &Throughput) {
@@ -1343,15 +959,16 @@ mod tests {
             (paced.succeeded_once, paced.submit_to_start_ms.count),
             (5, 5)
         );
-        assert!(render(&report).contains("reaper sweep"));
-        assert!(render(&report).contains("One run at a time"));
+        let text = crate::render::synthetic(&report);
+        assert!(text.contains("reaper sweep"));
+        assert!(text.contains("One run at a time"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn seeded_runs_read_back_as_finished_runs() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("seed.db").display());
-        let store = SqliteStore::open(&url).await.unwrap();
+        let store = tether_store_sqlite::SqliteStore::open(&url).await.unwrap();
         store.seed_finished_runs(10).await.unwrap();
         store.seed_finished_runs(5).await.unwrap();
         let page = tether_store::Store::list_runs(

@@ -1,0 +1,217 @@
+//! Batched worker calls (`start_attempts`, `finish_attempts`): each item judged as its single
+//! call would judge it, answers in order, one per item.
+
+use tether_store::{AttemptFinish, RunRecord, StoreResult};
+
+use crate::support::*;
+use crate::Harness;
+
+fn spec_of(max_attempts: u32) -> RunSpec {
+    spec_with(|r| r.max_attempts = Some(max_attempts))
+}
+
+/// `n` runs claimed by one new worker: `(worker_id, run_ids)`, each at attempt 1.
+async fn claimed(store: &SharedStore, n: usize, max_attempts: u32) -> (String, Vec<String>) {
+    let mut runs = Vec::new();
+    for _ in 0..n {
+        let created = store
+            .create_run(&spec_of(max_attempts))
+            .await
+            .expect("create");
+        runs.push(created.run.id);
+    }
+    let worker = store
+        .register_worker(&NewWorker {
+            name: "batch-worker".into(),
+            secret_hash: None,
+            capacity: Resources {
+                cpus: 64.0,
+                memory_mb: 64 * 1024,
+            },
+            lanes: Vec::new(),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .expect("register")
+        .id;
+    let got = store
+        .claim_runs(
+            &worker,
+            &ClaimLimits {
+                max_runs: n as u32,
+                ..ClaimLimits::default()
+            },
+        )
+        .await
+        .expect("claim");
+    assert_eq!(got.len(), n, "every run is claimed");
+    (worker, runs)
+}
+
+fn item(run_id: &str, attempt: u32) -> RunRef {
+    RunRef {
+        run_id: run_id.to_string(),
+        attempt,
+    }
+}
+
+fn done(run_id: &str, attempt: u32, outcome: AttemptOutcome, code: i32) -> AttemptFinish {
+    AttemptFinish {
+        run_id: run_id.to_string(),
+        attempt,
+        report: FinishReport {
+            outcome,
+            exit_code: Some(code),
+            error_message: None,
+        },
+    }
+}
+
+fn status_of(answer: &StoreResult<RunRecord>) -> Option<RunStatus> {
+    answer.as_ref().ok().map(|r| r.status)
+}
+
+fn is_stale(answer: &StoreResult<RunRecord>) -> bool {
+    matches!(answer, Err(StoreError::StaleAttempt))
+}
+
+fn is_running(event: &EventRecord) -> bool {
+    status_in(event) == Some(RunStatus::Running)
+}
+
+fn is_not_found(answer: &StoreResult<RunRecord>) -> bool {
+    matches!(answer, Err(StoreError::NotFound))
+}
+
+pub async fn batched_starts_judge_each_item_and_answer_in_order(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 3, 1).await;
+    let answers = store
+        .start_attempts(
+            &worker,
+            &[
+                item(&runs[0], 1),
+                item(&runs[1], 2), // not the current attempt
+                item("no-such-run", 1),
+                item(&runs[2], 1),
+                item(&runs[0], 1), // a repeat: already running, answered as such
+            ],
+        )
+        .await
+        .expect("start_attempts");
+    assert_eq!(answers.len(), 5, "one answer per item");
+    assert_eq!(status_of(&answers[0]), Some(RunStatus::Running));
+    assert!(is_stale(&answers[1]), "a stale item: {:?}", answers[1]);
+    assert!(
+        is_not_found(&answers[2]),
+        "an unknown run: {:?}",
+        answers[2]
+    );
+    assert_eq!(status_of(&answers[3]), Some(RunStatus::Running));
+    assert_eq!(status_of(&answers[4]), Some(RunStatus::Running));
+    assert_eq!(
+        answers[0].as_ref().ok().map(|r| r.id.as_str()),
+        Some(&*runs[0])
+    );
+    assert_eq!(
+        answers[3].as_ref().ok().map(|r| r.id.as_str()),
+        Some(&*runs[2])
+    );
+    // The stale item wrote nothing: its run is still claimed, with no `running` event.
+    let untouched = store.get_run(&runs[1]).await.unwrap().unwrap();
+    assert_eq!(untouched.status, RunStatus::Claimed);
+    let events = store.events_after(&runs[1], 0, 100).await.unwrap();
+    assert!(events.iter().all(|e| !is_running(e)));
+    // The started runs each got exactly one `running` event.
+    let events = store.events_after(&runs[0], 0, 100).await.unwrap();
+    let running = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Status && is_running(e))
+        .count();
+    assert_eq!(running, 1);
+}
+
+pub async fn batched_finishes_judge_each_item_and_answer_in_order(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 3, 1).await;
+    let answers = store
+        .finish_attempts(
+            &worker,
+            &[
+                done(&runs[0], 1, AttemptOutcome::Succeeded, 0),
+                done(&runs[1], 7, AttemptOutcome::Succeeded, 0), // stale
+                done("no-such-run", 1, AttemptOutcome::Succeeded, 0),
+                done(
+                    &runs[2],
+                    1,
+                    AttemptOutcome::Failed {
+                        error_code: ErrorCode::ExitNonzero,
+                    },
+                    3,
+                ),
+                done(&runs[0], 1, AttemptOutcome::Succeeded, 0), // already terminal
+            ],
+        )
+        .await
+        .expect("finish_attempts");
+    assert_eq!(answers.len(), 5, "one answer per item");
+    assert_eq!(status_of(&answers[0]), Some(RunStatus::Succeeded));
+    assert!(is_stale(&answers[1]), "a stale item: {:?}", answers[1]);
+    assert!(
+        is_not_found(&answers[2]),
+        "an unknown run: {:?}",
+        answers[2]
+    );
+    let failed = answers[3].as_ref().expect("the failed run");
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(failed.exit_code, Some(3));
+    assert!(
+        matches!(
+            answers[4],
+            Err(StoreError::Terminal | StoreError::StaleAttempt)
+        ),
+        "a second finish of a finished run changes nothing: {:?}",
+        answers[4]
+    );
+    // Exactly one `end` event per finished run; the stale one is still in flight.
+    for run_id in [&runs[0], &runs[2]] {
+        let events = store.events_after(run_id, 0, 100).await.unwrap();
+        let ends = events.iter().filter(|e| e.kind == EventKind::End).count();
+        assert_eq!(ends, 1, "one end event for {run_id}");
+    }
+    let stale = store.get_run(&runs[1]).await.unwrap().unwrap();
+    assert_eq!(stale.status, RunStatus::Claimed);
+    assert_eq!(
+        store.list_workers().await.unwrap()[0].runs,
+        vec![(runs[1].clone(), 1)],
+        "the worker holds only the run whose finish was stale"
+    );
+}
+
+pub async fn batched_finishes_retry_or_end_as_single_finishes_do(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 2, 2).await;
+    let lost = AttemptOutcome::Failed {
+        error_code: ErrorCode::WorkerHeartbeatLost,
+    };
+    let answers = store
+        .finish_attempts(
+            &worker,
+            &[
+                done(&runs[0], 1, lost, 0),
+                done(&runs[1], 1, AttemptOutcome::Cancelled, 0),
+            ],
+        )
+        .await
+        .expect("finish_attempts");
+    let single = |i: usize| answers[i].as_ref().expect("an answer").status;
+    // A retryable failure with attempts left goes back to pending, as finish_attempt does.
+    assert_eq!(single(0), RunStatus::Pending);
+    assert_eq!(single(1), RunStatus::Cancelled);
+    let attempts = store.list_attempts(&runs[0]).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, Some(RunStatus::Failed));
+}

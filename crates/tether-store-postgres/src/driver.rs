@@ -1,0 +1,823 @@
+//! The PostgreSQL store's primitives: one method per query, named by intent. The decisions live
+//! in `tether-store`'s engine. What is PostgreSQL's own: row locks (`FOR UPDATE`, `SKIP
+//! LOCKED` for claims and the reaper), advisory locks for lanes and the sweep, the database's
+//! clock, and `NOTIFY` at commit (in `lib.rs`).
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgArguments, PgQueryResult};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use tether_domain::{Millis, Resources, RunSpec, RunStatus};
+use tether_store::driver::{
+    AttemptEnd, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock, PendingRun, RunChange,
+    Waiting,
+};
+use tether_store::{
+    AttemptRecord, Driver, DriverTx, EventBody, EventRecord, LaneLoad, NewWorker, Outbox,
+    ReapPolicy, RunFilter, RunRecord, Signal, StoreError, StoreResult, StreamOffsets, WorkerRecord,
+};
+use tokio::sync::broadcast;
+use tokio::time::timeout;
+
+use crate::rows::{
+    decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
+    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
+};
+use crate::{
+    clock, db, encode, lane_lock, lanes, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT, REAPER_LOCK,
+    REAP_QUERY,
+};
+
+/// A write transaction with the database's clock read once for all of it.
+pub struct PgTx {
+    pub(crate) tx: Transaction<'static, Postgres>,
+    pub(crate) now: Millis,
+}
+
+type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// `UPDATE runs SET <set>` guarded by the run's id, status and attempt, which take the
+/// placeholders after the `binds` ones `set` uses; bind them with [`guarded`].
+fn guarded_update(set: &str, binds: usize) -> String {
+    format!(
+        "UPDATE runs SET {set} WHERE id = ${} AND status = ${} AND attempt = ${}",
+        binds + 1,
+        binds + 2,
+        binds + 3
+    )
+}
+
+/// Binds the guard of [`guarded_update`]: the write lands only if the run still has the status
+/// and attempt it was judged on, even against another server writing the same database.
+/// (Writers also lock the row first, so the guard confirms what the lock already ensured.)
+fn guarded<'q>(query: Query<'q>, loaded: &'q LoadedRun) -> Query<'q> {
+    query
+        .bind(loaded.run.id.as_str())
+        .bind(loaded.raw_status.as_str())
+        .bind(i64::from(loaded.run.attempt))
+}
+
+fn one_row(result: PgQueryResult) -> bool {
+    result.rows_affected() == 1
+}
+
+async fn load_run(
+    conn: &mut PgConnection,
+    run_id: &str,
+    lock: Lock,
+) -> StoreResult<Option<LoadedRun>> {
+    let suffix = match lock {
+        Lock::None => "",
+        Lock::Wait => " FOR UPDATE OF r",
+        Lock::Skip => " FOR UPDATE OF r SKIP LOCKED",
+    };
+    let row = sqlx::query(&format!("{RUN_SELECT} WHERE r.id = $1{suffix}"))
+        .bind(run_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(decode_run).transpose()
+}
+
+/// The in-flight runs a worker holds, with their attempts, and what they reserve.
+async fn held_by(
+    conn: &mut PgConnection,
+    worker_id: &str,
+) -> StoreResult<(Vec<(String, u32)>, Resources)> {
+    let rows = sqlx::query(&format!(
+        "SELECT id, attempt, cpus, memory_mb FROM runs \
+         WHERE worker_id = $1 AND status IN {IN_FLIGHT} ORDER BY seq"
+    ))
+    .bind(worker_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let mut runs = Vec::with_capacity(rows.len());
+    let mut reserved = Resources::NONE;
+    for row in rows {
+        runs.push((
+            row.try_get::<String, _>("id").map_err(db)?,
+            to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
+        ));
+        let needs = resources(&row)?;
+        reserved.cpus += needs.cpus;
+        reserved.memory_mb += needs.memory_mb;
+    }
+    Ok((runs, reserved))
+}
+
+#[async_trait]
+impl Driver for PgStore {
+    type Tx = PgTx;
+
+    async fn begin(&self) -> StoreResult<PgTx> {
+        let (tx, now) = PgStore::begin(self).await?;
+        Ok(PgTx { tx, now })
+    }
+
+    async fn commit(&self, tx: PgTx, out: Outbox) -> StoreResult<()> {
+        PgStore::commit(self, tx.tx, out).await
+    }
+
+    async fn clock(&self) -> StoreResult<Millis> {
+        let mut conn = self.pool().acquire().await.map_err(db)?;
+        clock(&mut conn).await
+    }
+
+    async fn ping_database(&self) -> StoreResult<()> {
+        // Readiness probes want a quick answer, not the pool's full acquire timeout.
+        let probe = sqlx::query("SELECT 1").execute(self.pool());
+        match timeout(PING_TIMEOUT, probe).await {
+            Ok(result) => result.map(|_| ()).map_err(db),
+            Err(_) => Err(StoreError::unavailable("the database did not answer")),
+        }
+    }
+
+    fn signals(&self) -> broadcast::Receiver<Signal> {
+        self.inner.signals.subscribe()
+    }
+
+    async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
+        let mut conn = self.pool().acquire().await.map_err(db)?;
+        Ok(load_run(&mut conn, run_id, Lock::None)
+            .await?
+            .map(|l| l.run))
+    }
+
+    async fn read_runs(
+        &self,
+        filter: &RunFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let mut sql = format!("{RUN_SELECT} WHERE TRUE");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if before_seq.is_some() {
+            sql.push_str(&format!(" AND r.seq < {}", next()));
+        }
+        if let Some(status) = filter.status {
+            if status == RunStatus::Pending {
+                sql.push_str(&format!(" AND r.status IN {PENDING}"));
+            } else {
+                sql.push_str(&format!(" AND r.status = {}", next()));
+            }
+        }
+        if filter.lane.is_some() {
+            sql.push_str(&format!(" AND r.lane = {}", next()));
+        }
+        let prefix = filter.id_range();
+        if let Some((_, end)) = &prefix {
+            // Byte order, as on SQLite: a locale collation may skip the `-` in an id.
+            sql.push_str(&format!(" AND r.id COLLATE \"C\" >= {}", next()));
+            if end.is_some() {
+                sql.push_str(&format!(" AND r.id COLLATE \"C\" < {}", next()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY r.seq DESC LIMIT {}", next()));
+        let mut query = sqlx::query(&sql);
+        if let Some(seq) = before_seq {
+            query = query.bind(seq);
+        }
+        if let Some(status) = filter.status.filter(|s| *s != RunStatus::Pending) {
+            query = query.bind(status.as_str());
+        }
+        if let Some(lane) = &filter.lane {
+            query = query.bind(lane.as_str());
+        }
+        if let Some((start, end)) = prefix {
+            query = query.bind(start);
+            if let Some(end) = end {
+                query = query.bind(end);
+            }
+        }
+        let rows = query.bind(limit).fetch_all(self.pool()).await.map_err(db)?;
+        rows.iter()
+            .map(|row| decode_run(row).map(|l| l.run))
+            .collect()
+    }
+
+    async fn read_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let rows = sqlx::query(&format!(
+            "{ATTEMPT_SELECT} WHERE a.run_id = $1 ORDER BY a.attempt"
+        ))
+        .bind(run_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_attempt).collect()
+    }
+
+    async fn read_secret_hash(&self, worker_id: &str) -> StoreResult<Option<Option<String>>> {
+        let row = sqlx::query(
+            "SELECT secret_hash FROM workers WHERE id = $1 AND deregistered_at IS NULL",
+        )
+        .bind(worker_id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db)?;
+        row.map(|row| row.try_get("secret_hash").map_err(db))
+            .transpose()
+    }
+
+    async fn read_live_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let rows = sqlx::query(&format!(
+            "{WORKER_SELECT} WHERE deregistered_at IS NULL ORDER BY registered_at, id"
+        ))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| decode_worker(row).map(|(w, _)| w))
+            .collect()
+    }
+
+    async fn read_held_by(&self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)> {
+        let mut conn = self.pool().acquire().await.map_err(db)?;
+        held_by(&mut conn, worker_id).await
+    }
+
+    async fn read_lane_loads(&self) -> StoreResult<Vec<LaneLoad>> {
+        lanes::lane_loads(self.pool()).await
+    }
+
+    async fn read_events(
+        &self,
+        run_id: &str,
+        range: EventRange,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRecord>> {
+        // Both served by the primary key (run_id, seq); `Before` reads it backwards.
+        let (sql, seq) = match range {
+            EventRange::After(seq) => ("seq > $2 ORDER BY seq", seq),
+            EventRange::Before(seq) => ("seq < $2 ORDER BY seq DESC", seq),
+        };
+        let rows = sqlx::query(&format!(
+            "{EVENT_SELECT} WHERE run_id = $1 AND {sql} LIMIT $3"
+        ))
+        .bind(run_id)
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn read_earliest_deadlines(&self) -> StoreResult<EarliestDeadlines> {
+        let row = sqlx::query(&format!(
+            "SELECT \
+               (SELECT min(stale_at) FROM runs WHERE status IN {IN_FLIGHT}) AS stale, \
+               (SELECT min(timeout_at) FROM runs WHERE status IN {IN_FLIGHT}) AS timeout, \
+               (SELECT min(coalesce(last_heartbeat_at, claimed_at)) FROM runs \
+                  WHERE status IN {IN_FLIGHT} AND cancel_requested_at IS NOT NULL) AS cancel"
+        ))
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(EarliestDeadlines {
+            stale_at: row.try_get("stale").map_err(db)?,
+            timeout_at: row.try_get("timeout").map_err(db)?,
+            cancel_base: row.try_get("cancel").map_err(db)?,
+        })
+    }
+
+    async fn prune_finished(&self, lane: &str, retention_ms: i64, batch: i64) -> StoreResult<u64> {
+        // One statement, so no transaction stays open between round trips: a pass never
+        // holds locks while its caller waits (a paused or cancelled pruner leaves nothing
+        // locked). SKIP LOCKED: a row someone else holds is left for the next pass, so pruning
+        // never waits on (or blocks) anyone for long. Terminal is final, so nobody else
+        // writes these rows; the children go first within the statement, so the foreign keys
+        // hold when it ends. The cutoff is by the database's clock, like every stamp.
+        // `synchronous_commit` off for this statement's transaction alone (an InitPlan, run
+        // once): a prune lost to a crash is pruned again, so its commit need not wait for the
+        // disk, and a pass adds no fsync of its own for every submission to queue behind.
+        let deleted = sqlx::query(
+            "WITH doomed AS ( \
+                 SELECT id FROM runs \
+                 WHERE lane = $1 AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+                 AND finished_at < tether_now_ms() - $2 \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off' \
+                 ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+             events AS (DELETE FROM run_events WHERE run_id IN (SELECT id FROM doomed)), \
+             tries AS (DELETE FROM attempts WHERE run_id IN (SELECT id FROM doomed)) \
+             DELETE FROM runs WHERE id IN (SELECT id FROM doomed)",
+        )
+        .bind(lane)
+        .bind(retention_ms)
+        .bind(batch)
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(deleted.rows_affected())
+    }
+}
+
+#[async_trait]
+impl DriverTx for PgTx {
+    fn now(&self) -> Millis {
+        self.now
+    }
+
+    async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>> {
+        load_run(&mut self.tx, run_id, lock).await
+    }
+
+    async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()> {
+        if run_ids.is_empty() {
+            return Ok(());
+        }
+        // At once, in seq order (the order every multi-run writer uses), so two writers
+        // naming the same runs cannot deadlock.
+        sqlx::query("SELECT id FROM runs WHERE id = ANY($1) ORDER BY seq FOR UPDATE")
+            .bind(run_ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn write_run(&mut self, loaded: &LoadedRun, change: RunChange<'_>) -> StoreResult<bool> {
+        let now = self.now;
+        let result = match change {
+            RunChange::Claim {
+                status,
+                attempt,
+                worker_id,
+            } => {
+                let sql = guarded_update(
+                    "status = $1, attempt = $2, worker_id = $3, claimed_at = $4, \
+                     started_at = NULL, last_heartbeat_at = $4, confirmed = FALSE, \
+                     stale_at = $4 + heartbeat_timeout_ms, timeout_at = $4 + timeout_ms",
+                    4,
+                );
+                let q = sqlx::query(&sql)
+                    .bind(status.as_str())
+                    .bind(i64::from(attempt))
+                    .bind(worker_id)
+                    .bind(now);
+                guarded(q, loaded).execute(&mut *self.tx).await
+            }
+            RunChange::Start { status } => {
+                let sql = guarded_update(
+                    "status = $1, started_at = $2, confirmed = TRUE, last_heartbeat_at = $2, \
+                     stale_at = $2 + heartbeat_timeout_ms, timeout_at = $2 + timeout_ms",
+                    2,
+                );
+                let q = sqlx::query(&sql).bind(status.as_str()).bind(now);
+                guarded(q, loaded).execute(&mut *self.tx).await
+            }
+            RunChange::Heartbeat {
+                worker_id,
+                stdout_bytes,
+                stderr_bytes,
+            } => {
+                let sql = guarded_update(
+                    "last_heartbeat_at = $1, stale_at = $1 + heartbeat_timeout_ms, \
+                     confirmed = TRUE, reported_stdout_bytes = $2, reported_stderr_bytes = $3",
+                    3,
+                );
+                let sql = format!("{sql} AND worker_id = $7");
+                let q = sqlx::query(&sql)
+                    .bind(now)
+                    .bind(stdout_bytes)
+                    .bind(stderr_bytes);
+                guarded(q, loaded)
+                    .bind(worker_id)
+                    .execute(&mut *self.tx)
+                    .await
+            }
+            RunChange::Output { stdout, stderr } => {
+                let sql = guarded_update(
+                    "stdout_bytes = stdout_bytes + $1, stderr_bytes = stderr_bytes + $2, \
+                     output_bytes = output_bytes + $3, last_output_at = $4",
+                    4,
+                );
+                let q = sqlx::query(&sql)
+                    .bind(stdout)
+                    .bind(stderr)
+                    .bind(stdout + stderr)
+                    .bind(now);
+                guarded(q, loaded).execute(&mut *self.tx).await
+            }
+            RunChange::BackToPending => {
+                let sql = guarded_update(
+                    "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+                     last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, \
+                     timeout_at = NULL, exit_code = NULL, error_code = NULL, error_message = NULL",
+                    0,
+                );
+                guarded(sqlx::query(&sql), loaded)
+                    .execute(&mut *self.tx)
+                    .await
+            }
+            RunChange::Finish {
+                status,
+                exit_code,
+                error_code,
+                error_message,
+            } => {
+                let sql = guarded_update(
+                    "status = $1, worker_id = NULL, finished_at = $2, stale_at = NULL, \
+                     timeout_at = NULL, exit_code = $3, error_code = $4, error_message = $5",
+                    5,
+                );
+                let q = sqlx::query(&sql)
+                    .bind(status.as_str())
+                    .bind(now)
+                    .bind(exit_code)
+                    .bind(error_code.map(|c| c.as_str()))
+                    .bind(error_message);
+                guarded(q, loaded).execute(&mut *self.tx).await
+            }
+            RunChange::CancelAsked => {
+                let sql =
+                    guarded_update("cancel_requested_at = coalesce(cancel_requested_at, $1)", 1);
+                let q = sqlx::query(&sql).bind(now);
+                guarded(q, loaded).execute(&mut *self.tx).await
+            }
+        };
+        Ok(one_row(result.map_err(db)?))
+    }
+
+    async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
+        let row =
+            sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(db)?;
+        row.map(|row| {
+            Ok(KeyedRun {
+                run_id: row.try_get("id").map_err(db)?,
+                request_fingerprint: row.try_get("request_fingerprint").map_err(db)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_run(
+        &mut self,
+        id: &str,
+        spec: &RunSpec,
+        status: RunStatus,
+    ) -> StoreResult<bool> {
+        // A queue lane's submissions do not wait for each other at the door: a key reused by
+        // two at once is settled by the unique index here.
+        let inserted = sqlx::query(
+            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
+             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
+             request_fingerprint) \
+             VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
+        )
+        .bind(id)
+        .bind(&spec.lane)
+        .bind(status.as_str())
+        .bind(i64::from(spec.max_attempts))
+        .bind(tether_store::encode_spec(spec)?)
+        .bind(spec.resources.cpus)
+        .bind(spec.resources.memory_mb as i64)
+        .bind(self.now)
+        .bind(spec.heartbeat_timeout_ms)
+        .bind(spec.timeout_ms)
+        .bind(spec.output_limit_bytes)
+        .bind(spec.idempotency_key.as_deref())
+        .bind(&spec.request_fingerprint)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(inserted.is_some())
+    }
+
+    async fn push_event(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        body: &EventBody,
+        data: Option<&[u8]>,
+    ) -> StoreResult<i64> {
+        // The row lock the `UPDATE` takes orders concurrent appends, so seq rises by one with
+        // no gaps.
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE id = $1 \
+             RETURNING last_event_seq",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)",
+        )
+        .bind(run_id)
+        .bind(seq)
+        .bind(body.kind().as_str())
+        .bind(i64::from(attempt))
+        .bind(self.now)
+        .bind(body.to_json().to_string())
+        .bind(data)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(seq)
+    }
+
+    async fn insert_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(run_id)
+        .bind(i64::from(attempt))
+        .bind(worker_id)
+        .bind(self.now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) -> StoreResult<()> {
+        sqlx::query("UPDATE attempts SET started_at = $1 WHERE run_id = $2 AND attempt = $3")
+            .bind(self.now)
+            .bind(run_id)
+            .bind(i64::from(attempt))
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn close_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        end: AttemptEnd<'_>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE attempts SET finished_at = $1, status = $2, error_code = $3, exit_code = $4, \
+             error_message = $5 WHERE run_id = $6 AND attempt = $7 AND status IS NULL",
+        )
+        .bind(self.now)
+        .bind(end.status.as_str())
+        .bind(end.error_code.map(|c| c.as_str()))
+        .bind(end.exit_code)
+        .bind(end.error_message)
+        .bind(run_id)
+        .bind(i64::from(attempt))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets> {
+        let row = sqlx::query(
+            "SELECT stdout_bytes, stderr_bytes FROM attempts WHERE run_id = $1 AND attempt = $2",
+        )
+        .bind(run_id)
+        .bind(i64::from(attempt))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(match row {
+            Some(row) => StreamOffsets {
+                stdout: row.try_get("stdout_bytes").map_err(db)?,
+                stderr: row.try_get("stderr_bytes").map_err(db)?,
+            },
+            None => StreamOffsets::default(),
+        })
+    }
+
+    async fn set_attempt_offsets(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        offsets: StreamOffsets,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE attempts SET stdout_bytes = $1, stderr_bytes = $2 \
+             WHERE run_id = $3 AND attempt = $4",
+        )
+        .bind(offsets.stdout)
+        .bind(offsets.stderr)
+        .bind(run_id)
+        .bind(i64::from(attempt))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn insert_worker(&mut self, id: &str, worker: &NewWorker) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, name, cpus, memory_mb, lanes, labels, registered_at, \
+             last_heartbeat_at, secret_hash) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $7, $8)",
+        )
+        .bind(id)
+        .bind(&worker.name)
+        .bind(worker.capacity.cpus)
+        .bind(worker.capacity.memory_mb as i64)
+        .bind(&worker.lanes)
+        .bind(encode(&worker.labels, "worker labels")?)
+        .bind(self.now)
+        .bind(&worker.secret_hash)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn lock_worker(
+        &mut self,
+        worker_id: &str,
+    ) -> StoreResult<Option<(WorkerRecord, Option<Millis>)>> {
+        let row = sqlx::query(&format!("{WORKER_SELECT} WHERE id = $1 FOR UPDATE"))
+            .bind(worker_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(decode_worker).transpose()
+    }
+
+    async fn stamp_worker(&mut self, worker_id: &str) -> StoreResult<bool> {
+        let stamped = sqlx::query(
+            "UPDATE workers SET last_heartbeat_at = $1 WHERE id = $2 \
+             AND deregistered_at IS NULL RETURNING id",
+        )
+        .bind(self.now)
+        .bind(worker_id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(stamped.is_some())
+    }
+
+    async fn mark_worker_gone(&mut self, worker_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE workers SET deregistered_at = $1 WHERE id = $2")
+            .bind(self.now)
+            .bind(worker_id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn mark_worker_draining(&mut self, worker_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE workers SET draining = TRUE WHERE id = $1 AND deregistered_at IS NULL")
+            .bind(worker_id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn held_by(&mut self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)> {
+        held_by(&mut self.tx, worker_id).await
+    }
+
+    async fn workers_serving(
+        &mut self,
+        lane: &str,
+        fresh_since: Millis,
+    ) -> StoreResult<Vec<(String, Resources)>> {
+        let rows = sqlx::query(
+            "SELECT id, cpus, memory_mb FROM workers WHERE deregistered_at IS NULL \
+             AND NOT draining AND last_heartbeat_at >= $1 \
+             AND (cardinality(lanes) = 0 OR $2 = ANY(lanes))",
+        )
+        .bind(fresh_since)
+        .bind(lane)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id").map_err(db)?, resources(row)?)))
+            .collect()
+    }
+
+    async fn reserved_by(&mut self, worker_ids: &[String]) -> StoreResult<Resources> {
+        let row = sqlx::query(&format!(
+            "SELECT coalesce(sum(cpus), 0)::float8 AS cpus, \
+                    coalesce(sum(memory_mb), 0)::bigint AS memory_mb \
+             FROM runs WHERE status IN {IN_FLIGHT} AND worker_id = ANY($1)"
+        ))
+        .bind(worker_ids)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        resources(&row)
+    }
+
+    async fn lock_lane(&mut self, lane: &str) -> StoreResult<()> {
+        lane_lock(&mut self.tx, lane).await
+    }
+
+    async fn lane_in_flight(&mut self, lane: &str) -> StoreResult<i64> {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM runs WHERE lane = $1 AND status IN {IN_FLIGHT}"
+        ))
+        .bind(lane)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)
+    }
+
+    async fn lane_waiting(&mut self, lane: &str) -> StoreResult<Waiting> {
+        let row = sqlx::query(&format!(
+            "SELECT count(*) AS n, coalesce(sum(cpus), 0)::float8 AS cpus, \
+                    coalesce(sum(memory_mb), 0)::bigint AS memory_mb \
+             FROM runs WHERE lane = $1 AND status IN {PENDING} AND cancel_requested_at IS NULL"
+        ))
+        .bind(lane)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(Waiting {
+            count: row.try_get("n").map_err(db)?,
+            needs: resources(&row)?,
+        })
+    }
+
+    async fn pending_page(
+        &mut self,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<Vec<PendingRun>> {
+        // Oldest first; rows another claim is taking right now are skipped, not waited on, so
+        // concurrent claims on many servers each get different runs.
+        let mut sql = format!(
+            "SELECT seq, id, lane, cpus, memory_mb FROM runs WHERE status IN {PENDING} \
+             AND cancel_requested_at IS NULL AND seq > $1"
+        );
+        if !lanes.is_empty() {
+            sql.push_str(" AND lane = ANY($3)");
+        }
+        sql.push_str(" ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED");
+        let mut query = sqlx::query(&sql).bind(after_seq).bind(limit);
+        if !lanes.is_empty() {
+            query = query.bind(lanes);
+        }
+        let rows = query.fetch_all(&mut *self.tx).await.map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                Ok(PendingRun {
+                    seq: row.try_get("seq").map_err(db)?,
+                    id: row.try_get("id").map_err(db)?,
+                    lane: row.try_get("lane").map_err(db)?,
+                    needs: resources(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn try_lock_sweep(&mut self) -> StoreResult<bool> {
+        // Held until this transaction ends; stores in other schemas sweep independently.
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
+            .bind(REAPER_LOCK)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(db)
+    }
+
+    async fn reap_candidates(&mut self, policy: &ReapPolicy) -> StoreResult<Vec<String>> {
+        let now = self.now;
+        let rows = sqlx::query(REAP_QUERY)
+            .bind(now)
+            .bind(now.saturating_sub(policy.timeout_grace_ms))
+            .bind(now.saturating_sub(policy.cancel_stale_after_ms))
+            .bind(i64::from(policy.batch.max(1)))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| row.try_get("id").map_err(db))
+            .collect()
+    }
+
+    async fn extend_stale_deadlines(&mut self) -> StoreResult<u64> {
+        // Only a deadline moves, never earlier; status and attempt are untouched, so this
+        // needs no conditional write and cannot race a transition into a wrong state.
+        let moved = sqlx::query(&format!(
+            "UPDATE runs SET stale_at = $1 + heartbeat_timeout_ms \
+             WHERE status IN {IN_FLIGHT} AND stale_at IS NOT NULL \
+             AND stale_at < $1 + heartbeat_timeout_ms"
+        ))
+        .bind(self.now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(moved)
+    }
+}

@@ -1,0 +1,284 @@
+//! The thin interface each store implements: one method per query, named by intent (as River's
+//! `riverdriver`). No method decides anything: which command applies, whether a write lost a
+//! race, what a transaction signals — all of that lives once, in [`crate::engine`], over these.
+//!
+//! A store implements [`Driver`] (transactions, and the read-only queries served outside one)
+//! and [`DriverTx`] (what runs inside a write transaction). Every type that implements
+//! `Driver` and `EndpointStore` is a [`crate::Store`], through the engine.
+
+use async_trait::async_trait;
+use tether_domain::{Millis, Resources, RunSpec, RunStatus};
+use tokio::sync::broadcast;
+
+use crate::{
+    AttemptRecord, EventBody, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy, RunFilter,
+    RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
+};
+
+/// How a run is read inside a write transaction. SQLite's single writer makes every read
+/// exclusive, so it treats all three alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// A plain read: the row is already locked by this transaction, or only read.
+    None,
+    /// Wait for other writers, then read the latest committed version (`FOR UPDATE`).
+    Wait,
+    /// A row another transaction is writing reads as absent (`FOR UPDATE SKIP LOCKED`).
+    Skip,
+}
+
+/// A run as loaded inside a write transaction: the record, plus what the engine needs to write
+/// it back conditionally and to judge it.
+#[derive(Debug, Clone)]
+pub struct LoadedRun {
+    pub run: RunRecord,
+    /// The status exactly as stored (maybe the legacy `queued`): the guard of a write.
+    pub raw_status: String,
+    /// Output stored so far, both streams, against the run's limit.
+    pub output_bytes: i64,
+    /// The worker confirmed the current attempt (a start or a heartbeat).
+    pub confirmed: bool,
+    pub stale_at: Option<Millis>,
+    pub timeout_at: Option<Millis>,
+}
+
+/// A change to a run's row, written only if the run still has the id, status and attempt it
+/// was loaded with (the guard). Each variant is one `UPDATE`; deadlines (`stale_at`,
+/// `timeout_at`) are derived from the row's own timeouts and the transaction's `now`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RunChange<'a> {
+    /// Handed to a worker: `status`, the new `attempt`, `claimed_at = last_heartbeat_at = now`,
+    /// unconfirmed, fresh deadlines.
+    Claim {
+        status: RunStatus,
+        attempt: u32,
+        worker_id: &'a str,
+    },
+    /// The process started: `status`, `started_at = last_heartbeat_at = now`, confirmed; the
+    /// timeout runs from here.
+    Start { status: RunStatus },
+    /// A heartbeat for the run, also guarded by the worker holding it: stamps, confirms, and
+    /// keeps the worker's own output counters.
+    Heartbeat {
+        worker_id: &'a str,
+        stdout_bytes: i64,
+        stderr_bytes: i64,
+    },
+    /// Output stored: the counters grow, `last_output_at = now`.
+    Output { stdout: i64, stderr: i64 },
+    /// Back to `pending` for a retry: what the next claim stamps afresh is cleared.
+    BackToPending,
+    /// The run ends for good.
+    Finish {
+        status: RunStatus,
+        exit_code: Option<i32>,
+        error_code: Option<tether_domain::ErrorCode>,
+        error_message: Option<&'a str>,
+    },
+    /// A cancel was asked; the first request's stamp is kept.
+    CancelAsked,
+}
+
+/// How an attempt ended, for its row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttemptEnd<'a> {
+    pub status: RunStatus,
+    pub error_code: Option<tether_domain::ErrorCode>,
+    pub exit_code: Option<i32>,
+    pub error_message: Option<&'a str>,
+}
+
+/// A pending run as a claim scans it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRun {
+    pub seq: i64,
+    pub id: String,
+    pub lane: String,
+    pub needs: Resources,
+}
+
+/// A run accepted under an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedRun {
+    pub run_id: String,
+    pub request_fingerprint: String,
+}
+
+/// What a lane's admitted, not yet claimed runs are owed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Waiting {
+    pub count: i64,
+    pub needs: Resources,
+}
+
+/// The earliest of each reaper deadline over in-flight runs, as stored (no grace added).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EarliestDeadlines {
+    pub stale_at: Option<Millis>,
+    pub timeout_at: Option<Millis>,
+    /// The oldest `coalesce(last_heartbeat_at, claimed_at)` of a run whose cancel was asked.
+    pub cancel_base: Option<Millis>,
+}
+
+/// A store's transactions and its read-only queries.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    type Tx: DriverTx;
+
+    /// A write transaction with the store's clock read once for all of it. Dropping it without
+    /// [`Driver::commit`] (an error, a refusal, a cancelled future) rolls it back.
+    async fn begin(&self) -> StoreResult<Self::Tx>;
+
+    /// Commits, then sends what the transaction earned (and, where servers share the store,
+    /// tells them inside the transaction, so they hear of it only if it commits).
+    async fn commit(&self, tx: Self::Tx, out: Outbox) -> StoreResult<()>;
+
+    /// The store's clock.
+    async fn clock(&self) -> StoreResult<Millis>;
+    /// Is the database answering?
+    async fn ping_database(&self) -> StoreResult<()>;
+    /// Signals, delivered after commit.
+    fn signals(&self) -> broadcast::Receiver<Signal>;
+
+    async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
+    /// Up to `limit` runs newest first, filtered, older than `before_seq` if given.
+    async fn read_runs(
+        &self,
+        filter: &RunFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>>;
+    async fn read_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>>;
+    /// `Some(hash)` for a live worker, `None` for an unknown or deregistered one.
+    async fn read_secret_hash(&self, worker_id: &str) -> StoreResult<Option<Option<String>>>;
+    /// Live (not deregistered) workers, oldest first; `runs` and `reserved` left empty.
+    async fn read_live_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
+    /// The in-flight runs a worker holds, in `seq` order, and what they reserve.
+    async fn read_held_by(&self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)>;
+    async fn read_lane_loads(&self) -> StoreResult<Vec<LaneLoad>>;
+    /// A run's events after `after_seq` ascending, or before `before_seq` descending.
+    async fn read_events(
+        &self,
+        run_id: &str,
+        seq: EventRange,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRecord>>;
+    async fn read_earliest_deadlines(&self) -> StoreResult<EarliestDeadlines>;
+
+    /// Deletes up to `batch` runs of `lane` finished before `now - retention_ms` by the store's
+    /// clock, oldest first, with their events and attempts, in one short transaction of its
+    /// own. Returns how many runs.
+    async fn prune_finished(&self, lane: &str, retention_ms: i64, batch: i64) -> StoreResult<u64>;
+}
+
+/// Which events of a run to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRange {
+    After(i64),
+    Before(i64),
+}
+
+/// The primitives inside one write transaction.
+#[async_trait]
+pub trait DriverTx: Send {
+    /// The store's clock, read once when the transaction began.
+    fn now(&self) -> Millis;
+
+    // ---- runs ---------------------------------------------------------------------------
+    async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>>;
+    /// Locks these runs, in `seq` order (the order every multi-run writer locks in).
+    async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()>;
+    /// Writes `change` if the run is still as `loaded` says; whether one row changed.
+    async fn write_run(&mut self, loaded: &LoadedRun, change: RunChange<'_>) -> StoreResult<bool>;
+    /// The run accepted earlier under this key, if any.
+    async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>>;
+    /// Inserts a run `pending` (attempt 0). `false` when its idempotency key was taken by a
+    /// concurrent submission that committed first.
+    async fn insert_run(
+        &mut self,
+        id: &str,
+        spec: &RunSpec,
+        status: RunStatus,
+    ) -> StoreResult<bool>;
+    /// Appends an event, taking the run's next `seq`; returns it.
+    async fn push_event(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        body: &EventBody,
+        data: Option<&[u8]>,
+    ) -> StoreResult<i64>;
+
+    // ---- attempts -----------------------------------------------------------------------
+    async fn insert_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+    ) -> StoreResult<()>;
+    async fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) -> StoreResult<()>;
+    /// Records how an attempt ended, if it has not been recorded yet.
+    async fn close_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        end: AttemptEnd<'_>,
+    ) -> StoreResult<()>;
+    /// What the attempt has stored of each stream (zero for an attempt with no row).
+    async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets>;
+    async fn set_attempt_offsets(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        offsets: StreamOffsets,
+    ) -> StoreResult<()>;
+
+    // ---- workers ------------------------------------------------------------------------
+    async fn insert_worker(&mut self, id: &str, worker: &NewWorker) -> StoreResult<()>;
+    /// A worker row and when it deregistered, locked so that one worker's claims and
+    /// heartbeats go one at a time.
+    async fn lock_worker(
+        &mut self,
+        worker_id: &str,
+    ) -> StoreResult<Option<(WorkerRecord, Option<Millis>)>>;
+    /// Stamps a live worker's heartbeat; `false` if it is unknown or deregistered.
+    async fn stamp_worker(&mut self, worker_id: &str) -> StoreResult<bool>;
+    async fn mark_worker_gone(&mut self, worker_id: &str) -> StoreResult<()>;
+    async fn mark_worker_draining(&mut self, worker_id: &str) -> StoreResult<()>;
+    /// The in-flight runs a worker holds, in `seq` order, and what they reserve.
+    async fn held_by(&mut self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)>;
+    /// Live workers, not draining, heartbeat at or after `fresh_since`, serving `lane`: their
+    /// ids and capacities.
+    async fn workers_serving(
+        &mut self,
+        lane: &str,
+        fresh_since: Millis,
+    ) -> StoreResult<Vec<(String, Resources)>>;
+    /// What the in-flight runs of these workers hold between them.
+    async fn reserved_by(&mut self, worker_ids: &[String]) -> StoreResult<Resources>;
+
+    // ---- lanes --------------------------------------------------------------------------
+    /// Serializes, until the transaction ends, everything that decides a lane's room
+    /// (admissions to it and claims under its ceiling). A no-op where writes are serial.
+    async fn lock_lane(&mut self, lane: &str) -> StoreResult<()>;
+    async fn lane_in_flight(&mut self, lane: &str) -> StoreResult<i64>;
+    /// Pending runs of the lane, cancels asked excluded.
+    async fn lane_waiting(&mut self, lane: &str) -> StoreResult<Waiting>;
+    /// Up to `limit` pending runs (cancels asked excluded) after `after_seq`, oldest first,
+    /// of `lanes` (empty: every lane). Where claims run concurrently, rows another claim is
+    /// taking are skipped and those returned are locked.
+    async fn pending_page(
+        &mut self,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<Vec<PendingRun>>;
+
+    // ---- the reaper ---------------------------------------------------------------------
+    /// Takes the one-sweep-at-a-time lock; `false` if another server holds it.
+    async fn try_lock_sweep(&mut self) -> StoreResult<bool>;
+    /// In-flight runs past a deadline by `now` under `policy`, in `seq` order, at most a batch.
+    async fn reap_candidates(&mut self, policy: &ReapPolicy) -> StoreResult<Vec<String>>;
+    /// Moves every in-flight `stale_at` to at least a heartbeat timeout from now; how many.
+    async fn extend_stale_deadlines(&mut self) -> StoreResult<u64>;
+}

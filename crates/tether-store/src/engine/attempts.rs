@@ -1,0 +1,266 @@
+//! The worker's calls on an attempt, each fenced by it: start, output, finish; and the batched
+//! forms of start and finish, one transaction for many.
+
+use tether_domain::machine::{AttemptOutcome, Command};
+use tether_domain::{ErrorCode, RunStatus};
+
+use super::Ending;
+use super::{end_attempt, must_lock, push, push_status, reload, transition_error, write_one};
+use crate::driver::{Driver, DriverTx, RunChange};
+use crate::{
+    new_output, AppendOutcome, AttemptFinish, EventBody, FinishReport, Outbox, OutputChunk,
+    OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
+};
+
+pub(super) async fn start_one<D: Driver>(
+    d: &D,
+    run_id: &str,
+    attempt: u32,
+    worker_id: &str,
+) -> StoreResult<RunRecord> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    let run = start_in(&mut tx, &mut out, run_id, attempt, worker_id).await?;
+    d.commit(tx, out).await?;
+    Ok(run)
+}
+
+pub(super) async fn finish_one<D: Driver>(
+    d: &D,
+    run_id: &str,
+    attempt: u32,
+    worker_id: &str,
+    report: &FinishReport,
+) -> StoreResult<RunRecord> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    let run = finish_in(&mut tx, &mut out, run_id, attempt, worker_id, report).await?;
+    d.commit(tx, out).await?;
+    Ok(run)
+}
+
+/// Many starts in one transaction, each judged as [`start_one`] would judge it alone.
+pub(super) async fn start_many<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    items: &[RunRef],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    in_one_transaction(d, worker_id, items.iter().map(Call::Start).collect()).await
+}
+
+/// Many finishes in one transaction, each judged as [`finish_one`] would judge it alone.
+pub(super) async fn finish_many<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    items: &[AttemptFinish],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    in_one_transaction(d, worker_id, items.iter().map(Call::Finish).collect()).await
+}
+
+/// One worker call on one attempt, as a batch carries it.
+enum Call<'a> {
+    Start(&'a RunRef),
+    Finish(&'a AttemptFinish),
+}
+
+impl Call<'_> {
+    fn run_id(&self) -> &str {
+        match self {
+            Call::Start(r) => &r.run_id,
+            Call::Finish(f) => &f.run_id,
+        }
+    }
+}
+
+/// The calls in order, in one transaction, with their runs locked up front (in `seq` order,
+/// as every multi-run writer locks); one answer per call.
+async fn in_one_transaction<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    calls: Vec<Call<'_>>,
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
+    tx.lock_runs(&ids).await?;
+    let mut answers = Vec::with_capacity(calls.len());
+    for call in &calls {
+        let answer = match call {
+            Call::Start(r) => start_in(&mut tx, &mut out, &r.run_id, r.attempt, worker_id).await,
+            Call::Finish(f) => {
+                finish_in(
+                    &mut tx, &mut out, &f.run_id, f.attempt, worker_id, &f.report,
+                )
+                .await
+            }
+        };
+        answers.push(per_item(answer)?);
+    }
+    d.commit(tx, out).await?;
+    Ok(answers)
+}
+
+/// An item's own answer: a refusal judged before anything of it was written (an unknown run,
+/// a stale attempt, a terminal run) is that item's alone; anything else (the database failed)
+/// fails the whole batch, which then writes nothing.
+fn per_item(result: StoreResult<RunRecord>) -> StoreResult<StoreResult<RunRecord>> {
+    match result {
+        Err(StoreError::NotFound | StoreError::StaleAttempt | StoreError::Terminal) | Ok(_) => {
+            Ok(result)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn start_in<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    run_id: &str,
+    attempt: u32,
+    worker_id: &str,
+) -> StoreResult<RunRecord> {
+    let loaded = must_lock(tx, run_id).await?;
+    let transition = loaded
+        .run
+        .state()
+        .apply(&Command::Start {
+            attempt,
+            worker_id: worker_id.to_string(),
+        })
+        .map_err(transition_error)?;
+    if loaded.run.status == RunStatus::Running {
+        // The worker retried a start whose answer it lost: already done.
+        return Ok(loaded.run);
+    }
+    let change = RunChange::Start {
+        status: transition.next.status,
+    };
+    write_one(tx, &loaded, change).await?;
+    tx.stamp_attempt_started(run_id, attempt).await?;
+    let status = StatusBody::plain(RunStatus::Running, attempt);
+    push_status(tx, out, run_id, status).await?;
+    reload(tx, run_id).await
+}
+
+async fn finish_in<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    run_id: &str,
+    attempt: u32,
+    worker_id: &str,
+    report: &FinishReport,
+) -> StoreResult<RunRecord> {
+    let loaded = must_lock(tx, run_id).await?;
+    let transition = loaded
+        .run
+        .state()
+        .apply(&Command::Finish {
+            attempt,
+            worker_id: worker_id.to_string(),
+            outcome: report.outcome,
+        })
+        .map_err(transition_error)?;
+    if let Some(decision) = transition.decision {
+        let ending = Ending {
+            exit_code: report.exit_code,
+            error_message: report.error_message.as_deref(),
+        };
+        end_attempt(tx, out, &loaded, decision, ending).await?;
+    }
+    reload(tx, run_id).await
+}
+
+pub(super) async fn append_output<D: Driver>(
+    d: &D,
+    run_id: &str,
+    attempt: u32,
+    worker_id: &str,
+    chunks: &[OutputChunk],
+) -> StoreResult<AppendOutcome> {
+    let mut tx = d.begin().await?;
+    let mut out = Outbox::default();
+    // Locked: concurrent appends count the output limit one after another.
+    let loaded = must_lock(&mut tx, run_id).await?;
+    loaded
+        .run
+        .state()
+        .apply(&Command::Touch {
+            attempt,
+            worker_id: worker_id.to_string(),
+        })
+        .map_err(transition_error)?;
+    let stored_before = tx.attempt_offsets(run_id, attempt).await?;
+    let fresh =
+        new_output(chunks, stored_before).map_err(|expected| StoreError::OutputGap { expected })?;
+    let limit = loaded.run.spec.output_limit_bytes.max(0);
+    let mut total = loaded.output_bytes;
+    let mut offsets = stored_before;
+    let mut last_seq = loaded.run.last_event_seq;
+    let mut limit_reached = false;
+    for (stream, data) in fresh {
+        let room = usize::try_from(limit - total).unwrap_or(0);
+        let (data, cut) = if data.len() > room {
+            (&data[..room], true)
+        } else {
+            (data, false)
+        };
+        if !data.is_empty() {
+            let body = EventBody::Log { stream };
+            last_seq = push(&mut tx, &mut out, run_id, attempt, &body, Some(data)).await?;
+            let n = data.len() as i64;
+            total += n;
+            offsets.add(stream, n);
+        }
+        if cut {
+            limit_reached = true;
+            break;
+        }
+    }
+    let stdout = offsets.stdout - stored_before.stdout;
+    let stderr = offsets.stderr - stored_before.stderr;
+    if stdout + stderr > 0 {
+        write_one(&mut tx, &loaded, RunChange::Output { stdout, stderr }).await?;
+        tx.set_attempt_offsets(run_id, attempt, offsets).await?;
+    }
+    if !limit_reached {
+        d.commit(tx, out).await?;
+        return Ok(AppendOutcome::Accepted { last_seq, offsets });
+    }
+    // The note is not counted against the limit: it is Tether speaking, not the command.
+    let note = format!("[tether] output limit of {limit} bytes reached; the run was stopped\n");
+    let body = EventBody::Log {
+        stream: OutputStream::Stderr,
+    };
+    push(
+        &mut tx,
+        &mut out,
+        run_id,
+        attempt,
+        &body,
+        Some(note.as_bytes()),
+    )
+    .await?;
+    let transition = loaded
+        .run
+        .state()
+        .apply(&Command::Finish {
+            attempt,
+            worker_id: worker_id.to_string(),
+            outcome: AttemptOutcome::Failed {
+                error_code: ErrorCode::OutputLimit,
+            },
+        })
+        .map_err(transition_error)?;
+    if let Some(decision) = transition.decision {
+        let message = format!("output limit of {limit} bytes reached");
+        let ending = Ending {
+            exit_code: None,
+            error_message: Some(&message),
+        };
+        // The output write above moved no status or attempt: the guard still holds.
+        end_attempt(&mut tx, &mut out, &loaded, decision, ending).await?;
+    }
+    let run = reload(&mut tx, run_id).await?;
+    d.commit(tx, out).await?;
+    Ok(AppendOutcome::LimitReached { run: Box::new(run) })
+}

@@ -1,0 +1,380 @@
+//! The transactions of [`Store`], written once over a store's [`Driver`]: load, decide through
+//! [`RunState::apply`](tether_domain::machine::RunState::apply), guarded write, events, the
+//! signals earned, commit. Split by area: `runs` (admission, cancel, reads), `claims`,
+//! `attempts` (start, output, finish), `workers` (register, heartbeat, deregister), `reaper`
+//! (sweeps, deadlines, grace, retention).
+//!
+//! Every type that is a [`Driver`] and an [`EndpointStore`] is a [`Store`] through this one
+//! implementation, so `SqliteStore` and `PgStore` keep their names and constructors.
+
+mod attempts;
+mod claims;
+mod reaper;
+mod runs;
+mod workers;
+
+use async_trait::async_trait;
+use tether_domain::machine::{Command, Decision, TransitionError};
+use tether_domain::{ErrorCode, Millis, RunSpec};
+use tokio::sync::broadcast;
+
+use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
+use crate::{
+    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, BatchAdmission,
+    ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord, FinishReport,
+    HeartbeatAnswer, LaneLoad, NewWorker, Outbox, OutputChunk, ReapPolicy, ReapReport, ReapedRun,
+    RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store, StoreError,
+    StoreResult, WorkerRecord,
+};
+
+#[async_trait]
+impl<D: Driver + EndpointStore> Store for D {
+    async fn now(&self) -> StoreResult<Millis> {
+        self.clock().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.ping_database().await
+    }
+
+    async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {
+        match runs::admit_one(self, spec, None).await? {
+            Admission::Accepted(created) => Ok(*created),
+            // Without a policy nothing is refused; kept total rather than panicking.
+            Admission::LaneFull | Admission::NeverFits => Err(StoreError::corrupt(
+                "a run without an admission policy was refused",
+            )),
+        }
+    }
+
+    async fn admit_run(&self, spec: &RunSpec, policy: &AdmissionPolicy) -> StoreResult<Admission> {
+        runs::admit_one(self, spec, Some(policy)).await
+    }
+
+    async fn admit_runs(
+        &self,
+        batch: &[(RunSpec, AdmissionPolicy)],
+    ) -> StoreResult<BatchAdmission> {
+        runs::admit_batch(self, batch).await
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
+        self.read_run(run_id).await
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
+        runs::list_runs(self, filter).await
+    }
+
+    async fn list_attempts(&self, run_id: &str) -> StoreResult<Vec<AttemptRecord>> {
+        self.read_attempts(run_id).await
+    }
+
+    async fn request_cancel(&self, run_id: &str) -> StoreResult<RunRecord> {
+        runs::request_cancel(self, run_id).await
+    }
+
+    async fn register_worker(&self, worker: &NewWorker) -> StoreResult<WorkerRecord> {
+        workers::register(self, worker).await
+    }
+
+    async fn worker_secret_hash(&self, worker_id: &str) -> StoreResult<Option<String>> {
+        self.read_secret_hash(worker_id)
+            .await?
+            .ok_or(StoreError::UnknownWorker)
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>> {
+        workers::deregister(self, worker_id).await
+    }
+
+    async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()> {
+        workers::set_draining(self, worker_id).await
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        workers::list(self).await
+    }
+
+    async fn lane_loads(&self) -> StoreResult<Vec<LaneLoad>> {
+        self.read_lane_loads().await
+    }
+
+    async fn claim_runs(
+        &self,
+        worker_id: &str,
+        limits: &ClaimLimits,
+    ) -> StoreResult<Vec<ClaimedRun>> {
+        claims::claim_runs(self, worker_id, limits).await
+    }
+
+    async fn heartbeat(&self, worker_id: &str, beats: &[RunBeat]) -> StoreResult<HeartbeatAnswer> {
+        workers::heartbeat(self, worker_id, beats).await
+    }
+
+    async fn start_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+    ) -> StoreResult<RunRecord> {
+        attempts::start_one(self, run_id, attempt, worker_id).await
+    }
+
+    async fn append_output(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        chunks: &[OutputChunk],
+    ) -> StoreResult<AppendOutcome> {
+        attempts::append_output(self, run_id, attempt, worker_id, chunks).await
+    }
+
+    async fn finish_attempt(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        worker_id: &str,
+        report: &FinishReport,
+    ) -> StoreResult<RunRecord> {
+        attempts::finish_one(self, run_id, attempt, worker_id, report).await
+    }
+
+    async fn finish_attempts(
+        &self,
+        worker_id: &str,
+        items: &[AttemptFinish],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        attempts::finish_many(self, worker_id, items).await
+    }
+
+    async fn start_attempts(
+        &self,
+        worker_id: &str,
+        items: &[RunRef],
+    ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+        attempts::start_many(self, worker_id, items).await
+    }
+
+    async fn events_after(
+        &self,
+        run_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let range = crate::driver::EventRange::After(after_seq);
+        self.read_events(run_id, range, event_limit(limit)).await
+    }
+
+    async fn events_before(
+        &self,
+        run_id: &str,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let range = crate::driver::EventRange::Before(before_seq);
+        self.read_events(run_id, range, event_limit(limit)).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Signal> {
+        self.signals()
+    }
+
+    async fn reap_stale_runs(&self, policy: &ReapPolicy) -> StoreResult<ReapReport> {
+        reaper::sweep(self, policy).await
+    }
+
+    async fn next_reap_deadline(&self, policy: &ReapPolicy) -> StoreResult<Option<Millis>> {
+        reaper::next_deadline(self, policy).await
+    }
+
+    async fn grant_heartbeat_grace(&self) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let moved = tx.extend_stale_deadlines().await?;
+        self.commit(tx, Outbox::default()).await?;
+        Ok(moved)
+    }
+
+    async fn prune_finished_runs(
+        &self,
+        lane: &str,
+        retention_ms: i64,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        self.prune_finished(lane, retention_ms.max(0), i64::from(batch.max(1)))
+            .await
+    }
+}
+
+/// How many events one read returns: 1000 unless asked, never more than 10,000.
+fn event_limit(limit: u32) -> i64 {
+    match limit {
+        0 => 1000,
+        n => i64::from(n.min(10_000)),
+    }
+}
+
+pub(crate) fn transition_error(e: TransitionError) -> StoreError {
+    match e {
+        TransitionError::Terminal => StoreError::Terminal,
+        // Not pending / cancel requested only arise on claims, which skip such runs; any other
+        // refusal names an attempt that is not current.
+        TransitionError::StaleAttempt
+        | TransitionError::NotPending
+        | TransitionError::CancelRequested => StoreError::StaleAttempt,
+    }
+}
+
+/// Locks and loads a run for a worker or client call, or `NotFound`.
+async fn must_lock<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<LoadedRun> {
+    tx.load_run(run_id, Lock::Wait)
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
+/// The run as this transaction left it.
+async fn reload<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<RunRecord> {
+    tx.load_run(run_id, Lock::None)
+        .await?
+        .map(|l| l.run)
+        .ok_or(StoreError::NotFound)
+}
+
+/// A guarded write that must land: `StaleAttempt` when the run changed underneath it.
+async fn write_one<T: DriverTx>(
+    tx: &mut T,
+    loaded: &LoadedRun,
+    change: RunChange<'_>,
+) -> StoreResult<()> {
+    if tx.write_run(loaded, change).await? {
+        Ok(())
+    } else {
+        Err(StoreError::StaleAttempt)
+    }
+}
+
+/// Appends an event and notes it for the signals.
+async fn push<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    run_id: &str,
+    attempt: u32,
+    body: &EventBody,
+    data: Option<&[u8]>,
+) -> StoreResult<i64> {
+    let seq = tx.push_event(run_id, attempt, body, data).await?;
+    out.events_written(run_id, seq);
+    Ok(seq)
+}
+
+/// Writes a `status` event, and an `end` event after it when the status is terminal.
+async fn push_status<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    run_id: &str,
+    body: StatusBody,
+) -> StoreResult<i64> {
+    let mut seq = push(
+        tx,
+        out,
+        run_id,
+        body.attempt,
+        &EventBody::Status(body),
+        None,
+    )
+    .await?;
+    if body.status.is_terminal() {
+        seq = push(tx, out, run_id, body.attempt, &EventBody::End(body), None).await?;
+    }
+    Ok(seq)
+}
+
+/// How an attempt's end is described beyond the decision.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ending<'a> {
+    exit_code: Option<i32>,
+    error_message: Option<&'a str>,
+}
+
+/// Writes what the status machine decided when the current attempt ended (or, for a pending
+/// run being cancelled, when the run ended without one): the attempt's record, the run going
+/// back to `pending` for a retry or to its terminal status, and the events.
+async fn end_attempt<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    loaded: &LoadedRun,
+    decision: Decision,
+    ending: Ending<'_>,
+) -> StoreResult<()> {
+    let run = &loaded.run;
+    let (ended, error_code) = decision.attempt_result();
+    match decision {
+        Decision::Retry { .. } => {
+            // The next claim stamps afresh; the run's own error fields describe only its
+            // final outcome, the attempt keeps this one.
+            write_one(tx, loaded, RunChange::BackToPending).await?;
+            out.run_pending(&run.spec.lane);
+        }
+        Decision::Terminal { status, .. } => {
+            let change = RunChange::Finish {
+                status,
+                exit_code: ending.exit_code,
+                error_code,
+                error_message: ending.error_message,
+            };
+            write_one(tx, loaded, change).await?;
+        }
+    }
+    if run.status.is_in_flight() {
+        if let Some(worker_id) = &run.worker_id {
+            out.room_freed(&run.spec.lane, worker_id);
+        }
+        let end = AttemptEnd {
+            status: ended,
+            error_code,
+            exit_code: ending.exit_code,
+            error_message: ending.error_message,
+        };
+        tx.close_attempt(&run.id, run.attempt, end).await?;
+    }
+    let body = StatusBody {
+        status: decision.run_status(),
+        attempt: run.attempt,
+        error_code,
+        exit_code: ending.exit_code,
+    };
+    push_status(tx, out, &run.id, body).await?;
+    Ok(())
+}
+
+/// Ends a run's current attempt as the reaper would, with `error_code`, if it is still the
+/// attempt judged. Answers what happened, or `None` if the run had moved on.
+async fn reap_one<T: DriverTx>(
+    tx: &mut T,
+    out: &mut Outbox,
+    loaded: &LoadedRun,
+    error_code: ErrorCode,
+) -> StoreResult<Option<ReapedRun>> {
+    let run = &loaded.run;
+    let Ok(transition) = run.state().apply(&Command::Reap {
+        attempt: run.attempt,
+        error_code,
+    }) else {
+        return Ok(None);
+    };
+    let Some(decision) = transition.decision else {
+        return Ok(None);
+    };
+    match end_attempt(tx, out, loaded, decision, Ending::default()).await {
+        Ok(()) => Ok(Some(ReapedRun {
+            run_id: run.id.clone(),
+            attempt: run.attempt,
+            error_code: decision.attempt_result().1.unwrap_or(error_code),
+            status_after: decision.run_status(),
+        })),
+        // Lost a race with another writer: it is theirs now.
+        Err(StoreError::StaleAttempt) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
