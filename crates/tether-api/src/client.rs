@@ -495,6 +495,18 @@ impl TetherClient {
         self.call(self.as_worker(req, &request.worker_id)).await
     }
 
+    /// `POST /v1/workers/{id}/attempts`: several starts and finishes in one call, each
+    /// answered alone, and optionally a claim for the room they free.
+    pub async fn report_attempts(
+        &self,
+        worker_id: &str,
+        request: &crate::AttemptReportsRequest,
+    ) -> Result<crate::AttemptReportsResponse, ClientError> {
+        let path = format!("/v1/workers/{}/attempts", segment(worker_id));
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, worker_id)).await
+    }
+
     // ---- endpoints (SPEC §5) --------------------------------------------------------------
 
     /// `GET /v1/endpoints`: every endpoint with its readiness and stamp age.

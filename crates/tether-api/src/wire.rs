@@ -303,6 +303,95 @@ pub struct FinishRequest {
     pub error_message: Option<String>,
 }
 
+/// `POST /v1/workers/{id}/attempts`: several attempts' starts and finishes in one call, and
+/// optionally a claim for the room the finishes free. Starts are applied first, then
+/// finishes, then the claim, each item judged alone: a stale item is refused in its own
+/// answer, never the whole call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptReportsRequest {
+    #[serde(default)]
+    pub starts: Vec<AttemptStartWire>,
+    #[serde(default)]
+    pub finishes: Vec<AttemptFinishWire>,
+    /// Claim the next runs in the same call, after the finishes have freed their room. Never
+    /// waits: an empty answer means nothing fits now (the claim long-poll is for waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ReportClaim>,
+}
+
+/// One start of [`AttemptReportsRequest`]: the process of this attempt runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptStartWire {
+    pub run_id: String,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// One finish of [`AttemptReportsRequest`]: how this attempt ended (as
+/// `POST /v1/runs/{id}/attempts/{attempt}/finish` says it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptFinishWire {
+    pub run_id: String,
+    pub attempt: u32,
+    /// `succeeded`, `failed`, `timed_out` or `cancelled`.
+    #[schema(value_type = crate::schema::RunStatus)]
+    pub status: RunStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::ErrorCode>)]
+    pub error_code: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+/// The claim riding on [`AttemptReportsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportClaim {
+    #[serde(default = "one")]
+    pub max_runs: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AttemptReportsResponse {
+    /// One answer per start, in order.
+    pub starts: Vec<ReportAnswer>,
+    /// One answer per finish, in order.
+    pub finishes: Vec<ReportAnswer>,
+    /// What the claim handed out (empty without a claim).
+    #[serde(default)]
+    pub assignments: Vec<Assignment>,
+}
+
+/// The answer to one item: the run's status after it, or the error the single-attempt call
+/// would have answered (`status` is that call's HTTP status: `409 stale_attempt`, say).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportAnswer {
+    pub run_id: String,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::RunStatus>)]
+    pub run_status: Option<RunStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReportRefusal>,
+}
+
+/// Why one item of a batch was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportRefusal {
+    /// The HTTP status the single-attempt call would have answered.
+    pub status: u16,
+    /// As in [`ErrorDetail`]: `stale_attempt`, `not_found`, `invalid_field`,
+    /// `store_unavailable`, ...
+    pub code: String,
+    pub message: String,
+}
+
 /// A worker as `GET /v1/workers` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerView {

@@ -136,6 +136,22 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// This error as the answer to one item of a worker's batch
+    /// (`POST /v1/workers/{id}/attempts`): the status and code the single call would answer.
+    pub fn refusal(&self) -> tether_api::ReportRefusal {
+        let (status, code) = self.status_and_code();
+        if matches!(self, ApiError::StaleAttempt) {
+            metrics::counter!(crate::metrics::STALE_ATTEMPT_REFUSALS).increment(1);
+        }
+        tether_api::ReportRefusal {
+            status: status.as_u16(),
+            code: code.to_string(),
+            message: self.to_string(),
+        }
+    }
+}
+
 impl From<tether_domain::ValidationError> for ApiError {
     fn from(e: tether_domain::ValidationError) -> ApiError {
         ApiError::invalid(e.code, e.to_string())

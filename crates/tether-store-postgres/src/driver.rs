@@ -20,7 +20,7 @@ use tokio::time::timeout;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
+    EVENT_SELECT, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{
     clock, db, encode, lane_lock, lanes, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT, REAPER_LOCK,
@@ -60,8 +60,10 @@ fn one_row(result: PgQueryResult) -> bool {
     result.rows_affected() == 1
 }
 
+/// A run by id, read with `select` ([`RUN_SELECT`] or [`RUN_SELECT_IN_TX`]).
 async fn load_run(
     conn: &mut PgConnection,
+    select: &str,
     run_id: &str,
     lock: Lock,
 ) -> StoreResult<Option<LoadedRun>> {
@@ -70,7 +72,7 @@ async fn load_run(
         Lock::Wait => " FOR UPDATE OF r",
         Lock::Skip => " FOR UPDATE OF r SKIP LOCKED",
     };
-    let row = sqlx::query(&format!("{RUN_SELECT} WHERE r.id = $1{suffix}"))
+    let row = sqlx::query(&format!("{select} WHERE r.id = $1{suffix}"))
         .bind(run_id)
         .fetch_optional(&mut *conn)
         .await
@@ -138,7 +140,7 @@ impl Driver for PgStore {
 
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         let mut conn = self.pool().acquire().await.map_err(db)?;
-        Ok(load_run(&mut conn, run_id, Lock::None)
+        Ok(load_run(&mut conn, RUN_SELECT, run_id, Lock::None)
             .await?
             .map(|l| l.run))
     }
@@ -322,7 +324,19 @@ impl DriverTx for PgTx {
     }
 
     async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>> {
-        load_run(&mut self.tx, run_id, lock).await
+        load_run(&mut self.tx, RUN_SELECT_IN_TX, run_id, lock).await
+    }
+
+    async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64> {
+        let ahead: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM runs WHERE lane = $1 AND status IN {PENDING} AND seq < $2"
+        ))
+        .bind(lane)
+        .bind(seq)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(ahead + 1)
     }
 
     async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()> {

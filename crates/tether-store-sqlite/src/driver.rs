@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_SELECT, WORKER_SELECT,
+    EVENT_SELECT, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{clock, db, encode, lanes, SqliteStore, IN_FLIGHT, PENDING};
 
@@ -48,8 +48,13 @@ fn one_row(result: SqliteQueryResult) -> bool {
     result.rows_affected() == 1
 }
 
-async fn load_run(conn: &mut SqliteConnection, run_id: &str) -> StoreResult<Option<LoadedRun>> {
-    let row = sqlx::query(&format!("{RUN_SELECT} WHERE r.id = ?"))
+/// A run by id, read with `select` ([`RUN_SELECT`] or [`RUN_SELECT_IN_TX`]).
+async fn load_run(
+    conn: &mut SqliteConnection,
+    select: &str,
+    run_id: &str,
+) -> StoreResult<Option<LoadedRun>> {
+    let row = sqlx::query(&format!("{select} WHERE r.id = ?"))
         .bind(run_id)
         .fetch_optional(&mut *conn)
         .await
@@ -115,7 +120,9 @@ impl Driver for SqliteStore {
 
     async fn read_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {
         let mut conn = self.reader.acquire().await.map_err(db)?;
-        Ok(load_run(&mut conn, run_id).await?.map(|l| l.run))
+        Ok(load_run(&mut conn, RUN_SELECT, run_id)
+            .await?
+            .map(|l| l.run))
     }
 
     async fn read_runs(
@@ -295,7 +302,19 @@ impl DriverTx for SqliteTx {
     }
 
     async fn load_run(&mut self, run_id: &str, _lock: Lock) -> StoreResult<Option<LoadedRun>> {
-        load_run(&mut self.tx, run_id).await
+        load_run(&mut self.tx, RUN_SELECT_IN_TX, run_id).await
+    }
+
+    async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64> {
+        let ahead: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM runs WHERE lane = ? AND status IN {PENDING} AND seq < ?"
+        ))
+        .bind(lane)
+        .bind(seq)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(ahead + 1)
     }
 
     async fn lock_runs(&mut self, _run_ids: &[&str]) -> StoreResult<()> {

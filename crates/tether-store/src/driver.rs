@@ -185,7 +185,11 @@ pub trait DriverTx: Send {
     fn now(&self) -> Millis;
 
     // ---- runs ---------------------------------------------------------------------------
+    /// A run as this transaction sees it, without its queue position (counting what is ahead
+    /// of a run scans its lane's queue; [`DriverTx::queue_position`] is asked where needed).
     async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>>;
+    /// A pending run's place in its lane: 1 + the pending runs of `lane` before `seq`.
+    async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64>;
     /// Locks these runs, in `seq` order (the order every multi-run writer locks in).
     async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()>;
     /// Writes `change` if the run is still as `loaded` says; whether one row changed.

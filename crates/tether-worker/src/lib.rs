@@ -13,7 +13,8 @@ mod worker;
 
 pub use control::{AttemptControl, AttemptStats, Directive};
 pub use reporter::{
-    AppendAck, AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
+    AppendAck, AttemptReporter, BatchReporter, Finish, HttpReporter, OutputChunk, OutputStream,
+    ReportError, ReportQueue,
 };
 pub use supervisor::{
     command_env, supervise, AttemptEnd, SupervisorOptions, Unreported, DEFAULT_PASS_ENV,

@@ -5,9 +5,12 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use tether_api::{
-    AppendLogRequest, ClientError, FinishRequest, LogChunkWire, StartRequest, TetherClient,
+    AppendLogRequest, Assignment, AttemptFinishWire, AttemptReportsRequest, AttemptStartWire,
+    ClientError, FinishRequest, LogChunkWire, ReportAnswer, ReportClaim, StartRequest,
+    TetherClient,
 };
 use tether_domain::{ErrorCode, RunStatus};
+use tokio::sync::{mpsc, oneshot};
 
 /// Which pipe a piece of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,11 +87,14 @@ pub trait AttemptReporter: Send + Sync + 'static {
         attempt: u32,
         chunks: &[OutputChunk],
     ) -> Result<AppendAck, ReportError>;
-    /// The attempt ended.
+    /// The attempt ended. For a command that ended silently before its start was answered,
+    /// this is called while `start` is still waiting: the start must reach the server first.
     async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError>;
 }
 
-/// Reports over HTTP, as one registered worker.
+/// Reports over HTTP, as one registered worker, one call per report. Alone it does not hold a
+/// finish back behind its start's answer; the worker uses it through [`send_reports`], which
+/// does.
 #[derive(Debug, Clone)]
 pub struct HttpReporter {
     client: TetherClient,
@@ -173,6 +179,299 @@ impl AttemptReporter for HttpReporter {
             .map(drop)
             .map_err(classify)
     }
+}
+
+/// A start or finish waiting for the next batch, with where its answer goes.
+#[derive(Debug)]
+pub struct QueuedReport {
+    run_id: String,
+    attempt: u32,
+    kind: ReportKind,
+    reply: oneshot::Sender<Result<(), ReportError>>,
+}
+
+#[derive(Debug)]
+enum ReportKind {
+    Start { pid: u32 },
+    Finish(Finish),
+}
+
+/// Where the supervisors of one registration queue their starts and finishes; one task
+/// ([`send_reports`]) sends whatever queued as one call.
+#[derive(Debug, Clone)]
+pub struct ReportQueue {
+    tx: mpsc::UnboundedSender<QueuedReport>,
+}
+
+impl ReportQueue {
+    pub fn new() -> (ReportQueue, mpsc::UnboundedReceiver<QueuedReport>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ReportQueue { tx }, rx)
+    }
+
+    async fn report(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        kind: ReportKind,
+    ) -> Result<(), ReportError> {
+        let (reply, answer) = oneshot::channel();
+        let queued = QueuedReport {
+            run_id: run_id.to_string(),
+            attempt,
+            kind,
+            reply,
+        };
+        if self.tx.send(queued).is_err() {
+            return Err(ReportError::Transient(
+                "the worker stopped sending reports".into(),
+            ));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ReportError::Transient("the report was dropped".into())))
+    }
+}
+
+/// Reports over HTTP as one registered worker: starts and finishes through its
+/// [`ReportQueue`] (batched with every other attempt's), output directly.
+#[derive(Debug, Clone)]
+pub struct BatchReporter {
+    http: HttpReporter,
+    queue: ReportQueue,
+}
+
+impl BatchReporter {
+    pub fn new(http: HttpReporter, queue: ReportQueue) -> BatchReporter {
+        BatchReporter { http, queue }
+    }
+}
+
+#[async_trait]
+impl AttemptReporter for BatchReporter {
+    async fn start(&self, run_id: &str, attempt: u32, pid: u32) -> Result<(), ReportError> {
+        self.queue
+            .report(run_id, attempt, ReportKind::Start { pid })
+            .await
+    }
+
+    async fn append(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        chunks: &[OutputChunk],
+    ) -> Result<AppendAck, ReportError> {
+        self.http.append(run_id, attempt, chunks).await
+    }
+
+    async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError> {
+        self.queue
+            .report(run_id, attempt, ReportKind::Finish(finish.clone()))
+            .await
+    }
+}
+
+/// What the batches ask of the worker around them: whether a finish may claim the room it
+/// frees (and for how many runs), and where the runs it claims go.
+pub trait ClaimRider: Send + Sync {
+    /// `None` once the worker takes nothing new (shutting down, draining).
+    fn max_runs(&self) -> Option<u32>;
+    fn launch(&self, assignment: Assignment);
+}
+
+/// Sends the queued starts and finishes, one call at a time: whatever queued while a call was
+/// in flight goes together in the next one (no timer), and a call carrying finishes also
+/// claims the room they free. Each report gets its own answer. A server without the batch
+/// call gets the single-attempt calls instead. Returns when every [`ReportQueue`] is gone.
+pub async fn send_reports(
+    http: HttpReporter,
+    mut queue: mpsc::UnboundedReceiver<QueuedReport>,
+    rider: std::sync::Arc<dyn ClaimRider>,
+) {
+    let mut batched = true;
+    let mut unconfirmed = Unconfirmed::default();
+    while let Some(first) = queue.recv().await {
+        let mut reports = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            reports.push(more);
+        }
+        if batched {
+            match send_batch(&http, reports, &*rider, &mut unconfirmed).await {
+                None => continue,
+                Some(unsent) => {
+                    tracing::info!("the server has no batch call; reporting attempts one by one");
+                    batched = false;
+                    reports = unsent;
+                }
+            }
+        }
+        // Starts before finishes: a finish may be queued behind its own start.
+        let (starts, finishes): (Vec<_>, Vec<_>) = reports
+            .into_iter()
+            .partition(|r| matches!(r.kind, ReportKind::Start { .. }));
+        for (key, result) in
+            futures::future::join_all(starts.into_iter().map(|r| send_alone(&http, r))).await
+        {
+            unconfirmed.note(&key.0, key.1, &result);
+        }
+        let finishes = unconfirmed.hold_back(finishes, &std::collections::HashSet::new());
+        futures::future::join_all(finishes.into_iter().map(|r| send_alone(&http, r))).await;
+    }
+}
+
+/// Attempts whose start failed in a way that may succeed later: their finish waits until the
+/// start lands, so no run ends without having been `running`.
+#[derive(Debug, Default)]
+struct Unconfirmed(std::collections::HashSet<(String, u32)>);
+
+impl Unconfirmed {
+    fn note(&mut self, run_id: &str, attempt: u32, result: &Result<(), ReportError>) {
+        let key = (run_id.to_string(), attempt);
+        match result {
+            Err(ReportError::Transient(_)) => {
+                self.0.insert(key);
+            }
+            _ => {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    /// Answers, as "try again", each finish whose start failed and is not in `starting`.
+    fn hold_back(
+        &self,
+        reports: Vec<QueuedReport>,
+        starting: &std::collections::HashSet<(String, u32)>,
+    ) -> Vec<QueuedReport> {
+        if self.0.is_empty() {
+            return reports;
+        }
+        reports
+            .into_iter()
+            .filter_map(|r| {
+                let key = (r.run_id.clone(), r.attempt);
+                if matches!(r.kind, ReportKind::Finish(_))
+                    && self.0.contains(&key)
+                    && !starting.contains(&key)
+                {
+                    let _ = r.reply.send(Err(ReportError::Transient(
+                        "its start is not confirmed yet".into(),
+                    )));
+                    None
+                } else {
+                    Some(r)
+                }
+            })
+            .collect()
+    }
+}
+
+/// One call for all of `reports`. `Some`: the server has no such call, nothing was sent.
+async fn send_batch(
+    http: &HttpReporter,
+    reports: Vec<QueuedReport>,
+    rider: &dyn ClaimRider,
+    unconfirmed: &mut Unconfirmed,
+) -> Option<Vec<QueuedReport>> {
+    let starting: std::collections::HashSet<(String, u32)> = reports
+        .iter()
+        .filter(|r| matches!(r.kind, ReportKind::Start { .. }))
+        .map(|r| (r.run_id.clone(), r.attempt))
+        .collect();
+    let mut reports = unconfirmed.hold_back(reports, &starting);
+    if reports.is_empty() {
+        return None;
+    }
+    let mut request = AttemptReportsRequest::default();
+    for r in &reports {
+        match &r.kind {
+            ReportKind::Start { pid } => request.starts.push(AttemptStartWire {
+                run_id: r.run_id.clone(),
+                attempt: r.attempt,
+                pid: Some(*pid),
+            }),
+            ReportKind::Finish(f) => request.finishes.push(AttemptFinishWire {
+                run_id: r.run_id.clone(),
+                attempt: r.attempt,
+                status: f.status,
+                error_code: f.error_code,
+                exit_code: f.exit_code,
+                error_message: f.error_message.clone(),
+            }),
+        }
+    }
+    if !request.finishes.is_empty() {
+        request.claim = rider.max_runs().map(|max_runs| ReportClaim { max_runs });
+    }
+    let answer = match http.client.report_attempts(&http.worker_id, &request).await {
+        Ok(answer) => answer,
+        // An older server: a Tether server names a missing route `no_route`; anything else
+        // answering 404 without a Tether error body has no such route either.
+        Err(err)
+            if err.code() == Some("no_route")
+                || (err.status() == Some(404) && err.code() == Some("http_404")) =>
+        {
+            return Some(reports);
+        }
+        Err(err) => {
+            let why = Err(classify(err));
+            for r in reports.drain(..) {
+                if matches!(r.kind, ReportKind::Start { .. }) {
+                    unconfirmed.note(&r.run_id, r.attempt, &why);
+                }
+                let _ = r.reply.send(why.clone());
+            }
+            return None;
+        }
+    };
+    // The new attempts first: their processes start while the answered ones wrap up.
+    for assignment in answer.assignments {
+        rider.launch(assignment);
+    }
+    let mut starts = answer.starts.into_iter();
+    let mut finishes = answer.finishes.into_iter();
+    for r in reports {
+        let item = match r.kind {
+            ReportKind::Start { .. } => starts.next(),
+            ReportKind::Finish(_) => finishes.next(),
+        };
+        let result = match item {
+            Some(ReportAnswer { error: None, .. }) => Ok(()),
+            Some(ReportAnswer {
+                error: Some(refusal),
+                ..
+            }) => Err(classify(ClientError::Api {
+                status: refusal.status,
+                code: refusal.code,
+                message: refusal.message,
+                retry_after: None,
+            })),
+            None => Err(ReportError::Transient(
+                "the server answered fewer items than were sent".into(),
+            )),
+        };
+        if matches!(r.kind, ReportKind::Start { .. }) {
+            unconfirmed.note(&r.run_id, r.attempt, &result);
+        }
+        let _ = r.reply.send(result);
+    }
+    // Let the attempts just answered queue what follows (their finishes) before the next
+    // call goes: a yield, not a timer.
+    tokio::task::yield_now().await;
+    None
+}
+
+/// One report through its single-attempt call; answers it, and says which attempt and how.
+async fn send_alone(
+    http: &HttpReporter,
+    report: QueuedReport,
+) -> ((String, u32), Result<(), ReportError>) {
+    let result = match &report.kind {
+        ReportKind::Start { pid } => http.start(&report.run_id, report.attempt, *pid).await,
+        ReportKind::Finish(f) => http.finish(&report.run_id, report.attempt, f).await,
+    };
+    let _ = report.reply.send(result.clone());
+    ((report.run_id, report.attempt), result)
 }
 
 #[cfg(test)]

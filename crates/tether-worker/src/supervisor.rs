@@ -148,7 +148,8 @@ pub async fn supervise(
         .take()
         .map(|stdin| crate::shim::hold_lifeline(pgid, stdin));
     let started = Instant::now();
-    tracing::info!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
+    // Per run, so below info: a busy worker starts hundreds a second.
+    tracing::debug!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
 
     let (queue, rx) = output_queue();
     let exited = CancellationToken::new();
@@ -174,7 +175,45 @@ pub async fn supervise(
     // Only the readers may hold senders: the uploader drains once both are done.
     drop(queue);
 
-    if let Err(why) = start_with_retry(&*reporter, &run_id, attempt, pgid, &mut orders).await {
+    // The start is reported while the command runs. A command that ends before its start is
+    // answered, having printed nothing, has its finish queued right behind the start: a
+    // batching reporter sends both in one call, and never the finish before the start.
+    let mut start_orders = Orders::new(orders.rx.clone());
+    let start = start_with_retry(&*reporter, &run_id, attempt, pgid, &mut start_orders);
+    tokio::pin!(start);
+    let answered: Option<Result<(), Unreported>> = tokio::select! {
+        biased;
+        result = &mut start => Some(result),
+        _ = child.wait() => None,
+    };
+    let start_answer = match answered {
+        Some(result) => result,
+        None => {
+            exited.cancel();
+            let _ = tokio::time::timeout(EXIT_SETTLE, wait_all(&mut readers)).await;
+            signal_group(pgid, Signal::SIGKILL);
+            if orders.until_dropped(wait_all(&mut readers)).await.is_none() {
+                return AttemptEnd::Unreported(unreported_for(orders.current()));
+            }
+            let silent =
+                stats.bytes(OutputStream::Stdout) == 0 && stats.bytes(OutputStream::Stderr) == 0;
+            if silent {
+                let finish = finish_for_exit(child.wait().await);
+                let (started, end) = tokio::join!(
+                    start,
+                    report_finish(&*reporter, &run_id, attempt, finish, &mut orders)
+                );
+                return match started {
+                    // Refused: so was the finish, as it came after.
+                    Err(why) => AttemptEnd::Unreported(why),
+                    Ok(()) => end,
+                };
+            }
+            // Output goes up only once the start is confirmed: go the usual way.
+            start.await
+        }
+    };
+    if let Err(why) = start_answer {
         kill_run(&mut child, pgid).await;
         let _ = child.wait().await;
         return AttemptEnd::Unreported(why);
@@ -306,7 +345,11 @@ pub async fn supervise(
         }
         UploadEnd::Stop => return AttemptEnd::Unreported(Unreported::OutputLimit),
     }
-    tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
+    if finish.status == RunStatus::Succeeded {
+        tracing::debug!(run_id, attempt, "finished");
+    } else {
+        tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
+    }
     report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await
 }
 

@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::control::{AttemptControl, AttemptStats, Directive};
-use crate::reporter::{HttpReporter, OutputStream};
+use crate::reporter::{
+    send_reports, BatchReporter, ClaimRider, HttpReporter, OutputStream, QueuedReport, ReportQueue,
+};
 use crate::supervisor::{supervise, SupervisorOptions};
 
 /// How a worker runs.
@@ -115,15 +117,24 @@ pub async fn run_worker(
             server = client.base_url(),
             "registered"
         );
+        let (queue, reports) = ReportQueue::new();
         let session = Session {
             client: client.clone(),
             config: config.clone(),
             worker_id: worker_id.clone(),
-            held: Held::default(),
-            tracker: TaskTracker::new(),
-            freed: Arc::new(Notify::new()),
+            launcher: Launcher {
+                client: client.clone(),
+                config: Arc::new(config.clone()),
+                worker_id: worker_id.clone(),
+                held: Held::default(),
+                tracker: TaskTracker::new(),
+                freed: Arc::new(Notify::new()),
+                queue,
+                claiming: Arc::new(AtomicBool::new(true)),
+                ending: Arc::new(Mutex::new(None)),
+            },
         };
-        match session.run(interval, &shutdown).await {
+        match session.run(interval, &shutdown, reports).await {
             SessionEnd::Shutdown => {
                 deregister(&client, &worker_id).await;
                 return Ok(());
@@ -248,12 +259,6 @@ impl Held {
             held.control.order(directive);
         }
     }
-
-    fn order_all(&self, directive: Directive) {
-        for held in self.lock().values() {
-            held.control.order(directive);
-        }
-    }
 }
 
 enum SessionEnd {
@@ -267,14 +272,37 @@ struct Session {
     client: TetherClient,
     config: WorkerConfig,
     worker_id: String,
+    launcher: Launcher,
+}
+
+/// Starts the attempts a registration is handed, by its claim loop or by a claim riding on a
+/// batch of finishes.
+#[derive(Clone)]
+struct Launcher {
+    client: TetherClient,
+    config: Arc<WorkerConfig>,
+    worker_id: String,
     held: Held,
     tracker: TaskTracker,
     /// Told each time an attempt ends, so a full worker asks for more at once.
     freed: Arc<Notify>,
+    /// Where the attempts' starts and finishes queue for the next batch.
+    queue: ReportQueue,
+    /// Whether finishes may claim the room they free: not once the worker stops claiming.
+    claiming: Arc<AtomicBool>,
+    /// The order every held attempt got when the session ended; an attempt handed out by a
+    /// claim still in flight then gets it too.
+    ending: Arc<Mutex<Option<Directive>>>,
 }
 
 impl Session {
-    async fn run(self, interval: Duration, shutdown: &CancellationToken) -> SessionEnd {
+    async fn run(
+        self,
+        interval: Duration,
+        shutdown: &CancellationToken,
+        reports: tokio::sync::mpsc::UnboundedReceiver<QueuedReport>,
+    ) -> SessionEnd {
+        let launcher = &self.launcher;
         let forgotten = CancellationToken::new();
         let stop_beating = CancellationToken::new();
         let draining = Arc::new(AtomicBool::new(false));
@@ -283,7 +311,7 @@ impl Session {
             self.client.clone(),
             self.worker_id.clone(),
             interval,
-            self.held.clone(),
+            launcher.held.clone(),
             forgotten.clone(),
             stop_beating.clone(),
             draining.clone(),
@@ -292,17 +320,22 @@ impl Session {
             self.client.clone(),
             self.worker_id.clone(),
             self.config.claim_wait,
-            self.held.clone(),
+            launcher.held.clone(),
             stop_beating.clone(),
         ));
+        let sender = tokio::spawn(send_reports(
+            HttpReporter::new(self.client.clone(), self.worker_id.clone()),
+            reports,
+            Arc::new(launcher.clone()),
+        ));
         let end = self.claim_loop(shutdown, &forgotten).await;
-        self.tracker.close();
+        launcher.claiming.store(false, Ordering::Relaxed);
         if matches!(end, SessionEnd::Shutdown) && !self.config.drain_timeout.is_zero() {
             // Drain: the server is told at the next heartbeat, and the commands get their
             // chance to finish and report before anything is stopped.
             draining.store(true, Ordering::Relaxed);
             tracing::info!(timeout = ?self.config.drain_timeout, "draining");
-            if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait())
+            if tokio::time::timeout(self.config.drain_timeout, launcher.wait_idle())
                 .await
                 .is_err()
             {
@@ -313,10 +346,13 @@ impl Session {
             SessionEnd::Shutdown => Directive::Shutdown,
             SessionEnd::Forgotten => Directive::Abandon,
         };
-        self.held.order_all(directive);
+        launcher.end_all(directive);
         // Heartbeats go on while the processes wind down, so the server does not judge the
         // runs lost meanwhile.
-        self.tracker.wait().await;
+        launcher.tracker.close();
+        launcher.tracker.wait().await;
+        // Every attempt has had its reports answered: nothing is left to send.
+        sender.abort();
         stop_beating.cancel();
         let _ = beats.await;
         let _ = control.await;
@@ -336,11 +372,11 @@ impl Session {
         loop {
             // A full worker asks for nothing: the end of one of its attempts wakes it (a
             // claim held open meanwhile would only be woken to take nothing).
-            if !self.held.has_room(&self.config.capacity) {
+            if !self.launcher.held.has_room(&self.config.capacity) {
                 tokio::select! {
                     _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                     _ = forgotten.cancelled() => return SessionEnd::Forgotten,
-                    _ = self.freed.notified() => {}
+                    _ = self.launcher.freed.notified() => {}
                 }
                 continue;
             }
@@ -355,7 +391,7 @@ impl Session {
                     backoff.reset();
                     let empty = answer.assignments.is_empty();
                     for assignment in answer.assignments {
-                        self.launch(assignment);
+                        self.launcher.launch(assignment);
                     }
                     (empty && asked.elapsed() < EMPTY_CLAIM_PAUSE / 4).then_some(EMPTY_CLAIM_PAUSE)
                 }
@@ -382,7 +418,9 @@ impl Session {
             }
         }
     }
+}
 
+impl Launcher {
     fn launch(&self, assignment: Assignment) {
         let key = (assignment.run_id.clone(), assignment.attempt);
         let (control, directives) = AttemptControl::new();
@@ -397,6 +435,11 @@ impl Session {
                 );
                 return;
             }
+            // Handed out by a claim that was in flight when the session ended: it ends too
+            // (never spawned), and the server gets it back as it gets the others.
+            if let Some(directive) = *self.lock_ending() {
+                control.order(directive);
+            }
             held.insert(
                 key.clone(),
                 HeldAttempt {
@@ -406,10 +449,10 @@ impl Session {
                 },
             );
         }
-        tracing::info!(run_id = key.0, attempt = key.1, "claimed");
-        let reporter = Arc::new(HttpReporter::new(
-            self.client.clone(),
-            self.worker_id.clone(),
+        tracing::debug!(run_id = key.0, attempt = key.1, "claimed");
+        let reporter = Arc::new(BatchReporter::new(
+            HttpReporter::new(self.client.clone(), self.worker_id.clone()),
+            self.queue.clone(),
         ));
         let options = SupervisorOptions {
             kill_grace: self.config.kill_grace,
@@ -424,6 +467,43 @@ impl Session {
             // A stored permit if the claim loop is not waiting: it looks again at once.
             freed.notify_one();
         });
+    }
+
+    fn lock_ending(&self) -> MutexGuard<'_, Option<Directive>> {
+        self.ending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Orders every attempt held now, and any handed out later, to end.
+    fn end_all(&self, directive: Directive) {
+        // Under the held map's lock, so no launch slips between the two.
+        let held = self.held.lock();
+        *self.lock_ending() = Some(directive);
+        for attempt in held.values() {
+            attempt.control.order(directive);
+        }
+    }
+
+    /// Until no attempt is held (a drain).
+    async fn wait_idle(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.held.lock().is_empty() {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+impl ClaimRider for Launcher {
+    fn max_runs(&self) -> Option<u32> {
+        self.claiming
+            .load(Ordering::Relaxed)
+            .then_some(self.config.max_runs_per_claim.max(1))
+    }
+
+    fn launch(&self, assignment: Assignment) {
+        Launcher::launch(self, assignment);
     }
 }
 

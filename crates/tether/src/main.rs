@@ -114,7 +114,9 @@ fn main() -> ExitCode {
             }
             Command::Worker(args) => {
                 init_tracing(log_format);
-                use_run_shim();
+                if !args.no_run_shim {
+                    use_run_shim();
+                }
                 serve_cmds::worker(args).await
             }
             Command::Run(args) => client_cmds::run(args).await,

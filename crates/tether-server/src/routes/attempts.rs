@@ -3,13 +3,18 @@
 
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use tether_api::{
-    AppendLogRequest, AppendLogResponse, FinishRequest, RunView, StartRequest, StreamOffsets,
+    AppendLogRequest, AppendLogResponse, AttemptReportsRequest, AttemptReportsResponse,
+    FinishRequest, ReportAnswer, RunView, StartRequest, StreamOffsets,
 };
 use tether_domain::{AttemptOutcome, ErrorCode, RunStatus};
-use tether_store::{AppendOutcome, FinishReport, OutputChunk, OutputStream};
+use tether_store::{
+    AppendOutcome, AttemptFinish, FinishReport, OutputChunk, OutputStream, RunRecord, RunRef,
+    StoreError, StoreResult,
+};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath};
@@ -123,14 +128,14 @@ pub async fn append_logs(
 }
 
 /// The outcome a finish call reports, checked: only terminal statuses, with fitting codes.
-fn outcome(request: &FinishRequest) -> ApiResult<AttemptOutcome> {
-    Ok(match request.status {
+fn outcome(status: RunStatus, error_code: Option<ErrorCode>) -> ApiResult<AttemptOutcome> {
+    Ok(match status {
         RunStatus::Succeeded => AttemptOutcome::Succeeded,
         RunStatus::Failed => AttemptOutcome::Failed {
-            error_code: request.error_code.unwrap_or(ErrorCode::ExitNonzero),
+            error_code: error_code.unwrap_or(ErrorCode::ExitNonzero),
         },
         RunStatus::TimedOut => AttemptOutcome::TimedOut {
-            error_code: request.error_code.unwrap_or(ErrorCode::Timeout),
+            error_code: error_code.unwrap_or(ErrorCode::Timeout),
         },
         RunStatus::Cancelled => AttemptOutcome::Cancelled,
         other => {
@@ -156,7 +161,7 @@ pub async fn finish(
         .verify(&state.store, &request.worker_id, &headers)
         .await?;
     let report = FinishReport {
-        outcome: outcome(&request)?,
+        outcome: outcome(request.status, request.error_code)?,
         exit_code: request.exit_code,
         error_message: request.error_message.clone(),
     };
@@ -164,6 +169,12 @@ pub async fn finish(
         .store
         .finish_attempt(&run_id, attempt, &request.worker_id, &report)
         .await?;
+    count_finish(&run, &report);
+    let now = state.store.now().await?;
+    Ok(Json(run_view(&run, None, &state.config, now)))
+}
+
+fn count_finish(run: &RunRecord, report: &FinishReport) {
     let error_code = match report.outcome {
         AttemptOutcome::Succeeded => None,
         AttemptOutcome::Failed { error_code } | AttemptOutcome::TimedOut { error_code } => {
@@ -171,9 +182,157 @@ pub async fn finish(
         }
         AttemptOutcome::Cancelled => Some(ErrorCode::Cancelled),
     };
-    crate::metrics::attempt_ended(&run, request.status, error_code);
-    let now = state.store.now().await?;
-    Ok(Json(run_view(&run, None, &state.config, now)))
+    crate::metrics::attempt_ended(run, report.outcome.status(), error_code);
+}
+
+/// The most starts and finishes one `POST /v1/workers/{id}/attempts` may carry.
+pub const MAX_REPORTS: usize = 1_000;
+
+/// `POST /v1/workers/{id}/attempts`: several starts and finishes in one call (one store
+/// transaction for each kind, where the store can), then, if asked, a claim for the room the
+/// finishes freed. Each item is fenced as the single-attempt calls are and answered alone: a
+/// stale attempt is that item's `409 stale_attempt`, and the rest still land.
+#[utoipa::path(post, path = "/v1/workers/{id}/attempts", request_body = tether_api::AttemptReportsRequest,
+    responses((status = 200, body = tether_api::AttemptReportsResponse, description = "one answer per item, in order; refused items carry their own error"),
+        (status = 404, body = tether_api::ErrorBody, description = "unknown_worker"),
+        (status = 422, body = tether_api::ErrorBody, description = "more than 1,000 items")))]
+pub async fn report_attempts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(worker_id): ApiPath<String>,
+    ApiJson(request): ApiJson<AttemptReportsRequest>,
+) -> ApiResult<Response> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
+    if request.starts.len() + request.finishes.len() > MAX_REPORTS {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            format!("at most {MAX_REPORTS} starts and finishes in one call"),
+        ));
+    }
+    let mut store_failed = false;
+
+    let refs: Vec<RunRef> = request
+        .starts
+        .iter()
+        .map(|s| RunRef {
+            run_id: s.run_id.clone(),
+            attempt: s.attempt,
+        })
+        .collect();
+    let started = if refs.is_empty() {
+        Vec::new()
+    } else {
+        state.store.start_attempts(&worker_id, &refs).await?
+    };
+    let starts = refs
+        .into_iter()
+        .zip(started)
+        .map(|(r, result)| {
+            if let Ok(run) = &result {
+                crate::metrics::run_started(run);
+            }
+            answer(r.run_id, r.attempt, result, &mut store_failed)
+        })
+        .collect();
+
+    // A finish that says something no attempt can end with is refused alone, like the rest.
+    let mut finishes: Vec<Option<ReportAnswer>> = Vec::with_capacity(request.finishes.len());
+    let mut valid: Vec<AttemptFinish> = Vec::with_capacity(request.finishes.len());
+    for f in request.finishes {
+        match outcome(f.status, f.error_code) {
+            Ok(outcome) => {
+                finishes.push(None);
+                valid.push(AttemptFinish {
+                    run_id: f.run_id,
+                    attempt: f.attempt,
+                    report: FinishReport {
+                        outcome,
+                        exit_code: f.exit_code,
+                        error_message: f.error_message,
+                    },
+                });
+            }
+            Err(err) => finishes.push(Some(ReportAnswer {
+                run_id: f.run_id,
+                attempt: f.attempt,
+                run_status: None,
+                error: Some(err.refusal()),
+            })),
+        }
+    }
+    let finished = if valid.is_empty() {
+        Vec::new()
+    } else {
+        state.store.finish_attempts(&worker_id, &valid).await?
+    };
+    let mut judged = valid.into_iter().zip(finished).map(|(item, result)| {
+        if let Ok(run) = &result {
+            count_finish(run, &item.report);
+        }
+        answer(item.run_id, item.attempt, result, &mut store_failed)
+    });
+    let finishes = finishes
+        .into_iter()
+        .map(|slot| slot.or_else(|| judged.next()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ApiError::Internal("the store answered fewer finishes than asked".into()))?;
+
+    // The finishes are stored whatever the claim does: a claim that fails only hands out
+    // nothing, and the worker's own claim loop asks again.
+    let mut assignments = Vec::new();
+    if let Some(claim) = request.claim {
+        let limits = super::workers::claim_limits(&state, claim.max_runs);
+        let waited = std::time::Instant::now();
+        match state.store.claim_runs(&worker_id, &limits).await {
+            Ok(claimed) => {
+                crate::metrics::claim_answered(waited.elapsed(), claimed.len());
+                assignments = super::workers::assignments(&state, &worker_id, claimed).await;
+            }
+            Err(err) => {
+                store_failed |= matches!(err, StoreError::Unavailable(_));
+                tracing::warn!(worker_id, %err, "the claim riding on a report failed");
+            }
+        }
+    }
+    let mut response = Json(AttemptReportsResponse {
+        starts,
+        finishes,
+        assignments,
+    })
+    .into_response();
+    if store_failed {
+        // Seen by the store-health layer, as a 503 would be.
+        response.extensions_mut().insert(crate::health::StoreFailed);
+    }
+    Ok(response)
+}
+
+fn answer(
+    run_id: String,
+    attempt: u32,
+    result: StoreResult<RunRecord>,
+    store_failed: &mut bool,
+) -> ReportAnswer {
+    match result {
+        Ok(run) => ReportAnswer {
+            run_id,
+            attempt,
+            run_status: Some(run.status),
+            error: None,
+        },
+        Err(err) => {
+            *store_failed |= matches!(err, StoreError::Unavailable(_));
+            ReportAnswer {
+                run_id,
+                attempt,
+                run_status: None,
+                error: Some(ApiError::from(err).refusal()),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

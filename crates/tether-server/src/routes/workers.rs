@@ -135,6 +135,42 @@ fn assignment(claimed: ClaimedRun) -> Assignment {
     }
 }
 
+/// What one claim of `worker_id` may hand out: at most `max_runs` (clamped), within the lanes'
+/// `max_concurrency`, and nothing to a worker whose heartbeat is not fresh.
+pub(crate) fn claim_limits(state: &AppState, max_runs: u32) -> ClaimLimits {
+    ClaimLimits {
+        max_runs: max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
+        lane_max_concurrency: state
+            .config
+            .lanes
+            .lanes
+            .iter()
+            .filter_map(|(name, lane)| lane.max_concurrency.map(|m| (name.clone(), m)))
+            .collect(),
+        // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
+        worker_fresh_ms: state.config.worker_fresh_ms(),
+    }
+}
+
+/// Claimed runs as the worker receives them, with their endpoints resolved.
+pub(crate) async fn assignments(
+    state: &AppState,
+    worker_id: &str,
+    claimed: Vec<ClaimedRun>,
+) -> Vec<Assignment> {
+    // Endpoints resolve per claim, so a retried attempt gets a fresh answer.
+    let dispatched = crate::dispatch::resolve_claimed(state, worker_id, &claimed).await;
+    claimed
+        .into_iter()
+        .zip(dispatched)
+        .map(|(c, env)| {
+            let mut a = assignment(c);
+            a.env.extend(env);
+            a
+        })
+        .collect()
+}
+
 /// While a claim waits, it also retries this often without a wake-up: a safety net only (a
 /// signal lost with a PostgreSQL listener's connection, a worker's heartbeat turning fresh
 /// again). Every change that frees room wakes the claim itself.
@@ -168,18 +204,7 @@ pub async fn claim(
         .worker_secrets
         .verify(&state.store, &worker_id, &headers)
         .await?;
-    let limits = ClaimLimits {
-        max_runs: request.max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
-        lane_max_concurrency: state
-            .config
-            .lanes
-            .lanes
-            .iter()
-            .filter_map(|(name, lane)| lane.max_concurrency.map(|m| (name.clone(), m)))
-            .collect(),
-        // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
-        worker_fresh_ms: state.config.worker_fresh_ms(),
-    };
+    let limits = claim_limits(&state, request.max_runs);
     let waiting_since = std::time::Instant::now();
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
@@ -189,17 +214,7 @@ pub async fn claim(
         let claimed = state.store.claim_runs(&worker_id, &limits).await?;
         if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
             crate::metrics::claim_answered(waiting_since.elapsed(), claimed.len());
-            // Endpoints resolve per claim, so a retried attempt gets a fresh answer.
-            let dispatched = crate::dispatch::resolve_claimed(&state, &worker_id, &claimed).await;
-            let assignments = claimed
-                .into_iter()
-                .zip(dispatched)
-                .map(|(c, env)| {
-                    let mut a = assignment(c);
-                    a.env.extend(env);
-                    a
-                })
-                .collect();
+            let assignments = assignments(&state, &worker_id, claimed).await;
             return Ok(Json(ClaimResponse { assignments }));
         }
         let recheck = (tokio::time::Instant::now() + CLAIM_RECHECK).min(deadline);

@@ -10,6 +10,7 @@ mod lanes;
 mod outage;
 mod protocol;
 mod proxy;
+mod reports;
 mod security;
 mod slowloris;
 mod stream;

@@ -233,8 +233,17 @@ async fn must_lock<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<LoadedR
         .ok_or(StoreError::NotFound)
 }
 
-/// The run as this transaction left it.
+/// The run as this transaction left it, with its queue position while pending.
 async fn reload<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<RunRecord> {
+    let mut run = reload_unplaced(tx, run_id).await?;
+    if run.status == tether_domain::RunStatus::Pending {
+        run.queue_position = Some(tx.queue_position(&run.spec.lane, run.seq).await?);
+    }
+    Ok(run)
+}
+
+/// The run as this transaction left it, its queue position left for the caller to fill.
+async fn reload_unplaced<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<RunRecord> {
     tx.load_run(run_id, Lock::None)
         .await?
         .map(|l| l.run)

@@ -1,12 +1,12 @@
 //! Accepting runs (admission decided in the accepting transaction), cancels, and lists.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tether_domain::admission::{door, Door, LaneHolds};
 use tether_domain::machine::{Command, RunState};
 use tether_domain::RunSpec;
 
-use super::{end_attempt, must_lock, push_status, reload, transition_error};
+use super::{end_attempt, must_lock, push_status, reload, reload_unplaced, transition_error};
 use super::{write_one, Ending};
 use crate::driver::{Driver, DriverTx, RunChange};
 use crate::{
@@ -26,7 +26,7 @@ pub(super) async fn admit_one<D: Driver>(
     if policy.is_some_and(|p| p.reject_when_full) {
         tx.lock_lane(&spec.lane).await?;
     }
-    let admission = accept(&mut tx, &mut out, spec, policy).await?;
+    let admission = accept(&mut tx, &mut out, spec, policy, &mut Places::default()).await?;
     if matches!(&admission, Admission::Accepted(created) if created.created) {
         d.commit(tx, out).await?;
     }
@@ -50,8 +50,9 @@ pub(super) async fn admit_batch<D: Driver>(
         tx.lock_lane(lane).await?;
     }
     let mut runs = Vec::with_capacity(batch.len());
+    let mut places = Places::default();
     for (index, (spec, policy)) in batch.iter().enumerate() {
-        let decided = accept(&mut tx, &mut out, spec, Some(policy)).await;
+        let decided = accept(&mut tx, &mut out, spec, Some(policy), &mut places).await;
         match batch_entry(&spec.lane, decided)? {
             Ok(created) => runs.push(created),
             // Dropping the transaction un-writes the entries before this one.
@@ -71,6 +72,7 @@ async fn accept<T: DriverTx>(
     out: &mut Outbox,
     spec: &RunSpec,
     policy: Option<&AdmissionPolicy>,
+    places: &mut Places,
 ) -> StoreResult<Admission> {
     if let Some(run) = find_by_key(tx, spec).await? {
         return Ok(replayed(run));
@@ -97,11 +99,31 @@ async fn accept<T: DriverTx>(
     let first = StatusBody::plain(state.status, 0);
     push_status(tx, out, &id, first).await?;
     out.run_pending(&spec.lane);
-    let run = reload(tx, &id).await?;
+    let mut run = reload_unplaced(tx, &id).await?;
+    run.queue_position = Some(places.next(tx, &run).await?);
     Ok(Admission::Accepted(Box::new(CreatedRun {
         run,
         created: true,
     })))
+}
+
+/// The queue position of each run a transaction accepts. A new run is the last of its lane's
+/// queue, so the transaction counts a lane's queue once, at its first new run, and places the
+/// ones after it behind it: a batch of n runs costs one count per lane, not n.
+#[derive(Default)]
+struct Places {
+    last: BTreeMap<String, i64>,
+}
+
+impl Places {
+    async fn next<T: DriverTx>(&mut self, tx: &mut T, run: &RunRecord) -> StoreResult<i64> {
+        let place = match self.last.get(&run.spec.lane) {
+            Some(last) => last + 1,
+            None => tx.queue_position(&run.spec.lane, run.seq).await?,
+        };
+        self.last.insert(run.spec.lane.clone(), place);
+        Ok(place)
+    }
 }
 
 fn replayed(run: RunRecord) -> Admission {

@@ -16,6 +16,8 @@ pub struct Record {
     pub chunks: Vec<OutputChunk>,
     pub finishes: Vec<Finish>,
     pub append_calls: usize,
+    /// What happened, in order: `start`, `started` (its answer), `append`, `finish`.
+    pub calls: Vec<&'static str>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -28,6 +30,8 @@ pub struct Behaviour {
     pub transient_append_failures: usize,
     /// Each `append` takes this long (a slow server).
     pub append_delay: Option<Duration>,
+    /// `start` takes this long to answer.
+    pub start_delay: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -79,8 +83,17 @@ impl FakeReporter {
 #[async_trait]
 impl AttemptReporter for FakeReporter {
     async fn start(&self, _run_id: &str, _attempt: u32, pid: u32) -> Result<(), ReportError> {
-        self.record.lock().unwrap().pid = Some(pid);
-        if self.behaviour.lock().unwrap().start_stale {
+        {
+            let mut record = self.record.lock().unwrap();
+            record.pid = Some(pid);
+            record.calls.push("start");
+        }
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        if let Some(delay) = behaviour.start_delay {
+            tokio::time::sleep(delay).await;
+        }
+        self.record.lock().unwrap().calls.push("started");
+        if behaviour.start_stale {
             return Err(ReportError::Stale);
         }
         Ok(())
@@ -99,6 +112,7 @@ impl AttemptReporter for FakeReporter {
         {
             let mut record = self.record.lock().unwrap();
             record.append_calls += 1;
+            record.calls.push("append");
             if record.append_calls <= behaviour.transient_append_failures {
                 return Err(ReportError::Transient("server away".into()));
             }
@@ -127,7 +141,9 @@ impl AttemptReporter for FakeReporter {
         _attempt: u32,
         finish: &Finish,
     ) -> Result<(), ReportError> {
-        self.record.lock().unwrap().finishes.push(finish.clone());
+        let mut record = self.record.lock().unwrap();
+        record.finishes.push(finish.clone());
+        record.calls.push("finish");
         Ok(())
     }
 }

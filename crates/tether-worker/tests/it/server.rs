@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use tether_api::{
-    AppendLogRequest, Assignment, ClaimRequest, FinishRequest, HeartbeatRequest,
-    RegisterWorkerRequest, RunRefWire, StartRequest,
+    AppendLogRequest, Assignment, AttemptReportsRequest, ClaimRequest, FinishRequest,
+    HeartbeatRequest, RegisterWorkerRequest, RunRefWire, StartRequest,
 };
 
 pub const HEARTBEAT_MS: u64 = 200;
@@ -32,6 +32,11 @@ pub struct World {
     pub starts: Vec<(String, StartRequest)>,
     pub output: Vec<u8>,
     pub finishes: Vec<(String, FinishRequest)>,
+    /// Act as a server without `POST /v1/workers/{id}/attempts` (404, no body).
+    pub no_batch_call: bool,
+    /// How many batch calls came, and the most items one carried.
+    pub batch_calls: usize,
+    pub largest_batch: usize,
 }
 
 #[derive(Clone, Default)]
@@ -51,6 +56,7 @@ impl FakeServer {
             .route("/v1/workers/{id}", delete(deregister))
             .route("/v1/workers/{id}/claim", post(claim))
             .route("/v1/workers/{id}/heartbeat", post(heartbeat))
+            .route("/v1/workers/{id}/attempts", post(attempts))
             .route("/v1/runs/{id}/attempts/{attempt}/start", post(start))
             .route("/v1/runs/{id}/attempts/{attempt}/logs", post(logs))
             .route("/v1/runs/{id}/attempts/{attempt}/finish", post(finish))
@@ -182,4 +188,58 @@ async fn finish(
 ) -> Response {
     s.world().finishes.push((id.clone(), req));
     Json(run_view(&id)).into_response()
+}
+
+/// The batch call, recorded as the single calls it stands for; a claim riding on it hands out
+/// what is queued.
+async fn attempts(
+    State(s): State<FakeServer>,
+    Path(id): Path<String>,
+    Json(req): Json<AttemptReportsRequest>,
+) -> Response {
+    let mut w = s.world();
+    if w.no_batch_call {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if !w.known.contains(&id) {
+        return error(StatusCode::NOT_FOUND, "unknown_worker");
+    }
+    w.batch_calls += 1;
+    w.largest_batch = w.largest_batch.max(req.starts.len() + req.finishes.len());
+    let mut starts = Vec::new();
+    for st in req.starts {
+        starts.push(json!({"run_id": st.run_id, "attempt": st.attempt, "run_status": "running"}));
+        w.starts.push((
+            st.run_id.clone(),
+            StartRequest {
+                worker_id: id.clone(),
+                pid: st.pid,
+            },
+        ));
+    }
+    let mut finishes = Vec::new();
+    for f in req.finishes {
+        finishes.push(json!({"run_id": f.run_id, "attempt": f.attempt, "run_status": f.status}));
+        w.finishes.push((
+            f.run_id.clone(),
+            FinishRequest {
+                worker_id: id.clone(),
+                status: f.status,
+                error_code: f.error_code,
+                exit_code: f.exit_code,
+                error_message: f.error_message,
+            },
+        ));
+    }
+    let mut assignments = Vec::new();
+    if let Some(claim) = req.claim {
+        while assignments.len() < claim.max_runs as usize {
+            match w.pending.pop_front() {
+                Some(a) => assignments.push(a),
+                None => break,
+            }
+        }
+    }
+    Json(json!({ "starts": starts, "finishes": finishes, "assignments": assignments }))
+        .into_response()
 }

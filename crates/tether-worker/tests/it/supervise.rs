@@ -426,3 +426,47 @@ async fn a_grandchild_holding_the_pipe_does_not_hang_the_attempt() {
     );
     assert!(group_gone(fake.pid().expect("started")));
 }
+
+fn calls(fake: &FakeReporter) -> Vec<&'static str> {
+    fake.record.lock().unwrap().calls.clone()
+}
+
+#[tokio::test]
+async fn a_silent_command_that_ends_before_its_start_is_answered_is_finished_behind_it() {
+    let fake = FakeReporter::with(Behaviour {
+        start_delay: Some(Duration::from_millis(500)),
+        ..Behaviour::default()
+    });
+    let end = run(assignment(&["true"]), fake.clone(), LIMIT).await;
+    let AttemptEnd::Reported(finish) = end else {
+        panic!("{end:?}");
+    };
+    assert_eq!(finish.status, RunStatus::Succeeded);
+    assert_eq!(finish.exit_code, Some(0));
+    // The finish was handed over while the start still waited for its answer (a batching
+    // reporter sends both in one call, the start first).
+    assert_eq!(calls(&fake), ["start", "finish", "started"]);
+}
+
+#[tokio::test]
+async fn output_waits_for_the_start_even_when_the_command_ended_first() {
+    let fake = FakeReporter::with(Behaviour {
+        start_delay: Some(Duration::from_millis(300)),
+        ..Behaviour::default()
+    });
+    let end = run(sh("echo hi"), fake.clone(), LIMIT).await;
+    assert!(matches!(end, AttemptEnd::Reported(_)), "{end:?}");
+    assert_eq!(fake.output(OutputStream::Stdout), b"hi\n");
+    assert_eq!(calls(&fake), ["start", "started", "append", "finish"]);
+}
+
+#[tokio::test]
+async fn a_stale_start_of_a_command_that_ended_first_reports_nothing_more() {
+    let fake = FakeReporter::with(Behaviour {
+        start_stale: true,
+        start_delay: Some(Duration::from_millis(300)),
+        ..Behaviour::default()
+    });
+    let end = run(assignment(&["true"]), fake.clone(), LIMIT).await;
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::Stale));
+}

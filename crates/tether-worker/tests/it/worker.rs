@@ -234,3 +234,61 @@ async fn a_server_that_is_not_up_yet_is_waited_for() {
     assert_eq!(server.world().output, b"up\n");
     worker.stop().await;
 }
+
+/// Many short runs through one worker: every run is started and finished exactly once, in
+/// calls that carry several attempts each, and the finishes' claims hand out the backlog.
+async fn short_runs_are_reported_in_batches(no_batch_call: bool) {
+    let server = FakeServer::default();
+    let addr = server.serve("127.0.0.1:0".parse().unwrap()).await;
+    const RUNS: usize = 60;
+    {
+        let mut w = server.world();
+        w.no_batch_call = no_batch_call;
+        for n in 0..RUNS {
+            w.pending.push_back(with_id(sh("true"), &format!("r{n}")));
+        }
+    }
+    let mut cfg = config(addr);
+    cfg.capacity.cpus = 4.0;
+    let worker = Running::start(cfg);
+    server
+        .wait_for(Duration::from_secs(30), "every finish", |w| {
+            w.finishes.len() >= RUNS
+        })
+        .await;
+    worker.stop().await;
+    let w = server.world();
+    let mut started: Vec<&str> = w.starts.iter().map(|(id, _)| id.as_str()).collect();
+    let mut finished: Vec<&str> = w.finishes.iter().map(|(id, _)| id.as_str()).collect();
+    started.sort();
+    finished.sort();
+    let mut want: Vec<String> = (0..RUNS).map(|n| format!("r{n}")).collect();
+    want.sort();
+    assert_eq!(started, want, "each run started once");
+    assert_eq!(finished, want, "each run finished once");
+    assert!(w
+        .finishes
+        .iter()
+        .all(|(_, f)| f.status == RunStatus::Succeeded && f.exit_code == Some(0)));
+    for (run_id, _) in &w.finishes {
+        let start = w.starts.iter().position(|(id, _)| id == run_id);
+        assert!(start.is_some(), "{run_id} finished without a start");
+    }
+    if no_batch_call {
+        assert_eq!(w.batch_calls, 0);
+    } else {
+        // Fewer calls than reports: some carried several attempts.
+        assert!(w.batch_calls < 2 * RUNS, "{} calls", w.batch_calls);
+        assert!(w.largest_batch >= 2, "largest batch {}", w.largest_batch);
+    }
+}
+
+#[tokio::test]
+async fn short_runs_are_reported_in_batches_with_claims_riding_on_finishes() {
+    short_runs_are_reported_in_batches(false).await;
+}
+
+#[tokio::test]
+async fn a_server_without_the_batch_call_gets_single_calls() {
+    short_runs_are_reported_in_batches(true).await;
+}
