@@ -10,9 +10,9 @@
 //!
 //! A batch's cost depends on the machine (a debug build, a loaded host, a slow disk), so on
 //! SQLite the pruner times each one and sizes the next to stay within [`BUDGET`]: what a
-//! submission may wait behind it (see [`budget_for`]). It also pauses at least as long as the last batch took, so on a machine
-//! slow enough that every batch overruns, the pruner still holds the writer at most about half
-//! the time.
+//! submission may wait behind it (see [`budget_for`]). It also pauses at least as long as the
+//! last batch took, so on a machine slow enough that every batch overruns, the pruner still
+//! holds the store at most about half the time.
 
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,11 @@ pub async fn prune_lane(
         if let Some(budget) = budget {
             size = next_batch(size, took, budget);
         }
-        tokio::time::sleep(pause_after(took)).await;
+        // The pause can be as long as a stalled batch was: shutdown does not wait for it.
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(total),
+            _ = tokio::time::sleep(pause_after(took)) => {}
+        }
     }
 }
 
