@@ -6,7 +6,7 @@
 //! One notification per transaction, compact JSON: `{"s": schema, "o": origin, "all": [...]}`
 //! with one entry per signal: `{"k": "p", "lane"}` for a run pending, `{"k": "e", "run",
 //! "seq"}` for new events, `{"k": "f", "lane", "w"}` for room freed, `{"k": "c", "run", "a",
-//! "w"}` for a cancel asked. A run's creation event is left out (see `wanted_elsewhere`). The channel is shared by
+//! "w"}` for a cancel asked, `{"k": "h", "w"}` for a worker's heartbeat. A run's creation event is left out (see `wanted_elsewhere`). The channel is shared by
 //! the whole database, so `s` keeps stores in other schemas apart, and `o` (one per store
 //! instance) lets a store skip its own notifications: it already broadcast them right after its
 //! commit, without a round trip.
@@ -56,6 +56,7 @@ fn entry(signal: &Signal) -> serde_json::Value {
             attempt,
             worker_id,
         } => json!({ "k": "c", "run": run_id, "a": attempt, "w": worker_id }),
+        Signal::WorkerBeat { worker_id } => json!({ "k": "h", "w": worker_id }),
     }
 }
 
@@ -116,6 +117,9 @@ fn decode_entry(value: &serde_json::Value) -> Option<Signal> {
         "c" => Signal::CancelRequested {
             run_id: text("run")?,
             attempt: u32::try_from(value["a"].as_u64()?).ok()?,
+            worker_id: text("w")?,
+        },
+        "h" => Signal::WorkerBeat {
             worker_id: text("w")?,
         },
         _ => return None,
