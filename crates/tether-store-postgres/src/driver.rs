@@ -293,11 +293,15 @@ impl Driver for PgStore {
         // never waits on (or blocks) anyone for long. Terminal is final, so nobody else
         // writes these rows; the children go first within the statement, so the foreign keys
         // hold when it ends. The cutoff is by the database's clock, like every stamp.
+        // `synchronous_commit` off for this statement's transaction alone (an InitPlan, run
+        // once): a prune lost to a crash is pruned again, so its commit need not wait for the
+        // disk, and a pass adds no fsync of its own for every submission to queue behind.
         let deleted = sqlx::query(
             "WITH doomed AS ( \
                  SELECT id FROM runs \
                  WHERE lane = $1 AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
                  AND finished_at < tether_now_ms() - $2 \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off' \
                  ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
              events AS (DELETE FROM run_events WHERE run_id IN (SELECT id FROM doomed)), \
              tries AS (DELETE FROM attempts WHERE run_id IN (SELECT id FROM doomed)) \

@@ -6,7 +6,7 @@
 //! One notification per transaction, compact JSON: `{"s": schema, "o": origin, "all": [...]}`
 //! with one entry per signal: `{"k": "p", "lane"}` for a run pending, `{"k": "e", "run",
 //! "seq"}` for new events, `{"k": "f", "lane", "w"}` for room freed, `{"k": "c", "run", "a",
-//! "w"}` for a cancel asked. A run's creation event is left out (see `wanted_elsewhere`). The channel is shared by
+//! "w"}` for a cancel asked, `{"k": "h", "w"}` for a worker's heartbeat. A run's creation event is left out (see `wanted_elsewhere`). The channel is shared by
 //! the whole database, so `s` keeps stores in other schemas apart, and `o` (one per store
 //! instance) lets a store skip its own notifications: it already broadcast them right after its
 //! commit, without a round trip.
@@ -14,9 +14,11 @@
 //! Reconnects: notifications sent while the listening connection is down are lost. After any
 //! gap (a lost connection, a failed reconnect, a payload too big to send) the listener, once
 //! `LISTEN` is active again, re-reads the store and broadcasts a `RunPending` for every lane with
-//! pending runs and a `RunEvents` at the latest seq for every run that is not terminal or
-//! ended recently (up to the channel's capacity; past it, slow receivers see `Lagged`, which
-//! they treat the same way: re-read). Receivers re-read on any signal, so these duplicates are
+//! pending runs, a `RunEvents` at the latest seq for every run that is not terminal or ended
+//! recently, a `RoomFreed` for every live worker (with an empty lane: which lane freed room is
+//! not known, and each worker's claim wakes on its own id) and a `CancelRequested` for every
+//! in-flight run with a cancel asked (each up to the channel's capacity; past it, slow
+//! receivers see `Lagged`, which they treat the same way: re-read). Receivers re-read on any signal, so these duplicates are
 //! harmless, and nothing a receiver waits for is missed.
 
 use std::time::{Duration, Instant};
@@ -54,6 +56,7 @@ fn entry(signal: &Signal) -> serde_json::Value {
             attempt,
             worker_id,
         } => json!({ "k": "c", "run": run_id, "a": attempt, "w": worker_id }),
+        Signal::WorkerBeat { worker_id } => json!({ "k": "h", "w": worker_id }),
     }
 }
 
@@ -114,6 +117,9 @@ fn decode_entry(value: &serde_json::Value) -> Option<Signal> {
         "c" => Signal::CancelRequested {
             run_id: text("run")?,
             attempt: u32::try_from(value["a"].as_u64()?).ok()?,
+            worker_id: text("w")?,
+        },
+        "h" => Signal::WorkerBeat {
             worker_id: text("w")?,
         },
         _ => return None,
@@ -248,9 +254,46 @@ impl Listener {
                 seq: row.try_get("last_event_seq")?,
             });
         }
+        // A claim long-poll waits for a worker's own room or a capped lane's: a `RoomFreed`
+        // naming each live worker wakes every claim, whichever lane freed room. The lane is
+        // unknown here and left empty (no lane has that name).
+        let workers = sqlx::query(
+            "SELECT id FROM workers WHERE deregistered_at IS NULL \
+             ORDER BY last_heartbeat_at DESC LIMIT $1",
+        )
+        .bind(tether_store::SIGNAL_CAPACITY as i64)
+        .fetch_all(&mut *listener)
+        .await?;
+        // A cancel asked during the gap: its holder's control long-poll is waiting for it.
+        // Served by the `runs_in_flight_cancel` partial index.
+        let cancels = sqlx::query(
+            "SELECT id, attempt, worker_id FROM runs \
+             WHERE status IN ('claimed', 'running') AND cancel_requested_at IS NOT NULL \
+               AND worker_id IS NOT NULL \
+             LIMIT $1",
+        )
+        .bind(tether_store::SIGNAL_CAPACITY as i64)
+        .fetch_all(&mut *listener)
+        .await?;
         for row in &lanes {
             let _ = self.signals.send(Signal::RunPending {
                 lane: row.try_get("lane")?,
+            });
+        }
+        for row in &workers {
+            let _ = self.signals.send(Signal::RoomFreed {
+                lane: String::new(),
+                worker_id: row.try_get("id")?,
+            });
+        }
+        for row in &cancels {
+            let Ok(attempt) = u32::try_from(row.try_get::<i64, _>("attempt")?) else {
+                continue;
+            };
+            let _ = self.signals.send(Signal::CancelRequested {
+                run_id: row.try_get("id")?,
+                attempt,
+                worker_id: row.try_get("worker_id")?,
             });
         }
         Ok(())

@@ -12,6 +12,7 @@ pub struct Outbox {
     /// (lane, worker) pairs that have room again.
     room_freed: BTreeSet<(String, String)>,
     cancels: Vec<(String, u32, String)>,
+    beats: BTreeSet<String>,
 }
 
 impl Outbox {
@@ -30,6 +31,11 @@ impl Outbox {
     pub fn cancel_requested(&mut self, run_id: &str, attempt: u32, worker_id: &str) {
         self.cancels
             .push((run_id.to_string(), attempt, worker_id.to_string()));
+    }
+
+    /// `worker_id`'s heartbeat was stamped.
+    pub fn worker_beat(&mut self, worker_id: &str) {
+        self.beats.insert(worker_id.to_string());
     }
 
     /// A run's events now reach `seq`.
@@ -58,6 +64,15 @@ impl Outbox {
                 attempt,
                 worker_id,
             });
-        events.chain(lanes).chain(freed).chain(cancels).collect()
+        let beats = self
+            .beats
+            .into_iter()
+            .map(|worker_id| Signal::WorkerBeat { worker_id });
+        events
+            .chain(lanes)
+            .chain(freed)
+            .chain(cancels)
+            .chain(beats)
+            .collect()
     }
 }

@@ -405,6 +405,10 @@ pub enum Signal {
         attempt: u32,
         worker_id: String,
     },
+    /// `worker_id`'s heartbeat landed. A worker whose heartbeat had gone stale is handed
+    /// nothing, so a claim it held open then may take runs again now: it re-tries at once
+    /// instead of on a timer.
+    WorkerBeat { worker_id: String },
 }
 
 /// How the reaper judges in-flight runs.

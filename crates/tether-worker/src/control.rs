@@ -1,7 +1,7 @@
 //! What the worker shares with each attempt it supervises: orders going in (cancel, give up,
 //! shut down) and counters coming out (bytes and the time of the last output, for heartbeats).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -74,6 +74,8 @@ pub struct AttemptStats {
     stderr_bytes: AtomicI64,
     /// Milliseconds from `origin` to the last output, plus one; zero: nothing printed yet.
     last_output: AtomicU64,
+    /// The command is over and its finish is being reported.
+    finishing: AtomicBool,
 }
 
 impl Default for AttemptStats {
@@ -89,7 +91,18 @@ impl AttemptStats {
             stdout_bytes: AtomicI64::new(0),
             stderr_bytes: AtomicI64::new(0),
             last_output: AtomicU64::new(0),
+            finishing: AtomicBool::new(false),
         }
+    }
+
+    /// The command is over and its finish is on its way: from here a heartbeat answering
+    /// `not_owned` most likely saw the finish land first, which is no news.
+    pub fn mark_finishing(&self) {
+        self.finishing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_finishing(&self) -> bool {
+        self.finishing.load(Ordering::Relaxed)
     }
 
     /// `n` bytes were just read from `stream`.

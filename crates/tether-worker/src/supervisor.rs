@@ -135,7 +135,7 @@ pub async fn supervise(
                 exit_code: None,
                 error_message: Some(message),
             };
-            return report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await;
+            return report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
         }
     };
     let Some(pgid) = child.id() else {
@@ -201,7 +201,7 @@ pub async fn supervise(
                 let finish = finish_for_exit(child.wait().await);
                 let (started, end) = tokio::join!(
                     start,
-                    report_finish(&*reporter, &run_id, attempt, finish, &mut orders)
+                    report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders)
                 );
                 return match started {
                     // Refused: so was the finish, as it came after.
@@ -350,7 +350,7 @@ pub async fn supervise(
     } else {
         tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
     }
-    report_finish(&*reporter, &run_id, attempt, finish, &mut orders).await
+    report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await
 }
 
 fn spawn(assignment: &Assignment, pass_env: &[String]) -> Result<Child, String> {
@@ -553,11 +553,13 @@ async fn start_with_retry(
 
 async fn report_finish(
     reporter: &dyn AttemptReporter,
+    stats: &AttemptStats,
     run_id: &str,
     attempt: u32,
     finish: Finish,
     orders: &mut Orders,
 ) -> AttemptEnd {
+    stats.mark_finishing();
     let deadline = Instant::now() + REPORT_PATIENCE;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {

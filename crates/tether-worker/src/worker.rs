@@ -608,11 +608,25 @@ fn apply(held: &Held, answer: &HeartbeatResponse) {
         held.order(&run.run_id, run.attempt, Directive::Cancel);
     }
     for run in &answer.not_owned {
-        tracing::warn!(
-            run_id = run.run_id,
-            attempt = run.attempt,
-            "no longer ours; killing"
-        );
+        let key = (run.run_id.clone(), run.attempt);
+        // A heartbeat sent while the attempt's finish was landing: the run ended as we said.
+        let finishing = held
+            .lock()
+            .get(&key)
+            .is_some_and(|h| h.stats.is_finishing());
+        if finishing {
+            tracing::debug!(
+                run_id = run.run_id,
+                attempt = run.attempt,
+                "finished meanwhile"
+            );
+        } else {
+            tracing::warn!(
+                run_id = run.run_id,
+                attempt = run.attempt,
+                "no longer ours; killing"
+            );
+        }
         held.order(&run.run_id, run.attempt, Directive::Abandon);
     }
 }

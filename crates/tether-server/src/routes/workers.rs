@@ -185,6 +185,7 @@ fn may_free_room(signal: &Signal, worker_id: &str, limits: &ClaimLimits) -> bool
             lane,
             worker_id: freed,
         } => freed == worker_id || limits.lane_max_concurrency.contains_key(lane),
+        Signal::WorkerBeat { worker_id: beat } => beat == worker_id,
         Signal::RunEvents { .. } | Signal::CancelRequested { .. } => false,
     }
 }

@@ -419,3 +419,45 @@ async fn logs_of_a_retried_run_are_the_last_attempt_unless_asked() {
         assert_error(status, &body, 422, "invalid_field");
     }
 }
+
+/// A worker whose heartbeat went stale is handed nothing, and a claim it holds open meanwhile
+/// must not wait for the server's periodic re-check (1 s) once a heartbeat makes it fresh
+/// again: the heartbeat itself wakes the claim.
+#[tokio::test]
+async fn a_heartbeat_wakes_the_claim_its_worker_held_open_while_stale() {
+    let s = TestServer::start().await;
+    let worker = s.register(1.0).await;
+    s.submit(json!({"command": ["true"]})).await;
+    // Silent past one interval and a half: suspect, so claims take nothing.
+    tether_testkit::eventually(
+        "the worker to turn suspect",
+        Duration::from_secs(3),
+        async || {
+            let (_, list) = s.get("/v1/workers").await;
+            list["workers"][0]["state"] == "suspect"
+        },
+    )
+    .await;
+    let claim_path = format!("/v1/workers/{worker}/claim");
+    let beat_path = format!("/v1/workers/{worker}/heartbeat");
+    let beat_sent = std::sync::Mutex::new(None);
+    let ((status, answer), _) = tokio::join!(
+        s.post(&claim_path, json!({"max_runs": 1, "wait_ms": 5000})),
+        async {
+            // Lets the claim find nothing and wait first; if the beat lands before the claim
+            // looks, the claim takes the run at once and the test passes the same way.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            *beat_sent.lock().unwrap() = Some(tokio::time::Instant::now());
+            let (status, _) = s.post(&beat_path, json!({"runs": []})).await;
+            assert_eq!(status, 200);
+        }
+    );
+    let answered = tokio::time::Instant::now();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["assignments"].as_array().map(Vec::len), Some(1));
+    let waited = answered - beat_sent.lock().unwrap().expect("the heartbeat was sent");
+    assert!(
+        waited < Duration::from_millis(600),
+        "the claim answered {waited:?} after the heartbeat: a timer, not the heartbeat"
+    );
+}

@@ -536,6 +536,57 @@ async fn lost_connections_come_back_and_so_does_the_listener() {
     );
 }
 
+/// Signals sent while a listener is down are lost; its catch-up wakes whatever waits on them:
+/// every live worker's claim (`RoomFreed`) and the control poll of a run whose cancel was
+/// asked (`CancelRequested`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_gap_the_listener_wakes_claims_and_cancels() {
+    let schema = PgSchema::new();
+    let a = open(&schema).await;
+    let b = open(&schema).await;
+    let mut on_b = b.subscribe();
+    let w = a.register_worker(&worker(4.0)).await.unwrap();
+    let run = a.create_run(&spec_with(|_| {})).await.unwrap().run;
+    let claimed = a.claim_runs(&w.id, &limits(1)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    a.request_cancel(&run.id).await.unwrap();
+    let cancel = Signal::CancelRequested {
+        run_id: run.id.clone(),
+        attempt: claimed[0].attempt,
+        worker_id: w.id.clone(),
+    };
+    // The cancel's own notification, so what follows can only come from the catch-up: no
+    // attempt ends and nothing is asked after this.
+    assert!(expect_signal(&mut on_b, Duration::from_secs(2), |s| *s == cancel).await);
+
+    let mut admin = schema.connect().await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("tether:{}", schema.name))
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        killed.len() >= 2,
+        "the stores' sessions, listeners included"
+    );
+
+    // Sent in this order by the catch-up: room for every live worker, then the cancels.
+    assert!(
+        expect_signal(&mut on_b, Duration::from_secs(10), |s| matches!(
+            s,
+            Signal::RoomFreed { worker_id, .. } if *worker_id == w.id
+        ))
+        .await,
+        "a reconnect wakes the worker's claim"
+    );
+    assert!(
+        expect_signal(&mut on_b, Duration::from_secs(2), |s| *s == cancel).await,
+        "a reconnect repeats the cancel to its holder's control poll"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_without_its_database_answers_unavailable() {
     let schema = PgSchema::new();

@@ -102,7 +102,10 @@ pub(super) async fn heartbeat<D: Driver>(
             answer.cancel.push(reference);
         }
     }
-    d.commit(tx, Outbox::default()).await?;
+    // A worker whose heartbeat had gone stale was handed nothing: wake its open claim.
+    let mut out = Outbox::default();
+    out.worker_beat(worker_id);
+    d.commit(tx, out).await?;
     Ok(answer)
 }
 

@@ -348,20 +348,9 @@ async fn finished_runs_are_pruned_after_their_retention_and_nothing_else() {
     assert_eq!(c.run(&id(&pending)).await["status"], "pending");
 }
 
-/// A measurement, not a check (run with `--ignored`; figures in BENCHMARKS.md): a pruning pass
-/// over 100,000 finished runs on SQLite, in the pruner's batches, while a submission is made
-/// every 5 ms. Prints how long the pass took and the slowest submissions.
-#[tokio::test]
-#[ignore = "a measurement: cargo nextest run -p tether --run-ignored only -E 'test(pruning_pass_measurement)' --no-capture"]
-async fn pruning_pass_measurement() {
-    use tether_store::Store;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/tether.db", dir.path().display());
-    let store = Arc::new(tether_store_sqlite::SqliteStore::open(&url).await.unwrap());
-    let seeded = Instant::now();
-    store.seed_finished_runs(100_000).await.unwrap();
-    eprintln!("seeded 100,000 finished runs in {:?}", seeded.elapsed());
-    let spec = tether_api::SubmitRequest {
+/// The submission used by the pruning measurements: `POST /v1/runs {"command": ["true"]}`.
+fn true_spec() -> tether_domain::RunSpec {
+    tether_api::SubmitRequest {
         command: vec!["true".into()],
         ..Default::default()
     }
@@ -369,45 +358,190 @@ async fn pruning_pass_measurement() {
         Some(&tether_domain::LanePolicy::default()),
         &tether_domain::SubmitDefaults::default(),
     )
-    .unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let submitter = {
-        let (store, stop, spec) = (store.clone(), stop.clone(), spec.clone());
-        tokio::spawn(async move {
-            let mut took = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                store.create_run(&spec).await.unwrap();
-                took.push(t.elapsed());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            took
-        })
-    };
-    let pass = Instant::now();
-    let mut deleted = 0;
-    loop {
-        let n = store
-            .prune_finished_runs("default", 1, tether_server::pruner::BATCH)
-            .await
-            .unwrap();
-        deleted += n;
-        if n < u64::from(tether_server::pruner::BATCH) {
-            break;
+    .unwrap()
+}
+
+/// One submission every 5 ms until `stop`: when each started (from `t0`) and how long it took.
+fn submit_every_5ms(
+    store: tether_store::SharedStore,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    t0: Instant,
+) -> tokio::task::JoinHandle<Vec<(Duration, Duration)>> {
+    let spec = true_spec();
+    tokio::spawn(async move {
+        let mut took = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            store.create_run(&spec).await.unwrap();
+            took.push((t - t0, t.elapsed()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        took
+    })
+}
+
+/// `n`, p50, p99, p99.9, max and how many took over 50 ms.
+fn latency_summary(took: &[(Duration, Duration)]) -> String {
+    let mut all: Vec<Duration> = took.iter().map(|(_, d)| *d).collect();
+    all.sort();
+    if all.is_empty() {
+        return "no submissions".into();
     }
-    let pass = pass.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut took = submitter.await.unwrap();
-    took.sort();
-    let pct = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)];
-    eprintln!(
-        "pruned {deleted} runs in {pass:?}; {} submissions meanwhile: p50 {:?}, p99 {:?}, max {:?}",
-        took.len(),
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    let over = all
+        .iter()
+        .filter(|d| **d > Duration::from_millis(50))
+        .count();
+    format!(
+        "{} submissions: p50 {:.1?}, p99 {:.1?}, p99.9 {:.1?}, max {:.1?}, over 50 ms: {over}",
+        all.len(),
         pct(0.5),
         pct(0.99),
-        took.last().unwrap()
+        pct(0.999),
+        all[all.len() - 1],
+    )
+}
+
+/// The same figures for the pruner's batches.
+fn batch_summary(batches: &[(Duration, tether_server::pruner::BatchDone)]) -> String {
+    let mut took: Vec<Duration> = batches.iter().map(|(_, b)| b.took).collect();
+    took.sort();
+    if took.is_empty() {
+        return "no batches".into();
+    }
+    let pct = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)];
+    let sizes: Vec<u32> = batches.iter().map(|(_, b)| b.size).collect();
+    format!(
+        "{} batches of {}..={} runs: p50 {:.1?}, p99 {:.1?}, max {:.1?}",
+        took.len(),
+        sizes.iter().min().unwrap(),
+        sizes.iter().max().unwrap(),
+        pct(0.5),
+        pct(0.99),
+        took[took.len() - 1],
+    )
+}
+
+/// The submissions over 20 ms, each with the batches that overlapped it: what they waited on.
+fn slow_ones(
+    took: &[(Duration, Duration)],
+    batches: &[(Duration, tether_server::pruner::BatchDone)],
+) -> String {
+    let mut lines = Vec::new();
+    for (at, d) in took.iter().filter(|(_, d)| *d > Duration::from_millis(20)) {
+        let overlapping: Vec<String> = batches
+            .iter()
+            .filter(|(end, b)| *end > *at && end.saturating_sub(b.took) < *at + *d)
+            .map(|(end, b)| {
+                format!(
+                    "batch of {} took {:.1?}, ended at +{:.1?}",
+                    b.size,
+                    b.took,
+                    *end - *at
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "  at {at:.2?}: {d:.1?}; {}",
+            if overlapping.is_empty() {
+                "no batch".into()
+            } else {
+                overlapping.join("; ")
+            }
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Seeds 100,000 finished runs, measures submissions alone for `baseline`, then during a
+/// pruning pass by the pruner's own code (`prune_lane`), and prints both.
+async fn measure_pruning(
+    store: tether_store::SharedStore,
+    database_url: &str,
+    seed: impl std::future::Future<Output = ()>,
+    baseline: Duration,
+) {
+    let seeded = Instant::now();
+    seed.await;
+    eprintln!("seeded 100,000 finished runs in {:.1?}", seeded.elapsed());
+    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average: {}", uptime.trim());
+
+    // The baseline: the same submissions, nothing else writing.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let submitter = submit_every_5ms(store.clone(), stop.clone(), t0);
+    tokio::time::sleep(baseline).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let alone = submitter.await.unwrap();
+    eprintln!(
+        "without a pruner, {baseline:?}: {}",
+        latency_summary(&alone)
     );
+    eprintln!("{}", slow_ones(&alone, &[]));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let submitter = submit_every_5ms(store.clone(), stop.clone(), t0);
+    let mut batches = Vec::new();
+    let deleted = tether_server::pruner::prune_lane(
+        store.as_ref(),
+        "default",
+        // Everything seeded finished over a minute ago; the submissions are pending.
+        1,
+        tether_server::pruner::budget_for(database_url),
+        &tokio_util::sync::CancellationToken::new(),
+        |b| batches.push((t0.elapsed(), b)),
+    )
+    .await
+    .unwrap();
+    let pass = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let during = submitter.await.unwrap();
+    eprintln!(
+        "pruned {deleted} runs in {pass:.1?}: {}",
+        batch_summary(&batches)
+    );
+    eprintln!("during the pass: {}", latency_summary(&during));
+    eprintln!("{}", slow_ones(&during, &batches));
+    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average: {}", uptime.trim());
     assert_eq!(deleted, 100_000);
+}
+
+/// A measurement, not a check (run with `--ignored`; figures in BENCHMARKS.md): a pruning pass
+/// over 100,000 finished runs on SQLite while a submission is made every 5 ms, after the same
+/// submissions alone as a baseline. Prints both, the pruner's batches, and what overlapped
+/// each slow submission.
+#[tokio::test]
+#[ignore = "a measurement: cargo nextest run -p tether --run-ignored only -E 'test(pruning_pass_measurement)' --no-capture"]
+async fn pruning_pass_measurement_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/tether.db", dir.path().display());
+    let store = Arc::new(tether_store_sqlite::SqliteStore::open(&url).await.unwrap());
+    let seeding = store.clone();
+    measure_pruning(
+        store,
+        &url,
+        async move { seeding.seed_finished_runs(100_000).await.unwrap() },
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+/// The same on PostgreSQL (a database of its own on the machine's server).
+#[tokio::test]
+#[ignore = "a measurement: cargo nextest run -p tether --run-ignored only -E 'test(pruning_pass_measurement)' --no-capture"]
+async fn pruning_pass_measurement_postgres() {
+    let db = PgDatabase::create();
+    let store = Arc::new(tether_store_postgres::PgStore::open(&db.url).await.unwrap());
+    let seeding = store.clone();
+    measure_pruning(
+        store,
+        &db.url,
+        async move { seeding.seed_finished_runs(100_000).await.unwrap() },
+        Duration::from_secs(15),
+    )
+    .await;
+    drop(db);
 }

@@ -87,12 +87,11 @@ async fn refill_is_immediate(mut c: Cluster) {
         gaps[gaps.len() / 2],
         gaps[gaps.len() * 99 / 100]
     );
-    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second, median about
-    // half; these bounds fail it for certain yet hold on a 2-core box at load 13 (measured
-    // there: median 89 ms, max 490 ms on PostgreSQL in a debug build).
-    let median = gaps[gaps.len() / 2];
-    assert!(median < 200, "median refill gap {median} ms: {gaps:?}");
-    assert!(worst < 800, "a freed slot waited {worst} ms: {gaps:?}");
+    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second; a freed slot
+    // refilled by the finish that freed it waits one round trip and a spawn. Measured in a
+    // debug build on this 2-core box at load 4-9: max 47-55 ms on SQLite, 85-121 ms on
+    // PostgreSQL, so every gap under 250 ms holds with room and still fails any timer.
+    assert!(worst < 250, "a freed slot waited {worst} ms: {gaps:?}");
 }
 
 #[tokio::test]
