@@ -609,12 +609,10 @@ fn apply(held: &Held, answer: &HeartbeatResponse) {
     }
     for run in &answer.not_owned {
         let key = (run.run_id.clone(), run.attempt);
-        // A heartbeat sent while the attempt's finish was landing: the run ended as we said.
-        let finishing = held
-            .lock()
-            .get(&key)
-            .is_some_and(|h| h.stats.is_finishing());
-        if finishing {
+        // A heartbeat sent while the attempt's finish was landing, or answered after the
+        // attempt ended here: the run ended as we said, nothing to kill.
+        let ended = held.lock().get(&key).is_none_or(|h| h.stats.is_finishing());
+        if ended {
             tracing::debug!(
                 run_id = run.run_id,
                 attempt = run.attempt,
