@@ -54,11 +54,7 @@ fn render_throughput(out: &mut String, t: &Throughput) {
         "  streams followed (SSE)     {:>9}   ({} reached `end` with every seq in order)",
         t.followed, t.followed_complete
     );
-    let _ = writeln!(
-        out,
-        "  succeeded exactly once     {:>9}   of {}",
-        t.succeeded_once, t.runs
-    );
+    once(out, t.succeeded_once, t.runs);
 }
 
 /// The synthetic path's report.
@@ -133,6 +129,11 @@ fn line(out: &mut String, name: &str, p: &Percentiles) {
     );
 }
 
+/// The "succeeded exactly once" line every section ends with.
+fn once(out: &mut String, succeeded: impl std::fmt::Display, of: impl std::fmt::Display) {
+    let _ = writeln!(out, "  succeeded exactly once     {succeeded:>9}   of {of}");
+}
+
 /// The real path's report.
 pub(crate) fn real(r: &RealReport) -> String {
     let mut out = String::new();
@@ -153,20 +154,12 @@ pub(crate) fn real(r: &RealReport) -> String {
         d.runs_per_s, d.seconds, d.submit_seconds
     );
     line(&mut out, "refill gap ms", &d.refill_gap_ms);
-    let _ = writeln!(
-        out,
-        "  succeeded exactly once     {:>9}   of {}",
-        d.succeeded_once, d.runs
-    );
+    once(&mut out, d.succeeded_once, d.runs);
     if let Some(i) = &r.idle {
         let _ = writeln!(out);
         let _ = writeln!(out, "One run at a time ({} runs, idle system)", i.runs);
         line(&mut out, "submit→start ms", &i.submit_to_start_ms);
-        let _ = writeln!(
-            out,
-            "  succeeded exactly once     {:>9}   of {}",
-            i.succeeded_once, i.runs
-        );
+        once(&mut out, i.succeeded_once, i.runs);
     }
     if let Some(b) = &r.backlog {
         let _ = writeln!(out);
@@ -190,11 +183,7 @@ pub(crate) fn real(r: &RealReport) -> String {
             mib_of_kib(b.worker_peak_hwm_kib),
             mib_of_kib(b.worker_after_rss_kib)
         );
-        let _ = writeln!(
-            out,
-            "  succeeded exactly once     {:>9}   of {}",
-            b.succeeded_once, b.runs
-        );
+        once(&mut out, b.succeeded_once, b.runs);
     }
     if let Some(f) = &r.followers {
         let _ = writeln!(out);

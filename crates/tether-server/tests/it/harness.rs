@@ -152,6 +152,35 @@ impl TestServer {
         body
     }
 
+    /// Every page of `GET /v1/runs?{query}` (cursor by cursor), each asserted under 3 MiB: the
+    /// runs in order, and how many pages they came in.
+    pub async fn list_pages(&self, query: &str) -> (Vec<Value>, usize) {
+        let mut runs = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/runs?{query}&cursor={c}"),
+                None => format!("/v1/runs?{query}"),
+            };
+            let r = self.http.get(self.url(&path)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let bytes = r.bytes().await.unwrap();
+            assert!(
+                bytes.len() < 3 * 1024 * 1024,
+                "a page of {} bytes",
+                bytes.len()
+            );
+            let page: Value = serde_json::from_slice(&bytes).unwrap();
+            runs.extend(page["runs"].as_array().unwrap().iter().cloned());
+            pages += 1;
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return (runs, pages),
+            }
+        }
+    }
+
     /// Polls the run until `done` says so, or fails after `within`.
     pub async fn wait_for(
         &self,
