@@ -37,6 +37,9 @@ pub struct SupervisorOptions {
     /// Names of the worker's own environment variables a command receives (besides the run's
     /// `env`); see `command_env`.
     pub pass_env: Arc<[String]>,
+    /// Run each command under a per-run shim (`crate::shim`), so that no process of it
+    /// outlives its attempt. Off only for benchmarks; ignored where unsupported.
+    pub run_shim: bool,
 }
 
 impl Default for SupervisorOptions {
@@ -44,6 +47,7 @@ impl Default for SupervisorOptions {
         SupervisorOptions {
             kill_grace: Duration::from_secs(10),
             pass_env: DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
+            run_shim: true,
         }
     }
 }
@@ -125,7 +129,7 @@ pub async fn supervise(
     if orders.current() >= Directive::Shutdown {
         return AttemptEnd::Unreported(unreported_for(orders.current()));
     }
-    let mut child = match spawn(&assignment, &options.pass_env) {
+    let mut child = match spawn(&assignment, &options) {
         Ok(child) => child,
         Err(message) => {
             tracing::info!(run_id, attempt, %message, "spawn failed");
@@ -353,59 +357,41 @@ pub async fn supervise(
     report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await
 }
 
-fn spawn(assignment: &Assignment, pass_env: &[String]) -> Result<Child, String> {
+fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, String> {
     let Some((program, args)) = assignment.command.split_first() else {
         return Err("the command is empty".into());
     };
-    let env = command_env(pass_env, &assignment.env);
-    let shim = crate::shim::shim_program();
-    if shim.is_some() {
-        // The shim would start fine and only then fail to run the command: find out here, so
-        // a command that cannot run is `spawn_failed`, as without a shim.
-        let relative_to = assignment.cwd.as_deref().map(std::path::Path::new);
-        crate::shim::check_runnable(
-            program,
-            relative_to,
-            env.iter()
-                .find(|(name, _)| name == "PATH")
-                .and_then(|(_, value)| value.to_str()),
-        )
-        .map_err(|err| format!("cannot run `{program}`: {err}"))?;
-    }
-    let mut command = match shim {
-        // The shim runs the command and kills every process of it when the command ends or
-        // its lifeline (stdin) closes: when this worker dies or stops the run.
-        Some(shim) => {
-            let mut c = Command::new(shim);
-            c.arg(crate::shim::SHIM_ARG).arg("--").arg(program);
-            c.stdin(Stdio::piped());
-            c
-        }
-        None => {
-            let mut c = Command::new(program);
-            c.stdin(Stdio::null());
-            c
-        }
-    };
+    let env = command_env(&options.pass_env, &assignment.env);
+    let shim = options.run_shim && crate::shim::SUPPORTED;
+    let mut command = Command::new(program);
     command
         .args(args)
         .env_clear()
         .envs(env)
+        // Under a shim, stdin is its lifeline (the command itself gets `/dev/null`).
+        .stdin(if shim { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so one signal reaches everything it starts.
         .process_group(0)
         // Under a shim, dropping the child closes the lifeline instead: the shim then takes
         // everything down, not just itself.
-        .kill_on_drop(shim.is_none());
+        .kill_on_drop(!shim);
     if let Some(cwd) = &assignment.cwd {
         command.current_dir(cwd);
     }
-    // Without a shim: if this worker dies without cleaning up (SIGKILL, OOM), the command dies
-    // with it instead of running on beside the retry the server will start. (Linux; it reaches
-    // the direct child, which is the group leader.) A shim notices through its lifeline.
     #[cfg(target_os = "linux")]
-    if shim.is_none() {
+    if shim {
+        // The child splits into the shim and the command: see `shim`.
+        // SAFETY: the closure runs in the child between fork and exec, after its stdio and
+        // process group are set, which is what `split_off_command` requires.
+        unsafe {
+            command.pre_exec(|| crate::shim::split_off_command());
+        }
+    } else {
+        // Without a shim: if this worker dies without cleaning up (SIGKILL, OOM), the command
+        // dies with it instead of running on beside the retry the server will start. (It
+        // reaches the direct child, which is the group leader.)
         // SAFETY: the closure runs in the child between fork and exec and only makes one
         // async-signal-safe system call.
         unsafe {

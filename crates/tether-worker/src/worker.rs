@@ -48,6 +48,9 @@ pub struct WorkerConfig {
     /// Names of this worker's environment variables its commands receive besides the run's
     /// `env` (never `TETHER_*`, never the token).
     pub pass_env: Vec<String>,
+    /// Run each command under a per-run shim, so that no process of it outlives its attempt
+    /// (`crate::shim`). Off only for benchmarks.
+    pub run_shim: bool,
 }
 
 impl Default for WorkerConfig {
@@ -69,6 +72,7 @@ impl Default for WorkerConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            run_shim: true,
         }
     }
 }
@@ -457,6 +461,7 @@ impl Launcher {
         let options = SupervisorOptions {
             kill_grace: self.config.kill_grace,
             pass_env: self.config.pass_env.iter().cloned().collect(),
+            run_shim: self.config.run_shim,
         };
         let held = self.held.clone();
         let freed = self.freed.clone();

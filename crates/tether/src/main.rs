@@ -77,16 +77,6 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    // A run's supervisor: started by this binary's own workers, before anything else (no
-    // runtime, no logging: it only runs the command and cleans up after it).
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv
-        .get(1)
-        .is_some_and(|a| a == tether_worker::shim::SHIM_ARG)
-    {
-        let command = argv.get(3..).unwrap_or_default();
-        tether_worker::shim::run_shim(command);
-    }
     // Before anything is counted, so nothing counted before the first scrape is lost.
     tether_server::metrics::install();
     let cli = Cli::parse();
@@ -105,7 +95,6 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => {
                 init_tracing(log_format);
-                use_run_shim();
                 serve_cmds::up(args).await
             }
             Command::Server(args) => {
@@ -114,9 +103,6 @@ fn main() -> ExitCode {
             }
             Command::Worker(args) => {
                 init_tracing(log_format);
-                if !args.no_run_shim {
-                    use_run_shim();
-                }
                 serve_cmds::worker(args).await
             }
             Command::Run(args) => client_cmds::run(args).await,
@@ -134,17 +120,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("tether: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// Commands of this process's workers run under this binary as their per-run supervisor
-/// (`tether_worker::shim`), so none of their processes outlives its attempt.
-fn use_run_shim() {
-    match std::env::current_exe() {
-        Ok(exe) => tether_worker::shim::use_shim(exe),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot find this binary; commands run without a per-run supervisor")
         }
     }
 }

@@ -171,7 +171,7 @@ pub struct WorkerArgs {
     /// `TETHER_*` variables and the worker's token are never passed.
     #[arg(long, env = "TETHER_PASS_ENV", value_delimiter = ',')]
     pub pass_env: Option<Vec<String>>,
-    /// For benchmarks only: run commands without their per-run supervisor (one exec fewer
+    /// For benchmarks only: run commands without their per-run supervisor (one fork fewer
     /// per run). Gives up the guarantee that no process of a run outlives its attempt: a
     /// process that leaves the command's group (`setsid`) survives it.
     #[arg(long, env = "TETHER_NO_RUN_SHIM")]
@@ -510,6 +510,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         drain_timeout: args.drain_timeout,
         ca_cert_pem: read_ca_cert(args.ca_cert.as_deref())?,
         pass_env: pass_env(args.pass_env),
+        run_shim: !args.no_run_shim,
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

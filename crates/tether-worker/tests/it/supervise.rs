@@ -470,3 +470,100 @@ async fn a_stale_start_of_a_command_that_ended_first_reports_nothing_more() {
     let end = run(assignment(&["true"]), fake.clone(), LIMIT).await;
     assert_eq!(end, AttemptEnd::Unreported(Unreported::Stale));
 }
+
+/// The processes whose command line is exactly `argv`, zombies left out.
+fn running(argv: &[&str]) -> usize {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+        })
+        .count()
+}
+
+fn none_running(argv: &[&str]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while running(argv) > 0 {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[tokio::test]
+async fn what_a_command_left_behind_dies_with_it_even_in_a_session_of_its_own() {
+    let tag = format!("{}.25", 7000 + std::process::id() % 1000);
+    let fake = FakeReporter::new();
+    let script = format!("setsid sleep {tag} & sleep {tag} & echo started");
+    let end = run(sh(&script), fake.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(fake.output(OutputStream::Stdout), b"started\n");
+    assert!(none_running(&["sleep", &tag]), "a sleep outlived its run");
+}
+
+#[tokio::test]
+async fn a_stopped_run_takes_its_detached_processes_with_it() {
+    let tag = format!("{}.5", 8000 + std::process::id() % 1000);
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let script = format!("setsid sleep {tag} & echo up; sleep {tag}");
+    let task = tokio::spawn(supervise(
+        sh(&script),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let deadline = Instant::now() + LIMIT;
+    while running(&["sleep", &tag]) < 2 {
+        assert!(Instant::now() < deadline, "the sleeps never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    control.abandon();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    assert_eq!(end, AttemptEnd::Unreported(Unreported::NotOwned));
+    assert!(none_running(&["sleep", &tag]), "a sleep outlived its run");
+}
+
+#[tokio::test]
+async fn without_the_shim_a_command_runs_and_its_group_is_cancelled() {
+    let no_shim = tether_worker::SupervisorOptions {
+        run_shim: false,
+        ..options()
+    };
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        sh("echo up; sleep 30 & sleep 30"),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        no_shim,
+    ));
+    let pid = fake.wait_for_pid(LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    control.cancel();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    assert_eq!(reported(&end).status, RunStatus::Cancelled);
+    assert_eq!(fake.output(OutputStream::Stdout), b"up\n");
+    assert!(group_gone(pid));
+}
