@@ -16,23 +16,29 @@
 //!
 //! The shim is not a program of its own: it is the worker's child itself, between fork and
 //! exec (`pre_exec`). That child, already leading the run's process group with the lifeline
-//! as its stdin, forks once more: the new process goes on to exec the command, and the child
-//! stays behind as the shim. This costs one `fork` of a small single-threaded copy where
-//! exec'ing a shim binary cost 1.2–1.4 ms of CPU per run (loading and relocating 23 MB).
+//! as its stdin, starts the command with `posix_spawn` (which shares memory until the exec,
+//! copying nothing) and stays behind as the shim instead of exec'ing. A run so costs what a
+//! command spawned without a shim costs; exec'ing a shim binary cost 1.2–1.4 ms of CPU per
+//! run (loading and relocating 23 MB), and a second `fork` of the worker's copy about 1 ms.
 //! Linux only (`/proc`, `prctl`, `pidfd_open`), and glibc's: the shim runs in a forked copy
 //! of a multithreaded process, where only async-signal-safe calls are safe in general; it
-//! takes no lock another thread may have held (no stdio, no logging), and the one it does
-//! take, the allocator's, glibc's `fork` leaves usable in the child.
+//! takes no lock another thread may have held (no stdio, no logging, no environment), and
+//! the one it does take, the allocator's, glibc's `fork` leaves usable in the child.
 
 use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::libc;
+use nix::spawn::{posix_spawn, PosixSpawnAttr, PosixSpawnFileActions};
 use nix::sys::signal::{kill, signal, SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 use tokio::process::ChildStdin;
 
 /// Whether this build can run commands under a shim (see the module's notes).
@@ -185,34 +191,135 @@ fn leave(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// The shim's part of the worker's child, called by `pre_exec` between fork and exec: forks
-/// the process that returns from here to exec the command (with stdin from `/dev/null`, never
-/// the lifeline), and stays behind as the shim, which never returns. An error returned fails
-/// the spawn, as an exec failure would.
-///
-/// # Safety
-///
-/// Only between fork and exec of a child whose stdin is the lifeline and which leads the
-/// run's process group (`process_group(0)` is applied before `pre_exec` closures run).
-pub unsafe fn split_off_command() -> std::io::Result<()> {
-    // Before the fork, so every descendant of the command is re-parented here, never to init.
-    // Not inherited across fork: only the shim is a subreaper. Without it, detached processes
-    // could escape; the lifeline and the group still hold everything else.
-    let _ = nix::sys::prctl::set_child_subreaper(true);
-    // SAFETY: this process is the single-threaded child of a fork; the new process only calls
-    // async-signal-safe functions (open, dup2, close) before std's exec.
-    match unsafe { fork() }? {
-        ForkResult::Child => {
-            let null = nix::fcntl::open(
-                "/dev/null",
-                nix::fcntl::OFlag::O_RDONLY,
-                nix::sys::stat::Mode::empty(),
-            )?;
-            nix::unistd::dup2_stdin(&null)?;
-            Ok(())
-        }
-        ForkResult::Parent { child } => supervise(child),
+/// A command made ready, in the worker, for its shim to start: the program found and every
+/// string converted before the fork, so that the shim's side allocates as little as it can.
+#[derive(Debug)]
+pub struct Launch {
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+impl Launch {
+    /// `program` is searched like `execvp` would search it (the run's `PATH`, else the
+    /// worker's; a relative path is taken from `cwd`, where the command runs). The errors read
+    /// like exec's.
+    pub fn new(
+        program: &str,
+        args: &[String],
+        env: &[(OsString, OsString)],
+        cwd: Option<&Path>,
+    ) -> std::io::Result<Launch> {
+        let path_var = env
+            .iter()
+            .find(|(name, _)| name == "PATH")
+            .map(|(_, value)| value.clone());
+        let path = find_program(program, cwd, path_var.as_deref())?;
+        let c = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a NUL byte in the command",
+                )
+            })
+        };
+        let argv = std::iter::once(program)
+            .chain(args.iter().map(String::as_str))
+            .map(|a| c(a.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let envp = env
+            .iter()
+            .map(|(name, value)| c(&[name.as_bytes(), b"=", value.as_bytes()].concat()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Launch {
+            path: c(path.as_os_str().as_bytes())?,
+            argv,
+            envp,
+        })
     }
+
+    /// The shim's part of the worker's child, called by `pre_exec` between fork and exec:
+    /// starts the command (stdin from `/dev/null`, never the lifeline) and stays behind as its
+    /// shim, never returning. An error returned (the command could not start) fails the
+    /// worker's spawn with it, as an exec failure would.
+    ///
+    /// # Safety
+    ///
+    /// Only between fork and exec of a child whose stdin is the lifeline, which leads the
+    /// run's process group and is in the run's directory (std applies `process_group` and
+    /// `current_dir` before `pre_exec` closures run).
+    pub unsafe fn split_off(&self) -> std::io::Result<()> {
+        // Before the command starts, so every descendant of it is re-parented here, never to
+        // init. Without it detached processes could escape; the lifeline and the group still
+        // hold everything else.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        let null = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(null.as_raw_fd(), 0)?;
+        let attr = PosixSpawnAttr::init()?;
+        let command = posix_spawn(
+            self.path.as_c_str(),
+            &actions,
+            &attr,
+            &self.argv,
+            &self.envp,
+        )?;
+        drop(null);
+        supervise(command)
+    }
+}
+
+/// Where `program` is, searched like `execvp` does (`path`, else this process's `PATH`, when
+/// it has no `/`). A relative result stays relative: the command starts in `cwd`.
+fn find_program(
+    program: &str,
+    cwd: Option<&Path>,
+    path: Option<&std::ffi::OsStr>,
+) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let in_cwd = |p: &Path| match cwd {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    };
+    let runnable = |candidate: &Path| {
+        std::fs::metadata(in_cwd(candidate))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    // The OS's own errors, so the reason reads as the kernel would give it ("No such file or
+    // directory"), the same as when the worker spawns the command itself.
+    let error = |errno: Errno| std::io::Error::from_raw_os_error(errno as i32);
+    if program.is_empty() {
+        return Err(error(Errno::ENOENT));
+    }
+    if program.contains('/') {
+        let file = PathBuf::from(program);
+        return if runnable(&file) {
+            Ok(file)
+        } else if in_cwd(&file).exists() {
+            Err(error(Errno::EACCES))
+        } else {
+            Err(error(Errno::ENOENT))
+        };
+    }
+    let search = path
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            }
+            .join(program)
+        })
+        .find(|candidate| runnable(candidate))
+        .ok_or_else(|| error(Errno::ENOENT))
 }
 
 /// The shim: waits for the command or the lifeline's end, whichever comes first.

@@ -363,6 +363,14 @@ fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, 
     };
     let env = command_env(&options.pass_env, &assignment.env);
     let shim = options.run_shim && crate::shim::SUPPORTED;
+    let launch = if shim {
+        let cwd = assignment.cwd.as_deref().map(std::path::Path::new);
+        let launch = crate::shim::Launch::new(program, args, &env, cwd)
+            .map_err(|err| format!("cannot run `{program}`: {err}"))?;
+        Some(launch)
+    } else {
+        None
+    };
     let mut command = Command::new(program);
     command
         .args(args)
@@ -381,12 +389,12 @@ fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, 
         command.current_dir(cwd);
     }
     #[cfg(target_os = "linux")]
-    if shim {
-        // The child splits into the shim and the command: see `shim`.
-        // SAFETY: the closure runs in the child between fork and exec, after its stdio and
-        // process group are set, which is what `split_off_command` requires.
+    if let Some(launch) = launch {
+        // The child starts the command and stays as its shim: see `shim`.
+        // SAFETY: the closure runs in the child between fork and exec, after its stdio,
+        // process group and directory are set, which is what `split_off` requires.
         unsafe {
-            command.pre_exec(|| crate::shim::split_off_command());
+            command.pre_exec(move || launch.split_off());
         }
     } else {
         // Without a shim: if this worker dies without cleaning up (SIGKILL, OOM), the command
