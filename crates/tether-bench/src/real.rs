@@ -486,10 +486,13 @@ async fn passes(
     })
 }
 
-/// Waits until nothing is pending or in flight, calling `sample` at each look.
+/// Waits until nothing is pending or in flight, calling `sample` at each look. Until `last`
+/// (the run queued last) has ended it reads that one run only: counting the lane reads every
+/// unfinished run, which on a long queue would cost the server more than the drain itself.
 async fn wait_drained(
     fleet: &Fleet,
     runs: u64,
+    mut last: Option<&str>,
     mut sample: impl FnMut(),
 ) -> Result<(), BenchError> {
     // Generous: a drain that makes no progress for this long is broken, not slow.
@@ -497,7 +500,12 @@ async fn wait_drained(
     let deadline = Instant::now() + limit;
     loop {
         sample();
-        if fleet.queue().await? == (0, 0) {
+        if let Some(id) = last {
+            if fleet.client.get_run(id).await?.status.is_terminal() {
+                last = None;
+            }
+        }
+        if last.is_none() && fleet.queue().await? == (0, 0) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -621,7 +629,7 @@ async fn drain(
     let ids = fleet.submit(command, args.runs).await?;
     let submit_seconds = t.elapsed().as_secs_f64();
     fleet.start_workers(real_workers(args), args.cpus).await?;
-    wait_drained(fleet, args.runs, || {}).await?;
+    wait_drained(fleet, args.runs, ids.last().map(String::as_str), || {}).await?;
     let stamps = read_runs(&fleet.client, &ids).await?;
     let runs: Vec<&Stamps> = stamps.values().collect();
     let first = runs.iter().filter_map(|r| r.started).min().unwrap_or(0);
@@ -714,7 +722,13 @@ async fn backlog(
             worker_after_rss_kib = worker_after_rss_kib.max(rss.rss_kib);
         }
     };
-    wait_drained(fleet, args.backlog, &mut look).await?;
+    wait_drained(
+        fleet,
+        args.backlog,
+        ids.last().map(String::as_str),
+        &mut look,
+    )
+    .await?;
     look();
     let drain_seconds = t.elapsed().as_secs_f64();
     let server_after = fleet.server.rss();
