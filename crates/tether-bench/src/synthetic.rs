@@ -264,6 +264,8 @@ struct Pass {
     total: u64,
     submitted: Mutex<HashMap<String, Instant>>,
     started: Mutex<HashMap<String, Instant>>,
+    /// Told at every start, for the paced submitter.
+    start_seen: Notify,
     /// Per run: finishes answered `succeeded` on attempt 1.
     finished: Mutex<HashMap<String, u32>>,
     finished_count: AtomicU64,
@@ -323,6 +325,24 @@ impl Pass {
 
     fn started(&self, run_id: String) {
         lock(&self.started).insert(run_id, Instant::now());
+        self.start_seen.notify_waiters();
+    }
+
+    /// Until `run_id` has started (or the pass is over).
+    async fn until_started(&self, run_id: &str) {
+        loop {
+            let seen = self.start_seen.notified();
+            tokio::pin!(seen);
+            // Registered before the look, so a start between the two is not missed.
+            seen.as_mut().enable();
+            if lock(&self.started).contains_key(run_id) {
+                return;
+            }
+            tokio::select! {
+                _ = self.done.cancelled() => return,
+                _ = seen => {}
+            }
+        }
     }
 
     /// A finish answered: the pass is done with the last one.
@@ -766,9 +786,7 @@ async fn submitter(
         for (i, run) in (first..).zip(runs) {
             if pass.paced {
                 // The latency itself is stamped by the worker; this only paces.
-                while !lock(&pass.started).contains_key(&run.id) && !pass.done.is_cancelled() {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+                pass.until_started(&run.id).await;
             }
             if i.checked_rem(follow_every) == Some(0) {
                 followers.push(tokio::spawn(follow(client.clone(), run.id)));
@@ -807,6 +825,7 @@ async fn pass_of(
         total: args.runs,
         submitted: Mutex::new(HashMap::new()),
         started: Mutex::new(HashMap::new()),
+        start_seen: Notify::new(),
         finished: Mutex::new(HashMap::new()),
         finished_count: AtomicU64::new(0),
         last_finish: Mutex::new(None),
