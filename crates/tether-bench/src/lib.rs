@@ -3,8 +3,10 @@
 //!
 //! Two paths:
 //! - **synthetic** (the default, `synthetic.rs`): an in-process server driven over real HTTP by
-//!   synthetic workers that report each run as a worker would report `true` without spawning
-//!   anything: the system's own cost per run. Optionally a long history is seeded straight into
+//!   batch submitters and synthetic workers that speak the real worker's batched protocol
+//!   (claims, and report calls carrying many starts and finishes that claim the room they
+//!   free) for runs that end as soon as they are handed out, without spawning anything: the
+//!   system's own cost per run. Optionally a long history is seeded straight into
 //!   the store and the reaper, a list and a claim are timed against it.
 //! - **real** (`--real`, `real.rs`): a `tether server` child process and real `tether worker`
 //!   processes, all spawned from the current executable, running a real command: runs/s
@@ -30,6 +32,8 @@ pub use synthetic::{BigTable, SyntheticReport, Throughput};
 
 /// The most runs one claim may ask for (the server's own ceiling).
 const MAX_CLAIM_BATCH: u32 = 64;
+/// The most runs one `POST /v1/runs/batch` may carry (the server's own ceiling).
+const MAX_SUBMIT_BATCH: u32 = 1_000;
 
 fn duration(text: &str) -> Result<Duration, String> {
     tether_domain::time::parse_duration_ms(text).map(Duration::from_millis)
@@ -45,16 +49,30 @@ pub struct BenchArgs {
     /// Runs pushed through the whole cycle (with --real: queued in batches, then drained).
     #[arg(long, default_value_t = 2000)]
     pub runs: u64,
-    /// Synthetic workers: HTTP clients that claim, start, log and finish without spawning
-    /// anything (default 4); with --real, `tether worker` processes (default 1).
+    /// Synthetic workers: HTTP clients that claim, start and finish without spawning anything
+    /// (default 4); with --real, `tether worker` processes (default 1).
     #[arg(long)]
     pub workers: Option<u32>,
     /// Concurrent submitters.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u32,
-    /// Runs one claim may take (each worker offers capacity for this many at once).
+    /// Synthetic path: the runs each worker keeps in flight, its slots (each claim may take
+    /// this many).
     #[arg(long, default_value_t = 16)]
     pub claim_batch: u32,
+    /// Runs per `POST /v1/runs/batch` of the synthetic path's submitters (1: one
+    /// `POST /v1/runs` per run).
+    #[arg(long, default_value_t = 250)]
+    pub submit_batch: u32,
+    /// Synthetic path: every Nth run prints one line, uploaded by a logs call of its own as a
+    /// worker uploads output (0: no run prints, as `true` does not).
+    #[arg(long, default_value_t = 0)]
+    pub log_every: u64,
+    /// Synthetic path: the old per-run calls instead of the batched protocol (one
+    /// `POST /v1/runs` per run; one start and one finish call per run, each synthetic worker
+    /// claiming only once its batch has finished), for comparison.
+    #[arg(long)]
+    pub single_calls: bool,
     /// Follow the events of every Nth run over SSE to its `end` (0: none).
     #[arg(long, default_value_t = 50)]
     pub follow_every: u64,
@@ -200,6 +218,11 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
     if !(1..=MAX_CLAIM_BATCH).contains(&args.claim_batch) {
         return Err(BenchError::Usage(format!(
             "--claim-batch must be 1 to {MAX_CLAIM_BATCH}"
+        )));
+    }
+    if !(1..=MAX_SUBMIT_BATCH).contains(&args.submit_batch) {
+        return Err(BenchError::Usage(format!(
+            "--submit-batch must be 1 to {MAX_SUBMIT_BATCH}"
         )));
     }
     if args.real && args.command.split_whitespace().next().is_none() {

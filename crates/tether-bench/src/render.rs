@@ -38,8 +38,20 @@ fn render_throughput(out: &mut String, t: &Throughput) {
     }
     let _ = writeln!(
         out,
-        "  claims with work           {:>9}   ({:.1} runs per claim; {} worker heartbeats)",
-        t.claims, t.runs_per_claim, t.heartbeats
+        "  HTTP calls per run         {:>9.3}   (submissions, claims, reports, logs; not heartbeats or SSE)",
+        t.http_calls_per_run
+    );
+    if t.reports_per_call > 0.0 {
+        let _ = writeln!(
+            out,
+            "  reports per attempts call  {:>9.1}   (starts and finishes)",
+            t.reports_per_call
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  claims with work           {:>9}   ({} riding on a report call; {:.1} runs per claim; {} worker heartbeats)",
+        t.claims, t.riding_claims, t.runs_per_claim, t.heartbeats
     );
     let _ = writeln!(
         out,
@@ -61,11 +73,23 @@ fn render_throughput(out: &mut String, t: &Throughput) {
 pub(crate) fn synthetic(r: &SyntheticReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "tether bench: {} ({})", r.store, r.database);
+    let protocol = if r.protocol == "single" {
+        "one call per submission, start and finish"
+    } else {
+        "batched reports with riding claims"
+    };
     let _ = writeln!(
         out,
-        "{} no-op runs; {} synthetic workers (claims of up to {}), {} submitters; no process spawned",
-        r.runs, r.workers, r.claim_batch, r.concurrency
+        "{} no-op runs; {} synthetic workers ({} slots each, {protocol}), {} submitters ({} runs per call); no process spawned",
+        r.runs, r.workers, r.claim_batch, r.concurrency, r.submit_batch
     );
+    if r.log_every > 0 {
+        let _ = writeln!(
+            out,
+            "1 run in {} prints one line (uploaded by its own logs call)",
+            r.log_every
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(out, "Throughput, empty table");
     render_throughput(&mut out, &r.throughput);

@@ -2,12 +2,17 @@
 //! (issue 5).
 //!
 //! An in-process server on 127.0.0.1:0, driven over real HTTP by the same client the CLI and
-//! the worker use. Submitters post no-op runs (`["true"]`); synthetic workers register,
-//! heartbeat once per interval, long-poll claims, and for each assignment report through the
-//! worker's own `HttpReporter` a `start`, one `logs` with one short line, and `finish`
-//! succeeded — no process is spawned, so the figures are the system's own cost per run (HTTP,
-//! JSON, the store's transactions, signals), not a fork/exec. A sample of runs is followed over
-//! SSE to its `end` event to prove events flow.
+//! the worker use. Submitters post no-op runs (`["true"]`) in batches (`POST /v1/runs/batch`).
+//! Synthetic workers register, heartbeat once per interval and speak the real worker's batched
+//! protocol: a long-poll claim while they have room, and one report call at a time
+//! (`POST /v1/workers/{id}/attempts`) carrying every start and finish queued meanwhile, which
+//! also claims the room its finishes free. No process is spawned: a run "ends" as soon as it is
+//! handed out, silently as `true` does, so its start and its finish ride in the same call (a
+//! run chosen to print, `--log-every`, has its start answered, its line uploaded by a logs call
+//! of its own, and its finish in the next call). The figures are the system's own cost per run
+//! (HTTP, JSON, the store's transactions, signals), not a fork/exec. `--single-calls` keeps the
+//! old per-run calls for comparison. A sample of runs is followed over SSE to its `end` event
+//! to prove events flow.
 //!
 //! Then, optionally, a long history is written straight into the store (`--seed-finished`,
 //! default one million finished runs) and the reaper's sweep, its next-deadline query, a list
@@ -24,7 +29,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use tether_api::{
-    Assignment, ClaimRequest, ClientError, HeartbeatRequest, ListRunsQuery, RegisterWorkerRequest,
+    Assignment, AttemptFinishWire, AttemptReportsRequest, AttemptStartWire, BatchSubmitRequest,
+    ClaimRequest, ClientError, HeartbeatRequest, ListRunsQuery, RegisterWorkerRequest, ReportClaim,
     RunBeatWire, SubmitRequest, TetherClient,
 };
 use tether_domain::{Resources, RunStatus};
@@ -34,6 +40,7 @@ use tether_worker::{
     AttemptReporter, Finish, HttpReporter, OutputChunk, OutputStream, ReportError,
 };
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -58,12 +65,20 @@ pub struct Throughput {
     pub runs_per_s: f64,
     /// From the submit's answer to the start's answer, per run.
     pub submit_to_start_ms: Percentiles,
-    /// Each worker call's round trip (`claim` only for claims that brought work; it includes
-    /// the long-poll's wait for that work).
+    /// Each call's round trip (`claim` only for claims that brought work; it includes the
+    /// long-poll's wait for that work; `attempts` is the batched report call, `submit` one
+    /// submission call, batch or single).
     pub calls_ms: BTreeMap<String, Percentiles>,
-    /// Claims that brought work, and the runs they brought.
+    /// Submission and worker calls (claims, reports, logs; not heartbeats, not SSE) per run.
+    pub http_calls_per_run: f64,
+    /// Claims that brought work (long-polls and claims riding on a report call), and the runs
+    /// they brought.
     pub claims: u64,
+    /// Of those, the claims that rode on a report call.
+    pub riding_claims: u64,
     pub runs_per_claim: f64,
+    /// Starts and finishes per report call (batched path; 0 with `--single-calls`).
+    pub reports_per_call: f64,
     /// Heartbeats the synthetic workers sent (one per interval each).
     pub heartbeats: u64,
     /// Stored events of the N runs, read back from the store afterwards.
@@ -120,6 +135,13 @@ pub struct SyntheticReport {
     pub workers: u32,
     pub concurrency: u32,
     pub claim_batch: u32,
+    /// `batched` (the real worker's protocol and batch submission) or `single` (one call per
+    /// submission, start and finish).
+    pub protocol: String,
+    /// Runs per submission call.
+    pub submit_batch: u32,
+    /// Every Nth run printed one line (0: none).
+    pub log_every: u64,
     pub throughput: Throughput,
     /// One run at a time on an idle system.
     pub paced: Option<Throughput>,
@@ -189,6 +211,14 @@ async fn phases(
         workers: synthetic_workers(args),
         concurrency: args.concurrency,
         claim_batch: args.claim_batch,
+        protocol: if args.single_calls {
+            "single"
+        } else {
+            "batched"
+        }
+        .to_string(),
+        submit_batch: submit_batch(args),
+        log_every: args.log_every,
         throughput,
         paced,
         big_table,
@@ -220,18 +250,37 @@ fn synthetic_workers(args: &BenchArgs) -> u32 {
     args.workers.unwrap_or(4)
 }
 
+/// Runs per submission call.
+fn submit_batch(args: &BenchArgs) -> u32 {
+    if args.single_calls {
+        1
+    } else {
+        args.submit_batch
+    }
+}
+
 /// What the tasks of one pass share.
 struct Pass {
     total: u64,
     submitted: Mutex<HashMap<String, Instant>>,
     started: Mutex<HashMap<String, Instant>>,
+    /// Told at every start, for the paced submitter.
+    start_seen: Notify,
     /// Per run: finishes answered `succeeded` on attempt 1.
     finished: Mutex<HashMap<String, u32>>,
     finished_count: AtomicU64,
     last_finish: Mutex<Option<Instant>>,
     calls: Mutex<BTreeMap<&'static str, Vec<f64>>>,
+    /// Every submission and worker call, answered or not (heartbeats and SSE aside).
+    http_calls: AtomicU64,
     claims: AtomicU64,
+    riding_claims: AtomicU64,
     claimed_runs: AtomicU64,
+    /// Starts and finishes sent in report calls.
+    reports: AtomicU64,
+    /// Runs handed out so far, to choose every `log_every`th to print.
+    handed_out: AtomicU64,
+    log_every: u64,
     done: CancellationToken,
     failure: Mutex<Option<String>>,
     /// Each submitter waits for its run to start before it submits the next.
@@ -256,18 +305,133 @@ impl Pass {
         let result = call.await;
         let took = millis(t.elapsed());
         lock(&self.calls).entry(kind).or_default().push(took);
+        self.http_calls.fetch_add(1, Ordering::Relaxed);
         result
+    }
+
+    /// Whether the run just handed out prints a line.
+    fn prints(&self) -> bool {
+        let n = self.handed_out.fetch_add(1, Ordering::Relaxed);
+        self.log_every > 0 && n % self.log_every == 0
+    }
+
+    fn claimed(&self, runs: usize, riding: bool) {
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        if riding {
+            self.riding_claims.fetch_add(1, Ordering::Relaxed);
+        }
+        self.claimed_runs.fetch_add(runs as u64, Ordering::Relaxed);
+    }
+
+    fn started(&self, run_id: String) {
+        lock(&self.started).insert(run_id, Instant::now());
+        self.start_seen.notify_waiters();
+    }
+
+    /// Until `run_id` has started (or the pass is over).
+    async fn until_started(&self, run_id: &str) {
+        loop {
+            let seen = self.start_seen.notified();
+            tokio::pin!(seen);
+            // Registered before the look, so a start between the two is not missed.
+            seen.as_mut().enable();
+            if lock(&self.started).contains_key(run_id) {
+                return;
+            }
+            tokio::select! {
+                _ = self.done.cancelled() => return,
+                _ = seen => {}
+            }
+        }
+    }
+
+    /// A finish answered: the pass is done with the last one.
+    fn finished(&self, run_id: String) {
+        // Whether it ended `succeeded` on attempt 1 is read back from the store after the
+        // pass.
+        *lock(&self.finished).entry(run_id).or_insert(0) += 1;
+        if self.finished_count.fetch_add(1, Ordering::SeqCst) + 1 == self.total {
+            *lock(&self.last_finish) = Some(Instant::now());
+            self.done.cancel();
+        }
     }
 }
 
-/// A synthetic worker: its id, the runs it holds (for its heartbeats), and the worker's own
-/// reporter, so its calls are the ones a real worker makes for `true`.
+/// The one line a printing run writes.
+fn one_line() -> [OutputChunk; 1] {
+    [OutputChunk {
+        stream: OutputStream::Stdout,
+        ts_ms: now_ms(),
+        data: Bytes::from_static(b"ok\n"),
+        offset: Some(0),
+    }]
+}
+
+/// Uploads a printing run's line as the worker's uploader does, through its own call.
+async fn upload_line(worker: &Worker, run_id: &str, attempt: u32, pass: &Pass) -> bool {
+    let line = one_line();
+    let appended = pass
+        .timed("logs", worker.reporter.append(run_id, attempt, &line))
+        .await;
+    match appended {
+        Ok(ack) if !ack.stop && ack.resend_from.is_none() => true,
+        Ok(ack) => {
+            pass.fail(format!("logs {run_id}: not taken as sent: {ack:?}"));
+            false
+        }
+        Err(e) => {
+            pass.fail(format!("logs {run_id}: {e}"));
+            false
+        }
+    }
+}
+
+/// A synthetic worker: its id, its slots, the runs it holds (for its heartbeats and its room),
+/// the reports queued for its next report call, and the worker's own reporter for its logs
+/// (and for the single calls), so its calls are the ones a real worker makes.
 #[derive(Clone)]
 struct Worker {
     id: String,
     reporter: HttpReporter,
     heartbeat_interval: Duration,
+    slots: u32,
     held: Arc<Mutex<HashMap<String, u32>>>,
+    queued: Arc<Mutex<Queued>>,
+    /// Told when a report is queued.
+    ready: Arc<Notify>,
+    /// Told when finishes free room, so a full worker's claim loop looks again at once.
+    freed: Arc<Notify>,
+}
+
+/// What waits for a synthetic worker's next report call.
+#[derive(Default)]
+struct Queued {
+    /// Runs just handed out: their start goes in the next call (and their finish with it,
+    /// unless they print).
+    handed_out: Vec<(String, u32)>,
+    /// Runs that printed: their finish goes in the next call.
+    printed: Vec<(String, u32)>,
+}
+
+impl Worker {
+    /// Takes on runs handed out by a claim: each runs (and ends) at once.
+    fn admit(&self, assignments: Vec<Assignment>) {
+        if assignments.is_empty() {
+            return;
+        }
+        let mut held = lock(&self.held);
+        let mut queued = lock(&self.queued);
+        for a in assignments {
+            held.insert(a.run_id.clone(), a.attempt);
+            queued.handed_out.push((a.run_id, a.attempt));
+        }
+        drop((held, queued));
+        self.ready.notify_one();
+    }
+
+    fn has_room(&self) -> bool {
+        lock(&self.held).len() < self.slots as usize
+    }
 }
 
 async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Worker, BenchError> {
@@ -286,7 +450,11 @@ async fn register(client: &TetherClient, name: String, slots: u32) -> Result<Wor
         reporter: HttpReporter::new(client.clone(), answer.worker_id.clone()),
         id: answer.worker_id,
         heartbeat_interval: Duration::from_millis(answer.heartbeat_interval_ms.max(100)),
+        slots,
         held: Arc::new(Mutex::new(HashMap::new())),
+        queued: Arc::new(Mutex::new(Queued::default())),
+        ready: Arc::new(Notify::new()),
+        freed: Arc::new(Notify::new()),
     })
 }
 
@@ -326,18 +494,27 @@ async fn heartbeat_loop(
     }
 }
 
-/// Long-polls claims and plays each assignment through until the pass is done.
-async fn worker_loop(client: TetherClient, worker: Worker, batch: u32, pass: Arc<Pass>) {
+/// The real worker's claim loop: while it has room, a long-poll claim for as many runs as
+/// its slots hold (the server hands out no more than fits); when full, it waits for a finish
+/// to free room (no timer).
+async fn claim_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
     let request = ClaimRequest {
-        max_runs: batch,
+        max_runs: worker.slots,
         wait_ms: CLAIM_WAIT_MS,
     };
     loop {
+        if !worker.has_room() {
+            tokio::select! {
+                _ = pass.done.cancelled() => return,
+                _ = worker.freed.notified() => continue,
+            }
+        }
         let t = Instant::now();
         let answer = tokio::select! {
             _ = pass.done.cancelled() => return,
             answer = client.claim(&worker.id, &request) => answer,
         };
+        pass.http_calls.fetch_add(1, Ordering::Relaxed);
         let assignments = match answer {
             Ok(answer) => answer.assignments,
             Err(e) => {
@@ -352,16 +529,153 @@ async fn worker_loop(client: TetherClient, worker: Worker, batch: u32, pass: Arc
             .entry("claim")
             .or_default()
             .push(millis(t.elapsed()));
-        pass.claims.fetch_add(1, Ordering::Relaxed);
-        pass.claimed_runs
-            .fetch_add(assignments.len() as u64, Ordering::Relaxed);
+        pass.claimed(assignments.len(), false);
+        worker.admit(assignments);
+    }
+}
+
+fn succeeded(run_id: String, attempt: u32) -> AttemptFinishWire {
+    AttemptFinishWire {
+        run_id,
+        attempt,
+        status: RunStatus::Succeeded,
+        error_code: None,
+        exit_code: Some(0),
+        error_message: None,
+    }
+}
+
+/// The real worker's report sender: one `POST /v1/workers/{id}/attempts` at a time, carrying
+/// whatever queued while the last was in flight (no timer); a call with finishes also claims
+/// the room they free, and what it hands out goes in the next call.
+async fn report_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
+    loop {
+        let (handed_out, printed) = {
+            let mut queued = lock(&worker.queued);
+            (
+                std::mem::take(&mut queued.handed_out),
+                std::mem::take(&mut queued.printed),
+            )
+        };
+        if handed_out.is_empty() && printed.is_empty() {
+            tokio::select! {
+                _ = pass.done.cancelled() => return,
+                _ = worker.ready.notified() => continue,
+            }
+        }
+        let mut request = AttemptReportsRequest::default();
+        let mut printing = Vec::new();
+        for (run_id, attempt) in handed_out {
+            request.starts.push(AttemptStartWire {
+                run_id: run_id.clone(),
+                attempt,
+                pid: Some(std::process::id()),
+            });
+            if pass.prints() {
+                printing.push((run_id, attempt));
+            } else {
+                // Ended silently before its start was answered: the finish rides behind it.
+                request.finishes.push(succeeded(run_id, attempt));
+            }
+        }
+        for (run_id, attempt) in printed {
+            request.finishes.push(succeeded(run_id, attempt));
+        }
+        if !request.finishes.is_empty() {
+            request.claim = Some(ReportClaim {
+                max_runs: worker.slots,
+            });
+        }
+        pass.reports.fetch_add(
+            (request.starts.len() + request.finishes.len()) as u64,
+            Ordering::Relaxed,
+        );
+        let answer = tokio::select! {
+            _ = pass.done.cancelled() => return,
+            answer = pass.timed("attempts", client.report_attempts(&worker.id, &request)) => answer,
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                pass.fail(format!("attempts: {e}"));
+                return;
+            }
+        };
+        // The new runs first, as the worker launches them before it answers the rest.
+        if !answer.assignments.is_empty() {
+            pass.claimed(answer.assignments.len(), true);
+            worker.admit(answer.assignments);
+        }
+        for item in answer.starts {
+            if let Some(refusal) = item.error {
+                pass.fail(format!("start {}: {refusal:?}", item.run_id));
+                return;
+            }
+            pass.started(item.run_id);
+        }
+        for (run_id, attempt) in printing {
+            let (worker, pass) = (worker.clone(), pass.clone());
+            tokio::spawn(async move {
+                if upload_line(&worker, &run_id, attempt, &pass).await {
+                    lock(&worker.queued).printed.push((run_id, attempt));
+                    worker.ready.notify_one();
+                }
+            });
+        }
+        if answer.finishes.len() != request.finishes.len() {
+            pass.fail("attempts: fewer finishes answered than sent".into());
+            return;
+        }
+        for item in answer.finishes {
+            if let Some(refusal) = item.error {
+                pass.fail(format!("finish {}: {refusal:?}", item.run_id));
+                return;
+            }
+            lock(&worker.held).remove(&item.run_id);
+            pass.finished(item.run_id);
+        }
+        if !request.finishes.is_empty() {
+            worker.freed.notify_one();
+        }
+    }
+}
+
+/// `--single-calls`: long-polls claims and plays each assignment through with one call per
+/// report, claiming again only once the whole batch has finished.
+async fn single_calls_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
+    let request = ClaimRequest {
+        max_runs: worker.slots,
+        wait_ms: CLAIM_WAIT_MS,
+    };
+    loop {
+        let t = Instant::now();
+        let answer = tokio::select! {
+            _ = pass.done.cancelled() => return,
+            answer = client.claim(&worker.id, &request) => answer,
+        };
+        pass.http_calls.fetch_add(1, Ordering::Relaxed);
+        let assignments = match answer {
+            Ok(answer) => answer.assignments,
+            Err(e) => {
+                pass.fail(format!("claim: {e}"));
+                return;
+            }
+        };
+        if assignments.is_empty() {
+            continue;
+        }
+        lock(&pass.calls)
+            .entry("claim")
+            .or_default()
+            .push(millis(t.elapsed()));
+        pass.claimed(assignments.len(), false);
         let plays = assignments.into_iter().map(|a| play(&worker, a, &pass));
         futures::future::join_all(plays).await;
     }
 }
 
-/// start, one log line, finish `succeeded`: what a worker reports for `true`, without running
-/// it.
+/// start, a log line if it prints, finish `succeeded`: what a worker reports for the run,
+/// without running it, one call each.
 async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
     let reporter = &worker.reporter;
     lock(&worker.held).insert(a.run_id.clone(), a.attempt);
@@ -375,26 +689,9 @@ async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
         pass.fail(format!("start {}: {e}", a.run_id));
         return;
     }
-    lock(&pass.started).insert(a.run_id.clone(), Instant::now());
-    let line = [OutputChunk {
-        stream: OutputStream::Stdout,
-        ts_ms: now_ms(),
-        data: Bytes::from_static(b"ok\n"),
-        offset: Some(0),
-    }];
-    let appended = pass
-        .timed("logs", reporter.append(&a.run_id, a.attempt, &line))
-        .await;
-    match appended {
-        Ok(ack) if !ack.stop && ack.resend_from.is_none() => {}
-        Ok(ack) => {
-            pass.fail(format!("logs {}: not taken as sent: {ack:?}", a.run_id));
-            return;
-        }
-        Err(e) => {
-            pass.fail(format!("logs {}: {e}", a.run_id));
-            return;
-        }
+    pass.started(a.run_id.clone());
+    if pass.prints() && !upload_line(worker, &a.run_id, a.attempt, pass).await {
+        return;
     }
     let finish = Finish {
         status: RunStatus::Succeeded,
@@ -410,12 +707,7 @@ async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
         pass.fail(format!("finish {}: {e}", a.run_id));
         return;
     }
-    // Whether it ended `succeeded` on attempt 1 is read back from the store after the pass.
-    *lock(&pass.finished).entry(a.run_id).or_insert(0) += 1;
-    if pass.finished_count.fetch_add(1, Ordering::SeqCst) + 1 == pass.total {
-        *lock(&pass.last_finish) = Some(Instant::now());
-        pass.done.cancel();
-    }
+    pass.finished(a.run_id);
 }
 
 /// What following one run's events over SSE showed.
@@ -446,45 +738,64 @@ async fn follow(client: TetherClient, run_id: String) -> Result<Followed, String
     Ok(Followed { complete: false })
 }
 
-/// Submits as fast as `concurrency` submitters can, following every `follow_every`th run.
+/// Submits as fast as `concurrency` submitters can, `batch` runs per call, following every
+/// `follow_every`th run.
 async fn submitter(
     client: TetherClient,
     pass: Arc<Pass>,
     next: Arc<AtomicU64>,
+    batch: u32,
     follow_every: u64,
 ) -> Vec<JoinHandle<Result<Followed, String>>> {
-    let request = SubmitRequest {
+    let noop = SubmitRequest {
         command: vec!["true".into()],
         ..SubmitRequest::default()
     };
     let mut followers = Vec::new();
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= pass.total || pass.done.is_cancelled() {
+        let first = next.fetch_add(u64::from(batch), Ordering::Relaxed);
+        if first >= pass.total || pass.done.is_cancelled() {
             return followers;
         }
-        match pass.timed("submit", client.submit(&request)).await {
-            Ok(run) => {
-                lock(&pass.submitted).insert(run.id.clone(), Instant::now());
-                if pass.paced {
-                    // The latency itself is stamped by the worker; this only paces.
-                    while !lock(&pass.started).contains_key(&run.id) && !pass.done.is_cancelled() {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-                if i.checked_rem(follow_every) == Some(0) {
-                    followers.push(tokio::spawn(follow(client.clone(), run.id)));
-                }
+        let n = (pass.total - first).min(u64::from(batch));
+        let submitted = if n == 1 {
+            pass.timed("submit", client.submit(&noop))
+                .await
+                .map(|run| vec![run])
+        } else {
+            let request = BatchSubmitRequest {
+                runs: vec![noop.clone(); n as usize],
+            };
+            pass.timed("submit", client.submit_batch(&request))
+                .await
+                .map(|answer| answer.runs)
+        };
+        let runs = match submitted {
+            Ok(runs) if runs.len() as u64 == n => runs,
+            Ok(runs) => {
+                pass.fail(format!("submit: {} runs answered for {n}", runs.len()));
+                return followers;
             }
             Err(e) => {
                 pass.fail(format!("submit: {e}"));
                 return followers;
             }
+        };
+        let at = Instant::now();
+        lock(&pass.submitted).extend(runs.iter().map(|run| (run.id.clone(), at)));
+        for (i, run) in (first..).zip(runs) {
+            if pass.paced {
+                // The latency itself is stamped by the worker; this only paces.
+                pass.until_started(&run.id).await;
+            }
+            if i.checked_rem(follow_every) == Some(0) {
+                followers.push(tokio::spawn(follow(client.clone(), run.id)));
+            }
         }
     }
 }
 
-/// N no-op runs through submit, claim, start, logs, finish and events.
+/// N no-op runs through submit, claim, start, finish (and logs, for those that print) and events.
 async fn throughput(
     args: &BenchArgs,
     client: &TetherClient,
@@ -514,12 +825,18 @@ async fn pass_of(
         total: args.runs,
         submitted: Mutex::new(HashMap::new()),
         started: Mutex::new(HashMap::new()),
+        start_seen: Notify::new(),
         finished: Mutex::new(HashMap::new()),
         finished_count: AtomicU64::new(0),
         last_finish: Mutex::new(None),
         calls: Mutex::new(BTreeMap::new()),
+        http_calls: AtomicU64::new(0),
         claims: AtomicU64::new(0),
+        riding_claims: AtomicU64::new(0),
         claimed_runs: AtomicU64::new(0),
+        reports: AtomicU64::new(0),
+        handed_out: AtomicU64::new(0),
+        log_every: args.log_every,
         done: CancellationToken::new(),
         failure: Mutex::new(None),
         paced,
@@ -538,12 +855,24 @@ async fn pass_of(
             pass.done.clone(),
             beats.clone(),
         )));
-        worker_tasks.push(tokio::spawn(worker_loop(
-            client.clone(),
-            worker.clone(),
-            args.claim_batch,
-            pass.clone(),
-        )));
+        if args.single_calls {
+            worker_tasks.push(tokio::spawn(single_calls_loop(
+                client.clone(),
+                worker.clone(),
+                pass.clone(),
+            )));
+        } else {
+            worker_tasks.push(tokio::spawn(claim_loop(
+                client.clone(),
+                worker.clone(),
+                pass.clone(),
+            )));
+            worker_tasks.push(tokio::spawn(report_loop(
+                client.clone(),
+                worker.clone(),
+                pass.clone(),
+            )));
+        }
     }
     let first_submit = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
@@ -553,6 +882,7 @@ async fn pass_of(
                 client.clone(),
                 pass.clone(),
                 next.clone(),
+                if paced { 1 } else { submit_batch(args) },
                 args.follow_every,
             ))
         })
@@ -620,12 +950,16 @@ async fn pass_of(
         .count() as u64;
     let events_written = read_back.iter().map(|r| r.events).sum();
     let runs_ended = read_back.iter().filter(|r| r.ended).count() as u64;
-    let calls = std::mem::take(&mut *lock(&pass.calls))
+    let calls: BTreeMap<String, Percentiles> = std::mem::take(&mut *lock(&pass.calls))
         .into_iter()
         .map(|(k, v)| (k.to_string(), Percentiles::of(v)))
         .collect();
     let claims = pass.claims.load(Ordering::Relaxed);
     let claimed = pass.claimed_runs.load(Ordering::Relaxed);
+    let per_run = |n: u64| n as f64 / args.runs.max(1) as f64;
+    let report_calls = calls
+        .get("attempts")
+        .map_or(0, |p: &Percentiles| p.count as u64);
     Ok(Throughput {
         runs: args.runs,
         seconds,
@@ -635,10 +969,17 @@ async fn pass_of(
             0.0
         },
         submit_to_start_ms: Percentiles::of(latencies),
+        http_calls_per_run: per_run(pass.http_calls.load(Ordering::Relaxed)),
         calls_ms: calls,
         claims,
+        riding_claims: pass.riding_claims.load(Ordering::Relaxed),
         runs_per_claim: if claims > 0 {
             claimed as f64 / claims as f64
+        } else {
+            0.0
+        },
+        reports_per_call: if report_calls > 0 {
+            pass.reports.load(Ordering::Relaxed) as f64 / report_calls as f64
         } else {
             0.0
         },
@@ -905,6 +1246,9 @@ mod tests {
             workers: Some(2),
             concurrency: 4,
             claim_batch: 16,
+            submit_batch: 8,
+            log_every: 2,
+            single_calls: false,
             follow_every: 5,
             seed_finished: 1000,
             samples: 5,
@@ -931,8 +1275,8 @@ mod tests {
         assert_eq!(t.runs_ended, 20);
         assert_eq!(t.followed, 4);
         assert_eq!(t.followed_complete, 4);
-        // pending, claimed, attempt, running, log, succeeded, end.
-        assert_eq!(t.events_written, 20 * 7);
+        // pending, claimed, attempt, running, succeeded, end; and a log for every other run.
+        assert_eq!(t.events_written, 20 * 6 + 10);
         assert_eq!(t.submit_to_start_ms.count, 20);
         assert!(t.runs_per_s > 0.0);
     }
@@ -959,9 +1303,38 @@ mod tests {
             (paced.succeeded_once, paced.submit_to_start_ms.count),
             (5, 5)
         );
+        // Batch submission and the batched report call: fewer calls than runs.
+        let t = &report.throughput;
+        assert_eq!(report.protocol, "batched");
+        assert!(t.calls_ms["submit"].count < 20, "{t:?}");
+        assert!(t.calls_ms["attempts"].count > 0, "{t:?}");
+        assert!(!t.calls_ms.contains_key("start"), "{t:?}");
+        assert!(!t.calls_ms.contains_key("finish"), "{t:?}");
+        assert_eq!(t.calls_ms["logs"].count, 10, "{t:?}");
+        assert!(t.reports_per_call >= 1.0, "{t:?}");
         let text = crate::render::synthetic(&report);
         assert!(text.contains("reaper sweep"));
         assert!(text.contains("One run at a time"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_single_calls_still_succeed_every_run_exactly_once() {
+        let args = BenchArgs {
+            single_calls: true,
+            seed_finished: 0,
+            paced: 0,
+            ..tiny(None)
+        };
+        let report = tiny_bench(args).await;
+        assert!(report.ok());
+        assert_eq!(report.protocol, "single");
+        let t = &report.throughput;
+        assert_eq!(t.succeeded_once, 20);
+        assert_eq!(t.events_written, 20 * 6 + 10);
+        for (call, count) in [("submit", 20), ("start", 20), ("finish", 20), ("logs", 10)] {
+            assert_eq!(t.calls_ms[call].count, count, "{call}: {t:?}");
+        }
+        assert!(!t.calls_ms.contains_key("attempts"), "{t:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! `tether bench --real` end to end (issue 15): a server child process and real `tether worker`
 //! processes spawned by the binary itself, running `true`, with a report of the expected shape.
+//! And the synthetic path through the binary: batch submission and the batched report call.
 
 use std::process::Command;
 
@@ -106,4 +107,46 @@ fn a_tiny_real_bench_on_postgres_runs_every_run_exactly_once() {
     let report = real_bench(Some(&db.url));
     assert_eq!(report["store"], "postgres");
     assert_real_report(&report);
+}
+
+#[test]
+fn a_tiny_synthetic_bench_speaks_the_batched_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(TETHER)
+        .args([
+            "bench",
+            "--runs",
+            "200",
+            "--submit-batch",
+            "50",
+            "--log-every",
+            "10",
+            "--seed-finished",
+            "0",
+            "--paced",
+            "3",
+            "--json",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}): {out:?}"));
+    assert_eq!(out.status.code(), Some(0), "{report:#}\n{out:?}");
+    assert_eq!(report["protocol"], "batched", "{report:#}");
+    let t = &report["throughput"];
+    assert_eq!(t["succeeded_once"], 200, "every run succeeded exactly once");
+    assert_eq!(t["runs_ended"], 200, "{report:#}");
+    assert!(number(&t["runs_per_s"]) > 0.0, "{report:#}");
+    let calls = &t["calls_ms"];
+    // Four batches of 50, starts and finishes in report calls, a line for 1 run in 10.
+    assert_eq!(calls["submit"]["count"], 4, "{report:#}");
+    assert!(number(&calls["attempts"]["count"]) > 0.0, "{report:#}");
+    assert!(calls.get("start").is_none() && calls.get("finish").is_none());
+    assert_eq!(calls["logs"]["count"], 20, "{report:#}");
+    // pending, claimed, attempt, running, succeeded, end; and the 20 lines.
+    assert_eq!(t["events_written"], 200 * 6 + 20, "{report:#}");
+    assert!(number(&t["http_calls_per_run"]) < 1.0, "{report:#}");
+    let paced = &report["paced"];
+    assert_eq!(paced["succeeded_once"], 3, "{report:#}");
 }
