@@ -4,12 +4,12 @@
 use tether_domain::machine::{AttemptOutcome, Command};
 use tether_domain::{ErrorCode, RunStatus};
 
+use super::{claims, Answer, Ending, Work};
 use super::{end_attempt, must_lock, push_status, reload, transition_error};
-use super::{Answer, Ending, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{
-    new_output, AppendOutcome, AttemptFinish, EventBody, FinishReport, OutputChunk, OutputStream,
-    RunRecord, RunRef, StatusBody, StoreError, StoreResult,
+    new_output, AppendOutcome, AttemptFinish, AttemptReports, ClaimLimits, EventBody, FinishReport,
+    OutputChunk, OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
 };
 
 pub(super) async fn start_one<D: Driver>(
@@ -57,6 +57,45 @@ pub(super) async fn finish_many<D: Driver>(
     in_one_transaction(d, worker_id, items.iter().map(Call::Finish).collect()).await
 }
 
+/// One worker call's reports and its claim in one transaction: the worker's row first (the
+/// lock order every writer keeps: worker, lanes, runs by `seq`), then the starts and the
+/// finishes as [`in_one_transaction`] judges them, then the claim, which sees the room the
+/// finishes freed. One `BEGIN`/`COMMIT` for all three where there were three.
+pub(super) async fn report<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    starts: &[RunRef],
+    finishes: &[AttemptFinish],
+    claim: Option<&ClaimLimits>,
+) -> StoreResult<AttemptReports> {
+    let mut work = Work::begin(d).await?;
+    let worker = match claim {
+        Some(_) => Some(claims::lock_worker(&mut work, worker_id).await?),
+        None => None,
+    };
+    let calls: Vec<Call<'_>> = starts
+        .iter()
+        .map(Call::Start)
+        .chain(finishes.iter().map(Call::Finish))
+        .collect();
+    let mut answers = calls_in(&mut work, worker_id, &calls).await?;
+    let claimed = match (claim, worker) {
+        (Some(limits), Some(Ok(worker))) => Some(Ok(claims::claim_in(
+            &mut work, worker_id, worker, limits,
+        )
+        .await?)),
+        (_, Some(Err(refused))) => Some(Err(refused)),
+        _ => None,
+    };
+    work.commit(d).await?;
+    let finishes = answers.split_off(starts.len());
+    Ok(AttemptReports {
+        starts: answers,
+        finishes,
+        claimed,
+    })
+}
+
 /// One worker call on one attempt, as a batch carries it.
 enum Call<'a> {
     Start(&'a RunRef),
@@ -81,26 +120,35 @@ async fn in_one_transaction<D: Driver>(
     calls: Vec<Call<'_>>,
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let mut work = Work::begin(d).await?;
+    let runs = calls_in(&mut work, worker_id, &calls).await?;
+    work.commit(d).await?;
+    Ok(runs)
+}
+
+/// The calls judged in order inside the caller's transaction, their runs locked and loaded
+/// up front in one statement.
+async fn calls_in<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+    calls: &[Call<'_>],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
     work.load(&ids, Lock::Wait).await?;
     let mut answers = Vec::with_capacity(calls.len());
-    for call in &calls {
+    for call in calls {
         let answer = match call {
-            Call::Start(r) => start_in(&mut work, &r.run_id, r.attempt, worker_id).await,
-            Call::Finish(f) => {
-                finish_in(&mut work, &f.run_id, f.attempt, worker_id, &f.report).await
-            }
+            Call::Start(r) => start_in(work, &r.run_id, r.attempt, worker_id).await,
+            Call::Finish(f) => finish_in(work, &f.run_id, f.attempt, worker_id, &f.report).await,
         };
         answers.push(per_item(answer)?);
     }
     let mut runs = Vec::with_capacity(answers.len());
     for answer in answers {
         runs.push(match answer {
-            Ok(answer) => Ok(answer.resolve(&mut work).await?),
+            Ok(answer) => Ok(answer.resolve(work).await?),
             Err(refused) => Err(refused),
         });
     }
-    work.commit(d).await?;
     Ok(runs)
 }
 

@@ -9,7 +9,9 @@ use tether_domain::{Freshness, RunStatus};
 
 use super::{push_status, Ticket, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
-use crate::{ClaimLimits, ClaimedRun, EventBody, StatusBody, StoreError, StoreResult};
+use crate::{
+    ClaimLimits, ClaimedRun, EventBody, StatusBody, StoreError, StoreResult, WorkerRecord,
+};
 
 /// How many pending runs one claim looks at before giving up on finding more that fit.
 const CLAIM_SCAN_LIMIT: usize = 2048;
@@ -21,12 +23,35 @@ pub(super) async fn claim_runs<D: Driver>(
     limits: &ClaimLimits,
 ) -> StoreResult<Vec<ClaimedRun>> {
     let mut work = Work::begin(d).await?;
+    let worker = lock_worker(&mut work, worker_id).await?;
+    let claimed = claim_in(&mut work, worker_id, worker?, limits).await?;
+    if !claimed.is_empty() {
+        work.commit(d).await?;
+    }
+    Ok(claimed)
+}
+
+/// Locks the worker's row, which serializes its claims (the room a claim computes stays
+/// true) and comes first in every writer's lock order; `UnknownWorker` (the claim's own
+/// answer) for an unknown or deregistered worker.
+pub(super) async fn lock_worker<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+) -> StoreResult<StoreResult<WorkerRecord>> {
+    Ok(match work.tx().await?.lock_worker(worker_id).await? {
+        Some((worker, None)) => Ok(worker),
+        _ => Err(StoreError::UnknownWorker),
+    })
+}
+
+/// Claims for `worker` (its row locked by this transaction) inside the caller's transaction.
+pub(super) async fn claim_in<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+    worker: WorkerRecord,
+    limits: &ClaimLimits,
+) -> StoreResult<Vec<ClaimedRun>> {
     let now = work.now();
-    // The worker's row lock serializes its claims: the room computed below stays true.
-    let worker = match work.tx().await?.lock_worker(worker_id).await? {
-        Some((worker, None)) => worker,
-        _ => return Err(StoreError::UnknownWorker),
-    };
     // A draining worker finishes what it holds and takes nothing new; a frozen one (its own
     // heartbeat stale, its long-poll still open) takes nothing either.
     let frozen = limits.worker_fresh_ms > 0
@@ -117,7 +142,7 @@ pub(super) async fn claim_runs<D: Driver>(
             let ticket = work.write(&loaded, change).await?;
             work.insert_attempt(&pending.id, attempt, worker_id);
             let status = StatusBody::plain(RunStatus::Claimed, attempt);
-            push_status(&mut work, &pending.id, status)?;
+            push_status(work, &pending.id, status)?;
             let body = EventBody::Attempt {
                 attempt,
                 worker_id: worker_id.to_string(),
@@ -138,6 +163,5 @@ pub(super) async fn claim_runs<D: Driver>(
         let run = work.written(ticket).await?;
         runs.push(ClaimedRun { attempt, run });
     }
-    work.commit(d).await?;
     Ok(runs)
 }

@@ -21,11 +21,11 @@ use tokio::sync::broadcast;
 
 use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
 use crate::{
-    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, BatchAdmission,
-    ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord, FinishReport,
-    HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy, ReapReport, ReapedRun, RunBeat,
-    RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store, StoreError, StoreResult,
-    WorkerRecord,
+    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, AttemptReports,
+    BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord,
+    FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy, ReapReport,
+    ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store,
+    StoreError, StoreResult, WorkerRecord,
 };
 use work::{Ticket, Work};
 
@@ -157,6 +157,16 @@ impl<D: Driver + EndpointStore> Store for D {
         items: &[RunRef],
     ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
         attempts::start_many(self, worker_id, items).await
+    }
+
+    async fn report_attempts(
+        &self,
+        worker_id: &str,
+        starts: &[RunRef],
+        finishes: &[AttemptFinish],
+        claim: Option<&ClaimLimits>,
+    ) -> StoreResult<AttemptReports> {
+        attempts::report(self, worker_id, starts, finishes, claim).await
     }
 
     async fn events_after(
