@@ -4,23 +4,22 @@
 //! clock, and `NOTIFY` at commit (in `lib.rs`).
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgQueryResult};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    AttemptEnd, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock, PendingRun, RunChange,
-    Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock,
+    NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
-    AttemptRecord, Driver, DriverTx, EventBody, EventRecord, LaneLoad, NewWorker, Outbox,
-    ReapPolicy, RunFilter, RunRecord, Signal, StoreError, StoreResult, StreamOffsets, WorkerRecord,
+    AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
+    RunFilter, RunRecord, Signal, StoreError, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 use tokio::time::timeout;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
+    EVENT_SELECT, RUN_RETURNING, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{
     clock, db, encode, lane_lock, lanes, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT, REAPER_LOCK,
@@ -33,31 +32,140 @@ pub struct PgTx {
     pub(crate) now: Millis,
 }
 
-type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
-
-/// `UPDATE runs SET <set>` guarded by the run's id, status and attempt, which take the
-/// placeholders after the `binds` ones `set` uses; bind them with [`guarded`].
-fn guarded_update(set: &str, binds: usize) -> String {
+/// The `UPDATE` of one kind of change, for any number of runs: `$1` is the transaction's
+/// `now`, `$2..$12` the columns of [`WriteColumns`], one array each. Each row lands only if
+/// the run still has the status and attempt it was judged on (the guard), even against
+/// another server writing the same database (writers also lock the row first, so the guard
+/// confirms what the lock already ensured); the rows written come back, so nothing is read
+/// again.
+fn write_sql(kind: ChangeKind) -> String {
+    let (set, also) = match kind {
+        ChangeKind::Claim => (
+            "status = v.new_status, attempt = v.n1, worker_id = v.worker, claimed_at = $1, \
+             started_at = NULL, last_heartbeat_at = $1, confirmed = FALSE, \
+             stale_at = $1 + r.heartbeat_timeout_ms, timeout_at = $1 + r.timeout_ms",
+            "",
+        ),
+        ChangeKind::Start => (
+            "status = v.new_status, started_at = $1, confirmed = TRUE, last_heartbeat_at = $1, \
+             stale_at = $1 + r.heartbeat_timeout_ms, timeout_at = $1 + r.timeout_ms",
+            "",
+        ),
+        ChangeKind::Heartbeat => (
+            "last_heartbeat_at = $1, stale_at = $1 + r.heartbeat_timeout_ms, confirmed = TRUE, \
+             reported_stdout_bytes = v.n1, reported_stderr_bytes = v.n2",
+            " AND r.worker_id = v.worker",
+        ),
+        ChangeKind::Output => (
+            "stdout_bytes = r.stdout_bytes + v.n1, stderr_bytes = r.stderr_bytes + v.n2, \
+             output_bytes = r.output_bytes + v.n1 + v.n2, last_output_at = $1",
+            "",
+        ),
+        ChangeKind::BackToPending => (
+            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+             last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, timeout_at = NULL, \
+             exit_code = NULL, error_code = NULL, error_message = NULL",
+            "",
+        ),
+        ChangeKind::Finish => (
+            "status = v.new_status, worker_id = NULL, finished_at = $1, stale_at = NULL, \
+             timeout_at = NULL, exit_code = v.exit, error_code = v.code, \
+             error_message = v.message",
+            "",
+        ),
+        ChangeKind::CancelAsked => (
+            "cancel_requested_at = coalesce(r.cancel_requested_at, $1)",
+            "",
+        ),
+    };
     format!(
-        "UPDATE runs SET {set} WHERE id = ${} AND status = ${} AND attempt = ${}",
-        binds + 1,
-        binds + 2,
-        binds + 3
+        "UPDATE runs AS r SET {set}, last_event_seq = v.seq \
+         FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+         $7::bigint[], $8::bigint[], $9::text[], $10::int[], $11::text[], $12::text[]) \
+         AS v(id, status, attempt, seq, new_status, n1, n2, worker, exit, code, message) \
+         WHERE r.id = v.id AND r.status = v.status AND r.attempt = v.attempt{also} \
+         RETURNING {RUN_RETURNING}"
     )
 }
 
-/// Binds the guard of [`guarded_update`]: the write lands only if the run still has the status
-/// and attempt it was judged on, even against another server writing the same database.
-/// (Writers also lock the row first, so the guard confirms what the lock already ensured.)
-fn guarded<'q>(query: Query<'q>, loaded: &'q LoadedRun) -> Query<'q> {
-    query
-        .bind(loaded.run.id.as_str())
-        .bind(loaded.raw_status.as_str())
-        .bind(i64::from(loaded.run.attempt))
+/// The columns [`write_sql`] reads, one entry per run: the guard, the event seq, and what each
+/// kind of change writes (`n1`, `n2`: attempt or byte counts).
+#[derive(Default)]
+struct WriteColumns<'a> {
+    id: Vec<&'a str>,
+    status: Vec<&'a str>,
+    attempt: Vec<i64>,
+    seq: Vec<i64>,
+    new_status: Vec<Option<&'static str>>,
+    n1: Vec<Option<i64>>,
+    n2: Vec<Option<i64>>,
+    worker: Vec<Option<&'a str>>,
+    exit: Vec<Option<i32>>,
+    code: Vec<Option<&'static str>>,
+    message: Vec<Option<&'a str>>,
 }
 
-fn one_row(result: PgQueryResult) -> bool {
-    result.rows_affected() == 1
+impl<'a> WriteColumns<'a> {
+    fn push(&mut self, write: &'a RunWrite) {
+        self.id.push(&write.run_id);
+        self.status.push(&write.status);
+        self.attempt.push(i64::from(write.attempt));
+        self.seq.push(write.last_event_seq);
+        let (mut new_status, mut n1, mut n2, mut worker) = (None, None, None, None);
+        let (mut exit, mut code, mut message) = (None, None, None);
+        match &write.change {
+            RunChange::Claim {
+                status,
+                attempt,
+                worker_id,
+            } => {
+                new_status = Some(status.as_str());
+                n1 = Some(i64::from(*attempt));
+                worker = Some(worker_id.as_str());
+            }
+            RunChange::Start { status } => new_status = Some(status.as_str()),
+            RunChange::Heartbeat {
+                worker_id,
+                stdout_bytes,
+                stderr_bytes,
+            } => {
+                worker = Some(worker_id.as_str());
+                n1 = Some(*stdout_bytes);
+                n2 = Some(*stderr_bytes);
+            }
+            RunChange::Output { stdout, stderr } => {
+                n1 = Some(*stdout);
+                n2 = Some(*stderr);
+            }
+            RunChange::Finish {
+                status,
+                exit_code,
+                error_code,
+                error_message,
+            } => {
+                new_status = Some(status.as_str());
+                exit = *exit_code;
+                code = error_code.map(|c| c.as_str());
+                message = error_message.as_deref();
+            }
+            RunChange::BackToPending | RunChange::CancelAsked => {}
+        }
+        self.new_status.push(new_status);
+        self.n1.push(n1);
+        self.n2.push(n2);
+        self.worker.push(worker);
+        self.exit.push(exit);
+        self.code.push(code);
+        self.message.push(message);
+    }
+}
+
+fn lock_suffix(lock: Lock) -> &'static str {
+    match lock {
+        Lock::None => "",
+        Lock::Wait => " FOR UPDATE OF r",
+        Lock::Skip => " FOR UPDATE OF r SKIP LOCKED",
+    }
 }
 
 /// A run by id, read with `select` ([`RUN_SELECT`] or [`RUN_SELECT_IN_TX`]).
@@ -67,11 +175,7 @@ async fn load_run(
     run_id: &str,
     lock: Lock,
 ) -> StoreResult<Option<LoadedRun>> {
-    let suffix = match lock {
-        Lock::None => "",
-        Lock::Wait => " FOR UPDATE OF r",
-        Lock::Skip => " FOR UPDATE OF r SKIP LOCKED",
-    };
+    let suffix = lock_suffix(lock);
     let row = sqlx::query(&format!("{select} WHERE r.id = $1{suffix}"))
         .bind(run_id)
         .fetch_optional(&mut *conn)
@@ -323,8 +427,21 @@ impl DriverTx for PgTx {
         self.now
     }
 
-    async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>> {
-        load_run(&mut self.tx, RUN_SELECT_IN_TX, run_id, lock).await
+    async fn load_runs(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<Vec<LoadedRun>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // At once, in seq order (the order every multi-run writer uses), so two writers
+        // naming the same runs cannot deadlock.
+        let rows = sqlx::query(&format!(
+            "{RUN_SELECT_IN_TX} WHERE r.id = ANY($1) ORDER BY r.seq{}",
+            lock_suffix(lock)
+        ))
+        .bind(run_ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_run).collect()
     }
 
     async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64> {
@@ -339,121 +456,49 @@ impl DriverTx for PgTx {
         Ok(ahead + 1)
     }
 
-    async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()> {
-        if run_ids.is_empty() {
-            return Ok(());
+    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>> {
+        let mut written = Vec::with_capacity(writes.len());
+        for (kind, group) in by_kind(writes) {
+            let mut cols = WriteColumns::default();
+            for write in &group {
+                cols.push(write);
+            }
+            let rows = sqlx::query(&write_sql(kind))
+                .bind(self.now)
+                .bind(cols.id)
+                .bind(cols.status)
+                .bind(cols.attempt)
+                .bind(cols.seq)
+                .bind(cols.new_status)
+                .bind(cols.n1)
+                .bind(cols.n2)
+                .bind(cols.worker)
+                .bind(cols.exit)
+                .bind(cols.code)
+                .bind(cols.message)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db)?;
+            for row in &rows {
+                written.push(decode_run(row)?);
+            }
         }
-        // At once, in seq order (the order every multi-run writer uses), so two writers
-        // naming the same runs cannot deadlock.
-        sqlx::query("SELECT id FROM runs WHERE id = ANY($1) ORDER BY seq FOR UPDATE")
-            .bind(run_ids)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db)?;
-        Ok(())
+        Ok(written)
     }
 
-    async fn write_run(&mut self, loaded: &LoadedRun, change: RunChange<'_>) -> StoreResult<bool> {
-        let now = self.now;
-        let result = match change {
-            RunChange::Claim {
-                status,
-                attempt,
-                worker_id,
-            } => {
-                let sql = guarded_update(
-                    "status = $1, attempt = $2, worker_id = $3, claimed_at = $4, \
-                     started_at = NULL, last_heartbeat_at = $4, confirmed = FALSE, \
-                     stale_at = $4 + heartbeat_timeout_ms, timeout_at = $4 + timeout_ms",
-                    4,
-                );
-                let q = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(i64::from(attempt))
-                    .bind(worker_id)
-                    .bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::Start { status } => {
-                let sql = guarded_update(
-                    "status = $1, started_at = $2, confirmed = TRUE, last_heartbeat_at = $2, \
-                     stale_at = $2 + heartbeat_timeout_ms, timeout_at = $2 + timeout_ms",
-                    2,
-                );
-                let q = sqlx::query(&sql).bind(status.as_str()).bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::Heartbeat {
-                worker_id,
-                stdout_bytes,
-                stderr_bytes,
-            } => {
-                let sql = guarded_update(
-                    "last_heartbeat_at = $1, stale_at = $1 + heartbeat_timeout_ms, \
-                     confirmed = TRUE, reported_stdout_bytes = $2, reported_stderr_bytes = $3",
-                    3,
-                );
-                let sql = format!("{sql} AND worker_id = $7");
-                let q = sqlx::query(&sql)
-                    .bind(now)
-                    .bind(stdout_bytes)
-                    .bind(stderr_bytes);
-                guarded(q, loaded)
-                    .bind(worker_id)
-                    .execute(&mut *self.tx)
-                    .await
-            }
-            RunChange::Output { stdout, stderr } => {
-                let sql = guarded_update(
-                    "stdout_bytes = stdout_bytes + $1, stderr_bytes = stderr_bytes + $2, \
-                     output_bytes = output_bytes + $3, last_output_at = $4",
-                    4,
-                );
-                let q = sqlx::query(&sql)
-                    .bind(stdout)
-                    .bind(stderr)
-                    .bind(stdout + stderr)
-                    .bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::BackToPending => {
-                let sql = guarded_update(
-                    "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
-                     last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, \
-                     timeout_at = NULL, exit_code = NULL, error_code = NULL, error_message = NULL",
-                    0,
-                );
-                guarded(sqlx::query(&sql), loaded)
-                    .execute(&mut *self.tx)
-                    .await
-            }
-            RunChange::Finish {
-                status,
-                exit_code,
-                error_code,
-                error_message,
-            } => {
-                let sql = guarded_update(
-                    "status = $1, worker_id = NULL, finished_at = $2, stale_at = NULL, \
-                     timeout_at = NULL, exit_code = $3, error_code = $4, error_message = $5",
-                    5,
-                );
-                let q = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .bind(exit_code)
-                    .bind(error_code.map(|c| c.as_str()))
-                    .bind(error_message);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::CancelAsked => {
-                let sql =
-                    guarded_update("cancel_requested_at = coalesce(cancel_requested_at, $1)", 1);
-                let q = sqlx::query(&sql).bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-        };
-        Ok(one_row(result.map_err(db)?))
+    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
+        let (ids, seqs): (Vec<&str>, Vec<i64>) =
+            seqs.iter().map(|(id, seq)| (id.as_str(), *seq)).unzip();
+        sqlx::query(
+            "UPDATE runs AS r SET last_event_seq = v.seq \
+             FROM UNNEST($1::text[], $2::bigint[]) AS v(id, seq) WHERE r.id = v.id",
+        )
+        .bind(ids)
+        .bind(seqs)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
@@ -477,16 +522,16 @@ impl DriverTx for PgTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Option<LoadedRun>> {
         // A queue lane's submissions do not wait for each other at the door: a key reused by
         // two at once is settled by the unique index here.
-        let inserted = sqlx::query(
-            "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
-             created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
-             request_fingerprint) \
+        let row = sqlx::query(&format!(
+            "INSERT INTO runs AS r (id, lane, status, attempt, max_attempts, spec, cpus, \
+             memory_mb, created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, \
+             idempotency_key, request_fingerprint) \
              VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING seq",
-        )
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {RUN_RETURNING}"
+        ))
         .bind(id)
         .bind(&spec.lane)
         .bind(status.as_str())
@@ -503,91 +548,110 @@ impl DriverTx for PgTx {
         .fetch_optional(&mut *self.tx)
         .await
         .map_err(db)?;
-        Ok(inserted.is_some())
+        row.as_ref().map(decode_run).transpose()
     }
 
-    async fn push_event(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        body: &EventBody,
-        data: Option<&[u8]>,
-    ) -> StoreResult<i64> {
-        // The row lock the `UPDATE` takes orders concurrent appends, so seq rises by one with
-        // no gaps.
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE id = $1 \
-             RETURNING last_event_seq",
-        )
-        .bind(run_id)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db)?;
+    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()> {
+        let mut run_ids = Vec::with_capacity(events.len());
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut kinds = Vec::with_capacity(events.len());
+        let mut attempts = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
+        let mut data = Vec::with_capacity(events.len());
+        for e in events {
+            run_ids.push(e.run_id.as_str());
+            seqs.push(e.seq);
+            kinds.push(e.body.kind().as_str());
+            attempts.push(i64::from(e.attempt));
+            bodies.push(e.body.to_json().to_string());
+            data.push(e.data.as_deref());
+        }
         sqlx::query(
             "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
-             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)",
+             SELECT v.run_id, v.seq, v.kind, v.attempt, $1, v.body::jsonb, v.data \
+             FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
+             $7::bytea[]) AS v(run_id, seq, kind, attempt, body, data)",
         )
-        .bind(run_id)
-        .bind(seq)
-        .bind(body.kind().as_str())
-        .bind(i64::from(attempt))
         .bind(self.now)
-        .bind(body.to_json().to_string())
+        .bind(run_ids)
+        .bind(seqs)
+        .bind(kinds)
+        .bind(attempts)
+        .bind(bodies)
         .bind(data)
         .execute(&mut *self.tx)
         .await
         .map_err(db)?;
-        Ok(seq)
+        Ok(())
     }
 
-    async fn insert_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        worker_id: &str,
-    ) -> StoreResult<()> {
+    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()> {
+        let run_ids: Vec<&str> = attempts.iter().map(|a| a.run_id.as_str()).collect();
+        let numbers: Vec<i64> = attempts.iter().map(|a| i64::from(a.attempt)).collect();
+        let workers: Vec<&str> = attempts.iter().map(|a| a.worker_id.as_str()).collect();
         sqlx::query(
             "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
-             VALUES ($1, $2, $3, $4)",
+             SELECT v.run_id, v.attempt, v.worker_id, $1 \
+             FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS v(run_id, attempt, worker_id)",
         )
-        .bind(run_id)
-        .bind(i64::from(attempt))
-        .bind(worker_id)
         .bind(self.now)
+        .bind(run_ids)
+        .bind(numbers)
+        .bind(workers)
         .execute(&mut *self.tx)
         .await
         .map_err(db)?;
         Ok(())
     }
 
-    async fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) -> StoreResult<()> {
-        sqlx::query("UPDATE attempts SET started_at = $1 WHERE run_id = $2 AND attempt = $3")
-            .bind(self.now)
-            .bind(run_id)
-            .bind(i64::from(attempt))
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db)?;
+    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
+        let (run_ids, numbers): (Vec<&str>, Vec<i64>) = attempts
+            .iter()
+            .map(|(id, attempt)| (id.as_str(), i64::from(*attempt)))
+            .unzip();
+        sqlx::query(
+            "UPDATE attempts AS a SET started_at = $1 \
+             FROM UNNEST($2::text[], $3::bigint[]) AS v(run_id, attempt) \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt",
+        )
+        .bind(self.now)
+        .bind(run_ids)
+        .bind(numbers)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
-    async fn close_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        end: AttemptEnd<'_>,
-    ) -> StoreResult<()> {
+    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()> {
+        let mut run_ids = Vec::with_capacity(ends.len());
+        let mut numbers = Vec::with_capacity(ends.len());
+        let mut statuses = Vec::with_capacity(ends.len());
+        let mut codes = Vec::with_capacity(ends.len());
+        let mut exits = Vec::with_capacity(ends.len());
+        let mut messages = Vec::with_capacity(ends.len());
+        for c in ends {
+            run_ids.push(c.run_id.as_str());
+            numbers.push(i64::from(c.attempt));
+            statuses.push(c.end.status.as_str());
+            codes.push(c.end.error_code.map(|e| e.as_str()));
+            exits.push(c.end.exit_code);
+            messages.push(c.end.error_message.as_deref());
+        }
         sqlx::query(
-            "UPDATE attempts SET finished_at = $1, status = $2, error_code = $3, exit_code = $4, \
-             error_message = $5 WHERE run_id = $6 AND attempt = $7 AND status IS NULL",
+            "UPDATE attempts AS a SET finished_at = $1, status = v.status, \
+             error_code = v.code, exit_code = v.exit, error_message = v.message \
+             FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::int[], \
+             $7::text[]) AS v(run_id, attempt, status, code, exit, message) \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL",
         )
         .bind(self.now)
-        .bind(end.status.as_str())
-        .bind(end.error_code.map(|c| c.as_str()))
-        .bind(end.exit_code)
-        .bind(end.error_message)
-        .bind(run_id)
-        .bind(i64::from(attempt))
+        .bind(run_ids)
+        .bind(numbers)
+        .bind(statuses)
+        .bind(codes)
+        .bind(exits)
+        .bind(messages)
         .execute(&mut *self.tx)
         .await
         .map_err(db)?;

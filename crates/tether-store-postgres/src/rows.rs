@@ -17,7 +17,7 @@ pub(crate) fn col(e: sqlx::Error) -> StoreError {
 /// Every column of a run but its queue position.
 macro_rules! run_columns {
     () => {
-        "SELECT r.seq, r.id, r.status, r.attempt, r.spec::text AS spec, \
+        "r.seq, r.id, r.status, r.attempt, r.spec::text AS spec, \
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
     r.last_output_at, r.cancel_requested_at, r.exit_code, r.error_code, r.error_message, \
     r.stdout_bytes, r.stderr_bytes, r.last_event_seq, r.output_bytes, r.confirmed, r.stale_at, \
@@ -29,6 +29,7 @@ macro_rules! run_columns {
 /// reads. Counting what is ahead scans the lane's queue, so a write transaction loads runs
 /// with [`RUN_SELECT_IN_TX`] and the engine asks for a position only where it answers one.
 pub(crate) const RUN_SELECT: &str = concat!(
+    "SELECT ",
     run_columns!(),
     ", CASE WHEN r.status IN ('pending', 'queued') THEN 1 + (SELECT count(*) FROM runs p \
         WHERE p.lane = r.lane AND p.status IN ('pending', 'queued') AND p.seq < r.seq) \
@@ -37,9 +38,14 @@ pub(crate) const RUN_SELECT: &str = concat!(
 
 /// A run without its queue position: what a write transaction judges.
 pub(crate) const RUN_SELECT_IN_TX: &str = concat!(
+    "SELECT ",
     run_columns!(),
     ", NULL::bigint AS queue_position FROM runs r"
 );
+
+/// A run as a write's `RETURNING` gives it back (the table named `r`), without its queue
+/// position.
+pub(crate) const RUN_RETURNING: &str = concat!(run_columns!(), ", NULL::bigint AS queue_position");
 
 /// Resources from a row's `cpus` and `memory_mb` columns (a negative memory reads as none).
 pub(crate) fn resources(row: &PgRow) -> StoreResult<Resources> {

@@ -5,22 +5,23 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteArguments, SqliteQueryResult};
+use serde_json::{json, Value};
+use sqlx::sqlite::SqliteQueryResult;
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    AttemptEnd, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock, PendingRun, RunChange,
-    Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock,
+    NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
-    AttemptRecord, Driver, DriverTx, EventBody, EventRecord, LaneLoad, NewWorker, Outbox,
-    ReapPolicy, RunFilter, RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
+    AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
+    RunFilter, RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
+    EVENT_SELECT, RUN_RETURNING, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{clock, db, encode, lanes, SqliteStore, IN_FLIGHT, PENDING};
 
@@ -30,22 +31,122 @@ pub struct SqliteTx {
     pub(crate) now: Millis,
 }
 
-type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
+/// The `UPDATE` of one kind of change, for any number of runs: `?1` is the transaction's
+/// `now`, `?2` the runs as a JSON array of `[id, status, attempt, last_event_seq, p1..p4]`
+/// ([`change_values`]). Each row lands only if the run still has the status and attempt it
+/// was judged on (the guard), even against another process writing the same file; the rows
+/// written come back, so nothing is read again.
+fn write_sql(kind: ChangeKind) -> String {
+    let (set, also) = match kind {
+        ChangeKind::Claim => (
+            "status = v.p1, attempt = v.p2, worker_id = v.p3, claimed_at = ?1, \
+             started_at = NULL, last_heartbeat_at = ?1, confirmed = 0, \
+             stale_at = ?1 + r.heartbeat_timeout_ms, timeout_at = ?1 + r.timeout_ms",
+            "",
+        ),
+        ChangeKind::Start => (
+            "status = v.p1, started_at = ?1, confirmed = 1, last_heartbeat_at = ?1, \
+             stale_at = ?1 + r.heartbeat_timeout_ms, timeout_at = ?1 + r.timeout_ms",
+            "",
+        ),
+        ChangeKind::Heartbeat => (
+            "last_heartbeat_at = ?1, stale_at = ?1 + r.heartbeat_timeout_ms, confirmed = 1, \
+             reported_stdout_bytes = v.p2, reported_stderr_bytes = v.p3",
+            " AND r.worker_id = v.p1",
+        ),
+        ChangeKind::Output => (
+            "stdout_bytes = r.stdout_bytes + v.p1, stderr_bytes = r.stderr_bytes + v.p2, \
+             output_bytes = r.output_bytes + v.p1 + v.p2, last_output_at = ?1",
+            "",
+        ),
+        ChangeKind::BackToPending => (
+            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+             last_heartbeat_at = NULL, confirmed = 0, stale_at = NULL, timeout_at = NULL, \
+             exit_code = NULL, error_code = NULL, error_message = NULL",
+            "",
+        ),
+        ChangeKind::Finish => (
+            "status = v.p1, worker_id = NULL, finished_at = ?1, stale_at = NULL, \
+             timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
+            "",
+        ),
+        ChangeKind::CancelAsked => (
+            "cancel_requested_at = coalesce(r.cancel_requested_at, ?1)",
+            "",
+        ),
+    };
+    format!(
+        "UPDATE runs AS r SET {set}, last_event_seq = v.seq FROM \
+         (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS attempt, \
+         value ->> 3 AS seq, value ->> 4 AS p1, value ->> 5 AS p2, value ->> 6 AS p3, \
+         value ->> 7 AS p4 FROM json_each(?2)) AS v \
+         WHERE r.id = v.id AND r.status = v.status AND r.attempt = v.attempt{also} \
+         RETURNING {RUN_RETURNING}"
+    )
+}
 
-/// The guard every status-changing `UPDATE runs` ends with: the write lands only if the run
-/// still has the status and attempt it was judged on, even against another process writing the
-/// same file.
-const GUARD: &str = " WHERE id = ? AND status = ? AND attempt = ?";
-
-fn guarded<'q>(query: Query<'q>, loaded: &'q LoadedRun) -> Query<'q> {
-    query
-        .bind(loaded.run.id.as_str())
-        .bind(loaded.raw_status.as_str())
-        .bind(i64::from(loaded.run.attempt))
+/// What a change writes beyond its kind, as [`write_sql`] reads it (`p1..p4`).
+fn change_values(change: &RunChange) -> [Value; 4] {
+    match change {
+        RunChange::Claim {
+            status,
+            attempt,
+            worker_id,
+        } => [
+            json!(status.as_str()),
+            json!(attempt),
+            json!(worker_id),
+            Value::Null,
+        ],
+        RunChange::Start { status } => [
+            json!(status.as_str()),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ],
+        RunChange::Heartbeat {
+            worker_id,
+            stdout_bytes,
+            stderr_bytes,
+        } => [
+            json!(worker_id),
+            json!(stdout_bytes),
+            json!(stderr_bytes),
+            Value::Null,
+        ],
+        RunChange::Output { stdout, stderr } => {
+            [json!(stdout), json!(stderr), Value::Null, Value::Null]
+        }
+        RunChange::Finish {
+            status,
+            exit_code,
+            error_code,
+            error_message,
+        } => [
+            json!(status.as_str()),
+            json!(exit_code),
+            json!(error_code.map(|c| c.as_str())),
+            json!(error_message),
+        ],
+        RunChange::BackToPending | RunChange::CancelAsked => {
+            [Value::Null, Value::Null, Value::Null, Value::Null]
+        }
+    }
 }
 
 fn one_row(result: SqliteQueryResult) -> bool {
     result.rows_affected() == 1
+}
+
+/// Lowercase hex, for bytes that travel inside JSON text.
+fn hex(data: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(data.len() * 2);
+    for byte in data {
+        text.push(DIGITS[usize::from(byte >> 4)] as char);
+        text.push(DIGITS[usize::from(byte & 0xf)] as char);
+    }
+    text
 }
 
 /// A run by id, read with `select` ([`RUN_SELECT`] or [`RUN_SELECT_IN_TX`]).
@@ -301,8 +402,18 @@ impl DriverTx for SqliteTx {
         self.now
     }
 
-    async fn load_run(&mut self, run_id: &str, _lock: Lock) -> StoreResult<Option<LoadedRun>> {
-        load_run(&mut self.tx, RUN_SELECT_IN_TX, run_id).await
+    async fn load_runs(&mut self, run_ids: &[&str], _lock: Lock) -> StoreResult<Vec<LoadedRun>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "{RUN_SELECT_IN_TX} WHERE r.id IN (SELECT value FROM json_each(?)) ORDER BY r.seq"
+        ))
+        .bind(encode(&run_ids, "run ids")?)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        rows.iter().map(decode_run).collect()
     }
 
     async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64> {
@@ -317,120 +428,49 @@ impl DriverTx for SqliteTx {
         Ok(ahead + 1)
     }
 
-    async fn lock_runs(&mut self, _run_ids: &[&str]) -> StoreResult<()> {
-        Ok(())
+    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>> {
+        let mut written = Vec::with_capacity(writes.len());
+        for (kind, group) in by_kind(writes) {
+            let rows: Vec<Value> = group
+                .iter()
+                .map(|w| {
+                    let [p1, p2, p3, p4] = change_values(&w.change);
+                    json!([
+                        w.run_id,
+                        w.status,
+                        w.attempt,
+                        w.last_event_seq,
+                        p1,
+                        p2,
+                        p3,
+                        p4
+                    ])
+                })
+                .collect();
+            let rows = sqlx::query(&write_sql(kind))
+                .bind(self.now)
+                .bind(Value::Array(rows).to_string())
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db)?;
+            for row in &rows {
+                written.push(decode_run(row)?);
+            }
+        }
+        Ok(written)
     }
 
-    async fn write_run(&mut self, loaded: &LoadedRun, change: RunChange<'_>) -> StoreResult<bool> {
-        let now = self.now;
-        let result = match change {
-            RunChange::Claim {
-                status,
-                attempt,
-                worker_id,
-            } => {
-                let sql = format!(
-                    "UPDATE runs SET status = ?, attempt = ?, worker_id = ?, claimed_at = ?, \
-                     started_at = NULL, last_heartbeat_at = ?, confirmed = 0, \
-                     stale_at = ? + heartbeat_timeout_ms, timeout_at = ? + timeout_ms{GUARD}"
-                );
-                let q = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(i64::from(attempt))
-                    .bind(worker_id)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::Start { status } => {
-                let sql = format!(
-                    "UPDATE runs SET status = ?, started_at = ?, confirmed = 1, \
-                     last_heartbeat_at = ?, stale_at = ? + heartbeat_timeout_ms, \
-                     timeout_at = ? + timeout_ms{GUARD}"
-                );
-                let q = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .bind(now)
-                    .bind(now)
-                    .bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::Heartbeat {
-                worker_id,
-                stdout_bytes,
-                stderr_bytes,
-            } => {
-                let sql = format!(
-                    "UPDATE runs SET last_heartbeat_at = ?, stale_at = ? + heartbeat_timeout_ms, \
-                     confirmed = 1, reported_stdout_bytes = ?, reported_stderr_bytes = ?\
-                     {GUARD} AND worker_id = ?"
-                );
-                let q = sqlx::query(&sql)
-                    .bind(now)
-                    .bind(now)
-                    .bind(stdout_bytes)
-                    .bind(stderr_bytes);
-                guarded(q, loaded)
-                    .bind(worker_id)
-                    .execute(&mut *self.tx)
-                    .await
-            }
-            RunChange::Output { stdout, stderr } => {
-                let sql = format!(
-                    "UPDATE runs SET stdout_bytes = stdout_bytes + ?, \
-                     stderr_bytes = stderr_bytes + ?, output_bytes = output_bytes + ?, \
-                     last_output_at = ?{GUARD}"
-                );
-                let q = sqlx::query(&sql)
-                    .bind(stdout)
-                    .bind(stderr)
-                    .bind(stdout + stderr)
-                    .bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::BackToPending => {
-                let sql = format!(
-                    "UPDATE runs SET status = 'pending', worker_id = NULL, claimed_at = NULL, \
-                     started_at = NULL, last_heartbeat_at = NULL, confirmed = 0, \
-                     stale_at = NULL, timeout_at = NULL, exit_code = NULL, error_code = NULL, \
-                     error_message = NULL{GUARD}"
-                );
-                guarded(sqlx::query(&sql), loaded)
-                    .execute(&mut *self.tx)
-                    .await
-            }
-            RunChange::Finish {
-                status,
-                exit_code,
-                error_code,
-                error_message,
-            } => {
-                let sql = format!(
-                    "UPDATE runs SET status = ?, worker_id = NULL, finished_at = ?, \
-                     stale_at = NULL, timeout_at = NULL, exit_code = ?, error_code = ?, \
-                     error_message = ?{GUARD}"
-                );
-                let q = sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .bind(exit_code)
-                    .bind(error_code.map(|c| c.as_str()))
-                    .bind(error_message);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-            RunChange::CancelAsked => {
-                let sql = format!(
-                    "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, ?)\
-                     {GUARD}"
-                );
-                let q = sqlx::query(&sql).bind(now);
-                guarded(q, loaded).execute(&mut *self.tx).await
-            }
-        };
-        Ok(one_row(result.map_err(db)?))
+    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE runs AS r SET last_event_seq = v.seq FROM \
+             (SELECT value ->> 0 AS id, value ->> 1 AS seq FROM json_each(?)) AS v \
+             WHERE r.id = v.id",
+        )
+        .bind(encode(&seqs, "event seqs")?)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
@@ -453,14 +493,15 @@ impl DriverTx for SqliteTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Option<LoadedRun>> {
         // The single writer has already looked the key up in this transaction: no one else
         // can take it meanwhile.
-        sqlx::query(
+        let row = sqlx::query(&format!(
             "INSERT INTO runs (id, lane, status, attempt, max_attempts, spec, cpus, memory_mb, \
              created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, idempotency_key, \
-             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+             request_fingerprint) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             RETURNING {RUN_RETURNING}"
+        ))
         .bind(id)
         .bind(&spec.lane)
         .bind(status.as_str())
@@ -474,91 +515,95 @@ impl DriverTx for SqliteTx {
         .bind(spec.output_limit_bytes)
         .bind(spec.idempotency_key.as_deref())
         .bind(&spec.request_fingerprint)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(true)
-    }
-
-    async fn push_event(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        body: &EventBody,
-        data: Option<&[u8]>,
-    ) -> StoreResult<i64> {
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE id = ? \
-             RETURNING last_event_seq",
-        )
-        .bind(run_id)
         .fetch_one(&mut *self.tx)
         .await
         .map_err(db)?;
+        decode_run(&row).map(Some)
+    }
+
+    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()> {
+        // Output bytes travel as hex inside the JSON, `unhex`ed into the blob.
+        let rows: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                json!([
+                    e.run_id,
+                    e.seq,
+                    e.body.kind().as_str(),
+                    e.attempt,
+                    e.body.to_json().to_string(),
+                    e.data.as_deref().map(hex),
+                ])
+            })
+            .collect();
         sqlx::query(
             "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, ?1, value ->> 4, \
+             unhex(value ->> 5) FROM json_each(?2)",
         )
-        .bind(run_id)
-        .bind(seq)
-        .bind(body.kind().as_str())
-        .bind(i64::from(attempt))
         .bind(self.now)
-        .bind(body.to_json().to_string())
-        .bind(data)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(seq)
-    }
-
-    async fn insert_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        worker_id: &str,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(run_id)
-        .bind(i64::from(attempt))
-        .bind(worker_id)
-        .bind(self.now)
+        .bind(Value::Array(rows).to_string())
         .execute(&mut *self.tx)
         .await
         .map_err(db)?;
         Ok(())
     }
 
-    async fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) -> StoreResult<()> {
-        sqlx::query("UPDATE attempts SET started_at = ? WHERE run_id = ? AND attempt = ?")
-            .bind(self.now)
-            .bind(run_id)
-            .bind(i64::from(attempt))
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db)?;
+    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()> {
+        let rows: Vec<Value> = attempts
+            .iter()
+            .map(|a| json!([a.run_id, a.attempt, a.worker_id]))
+            .collect();
+        sqlx::query(
+            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, ?1 FROM json_each(?2)",
+        )
+        .bind(self.now)
+        .bind(Value::Array(rows).to_string())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
-    async fn close_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        end: AttemptEnd<'_>,
-    ) -> StoreResult<()> {
+    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE attempts SET finished_at = ?, status = ?, error_code = ?, exit_code = ?, \
-             error_message = ? WHERE run_id = ? AND attempt = ? AND status IS NULL",
+            "UPDATE attempts AS a SET started_at = ?1 FROM \
+             (SELECT value ->> 0 AS run_id, value ->> 1 AS attempt FROM json_each(?2)) AS v \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt",
         )
         .bind(self.now)
-        .bind(end.status.as_str())
-        .bind(end.error_code.map(|c| c.as_str()))
-        .bind(end.exit_code)
-        .bind(end.error_message)
-        .bind(run_id)
-        .bind(i64::from(attempt))
+        .bind(encode(&attempts, "attempts")?)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()> {
+        let rows: Vec<Value> = ends
+            .iter()
+            .map(|c| {
+                json!([
+                    c.run_id,
+                    c.attempt,
+                    c.end.status.as_str(),
+                    c.end.error_code.map(|e| e.as_str()),
+                    c.end.exit_code,
+                    c.end.error_message,
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "UPDATE attempts AS a SET finished_at = ?1, status = v.status, \
+             error_code = v.error_code, exit_code = v.exit_code, error_message = v.message \
+             FROM (SELECT value ->> 0 AS run_id, value ->> 1 AS attempt, value ->> 2 AS status, \
+             value ->> 3 AS error_code, value ->> 4 AS exit_code, value ->> 5 AS message \
+             FROM json_each(?2)) AS v \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL",
+        )
+        .bind(self.now)
+        .bind(Value::Array(rows).to_string())
         .execute(&mut *self.tx)
         .await
         .map_err(db)?;

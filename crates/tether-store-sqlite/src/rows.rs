@@ -32,6 +32,13 @@ pub(crate) const RUN_SELECT: &str = concat!(
     END AS queue_position FROM runs r"
 );
 
+/// A run as a write's `RETURNING` gives it back (SQLite names no table there), without its
+/// queue position.
+pub(crate) const RUN_RETURNING: &str = "seq, id, status, attempt, spec, worker_id, created_at, \
+    claimed_at, started_at, finished_at, last_heartbeat_at, last_output_at, cancel_requested_at, \
+    exit_code, error_code, error_message, stdout_bytes, stderr_bytes, last_event_seq, \
+    output_bytes, confirmed, stale_at, timeout_at, NULL AS queue_position";
+
 /// A run without its queue position: what a write transaction judges.
 pub(crate) const RUN_SELECT_IN_TX: &str =
     concat!(run_columns!(), ", NULL AS queue_position FROM runs r");

@@ -43,16 +43,17 @@ pub struct LoadedRun {
 }
 
 /// A change to a run's row, written only if the run still has the id, status and attempt it
-/// was loaded with (the guard). Each variant is one `UPDATE`; deadlines (`stale_at`,
-/// `timeout_at`) are derived from the row's own timeouts and the transaction's `now`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RunChange<'a> {
+/// was loaded with (the guard). Each variant is one `UPDATE` shape, for any number of runs;
+/// deadlines (`stale_at`, `timeout_at`) are derived from the row's own timeouts and the
+/// transaction's `now`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunChange {
     /// Handed to a worker: `status`, the new `attempt`, `claimed_at = last_heartbeat_at = now`,
     /// unconfirmed, fresh deadlines.
     Claim {
         status: RunStatus,
         attempt: u32,
-        worker_id: &'a str,
+        worker_id: String,
     },
     /// The process started: `status`, `started_at = last_heartbeat_at = now`, confirmed; the
     /// timeout runs from here.
@@ -60,7 +61,7 @@ pub enum RunChange<'a> {
     /// A heartbeat for the run, also guarded by the worker holding it: stamps, confirms, and
     /// keeps the worker's own output counters.
     Heartbeat {
-        worker_id: &'a str,
+        worker_id: String,
         stdout_bytes: i64,
         stderr_bytes: i64,
     },
@@ -73,19 +74,97 @@ pub enum RunChange<'a> {
         status: RunStatus,
         exit_code: Option<i32>,
         error_code: Option<tether_domain::ErrorCode>,
-        error_message: Option<&'a str>,
+        error_message: Option<String>,
     },
     /// A cancel was asked; the first request's stamp is kept.
     CancelAsked,
 }
 
+/// The shapes of [`RunChange`], one `UPDATE` statement each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChangeKind {
+    Claim,
+    Start,
+    Heartbeat,
+    Output,
+    BackToPending,
+    Finish,
+    CancelAsked,
+}
+
+impl RunChange {
+    pub fn kind(&self) -> ChangeKind {
+        match self {
+            RunChange::Claim { .. } => ChangeKind::Claim,
+            RunChange::Start { .. } => ChangeKind::Start,
+            RunChange::Heartbeat { .. } => ChangeKind::Heartbeat,
+            RunChange::Output { .. } => ChangeKind::Output,
+            RunChange::BackToPending => ChangeKind::BackToPending,
+            RunChange::Finish { .. } => ChangeKind::Finish,
+            RunChange::CancelAsked => ChangeKind::CancelAsked,
+        }
+    }
+}
+
+/// One guarded write: `change` lands on the run only if it still has `status` (exactly as
+/// stored, see [`LoadedRun::raw_status`]) and `attempt`. The same statement sets the run's
+/// `last_event_seq`, the events the transaction numbered for it in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunWrite {
+    pub run_id: String,
+    pub status: String,
+    pub attempt: u32,
+    pub change: RunChange,
+    pub last_event_seq: i64,
+}
+
+/// `writes` split by the shape of their change, each group in the order given: what one
+/// `UPDATE` statement writes.
+pub fn by_kind(writes: &[RunWrite]) -> Vec<(ChangeKind, Vec<&RunWrite>)> {
+    let mut groups: Vec<(ChangeKind, Vec<&RunWrite>)> = Vec::new();
+    for write in writes {
+        let kind = write.change.kind();
+        match groups.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, group)) => group.push(write),
+            None => groups.push((kind, vec![write])),
+        }
+    }
+    groups
+}
+
+/// An event to append, its `seq` numbered by the engine under the run's lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub run_id: String,
+    pub seq: i64,
+    pub attempt: u32,
+    pub body: EventBody,
+    pub data: Option<Vec<u8>>,
+}
+
+/// A new attempt's row, `claimed_at = now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAttempt {
+    pub run_id: String,
+    pub attempt: u32,
+    pub worker_id: String,
+}
+
 /// How an attempt ended, for its row.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttemptEnd<'a> {
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptEnd {
     pub status: RunStatus,
     pub error_code: Option<tether_domain::ErrorCode>,
     pub exit_code: Option<i32>,
-    pub error_message: Option<&'a str>,
+    pub error_message: Option<String>,
+}
+
+/// An attempt's end, written if its end is not recorded yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptClose {
+    pub run_id: String,
+    pub attempt: u32,
+    pub end: AttemptEnd,
 }
 
 /// A pending run as a claim scans it.
@@ -185,49 +264,41 @@ pub trait DriverTx: Send {
     fn now(&self) -> Millis;
 
     // ---- runs ---------------------------------------------------------------------------
-    /// A run as this transaction sees it, without its queue position (counting what is ahead
-    /// of a run scans its lane's queue; [`DriverTx::queue_position`] is asked where needed).
-    async fn load_run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>>;
+    // Writes inside a transaction are set-based: one statement for any number of runs, so a
+    // batch of worker calls costs a handful of statements, not a handful per run.
+
+    /// These runs as this transaction sees them, without their queue positions (counting what
+    /// is ahead of a run scans its lane's queue; [`DriverTx::queue_position`] is asked where
+    /// needed), in `seq` order: the order every multi-run writer locks in. A run that does
+    /// not exist (or, under [`Lock::Skip`], that another transaction is writing) is left out.
+    async fn load_runs(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<Vec<LoadedRun>>;
     /// A pending run's place in its lane: 1 + the pending runs of `lane` before `seq`.
     async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64>;
-    /// Locks these runs, in `seq` order (the order every multi-run writer locks in).
-    async fn lock_runs(&mut self, run_ids: &[&str]) -> StoreResult<()>;
-    /// Writes `change` if the run is still as `loaded` says; whether one row changed.
-    async fn write_run(&mut self, loaded: &LoadedRun, change: RunChange<'_>) -> StoreResult<bool>;
+    /// Writes each change whose guard still holds (one statement per [`ChangeKind`]); answers
+    /// the runs written, as they are now stored, in no particular order. No run appears
+    /// twice in `writes`.
+    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>>;
+    /// Sets runs' `last_event_seq` where events were appended without a change to the run.
+    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()>;
     /// The run accepted earlier under this key, if any.
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>>;
-    /// Inserts a run `pending` (attempt 0). `false` when its idempotency key was taken by a
-    /// concurrent submission that committed first.
+    /// Inserts a run `pending` (attempt 0) and answers it as stored; `None` when its
+    /// idempotency key was taken by a concurrent submission that committed first.
     async fn insert_run(
         &mut self,
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
-    ) -> StoreResult<bool>;
-    /// Appends an event, taking the run's next `seq`; returns it.
-    async fn push_event(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        body: &EventBody,
-        data: Option<&[u8]>,
-    ) -> StoreResult<i64>;
+    ) -> StoreResult<Option<LoadedRun>>;
+    /// Appends events, each with the `seq` it names, `ts = now`.
+    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()>;
 
     // ---- attempts -----------------------------------------------------------------------
-    async fn insert_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        worker_id: &str,
-    ) -> StoreResult<()>;
-    async fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) -> StoreResult<()>;
-    /// Records how an attempt ended, if it has not been recorded yet.
-    async fn close_attempt(
-        &mut self,
-        run_id: &str,
-        attempt: u32,
-        end: AttemptEnd<'_>,
-    ) -> StoreResult<()>;
+    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()>;
+    /// Stamps `started_at = now` on these attempts, `(run_id, attempt)`.
+    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()>;
+    /// Records how attempts ended, each if its end has not been recorded yet.
+    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()>;
     /// What the attempt has stored of each stream (zero for an attempt with no row).
     async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets>;
     async fn set_attempt_offsets(

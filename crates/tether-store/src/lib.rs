@@ -196,6 +196,39 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
         Ok(answers)
     }
 
+    /// One worker call's reports: `starts`, then `finishes`, each judged exactly as its
+    /// single call would be, then, if `claim` is given, a claim for the room they freed, as
+    /// [`Store::claim_runs`] would make it; in one transaction where the store can. A refusal
+    /// of one item, or of the claim, is its own answer; a database failure fails the whole
+    /// call, which then writes nothing.
+    async fn report_attempts(
+        &self,
+        worker_id: &str,
+        starts: &[RunRef],
+        finishes: &[AttemptFinish],
+        claim: Option<&ClaimLimits>,
+    ) -> StoreResult<AttemptReports> {
+        let starts = if starts.is_empty() {
+            Vec::new()
+        } else {
+            self.start_attempts(worker_id, starts).await?
+        };
+        let finishes = if finishes.is_empty() {
+            Vec::new()
+        } else {
+            self.finish_attempts(worker_id, finishes).await?
+        };
+        let claimed = match claim {
+            Some(limits) => Some(self.claim_runs(worker_id, limits).await),
+            None => None,
+        };
+        Ok(AttemptReports {
+            starts,
+            finishes,
+            claimed,
+        })
+    }
+
     // ---- events -----------------------------------------------------------------------
 
     /// A run's persisted events with `seq > after_seq`, in order, at most `limit`.

@@ -330,6 +330,16 @@ pub struct FinishReport {
     pub error_message: Option<String>,
 }
 
+/// What [`crate::Store::report_attempts`] answers: one answer per start and per finish, in
+/// order, and the claim's, if one was asked.
+#[derive(Debug)]
+pub struct AttemptReports {
+    pub starts: Vec<crate::StoreResult<RunRecord>>,
+    pub finishes: Vec<crate::StoreResult<RunRecord>>,
+    /// The claim's own refusal (an unknown worker) leaves the starts and finishes standing.
+    pub claimed: Option<crate::StoreResult<Vec<ClaimedRun>>>,
+}
+
 /// One finish of a batch ([`crate::Store::finish_attempts`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptFinish {

@@ -188,10 +188,10 @@ fn count_finish(run: &RunRecord, report: &FinishReport) {
 /// The most starts and finishes one `POST /v1/workers/{id}/attempts` may carry.
 pub const MAX_REPORTS: usize = 1_000;
 
-/// `POST /v1/workers/{id}/attempts`: several starts and finishes in one call (one store
-/// transaction for each kind, where the store can), then, if asked, a claim for the room the
-/// finishes freed. Each item is fenced as the single-attempt calls are and answered alone: a
-/// stale attempt is that item's `409 stale_attempt`, and the rest still land.
+/// `POST /v1/workers/{id}/attempts`: several starts and finishes in one call, then, if asked,
+/// a claim for the room the finishes freed, all in one store transaction where the store can.
+/// Each item is fenced as the single-attempt calls are and answered alone: a stale attempt is
+/// that item's `409 stale_attempt`, and the rest still land.
 #[utoipa::path(post, path = "/v1/workers/{id}/attempts", request_body = tether_api::AttemptReportsRequest,
     responses((status = 200, body = tether_api::AttemptReportsResponse, description = "one answer per item, in order; refused items carry their own error"),
         (status = 404, body = tether_api::ErrorBody, description = "unknown_worker"),
@@ -222,21 +222,6 @@ pub async fn report_attempts(
             attempt: s.attempt,
         })
         .collect();
-    let started = if refs.is_empty() {
-        Vec::new()
-    } else {
-        state.store.start_attempts(&worker_id, &refs).await?
-    };
-    let starts = refs
-        .into_iter()
-        .zip(started)
-        .map(|(r, result)| {
-            if let Ok(run) = &result {
-                crate::metrics::run_started(run);
-            }
-            answer(r.run_id, r.attempt, result, &mut store_failed)
-        })
-        .collect();
 
     // A finish that says something no attempt can end with is refused alone, like the rest.
     let mut finishes: Vec<Option<ReportAnswer>> = Vec::with_capacity(request.finishes.len());
@@ -263,39 +248,63 @@ pub async fn report_attempts(
             })),
         }
     }
-    let finished = if valid.is_empty() {
-        Vec::new()
-    } else {
-        state.store.finish_attempts(&worker_id, &valid).await?
-    };
-    let mut judged = valid.into_iter().zip(finished).map(|(item, result)| {
-        if let Ok(run) = &result {
-            count_finish(run, &item.report);
-        }
-        answer(item.run_id, item.attempt, result, &mut store_failed)
-    });
+
+    // Starts, finishes and the claim for the room they free, in one store transaction: a
+    // refused item or claim is its own answer, a store failure fails the call (nothing
+    // written) and the worker reports again.
+    let limits = request
+        .claim
+        .map(|claim| super::workers::claim_limits(&state, claim.max_runs));
+    if refs.is_empty() && valid.is_empty() && limits.is_none() {
+        return Ok(Json(AttemptReportsResponse {
+            starts: Vec::new(),
+            finishes: finishes.into_iter().flatten().collect(),
+            assignments: Vec::new(),
+        })
+        .into_response());
+    }
+    let waited = std::time::Instant::now();
+    let reports = state
+        .store
+        .report_attempts(&worker_id, &refs, &valid, limits.as_ref())
+        .await?;
+
+    let starts = refs
+        .into_iter()
+        .zip(reports.starts)
+        .map(|(r, result)| {
+            if let Ok(run) = &result {
+                crate::metrics::run_started(run);
+            }
+            answer(r.run_id, r.attempt, result, &mut store_failed)
+        })
+        .collect();
+    let mut judged = valid
+        .into_iter()
+        .zip(reports.finishes)
+        .map(|(item, result)| {
+            if let Ok(run) = &result {
+                count_finish(run, &item.report);
+            }
+            answer(item.run_id, item.attempt, result, &mut store_failed)
+        });
     let finishes = finishes
         .into_iter()
         .map(|slot| slot.or_else(|| judged.next()))
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| ApiError::Internal("the store answered fewer finishes than asked".into()))?;
 
-    // The finishes are stored whatever the claim does: a claim that fails only hands out
-    // nothing, and the worker's own claim loop asks again.
     let mut assignments = Vec::new();
-    if let Some(claim) = request.claim {
-        let limits = super::workers::claim_limits(&state, claim.max_runs);
-        let waited = std::time::Instant::now();
-        match state.store.claim_runs(&worker_id, &limits).await {
-            Ok(claimed) => {
-                crate::metrics::claim_answered(waited.elapsed(), claimed.len());
-                assignments = super::workers::assignments(&state, &worker_id, claimed).await;
-            }
-            Err(err) => {
-                store_failed |= matches!(err, StoreError::Unavailable(_));
-                tracing::warn!(worker_id, %err, "the claim riding on a report failed");
-            }
+    match reports.claimed {
+        Some(Ok(claimed)) => {
+            crate::metrics::claim_answered(waited.elapsed(), claimed.len());
+            assignments = super::workers::assignments(&state, &worker_id, claimed).await;
         }
+        Some(Err(err)) => {
+            store_failed |= matches!(err, StoreError::Unavailable(_));
+            tracing::warn!(worker_id, %err, "the claim riding on a report failed");
+        }
+        None => {}
     }
     let mut response = Json(AttemptReportsResponse {
         starts,

@@ -4,12 +4,12 @@
 use tether_domain::machine::{AttemptOutcome, Command};
 use tether_domain::{ErrorCode, RunStatus};
 
-use super::Ending;
-use super::{end_attempt, must_lock, push, push_status, reload, transition_error, write_one};
-use crate::driver::{Driver, DriverTx, RunChange};
+use super::{claims, Answer, Ending, Work};
+use super::{end_attempt, must_lock, push_status, reload, transition_error};
+use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{
-    new_output, AppendOutcome, AttemptFinish, EventBody, FinishReport, Outbox, OutputChunk,
-    OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
+    new_output, AppendOutcome, AttemptFinish, AttemptReports, ClaimLimits, EventBody, FinishReport,
+    OutputChunk, OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
 };
 
 pub(super) async fn start_one<D: Driver>(
@@ -18,10 +18,10 @@ pub(super) async fn start_one<D: Driver>(
     attempt: u32,
     worker_id: &str,
 ) -> StoreResult<RunRecord> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
-    let run = start_in(&mut tx, &mut out, run_id, attempt, worker_id).await?;
-    d.commit(tx, out).await?;
+    let mut work = Work::begin(d).await?;
+    let answer = start_in(&mut work, run_id, attempt, worker_id).await?;
+    let run = answer.resolve(&mut work).await?;
+    work.commit(d).await?;
     Ok(run)
 }
 
@@ -32,10 +32,10 @@ pub(super) async fn finish_one<D: Driver>(
     worker_id: &str,
     report: &FinishReport,
 ) -> StoreResult<RunRecord> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
-    let run = finish_in(&mut tx, &mut out, run_id, attempt, worker_id, report).await?;
-    d.commit(tx, out).await?;
+    let mut work = Work::begin(d).await?;
+    let answer = finish_in(&mut work, run_id, attempt, worker_id, report).await?;
+    let run = answer.resolve(&mut work).await?;
+    work.commit(d).await?;
     Ok(run)
 }
 
@@ -57,6 +57,45 @@ pub(super) async fn finish_many<D: Driver>(
     in_one_transaction(d, worker_id, items.iter().map(Call::Finish).collect()).await
 }
 
+/// One worker call's reports and its claim in one transaction: the worker's row first (the
+/// lock order every writer keeps: worker, lanes, runs by `seq`), then the starts and the
+/// finishes as [`in_one_transaction`] judges them, then the claim, which sees the room the
+/// finishes freed. One `BEGIN`/`COMMIT` for all three where there were three.
+pub(super) async fn report<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    starts: &[RunRef],
+    finishes: &[AttemptFinish],
+    claim: Option<&ClaimLimits>,
+) -> StoreResult<AttemptReports> {
+    let mut work = Work::begin(d).await?;
+    let worker = match claim {
+        Some(_) => Some(claims::lock_worker(&mut work, worker_id).await?),
+        None => None,
+    };
+    let calls: Vec<Call<'_>> = starts
+        .iter()
+        .map(Call::Start)
+        .chain(finishes.iter().map(Call::Finish))
+        .collect();
+    let mut answers = calls_in(&mut work, worker_id, &calls).await?;
+    let claimed = match (claim, worker) {
+        (Some(limits), Some(Ok(worker))) => Some(Ok(claims::claim_in(
+            &mut work, worker_id, worker, limits,
+        )
+        .await?)),
+        (_, Some(Err(refused))) => Some(Err(refused)),
+        _ => None,
+    };
+    work.commit(d).await?;
+    let finishes = answers.split_off(starts.len());
+    Ok(AttemptReports {
+        starts: answers,
+        finishes,
+        claimed,
+    })
+}
+
 /// One worker call on one attempt, as a batch carries it.
 enum Call<'a> {
     Start(&'a RunRef),
@@ -72,38 +111,51 @@ impl Call<'_> {
     }
 }
 
-/// The calls in order, in one transaction, with their runs locked up front (in `seq` order,
-/// as every multi-run writer locks); one answer per call.
+/// The calls in order, in one transaction, with their runs locked and loaded up front in
+/// one statement (in `seq` order, as every multi-run writer locks); one answer per call. The
+/// writes of all the calls go out together, a statement per kind.
 async fn in_one_transaction<D: Driver>(
     d: &D,
     worker_id: &str,
     calls: Vec<Call<'_>>,
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
+    let mut work = Work::begin(d).await?;
+    let runs = calls_in(&mut work, worker_id, &calls).await?;
+    work.commit(d).await?;
+    Ok(runs)
+}
+
+/// The calls judged in order inside the caller's transaction, their runs locked and loaded
+/// up front in one statement.
+async fn calls_in<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+    calls: &[Call<'_>],
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
-    tx.lock_runs(&ids).await?;
+    work.load(&ids, Lock::Wait).await?;
     let mut answers = Vec::with_capacity(calls.len());
-    for call in &calls {
+    for call in calls {
         let answer = match call {
-            Call::Start(r) => start_in(&mut tx, &mut out, &r.run_id, r.attempt, worker_id).await,
-            Call::Finish(f) => {
-                finish_in(
-                    &mut tx, &mut out, &f.run_id, f.attempt, worker_id, &f.report,
-                )
-                .await
-            }
+            Call::Start(r) => start_in(work, &r.run_id, r.attempt, worker_id).await,
+            Call::Finish(f) => finish_in(work, &f.run_id, f.attempt, worker_id, &f.report).await,
         };
         answers.push(per_item(answer)?);
     }
-    d.commit(tx, out).await?;
-    Ok(answers)
+    let mut runs = Vec::with_capacity(answers.len());
+    for answer in answers {
+        runs.push(match answer {
+            Ok(answer) => Ok(answer.resolve(work).await?),
+            Err(refused) => Err(refused),
+        });
+    }
+    Ok(runs)
 }
 
-/// An item's own answer: a refusal judged before anything of it was written (an unknown run,
+/// An item's own answer: a refusal judged before anything of it was queued (an unknown run,
 /// a stale attempt, a terminal run) is that item's alone; anything else (the database failed)
 /// fails the whole batch, which then writes nothing.
-fn per_item(result: StoreResult<RunRecord>) -> StoreResult<StoreResult<RunRecord>> {
+fn per_item(result: StoreResult<Answer>) -> StoreResult<StoreResult<Answer>> {
     match result {
         Err(StoreError::NotFound | StoreError::StaleAttempt | StoreError::Terminal) | Ok(_) => {
             Ok(result)
@@ -113,13 +165,12 @@ fn per_item(result: StoreResult<RunRecord>) -> StoreResult<StoreResult<RunRecord
 }
 
 async fn start_in<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+    work: &mut Work<T>,
     run_id: &str,
     attempt: u32,
     worker_id: &str,
-) -> StoreResult<RunRecord> {
-    let loaded = must_lock(tx, run_id).await?;
+) -> StoreResult<Answer> {
+    let loaded = must_lock(work, run_id).await?;
     let transition = loaded
         .run
         .state()
@@ -130,27 +181,26 @@ async fn start_in<T: DriverTx>(
         .map_err(transition_error)?;
     if loaded.run.status == RunStatus::Running {
         // The worker retried a start whose answer it lost: already done.
-        return Ok(loaded.run);
+        return Ok(Answer::Now(loaded.run));
     }
     let change = RunChange::Start {
         status: transition.next.status,
     };
-    write_one(tx, &loaded, change).await?;
-    tx.stamp_attempt_started(run_id, attempt).await?;
+    let ticket = work.write(&loaded, change).await?;
+    work.stamp_attempt_started(run_id, attempt);
     let status = StatusBody::plain(RunStatus::Running, attempt);
-    push_status(tx, out, run_id, status).await?;
-    reload(tx, run_id).await
+    push_status(work, run_id, status)?;
+    Ok(Answer::Written(ticket))
 }
 
 async fn finish_in<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+    work: &mut Work<T>,
     run_id: &str,
     attempt: u32,
     worker_id: &str,
     report: &FinishReport,
-) -> StoreResult<RunRecord> {
-    let loaded = must_lock(tx, run_id).await?;
+) -> StoreResult<Answer> {
+    let loaded = must_lock(work, run_id).await?;
     let transition = loaded
         .run
         .state()
@@ -160,14 +210,17 @@ async fn finish_in<T: DriverTx>(
             outcome: report.outcome,
         })
         .map_err(transition_error)?;
-    if let Some(decision) = transition.decision {
-        let ending = Ending {
-            exit_code: report.exit_code,
-            error_message: report.error_message.as_deref(),
-        };
-        end_attempt(tx, out, &loaded, decision, ending).await?;
+    match transition.decision {
+        Some(decision) => {
+            let ending = Ending {
+                exit_code: report.exit_code,
+                error_message: report.error_message.as_deref(),
+            };
+            let ticket = end_attempt(work, &loaded, decision, ending).await?;
+            Ok(Answer::Written(ticket))
+        }
+        None => Ok(Answer::Now(loaded.run)),
     }
-    reload(tx, run_id).await
 }
 
 pub(super) async fn append_output<D: Driver>(
@@ -177,10 +230,9 @@ pub(super) async fn append_output<D: Driver>(
     worker_id: &str,
     chunks: &[OutputChunk],
 ) -> StoreResult<AppendOutcome> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
+    let mut work = Work::begin(d).await?;
     // Locked: concurrent appends count the output limit one after another.
-    let loaded = must_lock(&mut tx, run_id).await?;
+    let loaded = must_lock(&mut work, run_id).await?;
     loaded
         .run
         .state()
@@ -189,7 +241,7 @@ pub(super) async fn append_output<D: Driver>(
             worker_id: worker_id.to_string(),
         })
         .map_err(transition_error)?;
-    let stored_before = tx.attempt_offsets(run_id, attempt).await?;
+    let stored_before = work.tx().await?.attempt_offsets(run_id, attempt).await?;
     let fresh =
         new_output(chunks, stored_before).map_err(|expected| StoreError::OutputGap { expected })?;
     let limit = loaded.run.spec.output_limit_bytes.max(0);
@@ -206,7 +258,7 @@ pub(super) async fn append_output<D: Driver>(
         };
         if !data.is_empty() {
             let body = EventBody::Log { stream };
-            last_seq = push(&mut tx, &mut out, run_id, attempt, &body, Some(data)).await?;
+            last_seq = work.push(run_id, attempt, body, Some(data))?;
             let n = data.len() as i64;
             total += n;
             offsets.add(stream, n);
@@ -219,11 +271,15 @@ pub(super) async fn append_output<D: Driver>(
     let stdout = offsets.stdout - stored_before.stdout;
     let stderr = offsets.stderr - stored_before.stderr;
     if stdout + stderr > 0 {
-        write_one(&mut tx, &loaded, RunChange::Output { stdout, stderr }).await?;
-        tx.set_attempt_offsets(run_id, attempt, offsets).await?;
+        work.write(&loaded, RunChange::Output { stdout, stderr })
+            .await?;
+        work.tx()
+            .await?
+            .set_attempt_offsets(run_id, attempt, offsets)
+            .await?;
     }
     if !limit_reached {
-        d.commit(tx, out).await?;
+        work.commit(d).await?;
         return Ok(AppendOutcome::Accepted { last_seq, offsets });
     }
     // The note is not counted against the limit: it is Tether speaking, not the command.
@@ -231,15 +287,7 @@ pub(super) async fn append_output<D: Driver>(
     let body = EventBody::Log {
         stream: OutputStream::Stderr,
     };
-    push(
-        &mut tx,
-        &mut out,
-        run_id,
-        attempt,
-        &body,
-        Some(note.as_bytes()),
-    )
-    .await?;
+    work.push(run_id, attempt, body, Some(note.as_bytes()))?;
     let transition = loaded
         .run
         .state()
@@ -258,9 +306,9 @@ pub(super) async fn append_output<D: Driver>(
             error_message: Some(&message),
         };
         // The output write above moved no status or attempt: the guard still holds.
-        end_attempt(&mut tx, &mut out, &loaded, decision, ending).await?;
+        end_attempt(&mut work, &loaded, decision, ending).await?;
     }
-    let run = reload(&mut tx, run_id).await?;
-    d.commit(tx, out).await?;
+    let run = reload(&mut work, run_id).await?;
+    work.commit(d).await?;
     Ok(AppendOutcome::LimitReached { run: Box::new(run) })
 }

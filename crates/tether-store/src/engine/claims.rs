@@ -7,9 +7,11 @@ use tether_domain::admission::{under_ceiling, Room};
 use tether_domain::machine::Command;
 use tether_domain::{Freshness, RunStatus};
 
-use super::{push, push_status, reload};
+use super::{push_status, Ticket, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
-use crate::{ClaimLimits, ClaimedRun, EventBody, Outbox, StatusBody, StoreError, StoreResult};
+use crate::{
+    ClaimLimits, ClaimedRun, EventBody, StatusBody, StoreError, StoreResult, WorkerRecord,
+};
 
 /// How many pending runs one claim looks at before giving up on finding more that fit.
 const CLAIM_SCAN_LIMIT: usize = 2048;
@@ -20,14 +22,36 @@ pub(super) async fn claim_runs<D: Driver>(
     worker_id: &str,
     limits: &ClaimLimits,
 ) -> StoreResult<Vec<ClaimedRun>> {
-    let mut tx = d.begin().await?;
-    let now = tx.now();
-    let mut out = Outbox::default();
-    // The worker's row lock serializes its claims: the room computed below stays true.
-    let worker = match tx.lock_worker(worker_id).await? {
-        Some((worker, None)) => worker,
-        _ => return Err(StoreError::UnknownWorker),
-    };
+    let mut work = Work::begin(d).await?;
+    let worker = lock_worker(&mut work, worker_id).await?;
+    let claimed = claim_in(&mut work, worker_id, worker?, limits).await?;
+    if !claimed.is_empty() {
+        work.commit(d).await?;
+    }
+    Ok(claimed)
+}
+
+/// Locks the worker's row, which serializes its claims (the room a claim computes stays
+/// true) and comes first in every writer's lock order; `UnknownWorker` (the claim's own
+/// answer) for an unknown or deregistered worker.
+pub(super) async fn lock_worker<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+) -> StoreResult<StoreResult<WorkerRecord>> {
+    Ok(match work.tx().await?.lock_worker(worker_id).await? {
+        Some((worker, None)) => Ok(worker),
+        _ => Err(StoreError::UnknownWorker),
+    })
+}
+
+/// Claims for `worker` (its row locked by this transaction) inside the caller's transaction.
+pub(super) async fn claim_in<T: DriverTx>(
+    work: &mut Work<T>,
+    worker_id: &str,
+    worker: WorkerRecord,
+    limits: &ClaimLimits,
+) -> StoreResult<Vec<ClaimedRun>> {
+    let now = work.now();
     // A draining worker finishes what it holds and takes nothing new; a frozen one (its own
     // heartbeat stale, its long-poll still open) takes nothing either.
     let frozen = limits.worker_fresh_ms > 0
@@ -35,7 +59,7 @@ pub(super) async fn claim_runs<D: Driver>(
     if worker.draining || frozen {
         return Ok(Vec::new());
     }
-    let (_, held) = tx.held_by(worker_id).await?;
+    let (_, held) = work.tx().await?.held_by(worker_id).await?;
     let mut room = Room::left(&worker.capacity, &held, &tether_domain::Resources::NONE);
 
     // Lanes with a ceiling that this worker serves: how many runs each has in flight now, and
@@ -46,13 +70,14 @@ pub(super) async fn claim_runs<D: Driver>(
         if !worker.lanes.is_empty() && !worker.lanes.contains(lane) {
             continue;
         }
+        let tx = work.tx().await?;
         tx.lock_lane(lane).await?;
         let n = tx.lane_in_flight(lane).await?;
         lane_count.insert(lane.as_str(), (n.max(0), *max));
     }
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
-    let mut claimed: Vec<String> = Vec::new();
+    let mut claimed: Vec<(u32, Ticket)> = Vec::new();
     let mut after_seq = 0_i64;
     let mut scanned = 0_usize;
     loop {
@@ -62,25 +87,45 @@ pub(super) async fn claim_runs<D: Driver>(
         } else {
             CLAIM_PAGE
         };
-        let rows = tx.pending_page(after_seq, &worker.lanes, page).await?;
+        let rows = work
+            .tx()
+            .await?
+            .pending_page(after_seq, &worker.lanes, page)
+            .await?;
         scanned += rows.len();
         let last_page = (rows.len() as i64) < page;
-        for pending in rows {
-            if !wanted(claimed.len()) {
+        // First the runs this page can give, as if each were taken: what fits the room left
+        // and its lane's ceiling, first in first out, a run too big for what is left skipped
+        // so smaller ones behind it still go.
+        let mut picks = Vec::new();
+        let mut room_if = room;
+        let mut lanes_if = lane_count.clone();
+        for pending in &rows {
+            if !wanted(claimed.len() + picks.len()) {
                 break;
             }
             after_seq = pending.seq;
-            if let Some((n, max)) = lane_count.get(pending.lane.as_str()) {
+            if let Some((n, max)) = lanes_if.get(pending.lane.as_str()) {
                 if !under_ceiling(*n, Some(*max)) {
                     continue;
                 }
             }
-            // A run too big for what is left is skipped; smaller ones behind it still go.
-            if !room.fits(&pending.needs) {
+            if !room_if.fits(&pending.needs) {
                 continue;
             }
-            // Already locked by the page read, where the store locks.
-            let Some(loaded) = tx.load_run(&pending.id, Lock::None).await? else {
+            room_if.take(&pending.needs);
+            if let Some((n, _)) = lanes_if.get_mut(pending.lane.as_str()) {
+                *n += 1;
+            }
+            picks.push(pending);
+        }
+        // Then all of them loaded in one statement (already locked by the page read, where
+        // the store locks) and each judged and claimed; one refused leaves room unused,
+        // which the next page can fill.
+        let ids: Vec<&str> = picks.iter().map(|p| p.id.as_str()).collect();
+        work.load(&ids, Lock::Wait).await?;
+        for pending in picks {
+            let Some(loaded) = work.run(&pending.id, Lock::Wait).await? else {
                 continue;
             };
             let Ok(transition) = loaded.run.state().apply(&Command::Claim {
@@ -92,38 +137,31 @@ pub(super) async fn claim_runs<D: Driver>(
             let change = RunChange::Claim {
                 status: transition.next.status,
                 attempt,
-                worker_id,
+                worker_id: worker_id.to_string(),
             };
-            if !tx.write_run(&loaded, change).await? {
-                // Someone else took it between our read and write: not ours.
-                continue;
-            }
-            tx.insert_attempt(&pending.id, attempt, worker_id).await?;
+            let ticket = work.write(&loaded, change).await?;
+            work.insert_attempt(&pending.id, attempt, worker_id);
             let status = StatusBody::plain(RunStatus::Claimed, attempt);
-            push_status(&mut tx, &mut out, &pending.id, status).await?;
+            push_status(work, &pending.id, status)?;
             let body = EventBody::Attempt {
                 attempt,
                 worker_id: worker_id.to_string(),
             };
-            push(&mut tx, &mut out, &pending.id, attempt, &body, None).await?;
+            work.push(&pending.id, attempt, body, None)?;
             room.take(&pending.needs);
             if let Some((n, _)) = lane_count.get_mut(pending.lane.as_str()) {
                 *n += 1;
             }
-            claimed.push(pending.id);
+            claimed.push((attempt, ticket));
         }
         if last_page || scanned >= CLAIM_SCAN_LIMIT || room.is_spent() || !wanted(claimed.len()) {
             break;
         }
     }
     let mut runs = Vec::with_capacity(claimed.len());
-    for run_id in &claimed {
-        let run = reload(&mut tx, run_id).await?;
-        runs.push(ClaimedRun {
-            attempt: run.attempt,
-            run,
-        });
+    for (attempt, ticket) in claimed {
+        let run = work.written(ticket).await?;
+        runs.push(ClaimedRun { attempt, run });
     }
-    d.commit(tx, out).await?;
     Ok(runs)
 }

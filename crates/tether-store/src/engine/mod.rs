@@ -11,21 +11,23 @@ mod attempts;
 mod claims;
 mod reaper;
 mod runs;
+mod work;
 mod workers;
 
 use async_trait::async_trait;
 use tether_domain::machine::{Command, Decision, TransitionError};
-use tether_domain::{ErrorCode, Millis, RunSpec};
+use tether_domain::{ErrorCode, Millis, RunSpec, RunStatus};
 use tokio::sync::broadcast;
 
 use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
 use crate::{
-    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, BatchAdmission,
-    ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord, FinishReport,
-    HeartbeatAnswer, LaneLoad, NewWorker, Outbox, OutputChunk, ReapPolicy, ReapReport, ReapedRun,
-    RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store, StoreError,
-    StoreResult, WorkerRecord,
+    Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, AttemptReports,
+    BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord,
+    FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy, ReapReport,
+    ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store,
+    StoreError, StoreResult, WorkerRecord,
 };
+use work::{Ticket, Work};
 
 #[async_trait]
 impl<D: Driver + EndpointStore> Store for D {
@@ -157,6 +159,16 @@ impl<D: Driver + EndpointStore> Store for D {
         attempts::start_many(self, worker_id, items).await
     }
 
+    async fn report_attempts(
+        &self,
+        worker_id: &str,
+        starts: &[RunRef],
+        finishes: &[AttemptFinish],
+        claim: Option<&ClaimLimits>,
+    ) -> StoreResult<AttemptReports> {
+        attempts::report(self, worker_id, starts, finishes, claim).await
+    }
+
     async fn events_after(
         &self,
         run_id: &str,
@@ -190,9 +202,9 @@ impl<D: Driver + EndpointStore> Store for D {
     }
 
     async fn grant_heartbeat_grace(&self) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let moved = tx.extend_stale_deadlines().await?;
-        self.commit(tx, Outbox::default()).await?;
+        let mut work = Work::begin(self).await?;
+        let moved = work.tx().await?.extend_stale_deadlines().await?;
+        work.commit(self).await?;
         Ok(moved)
     }
 
@@ -227,74 +239,65 @@ pub(crate) fn transition_error(e: TransitionError) -> StoreError {
 }
 
 /// Locks and loads a run for a worker or client call, or `NotFound`.
-async fn must_lock<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<LoadedRun> {
-    tx.load_run(run_id, Lock::Wait)
+async fn must_lock<T: DriverTx>(work: &mut Work<T>, run_id: &str) -> StoreResult<LoadedRun> {
+    work.run(run_id, Lock::Wait)
         .await?
         .ok_or(StoreError::NotFound)
 }
 
 /// The run as this transaction left it, with its queue position while pending.
-async fn reload<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<RunRecord> {
-    let mut run = reload_unplaced(tx, run_id).await?;
-    if run.status == tether_domain::RunStatus::Pending {
-        run.queue_position = Some(tx.queue_position(&run.spec.lane, run.seq).await?);
-    }
-    Ok(run)
+async fn reload<T: DriverTx>(work: &mut Work<T>, run_id: &str) -> StoreResult<RunRecord> {
+    let run = reload_unplaced(work, run_id).await?;
+    placed(work, run).await
 }
 
-/// The run as this transaction left it, its queue position left for the caller to fill.
-async fn reload_unplaced<T: DriverTx>(tx: &mut T, run_id: &str) -> StoreResult<RunRecord> {
-    tx.load_run(run_id, Lock::None)
+/// The run as this transaction left it, its queue position left for the caller to fill:
+/// from memory when this transaction locked or wrote it, else read without a lock.
+async fn reload_unplaced<T: DriverTx>(work: &mut Work<T>, run_id: &str) -> StoreResult<RunRecord> {
+    work.run(run_id, Lock::None)
         .await?
         .map(|l| l.run)
         .ok_or(StoreError::NotFound)
 }
 
-/// A guarded write that must land: `StaleAttempt` when the run changed underneath it.
-async fn write_one<T: DriverTx>(
-    tx: &mut T,
-    loaded: &LoadedRun,
-    change: RunChange<'_>,
-) -> StoreResult<()> {
-    if tx.write_run(loaded, change).await? {
-        Ok(())
-    } else {
-        Err(StoreError::StaleAttempt)
+/// `run` with its queue position filled in while it is pending.
+async fn placed<T: DriverTx>(work: &mut Work<T>, mut run: RunRecord) -> StoreResult<RunRecord> {
+    if run.status == RunStatus::Pending && run.queue_position.is_none() {
+        let place = work
+            .tx()
+            .await?
+            .queue_position(&run.spec.lane, run.seq)
+            .await?;
+        run.queue_position = Some(place);
+    }
+    Ok(run)
+}
+
+/// What one item of a call answers: a run as it is now, or as a queued write will leave it.
+enum Answer {
+    Now(RunRecord),
+    Written(Ticket),
+}
+
+impl Answer {
+    async fn resolve<T: DriverTx>(self, work: &mut Work<T>) -> StoreResult<RunRecord> {
+        let run = match self {
+            Answer::Now(run) => run,
+            Answer::Written(ticket) => work.written(ticket).await?,
+        };
+        placed(work, run).await
     }
 }
 
-/// Appends an event and notes it for the signals.
-async fn push<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
-    run_id: &str,
-    attempt: u32,
-    body: &EventBody,
-    data: Option<&[u8]>,
-) -> StoreResult<i64> {
-    let seq = tx.push_event(run_id, attempt, body, data).await?;
-    out.events_written(run_id, seq);
-    Ok(seq)
-}
-
 /// Writes a `status` event, and an `end` event after it when the status is terminal.
-async fn push_status<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+fn push_status<T: DriverTx>(
+    work: &mut Work<T>,
     run_id: &str,
     body: StatusBody,
 ) -> StoreResult<i64> {
-    let mut seq = push(
-        tx,
-        out,
-        run_id,
-        body.attempt,
-        &EventBody::Status(body),
-        None,
-    )
-    .await?;
+    let mut seq = work.push(run_id, body.attempt, EventBody::Status(body), None)?;
     if body.status.is_terminal() {
-        seq = push(tx, out, run_id, body.attempt, &EventBody::End(body), None).await?;
+        seq = work.push(run_id, body.attempt, EventBody::End(body), None)?;
     }
     Ok(seq)
 }
@@ -306,46 +309,46 @@ struct Ending<'a> {
     error_message: Option<&'a str>,
 }
 
-/// Writes what the status machine decided when the current attempt ended (or, for a pending
+/// Queues what the status machine decided when the current attempt ended (or, for a pending
 /// run being cancelled, when the run ended without one): the attempt's record, the run going
 /// back to `pending` for a retry or to its terminal status, and the events.
 async fn end_attempt<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+    work: &mut Work<T>,
     loaded: &LoadedRun,
     decision: Decision,
     ending: Ending<'_>,
-) -> StoreResult<()> {
+) -> StoreResult<Ticket> {
     let run = &loaded.run;
     let (ended, error_code) = decision.attempt_result();
-    match decision {
+    let ticket = match decision {
         Decision::Retry { .. } => {
             // The next claim stamps afresh; the run's own error fields describe only its
             // final outcome, the attempt keeps this one.
-            write_one(tx, loaded, RunChange::BackToPending).await?;
-            out.run_pending(&run.spec.lane);
+            let ticket = work.write(loaded, RunChange::BackToPending).await?;
+            work.out.run_pending(&run.spec.lane);
+            ticket
         }
         Decision::Terminal { status, .. } => {
             let change = RunChange::Finish {
                 status,
                 exit_code: ending.exit_code,
                 error_code,
-                error_message: ending.error_message,
+                error_message: ending.error_message.map(str::to_string),
             };
-            write_one(tx, loaded, change).await?;
+            work.write(loaded, change).await?
         }
-    }
+    };
     if run.status.is_in_flight() {
         if let Some(worker_id) = &run.worker_id {
-            out.room_freed(&run.spec.lane, worker_id);
+            work.out.room_freed(&run.spec.lane, worker_id);
         }
         let end = AttemptEnd {
             status: ended,
             error_code,
             exit_code: ending.exit_code,
-            error_message: ending.error_message,
+            error_message: ending.error_message.map(str::to_string),
         };
-        tx.close_attempt(&run.id, run.attempt, end).await?;
+        work.close_attempt(&run.id, run.attempt, end);
     }
     let body = StatusBody {
         status: decision.run_status(),
@@ -353,15 +356,14 @@ async fn end_attempt<T: DriverTx>(
         error_code,
         exit_code: ending.exit_code,
     };
-    push_status(tx, out, &run.id, body).await?;
-    Ok(())
+    push_status(work, &run.id, body)?;
+    Ok(ticket)
 }
 
 /// Ends a run's current attempt as the reaper would, with `error_code`, if it is still the
 /// attempt judged. Answers what happened, or `None` if the run had moved on.
 async fn reap_one<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+    work: &mut Work<T>,
     loaded: &LoadedRun,
     error_code: ErrorCode,
 ) -> StoreResult<Option<ReapedRun>> {
@@ -375,15 +377,11 @@ async fn reap_one<T: DriverTx>(
     let Some(decision) = transition.decision else {
         return Ok(None);
     };
-    match end_attempt(tx, out, loaded, decision, Ending::default()).await {
-        Ok(()) => Ok(Some(ReapedRun {
-            run_id: run.id.clone(),
-            attempt: run.attempt,
-            error_code: decision.attempt_result().1.unwrap_or(error_code),
-            status_after: decision.run_status(),
-        })),
-        // Lost a race with another writer: it is theirs now.
-        Err(StoreError::StaleAttempt) => Ok(None),
-        Err(e) => Err(e),
-    }
+    end_attempt(work, loaded, decision, Ending::default()).await?;
+    Ok(Some(ReapedRun {
+        run_id: run.id.clone(),
+        attempt: run.attempt,
+        error_code: decision.attempt_result().1.unwrap_or(error_code),
+        status_after: decision.run_status(),
+    }))
 }

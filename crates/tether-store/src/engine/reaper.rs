@@ -2,28 +2,30 @@
 
 use tether_domain::Millis;
 
-use super::reap_one;
+use super::{reap_one, Work};
 use crate::driver::{Driver, DriverTx, Lock};
-use crate::{reap_reason, Outbox, ReapDeadlines, ReapPolicy, ReapReport, StoreResult};
+use crate::{reap_reason, ReapDeadlines, ReapPolicy, ReapReport, StoreResult};
 
 pub(super) async fn sweep<D: Driver>(d: &D, policy: &ReapPolicy) -> StoreResult<ReapReport> {
-    let mut tx = d.begin().await?;
+    let mut work = Work::begin(d).await?;
     // One sweep at a time across every server sharing the store; a server that finds the
     // sweep taken leaves it to the holder.
-    if !tx.try_lock_sweep().await? {
+    if !work.tx().await?.try_lock_sweep().await? {
         return Ok(ReapReport {
             reaped: Vec::new(),
             swept: false,
         });
     }
-    let now = tx.now();
-    let mut out = Outbox::default();
+    let now = work.now();
     let mut reaped = Vec::new();
     // In seq order, the order every multi-run writer locks in.
-    for run_id in tx.reap_candidates(policy).await? {
-        // A run a worker call is writing right now is skipped, not waited on: that call is a
-        // sign of life, and the next sweep judges the run afresh.
-        let Some(loaded) = tx.load_run(&run_id, Lock::Skip).await? else {
+    let due = work.tx().await?.reap_candidates(policy).await?;
+    // A run a worker call is writing right now is skipped, not waited on: that call is a
+    // sign of life, and the next sweep judges the run afresh.
+    let ids: Vec<&str> = due.iter().map(String::as_str).collect();
+    work.load(&ids, Lock::Skip).await?;
+    for run_id in &due {
+        let Some(loaded) = work.locked(run_id).await? else {
             continue;
         };
         // Judged again on the row as loaded in this transaction: a run another sweep has
@@ -36,11 +38,11 @@ pub(super) async fn sweep<D: Driver>(d: &D, policy: &ReapPolicy) -> StoreResult<
         let Some(code) = reap_reason(&loaded.run, deadlines, now, policy) else {
             continue;
         };
-        if let Some(r) = reap_one(&mut tx, &mut out, &loaded, code).await? {
+        if let Some(r) = reap_one(&mut work, &loaded, code).await? {
             reaped.push(r);
         }
     }
-    d.commit(tx, out).await?;
+    work.commit(d).await?;
     Ok(ReapReport {
         reaped,
         swept: true,

@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tether_domain::admission::{door, Door, LaneHolds};
 use tether_domain::machine::{Command, RunState};
-use tether_domain::RunSpec;
+use tether_domain::{Resources, RunSpec};
 
 use super::{end_attempt, must_lock, push_status, reload, reload_unplaced, transition_error};
-use super::{write_one, Ending};
+use super::{Ending, Work};
 use crate::driver::{Driver, DriverTx, RunChange};
 use crate::{
-    batch_entry, parse_cursor, Admission, AdmissionPolicy, BatchAdmission, CreatedRun, Outbox,
-    RunFilter, RunPage, RunRecord, StatusBody, StoreError, StoreResult,
+    batch_entry, parse_cursor, Admission, AdmissionPolicy, BatchAdmission, CreatedRun, RunFilter,
+    RunPage, RunRecord, StatusBody, StoreError, StoreResult,
 };
 
 /// One submission in its own transaction: committed only when a run was created (a refusal or
@@ -21,14 +21,14 @@ pub(super) async fn admit_one<D: Driver>(
     spec: &RunSpec,
     policy: Option<&AdmissionPolicy>,
 ) -> StoreResult<Admission> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
+    let mut work = Work::begin(d).await?;
     if policy.is_some_and(|p| p.reject_when_full) {
-        tx.lock_lane(&spec.lane).await?;
+        work.tx().await?.lock_lane(&spec.lane).await?;
     }
-    let admission = accept(&mut tx, &mut out, spec, policy, &mut Places::default()).await?;
+    let mut doors = Doors::default();
+    let admission = accept(&mut work, spec, policy, &mut Places::default(), &mut doors).await?;
     if matches!(&admission, Admission::Accepted(created) if created.created) {
-        d.commit(tx, out).await?;
+        work.commit(d).await?;
     }
     Ok(admission)
 }
@@ -37,8 +37,7 @@ pub(super) async fn admit_batch<D: Driver>(
     d: &D,
     batch: &[(RunSpec, AdmissionPolicy)],
 ) -> StoreResult<BatchAdmission> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
+    let mut work = Work::begin(d).await?;
     // Every `reject` lane of the batch locked up front, in one order, so two batches naming
     // the same lanes cannot deadlock.
     let lanes: BTreeSet<&str> = batch
@@ -47,19 +46,20 @@ pub(super) async fn admit_batch<D: Driver>(
         .map(|(spec, _)| spec.lane.as_str())
         .collect();
     for lane in lanes {
-        tx.lock_lane(lane).await?;
+        work.tx().await?.lock_lane(lane).await?;
     }
     let mut runs = Vec::with_capacity(batch.len());
     let mut places = Places::default();
+    let mut doors = Doors::default();
     for (index, (spec, policy)) in batch.iter().enumerate() {
-        let decided = accept(&mut tx, &mut out, spec, Some(policy), &mut places).await;
+        let decided = accept(&mut work, spec, Some(policy), &mut places, &mut doors).await;
         match batch_entry(&spec.lane, decided)? {
             Ok(created) => runs.push(created),
             // Dropping the transaction un-writes the entries before this one.
             Err(refusal) => return Ok(BatchAdmission::Refused { index, refusal }),
         }
     }
-    d.commit(tx, out).await?;
+    work.commit(d).await?;
     Ok(BatchAdmission::Accepted(runs))
 }
 
@@ -68,17 +68,17 @@ pub(super) async fn admit_batch<D: Driver>(
 /// The caller holds the lane's lock when the lane is a `reject` one, so the room one
 /// admission sees is the room it gets; a queue lane reserves nothing at the door.
 async fn accept<T: DriverTx>(
-    tx: &mut T,
-    out: &mut Outbox,
+    work: &mut Work<T>,
     spec: &RunSpec,
     policy: Option<&AdmissionPolicy>,
     places: &mut Places,
+    doors: &mut Doors,
 ) -> StoreResult<Admission> {
-    if let Some(run) = find_by_key(tx, spec).await? {
+    if let Some(run) = find_by_key(work, spec).await? {
         return Ok(replayed(run));
     }
     if let Some(policy) = policy {
-        match judge_door(tx, spec, policy).await? {
+        match judge_door(work, spec, policy, doors).await? {
             Door::Admit => {}
             Door::Full => return Ok(Admission::LaneFull),
             Door::NeverFits => return Ok(Admission::NeverFits),
@@ -86,21 +86,22 @@ async fn accept<T: DriverTx>(
     }
     let id = uuid::Uuid::now_v7().to_string();
     let state = RunState::new(spec.max_attempts);
-    if !tx.insert_run(&id, spec, state.status).await? {
+    let Some(inserted) = work.tx().await?.insert_run(&id, spec, state.status).await? else {
         // A concurrent submission with the same key committed first: answer as if it had come
         // before us.
-        return match find_by_key(tx, spec).await? {
+        return match find_by_key(work, spec).await? {
             Some(run) => Ok(replayed(run)),
             None => Err(StoreError::unavailable(
                 "idempotency key conflict vanished; retry",
             )),
         };
-    }
+    };
+    work.inserted(inserted);
     let first = StatusBody::plain(state.status, 0);
-    push_status(tx, out, &id, first).await?;
-    out.run_pending(&spec.lane);
-    let mut run = reload_unplaced(tx, &id).await?;
-    run.queue_position = Some(places.next(tx, &run).await?);
+    push_status(work, &id, first)?;
+    work.out.run_pending(&spec.lane);
+    let mut run = reload_unplaced(work, &id).await?;
+    run.queue_position = Some(places.next(work, &run).await?);
     Ok(Admission::Accepted(Box::new(CreatedRun {
         run,
         created: true,
@@ -116,10 +117,15 @@ struct Places {
 }
 
 impl Places {
-    async fn next<T: DriverTx>(&mut self, tx: &mut T, run: &RunRecord) -> StoreResult<i64> {
+    async fn next<T: DriverTx>(&mut self, work: &mut Work<T>, run: &RunRecord) -> StoreResult<i64> {
         let place = match self.last.get(&run.spec.lane) {
             Some(last) => last + 1,
-            None => tx.queue_position(&run.spec.lane, run.seq).await?,
+            None => {
+                work.tx()
+                    .await?
+                    .queue_position(&run.spec.lane, run.seq)
+                    .await?
+            }
         };
         self.last.insert(run.spec.lane.clone(), place);
         Ok(place)
@@ -135,11 +141,14 @@ fn replayed(run: RunRecord) -> Admission {
 
 /// The run an earlier submission with this spec's idempotency key made, if it is the same
 /// submission; `IdempotencyConflict` if it is not.
-async fn find_by_key<T: DriverTx>(tx: &mut T, spec: &RunSpec) -> StoreResult<Option<RunRecord>> {
+async fn find_by_key<T: DriverTx>(
+    work: &mut Work<T>,
+    spec: &RunSpec,
+) -> StoreResult<Option<RunRecord>> {
     let Some(key) = &spec.idempotency_key else {
         return Ok(None);
     };
-    let Some(keyed) = tx.find_by_key(key).await? else {
+    let Some(keyed) = work.tx().await?.find_by_key(key).await? else {
         return Ok(None);
     };
     if keyed.request_fingerprint != spec.request_fingerprint {
@@ -147,20 +156,41 @@ async fn find_by_key<T: DriverTx>(tx: &mut T, spec: &RunSpec) -> StoreResult<Opt
             run_id: keyed.run_id,
         });
     }
-    Ok(Some(reload(tx, &keyed.run_id).await?))
+    Ok(Some(reload(work, &keyed.run_id).await?))
+}
+
+/// The workers serving each lane, as one transaction finds them: admission writes no worker
+/// row, so a batch asks once per lane and freshness.
+#[derive(Default)]
+struct Doors {
+    serving: BTreeMap<(String, i64), Vec<(String, Resources)>>,
 }
 
 /// The lane's door for `spec` under `policy`, from what the lane holds now.
 async fn judge_door<T: DriverTx>(
-    tx: &mut T,
+    work: &mut Work<T>,
     spec: &RunSpec,
     policy: &AdmissionPolicy,
+    doors: &mut Doors,
 ) -> StoreResult<Door> {
-    let fresh_since = tx.now().saturating_sub(policy.worker_fresh_ms);
-    let serving = tx.workers_serving(&spec.lane, fresh_since).await?;
+    let fresh_since = work.now().saturating_sub(policy.worker_fresh_ms);
+    let key = (spec.lane.clone(), fresh_since);
+    let serving = match doors.serving.get(&key) {
+        Some(serving) => serving.clone(),
+        None => {
+            let serving = work
+                .tx()
+                .await?
+                .workers_serving(&spec.lane, fresh_since)
+                .await?;
+            doors.serving.insert(key, serving.clone());
+            serving
+        }
+    };
     let capacities: Vec<_> = serving.iter().map(|(_, capacity)| *capacity).collect();
     let holds = if policy.reject_when_full {
         let ids: Vec<String> = serving.into_iter().map(|(id, _)| id).collect();
+        let tx = work.tx().await?;
         let held = tx.reserved_by(&ids).await?;
         let waiting = tx.lane_waiting(&spec.lane).await?;
         // The in-flight count matters only under a ceiling.
@@ -186,25 +216,26 @@ async fn judge_door<T: DriverTx>(
 }
 
 pub(super) async fn request_cancel<D: Driver>(d: &D, run_id: &str) -> StoreResult<RunRecord> {
-    let mut tx = d.begin().await?;
-    let mut out = Outbox::default();
-    let loaded = must_lock(&mut tx, run_id).await?;
+    let mut work = Work::begin(d).await?;
+    let loaded = must_lock(&mut work, run_id).await?;
     let transition = loaded
         .run
         .state()
         .apply(&Command::Cancel)
         .map_err(transition_error)?;
-    write_one(&mut tx, &loaded, RunChange::CancelAsked).await?;
+    work.write(&loaded, RunChange::CancelAsked).await?;
     match (transition.decision, &loaded.run.worker_id) {
         (Some(decision), _) => {
-            end_attempt(&mut tx, &mut out, &loaded, decision, Ending::default()).await?
+            end_attempt(&mut work, &loaded, decision, Ending::default()).await?;
         }
         // In flight: its worker's control poll hears of it now, its heartbeat later.
-        (None, Some(worker_id)) => out.cancel_requested(run_id, loaded.run.attempt, worker_id),
+        (None, Some(worker_id)) => work
+            .out
+            .cancel_requested(run_id, loaded.run.attempt, worker_id),
         (None, None) => {}
     }
-    let run = reload(&mut tx, run_id).await?;
-    d.commit(tx, out).await?;
+    let run = reload(&mut work, run_id).await?;
+    work.commit(d).await?;
     Ok(run)
 }
 

@@ -1,0 +1,323 @@
+//! One write transaction as the engine drives it. The engine judges each run in memory and
+//! queues what it decided; the queue goes to the store a statement per kind of write, not a
+//! statement per run:
+//! - runs are loaded many at a time (`load`), and kept: a run this transaction locked or wrote
+//!   is answered from memory, and a write's `RETURNING` row replaces the reload that used to
+//!   follow it;
+//! - guarded run writes, and the attempt rows that go with them, wait until something must
+//!   see them (a read of other rows, a second decision about the same run, the commit);
+//! - events are numbered here, under the run's lock, from the `last_event_seq` the load read,
+//!   and written at commit in one statement; the run's `last_event_seq` goes with its write.
+//!
+//! A queued write whose guard does not hold when it is sent means a run changed under this
+//! transaction's lock, which the locks rule out: the whole transaction is then refused
+//! (`Unavailable`, nothing written), never half applied.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::driver::{
+    AttemptClose, AttemptEnd, Driver, DriverTx, LoadedRun, Lock, NewAttempt, NewEvent, RunChange,
+    RunWrite,
+};
+use crate::{EventBody, Outbox, RunRecord, StoreError, StoreResult};
+
+/// A queued write's place among those answered: [`Work::written`] gives the run as its write
+/// left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ticket(usize);
+
+/// A run as this transaction last saw it.
+struct Seen {
+    run: LoadedRun,
+    /// Read under a row lock, or written (which locks): nobody else can change it before this
+    /// transaction ends, so it is answered from memory.
+    locked: bool,
+    /// The highest event `seq` numbered for the run so far in this transaction.
+    last_seq: i64,
+    /// A write for it waits in the queue.
+    queued: bool,
+}
+
+impl Seen {
+    /// The run with the events numbered so far.
+    fn current(&self) -> LoadedRun {
+        let mut run = self.run.clone();
+        run.run.last_event_seq = self.last_seq;
+        run
+    }
+}
+
+struct Queued {
+    write: RunWrite,
+    ticket: Ticket,
+}
+
+pub(super) struct Work<T> {
+    tx: T,
+    /// The signals the transaction earns, sent once it commits.
+    pub(super) out: Outbox,
+    runs: HashMap<String, Seen>,
+    /// Runs looked up under a lock and not found.
+    absent: HashSet<String>,
+    writes: Vec<Queued>,
+    new_attempts: Vec<NewAttempt>,
+    started_attempts: Vec<(String, u32)>,
+    closed_attempts: Vec<AttemptClose>,
+    events: Vec<NewEvent>,
+    written: Vec<Option<LoadedRun>>,
+}
+
+impl<T: DriverTx> Work<T> {
+    pub(super) async fn begin<D: Driver<Tx = T>>(d: &D) -> StoreResult<Work<T>> {
+        Ok(Work {
+            tx: d.begin().await?,
+            out: Outbox::default(),
+            runs: HashMap::new(),
+            absent: HashSet::new(),
+            writes: Vec::new(),
+            new_attempts: Vec::new(),
+            started_attempts: Vec::new(),
+            closed_attempts: Vec::new(),
+            events: Vec::new(),
+            written: Vec::new(),
+        })
+    }
+
+    /// The store's clock, read once when the transaction began.
+    pub(super) fn now(&self) -> tether_domain::Millis {
+        self.tx.now()
+    }
+
+    /// The store's own primitives, for reads and immediate writes, once every queued run
+    /// write has landed (so what they read is what this transaction decided).
+    pub(super) async fn tx(&mut self) -> StoreResult<&mut T> {
+        self.settle().await?;
+        Ok(&mut self.tx)
+    }
+
+    /// Loads these runs in one statement where they are not already known, locked as `lock`
+    /// says. Each is then answered by [`Work::run`].
+    pub(super) async fn load(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<()> {
+        if run_ids
+            .iter()
+            .any(|id| self.runs.get(*id).is_some_and(|s| s.queued))
+        {
+            self.settle().await?;
+        }
+        let mut wanted: Vec<&str> = Vec::with_capacity(run_ids.len());
+        for id in run_ids {
+            let known = self.runs.get(*id).is_some_and(|s| s.locked) || self.absent.contains(*id);
+            if !known && !wanted.contains(id) {
+                wanted.push(id);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let found = self.tx.load_runs(&wanted, lock).await?;
+        for run in found {
+            self.remember(run, lock != Lock::None);
+        }
+        if lock == Lock::Wait {
+            // Under `Skip` a run left out may only be someone else's for now.
+            for id in wanted {
+                if !self.runs.contains_key(id) {
+                    self.absent.insert(id.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A run as this transaction sees it (its events numbered so far included), loading it if
+    /// it is not known.
+    pub(super) async fn run(&mut self, run_id: &str, lock: Lock) -> StoreResult<Option<LoadedRun>> {
+        self.load(&[run_id], lock).await?;
+        Ok(self.runs.get(run_id).map(Seen::current))
+    }
+
+    /// A run this transaction holds (loaded under a lock, or written), from memory; `None`
+    /// when it does not hold it (a run [`Lock::Skip`] left out, say).
+    pub(super) async fn locked(&mut self, run_id: &str) -> StoreResult<Option<LoadedRun>> {
+        if self.runs.get(run_id).is_some_and(|s| s.queued) {
+            self.settle().await?;
+        }
+        Ok(self
+            .runs
+            .get(run_id)
+            .filter(|s| s.locked)
+            .map(Seen::current))
+    }
+
+    fn remember(&mut self, run: LoadedRun, locked: bool) {
+        let id = run.run.id.clone();
+        let stored = run.run.last_event_seq;
+        let last_seq = self
+            .runs
+            .get(&id)
+            .map_or(stored, |seen| seen.last_seq.max(stored));
+        self.absent.remove(&id);
+        self.runs.insert(
+            id,
+            Seen {
+                run,
+                locked,
+                last_seq,
+                queued: false,
+            },
+        );
+    }
+
+    /// Queues `change`, guarded by the run as `loaded` says it was judged.
+    pub(super) async fn write(
+        &mut self,
+        loaded: &LoadedRun,
+        change: RunChange,
+    ) -> StoreResult<Ticket> {
+        if self.runs.get(&loaded.run.id).is_some_and(|s| s.queued) {
+            // One write per run per statement: the earlier one lands first.
+            self.settle().await?;
+        }
+        let seen = self
+            .runs
+            .get_mut(&loaded.run.id)
+            .ok_or_else(|| StoreError::corrupt("a write for a run this transaction never read"))?;
+        seen.queued = true;
+        let ticket = Ticket(self.written.len());
+        self.written.push(None);
+        self.writes.push(Queued {
+            write: RunWrite {
+                run_id: loaded.run.id.clone(),
+                status: loaded.raw_status.clone(),
+                attempt: loaded.run.attempt,
+                change,
+                // Set when it is sent: events numbered after this call count too.
+                last_event_seq: 0,
+            },
+            ticket,
+        });
+        Ok(ticket)
+    }
+
+    /// A run inserted by this transaction, known from here on.
+    pub(super) fn inserted(&mut self, run: LoadedRun) {
+        self.remember(run, true);
+    }
+
+    /// Appends an event with the run's next `seq` (the run is locked by this transaction),
+    /// and notes it for the signals.
+    pub(super) fn push(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        body: EventBody,
+        data: Option<&[u8]>,
+    ) -> StoreResult<i64> {
+        let seen = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| StoreError::corrupt("an event for a run this transaction never read"))?;
+        seen.last_seq += 1;
+        let seq = seen.last_seq;
+        self.events.push(NewEvent {
+            run_id: run_id.to_string(),
+            seq,
+            attempt,
+            body,
+            data: data.map(<[u8]>::to_vec),
+        });
+        self.out.events_written(run_id, seq);
+        Ok(seq)
+    }
+
+    pub(super) fn insert_attempt(&mut self, run_id: &str, attempt: u32, worker_id: &str) {
+        self.new_attempts.push(NewAttempt {
+            run_id: run_id.to_string(),
+            attempt,
+            worker_id: worker_id.to_string(),
+        });
+    }
+
+    pub(super) fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) {
+        self.started_attempts.push((run_id.to_string(), attempt));
+    }
+
+    pub(super) fn close_attempt(&mut self, run_id: &str, attempt: u32, end: AttemptEnd) {
+        self.closed_attempts.push(AttemptClose {
+            run_id: run_id.to_string(),
+            attempt,
+            end,
+        });
+    }
+
+    /// Sends the queued run writes (with their runs' event seqs) and the attempt rows that go
+    /// with them.
+    async fn settle(&mut self) -> StoreResult<()> {
+        if !self.writes.is_empty() {
+            let queued = std::mem::take(&mut self.writes);
+            let mut writes = Vec::with_capacity(queued.len());
+            let mut tickets = HashMap::with_capacity(queued.len());
+            for Queued { mut write, ticket } in queued {
+                if let Some(seen) = self.runs.get(&write.run_id) {
+                    write.last_event_seq = seen.last_seq;
+                }
+                tickets.insert(write.run_id.clone(), ticket);
+                writes.push(write);
+            }
+            let rows = self.tx.write_runs(&writes).await?;
+            if rows.len() != writes.len() {
+                return Err(StoreError::unavailable(
+                    "a run changed under this transaction's lock; nothing was written",
+                ));
+            }
+            for row in rows {
+                if let Some(Ticket(i)) = tickets.get(&row.run.id) {
+                    self.written[*i] = Some(row.clone());
+                }
+                self.remember(row, true);
+            }
+        }
+        if !self.new_attempts.is_empty() {
+            let rows = std::mem::take(&mut self.new_attempts);
+            self.tx.insert_attempts(&rows).await?;
+        }
+        if !self.started_attempts.is_empty() {
+            let rows = std::mem::take(&mut self.started_attempts);
+            self.tx.stamp_attempts_started(&rows).await?;
+        }
+        if !self.closed_attempts.is_empty() {
+            let rows = std::mem::take(&mut self.closed_attempts);
+            self.tx.close_attempts(&rows).await?;
+        }
+        Ok(())
+    }
+
+    /// The run as the queued write `ticket` left it, once written.
+    pub(super) async fn written(&mut self, ticket: Ticket) -> StoreResult<RunRecord> {
+        self.settle().await?;
+        self.written
+            .get(ticket.0)
+            .and_then(|row| row.as_ref())
+            .map(|row| row.run.clone())
+            .ok_or_else(|| StoreError::corrupt("a queued write was never answered"))
+    }
+
+    /// Writes everything still queued, the events last, and commits.
+    pub(super) async fn commit<D: Driver<Tx = T>>(mut self, d: &D) -> StoreResult<()> {
+        self.settle().await?;
+        // Runs that took events without a write of their own (a new run's first event, say).
+        let seqs: Vec<(String, i64)> = self
+            .runs
+            .iter()
+            .filter(|(_, seen)| seen.last_seq > seen.run.run.last_event_seq)
+            .map(|(id, seen)| (id.clone(), seen.last_seq))
+            .collect();
+        if !seqs.is_empty() {
+            self.tx.set_last_event_seqs(&seqs).await?;
+        }
+        if !self.events.is_empty() {
+            self.tx.insert_events(&self.events).await?;
+        }
+        d.commit(self.tx, self.out).await
+    }
+}
