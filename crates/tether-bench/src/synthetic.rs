@@ -312,7 +312,7 @@ impl Pass {
     /// Whether the run just handed out prints a line.
     fn prints(&self) -> bool {
         let n = self.handed_out.fetch_add(1, Ordering::Relaxed);
-        self.log_every > 0 && n % self.log_every == 0
+        self.log_every > 0 && n.is_multiple_of(self.log_every)
     }
 
     fn claimed(&self, runs: usize, riding: bool) {
