@@ -215,3 +215,160 @@ pub async fn batched_finishes_retry_or_end_as_single_finishes_do(h: &dyn Harness
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].status, Some(RunStatus::Failed));
 }
+
+/// The events of `run_id` as (seq, kind, status): what a follower would read.
+async fn history(store: &SharedStore, run_id: &str) -> Vec<(i64, EventKind, Option<RunStatus>)> {
+    all_events(store, run_id)
+        .await
+        .iter()
+        .map(|e| (e.seq, e.kind, status_in(e)))
+        .collect()
+}
+
+pub async fn a_report_starts_finishes_and_claims_the_room_freed_in_one_call(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    // Room for two runs; four wait.
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(create(store, &spec()).await);
+    }
+    let worker = register(store, 2.0).await;
+    let first = store.claim_runs(&worker, &limits(0)).await.unwrap();
+    let first: Vec<&str> = first.iter().map(|c| c.run.id.as_str()).collect();
+    assert_eq!(first, [runs[0].as_str(), runs[1].as_str()]);
+
+    let reports = store
+        .report_attempts(
+            &worker,
+            &[item(&runs[0], 1), item(&runs[1], 1), item(&runs[2], 1)],
+            &[
+                // Started and finished in the same call: the finish is judged after the start.
+                done(&runs[0], 1, AttemptOutcome::Succeeded, 0),
+                done(
+                    &runs[1],
+                    1,
+                    AttemptOutcome::Failed {
+                        error_code: ErrorCode::ExitNonzero,
+                    },
+                    3,
+                ),
+            ],
+            Some(&limits(0)),
+        )
+        .await
+        .expect("report_attempts");
+    assert_eq!(reports.starts.len(), 3, "one answer per start");
+    assert_eq!(status_of(&reports.starts[0]), Some(RunStatus::Running));
+    assert_eq!(status_of(&reports.starts[1]), Some(RunStatus::Running));
+    assert!(
+        is_stale(&reports.starts[2]),
+        "a run this worker was never handed: {:?}",
+        reports.starts[2]
+    );
+    assert_eq!(reports.finishes.len(), 2, "one answer per finish");
+    assert_eq!(status_of(&reports.finishes[0]), Some(RunStatus::Succeeded));
+    let failed = reports.finishes[1].as_ref().expect("the failed run");
+    assert_eq!(
+        (failed.status, failed.exit_code),
+        (RunStatus::Failed, Some(3))
+    );
+    // The claim sees the room the finishes freed, in the same call.
+    let claimed = reports
+        .claimed
+        .expect("a claim was asked")
+        .expect("the claim");
+    let claimed: Vec<(&str, u32, RunStatus)> = claimed
+        .iter()
+        .map(|c| (c.run.id.as_str(), c.attempt, c.run.status))
+        .collect();
+    assert_eq!(
+        claimed,
+        [
+            (runs[2].as_str(), 1, RunStatus::Claimed),
+            (runs[3].as_str(), 1, RunStatus::Claimed)
+        ]
+    );
+
+    // Every event once, in order, seq rising by one; the answers name the last of them.
+    use EventKind::{Attempt, End, Status};
+    use RunStatus::{Claimed, Failed, Pending, Running, Succeeded};
+    let ended = |last: RunStatus| {
+        vec![
+            (1, Status, Some(Pending)),
+            (2, Status, Some(Claimed)),
+            (3, Attempt, None),
+            (4, Status, Some(Running)),
+            (5, Status, Some(last)),
+            (6, End, Some(last)),
+        ]
+    };
+    assert_eq!(history(store, &runs[0]).await, ended(Succeeded));
+    assert_eq!(history(store, &runs[1]).await, ended(Failed));
+    for run_id in &runs[2..] {
+        assert_eq!(
+            history(store, run_id).await,
+            [
+                (1, Status, Some(Pending)),
+                (2, Status, Some(Claimed)),
+                (3, Attempt, None)
+            ]
+        );
+    }
+    for (run_id, last_seq) in [(&runs[0], 6), (&runs[1], 6), (&runs[2], 3)] {
+        let run = store.get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.last_event_seq, last_seq, "{run_id}");
+    }
+    assert_eq!(
+        reports.finishes[0].as_ref().map(|r| r.last_event_seq).ok(),
+        Some(6)
+    );
+    let attempts = store.list_attempts(&runs[0]).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].started_at.is_some());
+    assert_eq!(attempts[0].status, Some(RunStatus::Succeeded));
+    assert_eq!(
+        store.list_workers().await.unwrap()[0].runs,
+        vec![(runs[2].clone(), 1), (runs[3].clone(), 1)],
+        "the worker holds what the call handed it"
+    );
+}
+
+pub async fn a_report_s_refused_claim_leaves_its_items_standing(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 1, 1).await;
+    store.set_worker_draining(&worker).await.unwrap();
+    // A draining worker is handed nothing, but what it reports lands.
+    let reports = store
+        .report_attempts(
+            &worker,
+            &[item(&runs[0], 1)],
+            &[done(&runs[0], 1, AttemptOutcome::Succeeded, 0)],
+            Some(&limits(0)),
+        )
+        .await
+        .expect("report_attempts");
+    assert_eq!(status_of(&reports.finishes[0]), Some(RunStatus::Succeeded));
+    assert!(matches!(reports.claimed, Some(Ok(ref c)) if c.is_empty()));
+    // An unknown worker's claim is refused alone; its items are judged (and refused) alone.
+    let reports = store
+        .report_attempts(
+            "no-such-worker",
+            &[item(&runs[0], 1)],
+            &[],
+            Some(&limits(0)),
+        )
+        .await
+        .expect("report_attempts");
+    assert!(is_stale(&reports.starts[0]) || is_terminal_answer(&reports.starts[0]));
+    assert!(matches!(
+        reports.claimed,
+        Some(Err(StoreError::UnknownWorker))
+    ));
+    assert_eq!(status(store, &runs[0]).await, RunStatus::Succeeded);
+}
+
+fn is_terminal_answer(answer: &StoreResult<RunRecord>) -> bool {
+    matches!(answer, Err(StoreError::Terminal))
+}

@@ -181,7 +181,7 @@ async fn start_in<T: DriverTx>(
         .map_err(transition_error)?;
     if loaded.run.status == RunStatus::Running {
         // The worker retried a start whose answer it lost: already done.
-        return Ok(Answer::Now(loaded.run));
+        return Ok(Answer::Now(Box::new(loaded.run)));
     }
     let change = RunChange::Start {
         status: transition.next.status,
@@ -219,7 +219,7 @@ async fn finish_in<T: DriverTx>(
             let ticket = end_attempt(work, &loaded, decision, ending).await?;
             Ok(Answer::Written(ticket))
         }
-        None => Ok(Answer::Now(loaded.run)),
+        None => Ok(Answer::Now(Box::new(loaded.run))),
     }
 }
 

@@ -275,14 +275,14 @@ async fn placed<T: DriverTx>(work: &mut Work<T>, mut run: RunRecord) -> StoreRes
 
 /// What one item of a call answers: a run as it is now, or as a queued write will leave it.
 enum Answer {
-    Now(RunRecord),
+    Now(Box<RunRecord>),
     Written(Ticket),
 }
 
 impl Answer {
     async fn resolve<T: DriverTx>(self, work: &mut Work<T>) -> StoreResult<RunRecord> {
         let run = match self {
-            Answer::Now(run) => run,
+            Answer::Now(run) => *run,
             Answer::Written(ticket) => work.written(ticket).await?,
         };
         placed(work, run).await

@@ -104,10 +104,11 @@ impl<T: DriverTx> Work<T> {
         {
             self.settle().await?;
         }
+        let mut asked = HashSet::with_capacity(run_ids.len());
         let mut wanted: Vec<&str> = Vec::with_capacity(run_ids.len());
         for id in run_ids {
             let known = self.runs.get(*id).is_some_and(|s| s.locked) || self.absent.contains(*id);
-            if !known && !wanted.contains(id) {
+            if !known && asked.insert(*id) {
                 wanted.push(id);
             }
         }
