@@ -87,11 +87,15 @@ async fn refill_is_immediate(mut c: Cluster) {
         gaps[gaps.len() / 2],
         gaps[gaps.len() * 99 / 100]
     );
-    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second; a freed slot
-    // refilled by the finish that freed it waits one round trip and a spawn. Measured in a
-    // debug build on this 2-core box at load 4-9: max 47-55 ms on SQLite, 85-121 ms on
-    // PostgreSQL, so every gap under 250 ms holds with room and still fails any timer.
-    assert!(worst < 250, "a freed slot waited {worst} ms: {gaps:?}");
+    // A timer-driven refill (a 1 s re-check) leaves gaps spread up to a second, most of them
+    // hundreds of milliseconds; a freed slot refilled by the finish that freed it waits one
+    // round trip and a spawn. Measured in a debug build on this 2-core box: at load 4-9 alone,
+    // max 47-88 ms on SQLite and 85-283 ms on PostgreSQL; inside the whole suite (`.ci/run`),
+    // PostgreSQL p50 59 ms, max 360 ms. Every gap under 600 ms with a median under 150 ms
+    // holds with room there and still fails any timer of a second.
+    let median = gaps[gaps.len() / 2];
+    assert!(median < 150, "the median refill took {median} ms: {gaps:?}");
+    assert!(worst < 600, "a freed slot waited {worst} ms: {gaps:?}");
 }
 
 #[tokio::test]
