@@ -383,10 +383,11 @@ async fn ps_uses_colour_on_a_terminal_unless_no_color_is_set() {
 async fn server_logs_are_plain_off_a_terminal_and_json_with_log_format_json() {
     let dir = tempfile::tempdir().unwrap();
     for format in ["text", "json"] {
-        let listen = format!("127.0.0.1:{}", free_port());
         let db = format!("sqlite://{}/{format}.db", dir.path().display());
+        // Port 0, and its own "listening" line as the sign it is up: a port picked beforehand
+        // can be taken by another test's server, which would then answer for this one.
         let child = Command::new(TETHER)
-            .args(["server", "--listen", &listen, "--database", &db])
+            .args(["server", "--listen", "127.0.0.1:0", "--database", &db])
             .args(["--log-format", format])
             .env("TETHER_LOG", "info")
             .stdin(Stdio::null())
@@ -394,10 +395,18 @@ async fn server_logs_are_plain_off_a_terminal_and_json_with_log_format_json() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let proc = Proc { child };
-        wait_ready(&reqwest::Client::new(), &format!("http://{listen}")).await;
+        let mut proc = Proc { child };
+        let mut stderr = std::io::BufReader::new(proc.child.stderr.take().unwrap());
+        let mut out = String::new();
+        while !out.contains("tether server listening") {
+            let read = std::io::BufRead::read_line(&mut stderr, &mut out).unwrap();
+            assert!(
+                read > 0,
+                "{format}: the server ended before listening: {out}"
+            );
+        }
         proc.signal(Signal::SIGTERM);
-        let out = proc_output(proc);
+        std::io::Read::read_to_string(&mut stderr, &mut out).unwrap();
         assert!(!out.is_empty(), "{format}: no log lines");
         assert!(!out.contains('\x1b'), "{format}: {out}");
         if format == "json" {
@@ -408,13 +417,6 @@ async fn server_logs_are_plain_off_a_terminal_and_json_with_log_format_json() {
             }
         }
     }
-}
-
-fn proc_output(mut proc: Proc) -> String {
-    let mut pipe = proc.child.stderr.take().unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut pipe, &mut out).unwrap();
-    out
 }
 
 #[tokio::test]
