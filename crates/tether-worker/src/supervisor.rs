@@ -372,10 +372,12 @@ fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, 
         None
     };
     let mut command = Command::new(program);
+    if launch.is_none() {
+        // Under a shim the arguments and environment travel in `launch`; std's own copies
+        // would be built for an exec that never happens.
+        command.args(args).env_clear().envs(env);
+    }
     command
-        .args(args)
-        .env_clear()
-        .envs(env)
         // Under a shim, stdin is its lifeline (the command itself gets `/dev/null`).
         .stdin(if shim { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
