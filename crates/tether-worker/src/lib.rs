@@ -7,6 +7,7 @@ pub mod control;
 pub mod group;
 pub mod output;
 pub mod reporter;
+mod run_host;
 pub mod shim;
 pub mod supervisor;
 mod worker;

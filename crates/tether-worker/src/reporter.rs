@@ -188,6 +188,77 @@ pub struct QueuedReport {
     attempt: u32,
     kind: ReportKind,
     reply: oneshot::Sender<Result<(), ReportError>>,
+    /// Set on a just-launched attempt's first report: the launch is settled once it is read.
+    launch: Option<LaunchGuard>,
+}
+
+/// Attempts launched whose first report (the start, or a spawn failure's finish) has not been
+/// read yet. Before a call goes, the sender waits for them: a claim's answer launches its
+/// runs, and their starts go together in the next call instead of one behind a call that
+/// carries only what ended meanwhile. Spawns take well under a millisecond, so this is a wait
+/// on events the worker itself is producing, not a timer.
+#[derive(Debug, Default)]
+struct Launches {
+    unsettled: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// One launch not yet settled; dropped once its first report is read, or once its
+/// supervision ends without one.
+#[derive(Debug)]
+pub struct LaunchGuard(std::sync::Arc<Launches>);
+
+impl Drop for LaunchGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .unsettled
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// Where [`send_reports`] reads what [`ReportQueue`]s queue.
+#[derive(Debug)]
+pub struct ReportInbox {
+    rx: mpsc::UnboundedReceiver<QueuedReport>,
+    launches: std::sync::Arc<Launches>,
+}
+
+impl ReportInbox {
+    /// Waits until every launch is settled, reading what arrives meanwhile into `reports`.
+    async fn settle_launches(&mut self, reports: &mut Vec<QueuedReport>) {
+        loop {
+            while let Ok(mut more) = self.rx.try_recv() {
+                more.launch = None;
+                reports.push(more);
+            }
+            let settled = self.launches.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self
+                .launches
+                .unsettled
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+            {
+                return;
+            }
+            tokio::select! {
+                more = self.rx.recv() => match more {
+                    Some(mut more) => {
+                        more.launch = None;
+                        reports.push(more);
+                    }
+                    None => return,
+                },
+                _ = &mut settled => {}
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -201,12 +272,28 @@ enum ReportKind {
 #[derive(Debug, Clone)]
 pub struct ReportQueue {
     tx: mpsc::UnboundedSender<QueuedReport>,
+    launches: std::sync::Arc<Launches>,
 }
 
 impl ReportQueue {
-    pub fn new() -> (ReportQueue, mpsc::UnboundedReceiver<QueuedReport>) {
+    pub fn new() -> (ReportQueue, ReportInbox) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (ReportQueue { tx }, rx)
+        let launches = std::sync::Arc::new(Launches::default());
+        (
+            ReportQueue {
+                tx,
+                launches: launches.clone(),
+            },
+            ReportInbox { rx, launches },
+        )
+    }
+
+    /// An attempt is being launched: the next call waits for its first report.
+    pub fn launching(&self) -> LaunchGuard {
+        self.launches
+            .unsettled
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        LaunchGuard(self.launches.clone())
     }
 
     async fn report(
@@ -214,6 +301,7 @@ impl ReportQueue {
         run_id: &str,
         attempt: u32,
         kind: ReportKind,
+        launch: Option<LaunchGuard>,
     ) -> Result<(), ReportError> {
         let (reply, answer) = oneshot::channel();
         let queued = QueuedReport {
@@ -221,6 +309,7 @@ impl ReportQueue {
             attempt,
             kind,
             reply,
+            launch,
         };
         if self.tx.send(queued).is_err() {
             return Err(ReportError::Transient(
@@ -235,15 +324,26 @@ impl ReportQueue {
 
 /// Reports over HTTP as one registered worker: starts and finishes through its
 /// [`ReportQueue`] (batched with every other attempt's), output directly.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BatchReporter {
     http: HttpReporter,
     queue: ReportQueue,
+    /// Until the first report goes: this attempt's launch, not yet settled.
+    launch: std::sync::Mutex<Option<LaunchGuard>>,
 }
 
 impl BatchReporter {
     pub fn new(http: HttpReporter, queue: ReportQueue) -> BatchReporter {
-        BatchReporter { http, queue }
+        let launch = std::sync::Mutex::new(Some(queue.launching()));
+        BatchReporter {
+            http,
+            queue,
+            launch,
+        }
+    }
+
+    fn first_report(&self) -> Option<LaunchGuard> {
+        self.launch.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -251,7 +351,12 @@ impl BatchReporter {
 impl AttemptReporter for BatchReporter {
     async fn start(&self, run_id: &str, attempt: u32, pid: u32) -> Result<(), ReportError> {
         self.queue
-            .report(run_id, attempt, ReportKind::Start { pid })
+            .report(
+                run_id,
+                attempt,
+                ReportKind::Start { pid },
+                self.first_report(),
+            )
             .await
     }
 
@@ -266,7 +371,12 @@ impl AttemptReporter for BatchReporter {
 
     async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError> {
         self.queue
-            .report(run_id, attempt, ReportKind::Finish(finish.clone()))
+            .report(
+                run_id,
+                attempt,
+                ReportKind::Finish(finish.clone()),
+                self.first_report(),
+            )
             .await
     }
 }
@@ -280,21 +390,21 @@ pub trait ClaimRider: Send + Sync {
 }
 
 /// Sends the queued starts and finishes, one call at a time: whatever queued while a call was
-/// in flight goes together in the next one (no timer), and a call carrying finishes also
-/// claims the room they free. Each report gets its own answer. A server without the batch
+/// in flight goes together in the next one (no timer), with the first report of every attempt
+/// just launched (see [`LaunchGuard`]), and a call carrying finishes also claims the room they
+/// free. Each report gets its own answer. A server without the batch
 /// call gets the single-attempt calls instead. Returns when every [`ReportQueue`] is gone.
 pub async fn send_reports(
     http: HttpReporter,
-    mut queue: mpsc::UnboundedReceiver<QueuedReport>,
+    mut queue: ReportInbox,
     rider: std::sync::Arc<dyn ClaimRider>,
 ) {
     let mut batched = true;
     let mut unconfirmed = Unconfirmed::default();
-    while let Some(first) = queue.recv().await {
+    while let Some(mut first) = queue.rx.recv().await {
+        first.launch = None;
         let mut reports = vec![first];
-        while let Ok(more) = queue.try_recv() {
-            reports.push(more);
-        }
+        queue.settle_launches(&mut reports).await;
         if batched {
             match send_batch(&http, reports, &*rider, &mut unconfirmed).await {
                 None => continue,

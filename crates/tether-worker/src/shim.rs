@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -39,22 +39,21 @@ use nix::spawn::{posix_spawn, PosixSpawnAttr, PosixSpawnFileActions};
 use nix::sys::signal::{kill, signal, SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::process::ChildStdin;
 
 /// Whether this build can run commands under a shim (see the module's notes).
 pub const SUPPORTED: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
 
 /// The worker's ends of its shims' lifelines, by process group. Held apart from the `Child`
 /// (tokio closes a child's stdin when it is waited on).
-static LIFELINES: Mutex<BTreeMap<u32, ChildStdin>> = Mutex::new(BTreeMap::new());
+static LIFELINES: Mutex<BTreeMap<u32, OwnedFd>> = Mutex::new(BTreeMap::new());
 
-fn lifelines() -> MutexGuard<'static, BTreeMap<u32, ChildStdin>> {
+fn lifelines() -> MutexGuard<'static, BTreeMap<u32, OwnedFd>> {
     LIFELINES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Holds the lifeline of the shim leading group `pgid` until [`cut_lifeline`], or until the
 /// returned guard is dropped (a supervision that ends any other way still stops its run).
-pub fn hold_lifeline(pgid: u32, lifeline: ChildStdin) -> LifelineGuard {
+pub fn hold_lifeline(pgid: u32, lifeline: OwnedFd) -> LifelineGuard {
     lifelines().insert(pgid, lifeline);
     LifelineGuard { pgid }
 }
@@ -195,9 +194,9 @@ fn leave(code: i32) -> ! {
 /// string converted before the fork, so that the shim's side allocates as little as it can.
 #[derive(Debug)]
 pub struct Launch {
-    path: CString,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    pub(crate) path: CString,
+    pub(crate) argv: Vec<CString>,
+    pub(crate) envp: Vec<CString>,
 }
 
 impl Launch {
@@ -260,7 +259,26 @@ impl Launch {
         )?;
         let mut actions = PosixSpawnFileActions::init()?;
         actions.add_dup2(null.as_raw_fd(), 0)?;
-        let attr = PosixSpawnAttr::init()?;
+        // The command starts with default dispositions and no blocked signal, however its
+        // shim came to be (a host or a worker may ignore or block some).
+        let mut attr = PosixSpawnAttr::init()?;
+        let mut defaults = nix::sys::signal::SigSet::empty();
+        for sig in [
+            Signal::SIGPIPE,
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGCHLD,
+        ] {
+            defaults.add(sig);
+        }
+        attr.set_sigdefault(&defaults)?;
+        attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
+        attr.set_flags(
+            nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+                | nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK,
+        )?;
         let command = posix_spawn(
             self.path.as_c_str(),
             &actions,

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use std::os::fd::OwnedFd;
 use tether_api::Assignment;
 use tether_domain::{ErrorCode, RunStatus};
+use tokio::io::AsyncRead;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -23,6 +25,7 @@ use crate::control::{AttemptStats, Directive};
 use crate::group::{signal_group, signal_name};
 use crate::output::{output_queue, read_pipe, upload, UploadEnd};
 use crate::reporter::{AttemptReporter, Finish, OutputStream, ReportError};
+use crate::run_host::{HostSpawnError, RunHost};
 
 /// How long `start` and `finish` keep retrying a server that cannot be reached.
 const REPORT_PATIENCE: Duration = Duration::from_secs(30);
@@ -40,6 +43,9 @@ pub struct SupervisorOptions {
     /// Run each command under a per-run shim (`crate::shim`), so that no process of it
     /// outlives its attempt. Off only for benchmarks; ignored where unsupported.
     pub run_shim: bool,
+    /// Under a shim: have the run host (`crate::run_host`) fork it, so the worker never forks.
+    /// Off, the worker forks each shim itself.
+    pub run_host: bool,
 }
 
 impl Default for SupervisorOptions {
@@ -48,6 +54,7 @@ impl Default for SupervisorOptions {
             kill_grace: Duration::from_secs(10),
             pass_env: DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
             run_shim: true,
+            run_host: true,
         }
     }
 }
@@ -129,7 +136,7 @@ pub async fn supervise(
     if orders.current() >= Directive::Shutdown {
         return AttemptEnd::Unreported(unreported_for(orders.current()));
     }
-    let mut child = match spawn(&assignment, &options) {
+    let mut child = match spawn(&assignment, &options).await {
         Ok(child) => child,
         Err(message) => {
             tracing::info!(run_id, attempt, %message, "spawn failed");
@@ -142,15 +149,12 @@ pub async fn supervise(
             return report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
         }
     };
-    let Some(pgid) = child.id() else {
-        // Only a reaped child has no id, and this one was just spawned.
-        return AttemptEnd::Unreported(Unreported::StartNotConfirmed);
-    };
+    let pgid = child.pid;
     // A shim's lifeline, held for as long as this supervision lasts.
     let _lifeline = child
-        .stdin
+        .lifeline
         .take()
-        .map(|stdin| crate::shim::hold_lifeline(pgid, stdin));
+        .map(|lifeline| crate::shim::hold_lifeline(pgid, lifeline));
     let started = Instant::now();
     // Per run, so below info: a busy worker starts hundreds a second.
     tracing::debug!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
@@ -357,7 +361,7 @@ pub async fn supervise(
     report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await
 }
 
-fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, String> {
+async fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<RunProcess, String> {
     let Some((program, args)) = assignment.command.split_first() else {
         return Err("the command is empty".into());
     };
@@ -371,6 +375,22 @@ fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, 
     } else {
         None
     };
+    let cwd = assignment.cwd.as_deref().map(std::path::Path::new);
+    if let Some(launch) = launch
+        .as_ref()
+        .filter(|l| options.run_host && RunHost::fits(l, cwd))
+    {
+        match spawn_hosted(launch, cwd).await {
+            Ok(process) => return Ok(process),
+            Err(HostSpawnError::Command(err)) => {
+                return Err(format!("cannot run `{program}`: {err}"))
+            }
+            // The worker starts it itself, as without a host.
+            Err(HostSpawnError::Host(err)) => {
+                tracing::warn!(%err, "the run host cannot start a run; the worker forks it");
+            }
+        }
+    }
     let mut command = Command::new(program);
     if launch.is_none() {
         // Under a shim the arguments and environment travel in `launch`; std's own copies
@@ -411,10 +431,102 @@ fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<Child, 
             });
         }
     }
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|err| format!("cannot run `{program}`: {err}"))?;
-    Ok(child)
+    let pid = child
+        .id()
+        .ok_or_else(|| format!("cannot run `{program}`: it ended before it started"))?;
+    Ok(RunProcess {
+        pid,
+        stdout: child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn AsyncRead + Unpin + Send>),
+        stderr: child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn AsyncRead + Unpin + Send>),
+        lifeline: child.stdin.take().and_then(|s| s.into_owned_fd().ok()),
+        waiter: Waiter::Child(child),
+    })
+}
+
+/// Has the run host start the command under a shim, with pipes made here.
+async fn spawn_hosted(
+    launch: &crate::shim::Launch,
+    cwd: Option<&std::path::Path>,
+) -> Result<RunProcess, HostSpawnError> {
+    let host = RunHost::shared().map_err(HostSpawnError::Host)?;
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| HostSpawnError::Host(e.into()))
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (life_r, life_w) = pipe()?;
+    let reader = |fd| {
+        tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            .map(|r| Box::new(r) as Box<dyn AsyncRead + Unpin + Send>)
+            .map_err(HostSpawnError::Host)
+    };
+    let stdout = reader(out_r)?;
+    let stderr = reader(err_r)?;
+    let shim = host.spawn(launch, cwd, [out_w, err_w, life_r]).await?;
+    Ok(RunProcess {
+        pid: shim.pid,
+        stdout: Some(stdout),
+        stderr: Some(stderr),
+        lifeline: Some(life_w),
+        waiter: Waiter::Host {
+            exit: Some(shim.exit),
+            status: None,
+        },
+    })
+}
+
+/// A started command as supervision sees it: its shim (or, without one, the command itself),
+/// which leads the run's process group.
+struct RunProcess {
+    pid: u32,
+    stdout: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    stderr: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    /// The worker's end of a shim's lifeline.
+    lifeline: Option<OwnedFd>,
+    waiter: Waiter,
+}
+
+/// Where its exit status comes from.
+enum Waiter {
+    /// The worker's own child.
+    Child(Child),
+    /// The run host's child: its status comes over the host's socket.
+    Host {
+        exit: Option<tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>>,
+        status: Option<Result<ExitStatus, String>>,
+    },
+}
+
+impl RunProcess {
+    /// Waits for it to end; at once, and with the same answer, once it has. Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match &mut self.waiter {
+            Waiter::Child(child) => child.wait().await,
+            Waiter::Host { exit, status } => {
+                if let Some(rx) = exit.as_mut() {
+                    let got = rx
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::Error::other("the run host is gone")));
+                    *exit = None;
+                    *status = Some(got.map_err(|e| e.to_string()));
+                }
+                match status {
+                    Some(Ok(s)) => Ok(*s),
+                    Some(Err(e)) => Err(std::io::Error::other(e.clone())),
+                    None => Err(std::io::Error::other("the run host is gone")),
+                }
+            }
+        }
+    }
 }
 
 fn finish_for_exit(status: std::io::Result<ExitStatus>) -> Finish {
@@ -457,7 +569,7 @@ fn finish_for_exit(status: std::io::Result<ExitStatus>) -> Finish {
 
 /// SIGTERM to the group, then SIGKILL once the grace period is over (or at once if the
 /// attempt is abandoned meanwhile). Returns once the command has been reaped.
-async fn terminate(child: &mut Child, pgid: u32, grace: Duration, orders: &mut Orders) {
+async fn terminate(child: &mut RunProcess, pgid: u32, grace: Duration, orders: &mut Orders) {
     signal_group(pgid, Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     loop {
@@ -481,7 +593,7 @@ const SHIM_SWEEP: Duration = Duration::from_secs(1);
 /// Kills every process of the run. Under a shim, closing its lifeline has it kill every
 /// descendant, those that left the process group included; then SIGKILL to the group takes
 /// whatever is left (everything, without a shim).
-async fn kill_run(child: &mut Child, pgid: u32) {
+async fn kill_run(child: &mut RunProcess, pgid: u32) {
     if crate::shim::cut_lifeline(pgid) {
         let _ = tokio::time::timeout(SHIM_SWEEP, child.wait()).await;
     }
@@ -490,7 +602,7 @@ async fn kill_run(child: &mut Child, pgid: u32) {
 
 /// SIGKILL the group at once and report nothing more.
 async fn stop_unreported(
-    child: &mut Child,
+    child: &mut RunProcess,
     pgid: u32,
     why: Unreported,
     abort_upload: &CancellationToken,

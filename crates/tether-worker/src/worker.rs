@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::control::{AttemptControl, AttemptStats, Directive};
 use crate::reporter::{
-    send_reports, BatchReporter, ClaimRider, HttpReporter, OutputStream, QueuedReport, ReportQueue,
+    send_reports, BatchReporter, ClaimRider, HttpReporter, OutputStream, ReportInbox, ReportQueue,
 };
 use crate::supervisor::{supervise, SupervisorOptions};
 
@@ -51,6 +51,9 @@ pub struct WorkerConfig {
     /// Run each command under a per-run shim, so that no process of it outlives its attempt
     /// (`crate::shim`). Off only for benchmarks.
     pub run_shim: bool,
+    /// Have one run host fork the shims (`crate::run_host`), so the worker never forks.
+    /// Off only for benchmarks.
+    pub run_host: bool,
 }
 
 impl Default for WorkerConfig {
@@ -73,6 +76,7 @@ impl Default for WorkerConfig {
                 .map(|s| s.to_string())
                 .collect(),
             run_shim: true,
+            run_host: true,
         }
     }
 }
@@ -304,7 +308,7 @@ impl Session {
         self,
         interval: Duration,
         shutdown: &CancellationToken,
-        reports: tokio::sync::mpsc::UnboundedReceiver<QueuedReport>,
+        reports: ReportInbox,
     ) -> SessionEnd {
         let launcher = &self.launcher;
         let forgotten = CancellationToken::new();
@@ -462,6 +466,7 @@ impl Launcher {
             kill_grace: self.config.kill_grace,
             pass_env: self.config.pass_env.iter().cloned().collect(),
             run_shim: self.config.run_shim,
+            run_host: self.config.run_host,
         };
         let held = self.held.clone();
         let freed = self.freed.clone();

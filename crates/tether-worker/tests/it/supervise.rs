@@ -567,3 +567,91 @@ async fn without_the_shim_a_command_runs_and_its_group_is_cancelled() {
     assert_eq!(fake.output(OutputStream::Stdout), b"up\n");
     assert!(group_gone(pid));
 }
+
+/// The parent of process `pid`, from `/proc`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn the_worker_never_forks_a_run_its_run_host_does() {
+    // The command prints its shim's parent.
+    let script = "read -r line < /proc/$PPID/stat; set -- ${line##*) }; echo $2";
+    let me = std::process::id().to_string();
+
+    let hosted = FakeReporter::new();
+    let end = run(sh(script), hosted.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let host = String::from_utf8(hosted.output(OutputStream::Stdout)).unwrap();
+    assert_ne!(host.trim(), me, "the shim is the worker's own child");
+    assert_eq!(
+        parent_of(host.trim().parse().unwrap()),
+        Some(std::process::id())
+    );
+
+    let forked = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let no_host = tether_worker::SupervisorOptions {
+        run_host: false,
+        ..options()
+    };
+    let end = supervise(
+        sh(script),
+        forked.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        no_host,
+    )
+    .await;
+    drop(control);
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(
+        String::from_utf8(forked.output(OutputStream::Stdout))
+            .unwrap()
+            .trim(),
+        me
+    );
+}
+
+#[tokio::test]
+async fn a_run_host_that_dies_fails_its_runs_and_the_next_run_gets_a_new_one() {
+    let fake = FakeReporter::new();
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        sh("echo up; sleep 30"),
+        fake.clone(),
+        Arc::new(AttemptStats::new()),
+        rx,
+        options(),
+    ));
+    let shim = fake.wait_for_pid(LIMIT).await;
+    let host = parent_of(shim).expect("the shim has a parent");
+    assert_ne!(host, std::process::id());
+    kill(
+        Pid::from_raw(host as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let end = tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("ended")
+        .expect("joined");
+    drop(control);
+    let finish = reported(&end);
+    assert_eq!(finish.status, RunStatus::Failed);
+    assert!(
+        finish
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("run host")),
+        "{finish:?}"
+    );
+    assert!(group_gone(shim), "the run outlived its host");
+
+    let next = FakeReporter::new();
+    let end = run(assignment(&["echo", "again"]), next.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    assert_eq!(next.output(OutputStream::Stdout), b"again\n");
+}

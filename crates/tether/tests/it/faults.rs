@@ -49,13 +49,31 @@ async fn a_sigkilled_worker_leaves_no_process_of_its_run_not_even_detached_ones(
         async || sleeps_running(tag) == 3,
     )
     .await;
+    // The worker, its run host (a fork of it) and the run's shim (a fork of that) share its
+    // command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", w1.pid())).unwrap();
+    let worker_argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let worker_argv: Vec<&str> = worker_argv.iter().map(String::as_str).collect();
+    assert_eq!(
+        processes_running(&worker_argv),
+        3,
+        "a worker, its run host and the run's shim"
+    );
     w1.kill9();
     let killed_at = Instant::now();
-    while sleeps_running(tag) > 0 || processes_running(&["sh", "-c", &script]) > 0 {
+    while sleeps_running(tag) > 0
+        || processes_running(&["sh", "-c", &script]) > 0
+        || processes_running(&worker_argv) > 0
+    {
         assert!(
             killed_at.elapsed() < Duration::from_secs(1),
-            "a process of the run outlived its worker by 1 s: {} sleeps",
-            sleeps_running(tag)
+            "a process of the run (or the run host) outlived its worker by 1 s: {} sleeps, {} hosts",
+            sleeps_running(tag),
+            processes_running(&worker_argv)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1,0 +1,606 @@
+//! The run host: one small process per worker that forks every run's shim, so the worker
+//! itself never forks.
+//!
+//! Forking the worker is what a run cost most: a copy of a multithreaded process's page
+//! tables, TLB shootdowns on every core it runs on, then copy-on-write faults in the worker
+//! for as long as the shim lives (about 60 % of the worker's CPU per `true` run). The host is
+//! forked once, on the first spawn, and then does nothing but fork: a single thread with a
+//! small, quiet working set, so each of its forks copies little and is copied from little.
+//!
+//! The worker talks to it over a `SOCK_SEQPACKET` socket pair, one message per request or
+//! answer, the run's pipes passed with `SCM_RIGHTS`:
+//! - worker → host: `spawn` (a request id, the [`Launch`], the run's directory, and three
+//!   descriptors: stdout's and stderr's write ends and the lifeline's read end);
+//! - host → worker: `spawned` (the id, the shim's pid) or `failed` (the id, an errno), then,
+//!   for each spawned shim, `exited` (its pid and raw wait status) once the host reaped it.
+//!
+//! The shim is the same as without a host (see `shim`): it leads the run's process group, its
+//! stdin is the lifeline the worker holds, and it exits with the command's status. So the
+//! worker still signals the group, still cuts the lifeline, and still reads the command's
+//! outcome from the shim's status; it just learns that status from the host.
+//!
+//! When the worker dies, by SIGKILL included, the kernel closes its ends: every shim reads
+//! EOF on its lifeline and kills its run, and the host reads EOF on its socket, reaps the
+//! shims as they go, and exits. When the host dies, the worker fails what it was waiting for
+//! (`lost track of the process`), and the supervisions that end drop their lifelines, so the
+//! shims, now orphans, still kill their runs; the next spawn starts a new host.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use tokio::sync::oneshot;
+
+use crate::shim::Launch;
+
+/// The largest request: a command whose arguments and environment need more is spawned by
+/// the worker itself (the socket's buffer bounds one message).
+const MAX_REQUEST: usize = 128 * 1024;
+/// Answers are small and fixed.
+const ANSWER_LEN: usize = 1 + 8 + 4;
+
+const SPAWN: u8 = 1;
+const SPAWNED: u8 = 1;
+const FAILED: u8 = 2;
+const EXITED: u8 = 3;
+
+/// A shim the host started: its pid (the run's process group), and its status once reaped.
+#[derive(Debug)]
+pub struct HostedShim {
+    pub pid: u32,
+    pub exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
+}
+
+type SpawnAnswer = Result<HostedShim, HostSpawnError>;
+
+/// Why the host did not start a run.
+#[derive(Debug, thiserror::Error)]
+pub enum HostSpawnError {
+    /// The command could not start (as exec would have failed).
+    #[error("{0}")]
+    Command(std::io::Error),
+    /// The host could not be reached or started: the worker may start the run itself.
+    #[error("{0}")]
+    Host(std::io::Error),
+}
+
+/// The worker's end of a live host.
+#[derive(Debug)]
+pub struct RunHost {
+    socket: OwnedFd,
+    host_pid: i32,
+    next_id: AtomicU64,
+    state: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    /// The host is gone: nothing more will be answered.
+    closed: bool,
+    spawns: HashMap<u64, oneshot::Sender<SpawnAnswer>>,
+    exits: HashMap<u32, oneshot::Sender<std::io::Result<ExitStatus>>>,
+}
+
+static HOST: Mutex<Option<Arc<RunHost>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lost() -> std::io::Error {
+    std::io::Error::other("the run host is gone")
+}
+
+impl RunHost {
+    /// This process's host, started on first use, and again if the last one died.
+    pub fn shared() -> std::io::Result<Arc<RunHost>> {
+        let mut host = lock(&HOST);
+        if let Some(live) = host.as_ref().filter(|h| !lock(&h.state).closed) {
+            return Ok(live.clone());
+        }
+        let started = Arc::new(RunHost::start()?);
+        let reader = started.clone();
+        std::thread::Builder::new()
+            .name("tether-run-host".into())
+            .spawn(move || reader.read_answers())?;
+        *host = Some(started.clone());
+        Ok(started)
+    }
+
+    fn start() -> std::io::Result<RunHost> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        // SAFETY: the child only runs `host_main`, which never returns and keeps to what is
+        // safe in the forked copy of a multithreaded process (see its notes).
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => {
+                drop(ours);
+                host_main(theirs)
+            }
+            pid => {
+                drop(theirs);
+                Ok(RunHost {
+                    socket: ours,
+                    host_pid: pid,
+                    next_id: AtomicU64::new(1),
+                    state: Mutex::new(Waiting::default()),
+                })
+            }
+        }
+    }
+
+    /// Whether a request for `launch` fits in one message.
+    pub fn fits(launch: &Launch, cwd: Option<&Path>) -> bool {
+        encoded_len(launch, cwd) <= MAX_REQUEST
+    }
+
+    /// Has the host start `launch` under a shim in `cwd`, with these ends as its stdout,
+    /// stderr and lifeline (closed here once sent).
+    pub async fn spawn(
+        &self,
+        launch: &Launch,
+        cwd: Option<&Path>,
+        fds: [OwnedFd; 3],
+    ) -> Result<HostedShim, HostSpawnError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.state);
+            if state.closed {
+                return Err(HostSpawnError::Host(lost()));
+            }
+            state.spawns.insert(id, tx);
+        }
+        let request = encode(id, launch, cwd);
+        let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+        let sent = loop {
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            match sendmsg::<()>(
+                self.socket.as_raw_fd(),
+                &[IoSlice::new(&request)],
+                &cmsg,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break Ok(()),
+                Err(Errno::EINTR) => {}
+                // The host is behind: let it catch up without holding this thread.
+                Err(Errno::EAGAIN) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                Err(e) => break Err(std::io::Error::from(e)),
+            }
+        };
+        // The host holds its own copies now (or never will).
+        drop(fds);
+        if let Err(err) = sent {
+            lock(&self.state).spawns.remove(&id);
+            return Err(HostSpawnError::Host(err));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(HostSpawnError::Host(lost())))
+    }
+
+    /// The reader thread: routes every answer to whoever waits for it, until the host is gone.
+    fn read_answers(&self) {
+        let mut buf = [0u8; ANSWER_LEN];
+        loop {
+            let got = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, None, MsgFlags::empty())
+                    .map(|m| m.bytes)
+            };
+            match got {
+                Err(Errno::EINTR) => continue,
+                Ok(ANSWER_LEN) => self.answer(&buf),
+                // EOF, an error, or a message we cannot read: the host is of no more use.
+                _ => break,
+            }
+        }
+        let mut state = lock(&self.state);
+        state.closed = true;
+        for (_, tx) in state.spawns.drain() {
+            let _ = tx.send(Err(HostSpawnError::Host(lost())));
+        }
+        for (_, tx) in state.exits.drain() {
+            let _ = tx.send(Err(lost()));
+        }
+        drop(state);
+        // Reap it, whether it exited or is about to.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.host_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.host_pid), None);
+    }
+
+    fn answer(&self, buf: &[u8; ANSWER_LEN]) {
+        let (tag, a, b) = decode_answer(buf);
+        let mut state = lock(&self.state);
+        match tag {
+            SPAWNED => {
+                let pid = b as u32;
+                let (tx, rx) = oneshot::channel();
+                // Registered before the next answer is read, so its `exited` finds it.
+                state.exits.insert(pid, tx);
+                if let Some(waiter) = state.spawns.remove(&a) {
+                    if waiter.send(Ok(HostedShim { pid, exit: rx })).is_err() {
+                        // Nobody waits for this run any more; its lifeline is closed, so the
+                        // shim is ending it. Only its status is left to drop.
+                        state.exits.remove(&pid);
+                    }
+                }
+            }
+            FAILED => {
+                if let Some(waiter) = state.spawns.remove(&a) {
+                    let _ = waiter.send(Err(HostSpawnError::Command(
+                        std::io::Error::from_raw_os_error(b),
+                    )));
+                }
+            }
+            EXITED => {
+                if let Some(waiter) = state.exits.remove(&(a as u32)) {
+                    let _ = waiter.send(Ok(ExitStatus::from_raw(b)));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn encoded_len(launch: &Launch, cwd: Option<&Path>) -> usize {
+    let strings = launch.argv.iter().chain(&launch.envp).chain([&launch.path]);
+    1 + 8
+        + 8
+        + 4
+        + cwd.map_or(0, |c| c.as_os_str().len())
+        + strings.map(|s| 4 + s.as_bytes().len()).sum::<usize>()
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn encode(id: u64, launch: &Launch, cwd: Option<&Path>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(launch, cwd));
+    out.push(SPAWN);
+    out.extend_from_slice(&id.to_le_bytes());
+    put(&mut out, launch.path.as_bytes());
+    put(&mut out, cwd.map_or(&[][..], |c| c.as_os_str().as_bytes()));
+    out.extend_from_slice(&(launch.argv.len() as u32).to_le_bytes());
+    for a in &launch.argv {
+        put(&mut out, a.as_bytes());
+    }
+    out.extend_from_slice(&(launch.envp.len() as u32).to_le_bytes());
+    for e in &launch.envp {
+        put(&mut out, e.as_bytes());
+    }
+    out
+}
+
+/// A spawn request as the host reads it.
+struct Request {
+    id: u64,
+    launch: Launch,
+    cwd: Option<CString>,
+}
+
+fn decode(msg: &[u8]) -> Option<Request> {
+    let mut r = Reader { msg, at: 0 };
+    if r.take(1)? != [SPAWN] {
+        return None;
+    }
+    let id = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+    let path = r.string()?;
+    let cwd = r.string()?;
+    let argv = r.strings()?;
+    let envp = r.strings()?;
+    (r.at == msg.len()).then_some(())?;
+    Some(Request {
+        id,
+        launch: Launch { path, argv, envp },
+        cwd: (!cwd.as_bytes().is_empty()).then_some(cwd),
+    })
+}
+
+/// Reads a request's fields in order; `None` past its end.
+struct Reader<'a> {
+    msg: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let part = self.msg.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(part)
+    }
+
+    fn count(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+
+    fn string(&mut self) -> Option<CString> {
+        let len = self.count()?;
+        CString::new(self.take(len)?).ok()
+    }
+
+    fn strings(&mut self) -> Option<Vec<CString>> {
+        let count = self.count()?;
+        // Each takes at least its length: a count beyond what is left is a bad message.
+        (count <= self.msg.len() / 4).then_some(())?;
+        (0..count).map(|_| self.string()).collect()
+    }
+}
+
+fn encode_answer(tag: u8, a: u64, b: i32) -> [u8; ANSWER_LEN] {
+    let mut out = [0u8; ANSWER_LEN];
+    out[0] = tag;
+    out[1..9].copy_from_slice(&a.to_le_bytes());
+    out[9..13].copy_from_slice(&b.to_le_bytes());
+    out
+}
+
+fn decode_answer(buf: &[u8; ANSWER_LEN]) -> (u8, u64, i32) {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&buf[1..9]);
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[9..13]);
+    (buf[0], u64::from_le_bytes(a), i32::from_le_bytes(b))
+}
+
+/// The host's side of the socket, always at this descriptor.
+const SOCKET_FD: RawFd = 3;
+
+/// The host: forked from the worker, it never returns. It runs in the copy of a multithreaded
+/// process, so it takes no lock another thread may have held (no stdio, no logging, no
+/// environment); glibc's `fork` leaves the allocator usable, as for the shim.
+fn host_main(socket: OwnedFd) -> ! {
+    // SAFETY: raw system calls on this process's own descriptors and signal state, in a
+    // process with one thread.
+    unsafe {
+        // Its own group: a terminal's ^C is for the worker, which stops its runs itself; the
+        // host ends when the worker does.
+        libc::setpgid(0, 0);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        if socket.as_raw_fd() != SOCKET_FD {
+            libc::dup3(socket.as_raw_fd(), SOCKET_FD, libc::O_CLOEXEC);
+        }
+        std::mem::forget(socket);
+        // Nothing else of the worker's: its sockets, and the lifelines of runs that are not
+        // the host's to hold.
+        if libc::syscall(libc::SYS_close_range, 4_u32, u32::MAX, 0_u32) != 0 {
+            for fd in 4..4096 {
+                libc::close(fd);
+            }
+        }
+    }
+    let mut worker_gone = false;
+    // Each live shim, with a pidfd to wake on its exit (-1 without one: polled instead).
+    let mut shims: Vec<(i32, RawFd)> = Vec::new();
+    let mut msg = vec![0u8; MAX_REQUEST];
+    loop {
+        if worker_gone && shims.is_empty() {
+            // SAFETY: `_exit` is async-signal-safe and never returns.
+            unsafe { libc::_exit(0) }
+        }
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(shims.len() + 1);
+        fds.push(libc::pollfd {
+            fd: if worker_gone { -1 } else { SOCKET_FD },
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(shims.iter().map(|&(_, pidfd)| libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        let timeout = if shims.iter().any(|&(_, fd)| fd < 0) {
+            20
+        } else {
+            -1
+        };
+        // SAFETY: `fds` outlives the call and holds `fds.len()` entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if fds[0].revents != 0 {
+            worker_gone = !serve_request(&mut msg, &mut shims);
+        }
+        reap_shims(&mut shims);
+    }
+}
+
+/// Reads one request and answers it; `false` once the worker is gone.
+fn serve_request(msg: &mut [u8], shims: &mut Vec<(i32, RawFd)>) -> bool {
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let (len, fds) = {
+        let mut iov = [IoSliceMut::new(msg)];
+        match recvmsg::<()>(
+            SOCKET_FD,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(m) => {
+                let mut fds: Vec<OwnedFd> = Vec::new();
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: descriptors just received are ours alone.
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                }
+                (m.bytes, fds)
+            }
+            Err(Errno::EINTR | Errno::EAGAIN) => return true,
+            Err(_) => return false,
+        }
+    };
+    if len == 0 {
+        return false;
+    }
+    let Some(request) = decode(&msg[..len]) else {
+        return true;
+    };
+    let answer = match <[OwnedFd; 3]>::try_from(fds) {
+        Ok(fds) => match spawn_shim(&request, fds) {
+            Ok(pid) => {
+                // SAFETY: a raw system call; the descriptor it returns is ours.
+                let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) } as RawFd;
+                shims.push((pid, pidfd));
+                encode_answer(SPAWNED, request.id, pid)
+            }
+            Err(errno) => encode_answer(FAILED, request.id, errno as i32),
+        },
+        Err(_) => encode_answer(FAILED, request.id, Errno::EBADF as i32),
+    };
+    send_answer(&answer)
+}
+
+fn send_answer(answer: &[u8]) -> bool {
+    loop {
+        match sendmsg::<()>(
+            SOCKET_FD,
+            &[IoSlice::new(answer)],
+            &[],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return true,
+            Err(Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reaps every shim that ended and tells the worker how.
+fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
+    shims.retain(|&(pid, pidfd)| {
+        let mut status = 0;
+        // SAFETY: a raw system call on our own child.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if reaped == 0 || (reaped < 0 && Errno::last() == Errno::EINTR) {
+            return true;
+        }
+        if pidfd >= 0 {
+            // SAFETY: our own descriptor, closed once.
+            unsafe { libc::close(pidfd) };
+        }
+        if reaped == pid {
+            // The worker may be gone; the shim is reaped all the same.
+            send_answer(&encode_answer(EXITED, pid as u64, status));
+        }
+        false
+    });
+}
+
+/// Forks the run's shim: stdio and lifeline in place, its own process group, in the run's
+/// directory; then `Launch::split_off` starts the command and stays as its shim. Returns once
+/// the command started, or why it could not.
+fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let [stdout, stderr, lifeline] = &fds;
+    // SAFETY: the host has one thread; the child only makes system calls, then becomes the
+    // shim, as the worker's own child would after a fork.
+    match unsafe { libc::fork() } {
+        -1 => Err(Errno::last()),
+        0 => {
+            // SAFETY: raw system calls in the new child, on descriptors it owns.
+            let failed = unsafe {
+                drop(report_r);
+                let setup = libc::dup2(lifeline.as_raw_fd(), 0) >= 0
+                    && libc::dup2(stdout.as_raw_fd(), 1) >= 0
+                    && libc::dup2(stderr.as_raw_fd(), 2) >= 0
+                    && libc::setpgid(0, 0) == 0
+                    && request
+                        .cwd
+                        .as_ref()
+                        .is_none_or(|dir| libc::chdir(dir.as_ptr()) == 0);
+                if setup {
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                        libc::signal(sig, libc::SIG_DFL);
+                    }
+                    // Returns only if the command could not start.
+                    match request.launch.split_off() {
+                        Err(err) => err.raw_os_error().unwrap_or(libc::EIO),
+                        Ok(()) => libc::EIO,
+                    }
+                } else {
+                    Errno::last() as i32
+                }
+            };
+            let _ = nix::unistd::write(&report_w, &failed.to_le_bytes());
+            // SAFETY: `_exit` is async-signal-safe and never returns.
+            unsafe { libc::_exit(127) }
+        }
+        pid => {
+            drop(report_w);
+            drop(fds);
+            let mut buf = [0u8; 4];
+            let mut got = 0;
+            while got < 4 {
+                match nix::unistd::read(&report_r, &mut buf[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
+            if got == 4 {
+                let mut status = 0;
+                // SAFETY: our own child, which is exiting.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                return Err(Errno::from_raw(i32::from_le_bytes(buf)));
+            }
+            Ok(pid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_back_as_written() {
+        let env = vec![("A".into(), "1".into())];
+        let launch = Launch::new("sh", &["-c".into(), "true".into()], &env, None).unwrap();
+        let msg = encode(7, &launch, Some(Path::new("/tmp")));
+        assert_eq!(msg.len(), encoded_len(&launch, Some(Path::new("/tmp"))));
+        let back = decode(&msg).unwrap();
+        assert_eq!(back.id, 7);
+        assert_eq!(back.launch.path, launch.path);
+        assert_eq!(back.launch.argv, launch.argv);
+        assert_eq!(back.launch.envp, launch.envp);
+        assert_eq!(back.cwd.as_deref(), Some(c"/tmp"));
+        assert!(decode(&msg[..msg.len() - 1]).is_none());
+    }
+}
