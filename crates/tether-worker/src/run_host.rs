@@ -11,8 +11,10 @@
 //! answer, the run's pipes passed with `SCM_RIGHTS`:
 //! - worker → host: `spawn` (a request id, the [`Launch`], the run's directory, and three
 //!   descriptors: stdout's and stderr's write ends and the lifeline's read end);
-//! - host → worker: `spawned` (the id, the shim's pid) or `failed` (the id, an errno), then,
-//!   for each spawned shim, `exited` (its pid and raw wait status) once the host reaped it.
+//! - host → worker: `spawned` (the id, the shim's pid) or `failed` (the id, an errno), sent by
+//!   the new shim itself once its command started, so the host never waits on a spawn; then,
+//!   for each shim, `exited` (its pid and raw wait status) once the host reaped it. A shim
+//!   answers before it can exit, so its `exited` always comes after its `spawned`.
 //!
 //! The shim is the same as without a host (see `shim`): it leads the run's process group, its
 //! stdin is the lifeline the worker holds, and it exits with the command's status. So the
@@ -469,19 +471,20 @@ fn serve_request(msg: &mut [u8], shims: &mut Vec<(i32, RawFd)>) -> bool {
     let Some(request) = decode(&msg[..len]) else {
         return true;
     };
-    let answer = match <[OwnedFd; 3]>::try_from(fds) {
+    // The shim answers for itself once its command started (or could not).
+    let failed = match <[OwnedFd; 3]>::try_from(fds) {
         Ok(fds) => match spawn_shim(&request, fds) {
             Ok(pid) => {
                 // SAFETY: a raw system call; the descriptor it returns is ours.
                 let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) } as RawFd;
                 shims.push((pid, pidfd));
-                encode_answer(SPAWNED, request.id, pid)
+                return true;
             }
-            Err(errno) => encode_answer(FAILED, request.id, errno as i32),
+            Err(errno) => errno,
         },
-        Err(_) => encode_answer(FAILED, request.id, Errno::EBADF as i32),
+        Err(_) => Errno::EBADF,
     };
-    send_answer(&answer)
+    send_answer(&encode_answer(FAILED, request.id, failed as i32))
 }
 
 fn send_answer(answer: &[u8]) -> bool {
@@ -522,10 +525,10 @@ fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
 }
 
 /// Forks the run's shim: stdio and lifeline in place, its own process group, in the run's
-/// directory; then `Launch::split_off` starts the command and stays as its shim. Returns once
-/// the command started, or why it could not.
+/// directory. The shim starts the command and answers the worker itself (`spawned` or
+/// `failed`, on the host's socket, which it shares), so the host never waits for a spawn and
+/// several shims start their commands at once. Returns the shim's pid.
 fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
-    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let [stdout, stderr, lifeline] = &fds;
     // SAFETY: the host has one thread; the child only makes system calls, then becomes the
     // shim, as the worker's own child would after a fork.
@@ -533,53 +536,40 @@ fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
         -1 => Err(Errno::last()),
         0 => {
             // SAFETY: raw system calls in the new child, on descriptors it owns.
-            let failed = unsafe {
-                drop(report_r);
-                let setup = libc::dup2(lifeline.as_raw_fd(), 0) >= 0
+            let setup = unsafe {
+                libc::dup2(lifeline.as_raw_fd(), 0) >= 0
                     && libc::dup2(stdout.as_raw_fd(), 1) >= 0
                     && libc::dup2(stderr.as_raw_fd(), 2) >= 0
                     && libc::setpgid(0, 0) == 0
                     && request
                         .cwd
                         .as_ref()
-                        .is_none_or(|dir| libc::chdir(dir.as_ptr()) == 0);
-                if setup {
-                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-                        libc::signal(sig, libc::SIG_DFL);
-                    }
-                    // Returns only if the command could not start.
-                    match request.launch.split_off() {
-                        Err(err) => err.raw_os_error().unwrap_or(libc::EIO),
-                        Ok(()) => libc::EIO,
-                    }
-                } else {
-                    Errno::last() as i32
-                }
+                        .is_none_or(|dir| libc::chdir(dir.as_ptr()) == 0)
             };
-            let _ = nix::unistd::write(&report_w, &failed.to_le_bytes());
-            // SAFETY: `_exit` is async-signal-safe and never returns.
-            unsafe { libc::_exit(127) }
+            let started = if setup {
+                request
+                    .launch
+                    .start_command()
+                    .map_err(|err| Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO)))
+            } else {
+                Err(Errno::last())
+            };
+            match started {
+                Ok(command) => {
+                    // SAFETY: a system call without side effects.
+                    let me = unsafe { libc::getpid() };
+                    send_answer(&encode_answer(SPAWNED, request.id, me));
+                    crate::shim::supervise(command)
+                }
+                Err(errno) => {
+                    send_answer(&encode_answer(FAILED, request.id, errno as i32));
+                    // SAFETY: `_exit` is async-signal-safe and never returns.
+                    unsafe { libc::_exit(127) }
+                }
+            }
         }
         pid => {
-            drop(report_w);
             drop(fds);
-            let mut buf = [0u8; 4];
-            let mut got = 0;
-            while got < 4 {
-                match nix::unistd::read(&report_r, &mut buf[got..]) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(Errno::EINTR) => {}
-                    Err(_) => break,
-                }
-            }
-            if got == 4 {
-                let mut status = 0;
-                // SAFETY: our own child, which is exiting.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                return Err(Errno::from_raw(i32::from_le_bytes(buf)));
-            }
             Ok(pid)
         }
     }

@@ -248,6 +248,12 @@ impl Launch {
     /// run's process group and is in the run's directory (std applies `process_group` and
     /// `current_dir` before `pre_exec` closures run).
     pub unsafe fn split_off(&self) -> std::io::Result<()> {
+        let command = self.start_command()?;
+        supervise(command)
+    }
+
+    /// Starts the command as a child of this process, made a child subreaper first.
+    pub(crate) fn start_command(&self) -> std::io::Result<Pid> {
         // Before the command starts, so every descendant of it is re-parented here, never to
         // init. Without it detached processes could escape; the lifeline and the group still
         // hold everything else.
@@ -287,7 +293,7 @@ impl Launch {
             &self.envp,
         )?;
         drop(null);
-        supervise(command)
+        Ok(command)
     }
 }
 
@@ -341,7 +347,7 @@ fn find_program(
 }
 
 /// The shim: waits for the command or the lifeline's end, whichever comes first.
-fn supervise(command: Pid) -> ! {
+pub(crate) fn supervise(command: Pid) -> ! {
     // What the worker held open is not the shim's: its sockets, other runs' lifelines (whose
     // shims must see EOF when the worker dies), and the pipe through which std tells the worker
     // the exec succeeded (held here, it would block the worker's spawn until this shim ends).
