@@ -381,6 +381,8 @@ fn host_main(socket: OwnedFd) -> ! {
         // Its own group: a terminal's ^C is for the worker, which stops its runs itself; the
         // host ends when the worker does.
         libc::setpgid(0, 0);
+        // What `ps` and `top` call it (its command line stays the worker's).
+        libc::prctl(libc::PR_SET_NAME, c"tether-host".as_ptr());
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
             libc::signal(sig, libc::SIG_IGN);
         }
@@ -537,6 +539,7 @@ fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
         0 => {
             // SAFETY: raw system calls in the new child, on descriptors it owns.
             let setup = unsafe {
+                libc::prctl(libc::PR_SET_NAME, c"tether-shim".as_ptr());
                 libc::dup2(lifeline.as_raw_fd(), 0) >= 0
                     && libc::dup2(stdout.as_raw_fd(), 1) >= 0
                     && libc::dup2(stderr.as_raw_fd(), 2) >= 0
