@@ -389,44 +389,118 @@ pub trait ClaimRider: Send + Sync {
     fn launch(&self, assignment: Assignment);
 }
 
-/// Sends the queued starts and finishes, one call at a time: whatever queued while a call was
-/// in flight goes together in the next one (no timer), with the first report of every attempt
-/// just launched (see [`LaunchGuard`]), and a call carrying finishes also claims the room they
-/// free. Each report gets its own answer. A server without the batch
-/// call gets the single-attempt calls instead. Returns when every [`ReportQueue`] is gone.
+/// At most this many report calls in flight: the next batch goes while the last one is being
+/// answered, so what ended meanwhile (and the claim for its room) does not wait a whole call.
+const CALLS_IN_FLIGHT: usize = 2;
+
+type Key = (String, u32);
+
+/// Sends the queued starts and finishes: whatever queued while the calls in flight are out
+/// goes together in the next one (no timer), with the first report of every attempt just
+/// launched (see [`LaunchGuard`]); at most [`CALLS_IN_FLIGHT`] calls at once, and a finish
+/// never before the answer to its own start. A call carrying finishes also claims the room
+/// they free. Each report gets its own answer. A server without the batch call gets the
+/// single-attempt calls instead. Returns when every [`ReportQueue`] is gone.
 pub async fn send_reports(
     http: HttpReporter,
     mut queue: ReportInbox,
     rider: std::sync::Arc<dyn ClaimRider>,
 ) {
+    use futures::StreamExt;
     let mut batched = true;
     let mut unconfirmed = Unconfirmed::default();
-    while let Some(mut first) = queue.rx.recv().await {
-        first.launch = None;
-        let mut reports = vec![first];
-        queue.settle_launches(&mut reports).await;
-        if batched {
-            match send_batch(&http, reports, &*rider, &mut unconfirmed).await {
-                None => continue,
-                Some(unsent) => {
+    let mut pending: Vec<QueuedReport> = Vec::new();
+    // Starts in a call not answered yet: a finish of the same attempt waits for that answer.
+    let mut starting: std::collections::HashSet<Key> = std::collections::HashSet::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        let sendable = |pending: &[QueuedReport], starting: &std::collections::HashSet<Key>| {
+            pending.iter().any(|r| !waits_for_start(r, starting))
+        };
+        if in_flight.len() < CALLS_IN_FLIGHT && sendable(&pending, &starting) {
+            queue.settle_launches(&mut pending).await;
+            let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut pending)
+                .into_iter()
+                .partition(|r| !waits_for_start(r, &starting));
+            pending = later;
+            if !batched {
+                send_one_by_one(&http, now, &mut unconfirmed).await;
+                continue;
+            }
+            if let Some((request, reports)) = prepare_batch(now, &*rider, &mut unconfirmed) {
+                starting.extend(
+                    reports
+                        .iter()
+                        .filter(|r| matches!(r.kind, ReportKind::Start { .. }))
+                        .map(key),
+                );
+                let http = http.clone();
+                in_flight.push(async move {
+                    let answer = http.client.report_attempts(&http.worker_id, &request).await;
+                    (reports, answer)
+                });
+            }
+            continue;
+        }
+        if !open && in_flight.is_empty() && pending.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some((reports, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                for r in reports.iter().filter(|r| matches!(r.kind, ReportKind::Start { .. })) {
+                    starting.remove(&key(r));
+                }
+                if let Some(unsent) = settle_batch(reports, answer, &*rider, &mut unconfirmed) {
                     tracing::info!("the server has no batch call; reporting attempts one by one");
                     batched = false;
-                    reports = unsent;
+                    pending.extend(unsent);
                 }
             }
+            more = queue.rx.recv(), if open => match more {
+                Some(mut more) => {
+                    more.launch = None;
+                    pending.push(more);
+                    while let Ok(mut more) = queue.rx.try_recv() {
+                        more.launch = None;
+                        pending.push(more);
+                    }
+                }
+                None => open = false,
+            },
+            // Nothing in flight, nothing to read, and only finishes whose starts are unanswered:
+            // cannot happen (their starts are in flight), but never spin.
+            else => return,
         }
-        // Starts before finishes: a finish may be queued behind its own start.
-        let (starts, finishes): (Vec<_>, Vec<_>) = reports
-            .into_iter()
-            .partition(|r| matches!(r.kind, ReportKind::Start { .. }));
-        for (key, result) in
-            futures::future::join_all(starts.into_iter().map(|r| send_alone(&http, r))).await
-        {
-            unconfirmed.note(&key.0, key.1, &result);
-        }
-        let finishes = unconfirmed.hold_back(finishes, &std::collections::HashSet::new());
-        futures::future::join_all(finishes.into_iter().map(|r| send_alone(&http, r))).await;
     }
+}
+
+fn key(r: &QueuedReport) -> Key {
+    (r.run_id.clone(), r.attempt)
+}
+
+/// A finish whose start is in a call not answered yet.
+fn waits_for_start(r: &QueuedReport, starting: &std::collections::HashSet<Key>) -> bool {
+    matches!(r.kind, ReportKind::Finish(_)) && starting.contains(&key(r))
+}
+
+/// The single-attempt calls, for a server without the batch call: starts before finishes, as
+/// a finish may be queued behind its own start.
+async fn send_one_by_one(
+    http: &HttpReporter,
+    reports: Vec<QueuedReport>,
+    unconfirmed: &mut Unconfirmed,
+) {
+    let (starts, finishes): (Vec<_>, Vec<_>) = reports
+        .into_iter()
+        .partition(|r| matches!(r.kind, ReportKind::Start { .. }));
+    for (key, result) in
+        futures::future::join_all(starts.into_iter().map(|r| send_alone(http, r))).await
+    {
+        unconfirmed.note(&key.0, key.1, &result);
+    }
+    let finishes = unconfirmed.hold_back(finishes, &std::collections::HashSet::new());
+    futures::future::join_all(finishes.into_iter().map(|r| send_alone(http, r))).await;
 }
 
 /// Attempts whose start failed in a way that may succeed later: their finish waits until the
@@ -476,19 +550,19 @@ impl Unconfirmed {
     }
 }
 
-/// One call for all of `reports`. `Some`: the server has no such call, nothing was sent.
-async fn send_batch(
-    http: &HttpReporter,
+/// The request for `reports`, and the reports it carries (a finish whose start failed and
+/// is not among them is answered "try again" at once); `None` if nothing is left to send.
+fn prepare_batch(
     reports: Vec<QueuedReport>,
     rider: &dyn ClaimRider,
     unconfirmed: &mut Unconfirmed,
-) -> Option<Vec<QueuedReport>> {
-    let starting: std::collections::HashSet<(String, u32)> = reports
+) -> Option<(AttemptReportsRequest, Vec<QueuedReport>)> {
+    let starting: std::collections::HashSet<Key> = reports
         .iter()
         .filter(|r| matches!(r.kind, ReportKind::Start { .. }))
-        .map(|r| (r.run_id.clone(), r.attempt))
+        .map(key)
         .collect();
-    let mut reports = unconfirmed.hold_back(reports, &starting);
+    let reports = unconfirmed.hold_back(reports, &starting);
     if reports.is_empty() {
         return None;
     }
@@ -513,7 +587,18 @@ async fn send_batch(
     if !request.finishes.is_empty() {
         request.claim = rider.max_runs().map(|max_runs| ReportClaim { max_runs });
     }
-    let answer = match http.client.report_attempts(&http.worker_id, &request).await {
+    Some((request, reports))
+}
+
+/// Applies a call's answer: launches what it assigned and answers each report. `Some`: the
+/// server has no such call, nothing was taken.
+fn settle_batch(
+    mut reports: Vec<QueuedReport>,
+    answer: Result<tether_api::AttemptReportsResponse, ClientError>,
+    rider: &dyn ClaimRider,
+    unconfirmed: &mut Unconfirmed,
+) -> Option<Vec<QueuedReport>> {
+    let answer = match answer {
         Ok(answer) => answer,
         // An older server: a Tether server names a missing route `no_route`; anything else
         // answering 404 without a Tether error body has no such route either.
@@ -565,9 +650,6 @@ async fn send_batch(
         }
         let _ = r.reply.send(result);
     }
-    // Let the attempts just answered queue what follows (their finishes) before the next
-    // call goes: a yield, not a timer.
-    tokio::task::yield_now().await;
     None
 }
 

@@ -37,6 +37,13 @@ pub struct World {
     /// How many batch calls came, and the most items one carried.
     pub batch_calls: usize,
     pub largest_batch: usize,
+    /// Hold each batch call that carries starts this long before taking it.
+    pub slow_starts: Option<Duration>,
+    /// Batch calls being served now, and the most at once.
+    pub calls_now: usize,
+    pub most_calls_at_once: usize,
+    /// Finishes that came before their attempt's start.
+    pub finishes_before_start: usize,
 }
 
 #[derive(Clone, Default)]
@@ -197,7 +204,17 @@ async fn attempts(
     Path(id): Path<String>,
     Json(req): Json<AttemptReportsRequest>,
 ) -> Response {
+    let slow = {
+        let mut w = s.world();
+        w.calls_now += 1;
+        w.most_calls_at_once = w.most_calls_at_once.max(w.calls_now);
+        w.slow_starts.filter(|_| !req.starts.is_empty())
+    };
+    if let Some(slow) = slow {
+        tokio::time::sleep(slow).await;
+    }
     let mut w = s.world();
+    w.calls_now -= 1;
     if w.no_batch_call {
         return StatusCode::NOT_FOUND.into_response();
     }
@@ -219,6 +236,9 @@ async fn attempts(
     }
     let mut finishes = Vec::new();
     for f in req.finishes {
+        if !w.starts.iter().any(|(id, _)| *id == f.run_id) {
+            w.finishes_before_start += 1;
+        }
         finishes.push(
             json!({"run_id": f.run_id, "attempt": f.attempt, "run_status": f.status.as_str()}),
         );

@@ -289,6 +289,41 @@ async fn short_runs_are_reported_in_batches_with_claims_riding_on_finishes() {
 }
 
 #[tokio::test]
+async fn a_finish_never_goes_before_the_answer_to_its_start() {
+    let server = FakeServer::default();
+    let addr = server.serve("127.0.0.1:0".parse().unwrap()).await;
+    const RUNS: usize = 30;
+    {
+        let mut w = server.world();
+        // A start's answer comes late: the finish of the same attempt, ready long before,
+        // must wait for it even though a second call may go meanwhile.
+        w.slow_starts = Some(Duration::from_millis(40));
+        // Runs of different lengths, so that some end while others' starts are out.
+        for n in 0..RUNS {
+            let script = format!("sleep 0.0{}", n % 10);
+            w.pending.push_back(with_id(sh(&script), &format!("r{n}")));
+        }
+    }
+    let mut cfg = config(addr);
+    cfg.capacity.cpus = 4.0;
+    let worker = Running::start(cfg);
+    server
+        .wait_for(Duration::from_secs(30), "every finish", |w| {
+            w.finishes.len() >= RUNS
+        })
+        .await;
+    worker.stop().await;
+    let w = server.world();
+    assert_eq!(w.finishes.len(), RUNS, "each run finished once");
+    assert_eq!(w.finishes_before_start, 0, "a finish came before its start");
+    assert!(
+        w.most_calls_at_once <= 2,
+        "{} calls at once",
+        w.most_calls_at_once
+    );
+}
+
+#[tokio::test]
 async fn a_server_without_the_batch_call_gets_single_calls() {
     short_runs_are_reported_in_batches(true).await;
 }
