@@ -23,10 +23,9 @@
 //!
 //! When the worker dies, by SIGKILL included, the kernel closes its ends: every shim reads
 //! EOF on its lifeline and kills its run, and the host reads EOF on its socket, reaps the
-//! shims as they go, and exits. When the host dies, its running shims carry on and still
-//! report their ends (they answer on the socket themselves); the spawns it had not answered
-//! fail over to the worker, and the next spawn starts a new host. A shim that dies without
-//! its own word (SIGKILL) while its host is also gone is reported lost once no shim is left.
+//! shims as they go, and exits. When the host dies, the worker fails what it was waiting for
+//! (`lost track of the process`), and the supervisions that end drop their lifelines, so the
+//! shims, now orphans, still kill their runs; the next spawn starts a new host.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -200,45 +199,10 @@ impl RunHost {
             .unwrap_or_else(|_| Err(HostSpawnError::Host(lost())))
     }
 
-    /// The reader thread: routes every answer to whoever waits for it, until neither the host
-    /// nor any of its shims is left to answer.
+    /// The reader thread: routes every answer to whoever waits for it, until the host is gone.
     fn read_answers(&self) {
-        // SAFETY: a raw system call; the descriptor it returns is ours.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.host_pid, 0_u32) } as RawFd;
-        let pidfd = (pidfd >= 0).then(|| {
-            // SAFETY: just opened, owned here alone.
-            unsafe { OwnedFd::from_raw_fd(pidfd) }
-        });
-        let mut host_alive = true;
         let mut buf = [0u8; ANSWER_LEN];
         loop {
-            if host_alive {
-                let mut fds = [
-                    libc::pollfd {
-                        fd: self.socket.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: pidfd.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // Without a pidfd, look at the host every 100 ms.
-                let timeout = if pidfd.is_some() { -1 } else { 100 };
-                // SAFETY: `fds` outlives the call and holds two entries.
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-                if fds[1].revents != 0 || (pidfd.is_none() && self.host_exited()) {
-                    // The running shims still answer for themselves (they share the socket);
-                    // only what the host itself owed is lost.
-                    host_alive = false;
-                    self.host_gone();
-                }
-                if fds[0].revents == 0 {
-                    continue;
-                }
-            }
             let got = {
                 let mut iov = [IoSliceMut::new(&mut buf)];
                 recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, None, MsgFlags::empty())
@@ -247,13 +211,15 @@ impl RunHost {
             match got {
                 Err(Errno::EINTR) => continue,
                 Ok(ANSWER_LEN) => self.answer(&buf),
-                // EOF (the host and every shim are gone), an error, or a message we cannot
-                // read: nothing more will be answered.
+                // EOF, an error, or a message we cannot read: the host is of no more use.
                 _ => break,
             }
         }
-        self.host_gone();
         let mut state = lock(&self.state);
+        state.closed = true;
+        for (_, tx) in state.spawns.drain() {
+            let _ = tx.send(Err(HostSpawnError::Host(lost())));
+        }
         for (_, tx) in state.exits.drain() {
             let _ = tx.send(Err(lost()));
         }
@@ -264,25 +230,6 @@ impl RunHost {
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.host_pid), None);
-    }
-
-    /// Whether the host has exited (reaping it if so).
-    fn host_exited(&self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.host_pid);
-        !matches!(
-            nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
-            Ok(nix::sys::wait::WaitStatus::StillAlive)
-        )
-    }
-
-    /// The host is gone: no new spawn goes to it (the next starts a new host), and the spawns
-    /// it was asked for and had not started fail.
-    fn host_gone(&self) {
-        let mut state = lock(&self.state);
-        state.closed = true;
-        for (_, tx) in state.spawns.drain() {
-            let _ = tx.send(Err(HostSpawnError::Host(lost())));
-        }
     }
 
     fn answer(&self, buf: &[u8; ANSWER_LEN]) {
@@ -558,15 +505,7 @@ fn send_answer(answer: &[u8]) -> bool {
     }
 }
 
-/// A shim's own report of how it is about to end (see `shim::supervise`).
-fn shim_exited(raw_status: i32) {
-    // SAFETY: a system call without side effects.
-    let me = unsafe { libc::getpid() };
-    send_answer(&encode_answer(EXITED, me as u64, raw_status));
-}
-
-/// Reaps every shim that ended and tells the worker how (a shim that ended by itself already
-/// did: the worker takes the first word on each shim).
+/// Reaps every shim that ended and tells the worker how.
 fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
     shims.retain(|&(pid, pidfd)| {
         let mut status = 0;
@@ -623,13 +562,7 @@ fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
                     // SAFETY: a system call without side effects.
                     let me = unsafe { libc::getpid() };
                     send_answer(&encode_answer(SPAWNED, request.id, me));
-                    crate::shim::supervise(
-                        command,
-                        Some(crate::shim::ExitReport {
-                            fd: SOCKET_FD,
-                            send: shim_exited,
-                        }),
-                    )
+                    crate::shim::supervise(command)
                 }
                 Err(errno) => {
                     send_answer(&encode_answer(FAILED, request.id, errno as i32));

@@ -249,7 +249,7 @@ impl Launch {
     /// `current_dir` before `pre_exec` closures run).
     pub unsafe fn split_off(&self) -> std::io::Result<()> {
         let command = self.start_command()?;
-        supervise(command, None)
+        supervise(command)
     }
 
     /// Starts the command as a child of this process, made a child subreaper first.
@@ -346,34 +346,15 @@ fn find_program(
         .ok_or_else(|| error(Errno::ENOENT))
 }
 
-/// Where a hosted shim tells the worker how it ends: the run host's socket, kept open at
-/// this descriptor, and how to say it (the raw wait status the shim is about to end with).
-pub(crate) struct ExitReport {
-    pub fd: i32,
-    pub send: fn(i32),
-}
-
-/// The raw wait status a parent will read for a shim that ends like `status`.
-fn raw_status(status: WaitStatus) -> i32 {
-    match status {
-        WaitStatus::Exited(_, code) => (code & 0xff) << 8,
-        WaitStatus::Signaled(_, sig, core) => sig as i32 | if core { 0x80 } else { 0 },
-        _ => 1 << 8,
-    }
-}
-
-/// The shim: waits for the command or the lifeline's end, whichever comes first. A hosted
-/// shim (`report`) tells the worker its status itself, once everything of the run is gone and
-/// before it exits: the worker learns it one process hop sooner than from the host.
-pub(crate) fn supervise(command: Pid, report: Option<ExitReport>) -> ! {
+/// The shim: waits for the command or the lifeline's end, whichever comes first.
+pub(crate) fn supervise(command: Pid) -> ! {
     // What the worker held open is not the shim's: its sockets, other runs' lifelines (whose
     // shims must see EOF when the worker dies), and the pipe through which std tells the worker
     // the exec succeeded (held here, it would block the worker's spawn until this shim ends).
     // SAFETY: raw system calls on this process's own descriptors.
-    let first = report.as_ref().map_or(3, |r| r.fd + 1);
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0_u32) };
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3_u32, u32::MAX, 0_u32) };
     if closed != 0 {
-        for fd in first..4096 {
+        for fd in 3..4096 {
             // SAFETY: as above; closing a descriptor that is not open is harmless.
             unsafe { libc::close(fd) };
         }
@@ -416,9 +397,6 @@ pub(crate) fn supervise(command: Pid, report: Option<ExitReport>) -> ! {
                     // The command is done: what it left running goes with it.
                     kill_descendants();
                     reap_ready();
-                    if let Some(report) = &report {
-                        (report.send)(raw_status(status));
-                    }
                     exit_like(status);
                 }
                 Ok(_) | Err(Errno::EINTR) => {}
@@ -427,11 +405,7 @@ pub(crate) fn supervise(command: Pid, report: Option<ExitReport>) -> ! {
         }
         if fds[0].revents != 0 && lifeline_ended() {
             kill_descendants();
-            let code = 128 + Signal::SIGKILL as i32;
-            if let Some(report) = &report {
-                (report.send)(code << 8);
-            }
-            leave(code);
+            leave(128 + Signal::SIGKILL as i32);
         }
     }
 }
