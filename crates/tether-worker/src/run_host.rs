@@ -395,6 +395,17 @@ fn host_main(socket: OwnedFd) -> ! {
             libc::dup3(socket.as_raw_fd(), SOCKET_FD, libc::O_CLOEXEC);
         }
         std::mem::forget(socket);
+        // Nothing of the worker's stdio either: a pipe a parent reads the worker's logs from
+        // must end when the worker does, not when its host does.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
         // Nothing else of the worker's: its sockets, and the lifelines of runs that are not
         // the host's to hold.
         if libc::syscall(libc::SYS_close_range, 4_u32, u32::MAX, 0_u32) != 0 {
