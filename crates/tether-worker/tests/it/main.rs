@@ -3,5 +3,6 @@
 
 mod fake;
 mod server;
+mod spawn_rate;
 mod supervise;
 mod worker;
