@@ -99,9 +99,9 @@ struct Inner {
     listener_pool: PgPool,
     signals: broadcast::Sender<Signal>,
     /// The schema this store works in (`current_schema()`), named in its notifications.
-    schema: String,
+    schema: Arc<str>,
     /// This store instance, named in its notifications so it can skip its own.
-    origin: String,
+    origin: Arc<str>,
     listener: JoinHandle<()>,
 }
 
@@ -195,8 +195,8 @@ impl PgStore {
                 pool,
                 listener_pool,
                 signals: senders,
-                schema: current,
-                origin,
+                schema: current.into(),
+                origin: origin.into(),
                 listener,
             }),
         })
@@ -256,11 +256,13 @@ impl PgStore {
     }
 
     /// Commits, with the transaction's signals sent as notifications inside it (so other
-    /// servers hear them only if it commits) and broadcast here right after.
+    /// servers hear them only if it commits; `notified`: they went with its last statement
+    /// already) and broadcast here right after.
     pub(crate) async fn commit(
         &self,
         mut tx: Transaction<'static, Postgres>,
         out: Outbox,
+        notified: bool,
     ) -> StoreResult<()> {
         let signals = out.into_signals();
         let remote: Vec<Signal> = signals
@@ -268,7 +270,7 @@ impl PgStore {
             .filter(|s| signals::wanted_elsewhere(s))
             .cloned()
             .collect();
-        if !remote.is_empty() {
+        if !remote.is_empty() && !notified {
             // One notification per transaction: each NOTIFY is queued and delivered to every
             // listening server, so fewer of them cost every commit and every listener less.
             let payload = signals::encode(&self.inner.schema, &self.inner.origin, &remote);

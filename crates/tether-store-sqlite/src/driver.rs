@@ -813,6 +813,7 @@ impl DriverTx for SqliteTx {
                     id: row.try_get("id").map_err(db)?,
                     lane: row.try_get("lane").map_err(db)?,
                     needs: resources(row)?,
+                    loaded: None,
                 })
             })
             .collect()

@@ -87,7 +87,12 @@ pub(super) async fn report<D: Driver>(
         (_, Some(Err(refused))) => Some(Err(refused)),
         _ => None,
     };
-    work.commit(d).await?;
+    let done = work.commit(d).await?;
+    let claimed = match claimed {
+        Some(Ok(claims)) => Some(Ok(claims.answer(&done)?)),
+        Some(Err(refused)) => Some(Err(refused)),
+        None => None,
+    };
     let finishes = answers.split_off(starts.len());
     Ok(AttemptReports {
         starts: answers,

@@ -7,6 +7,7 @@ use tether_domain::admission::{under_ceiling, Room};
 use tether_domain::machine::Command;
 use tether_domain::{Freshness, RunStatus};
 
+use super::work::Committed;
 use super::{push_status, Ticket, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{
@@ -25,10 +26,33 @@ pub(super) async fn claim_runs<D: Driver>(
     let mut work = Work::begin(d).await?;
     let worker = lock_worker(&mut work, worker_id).await?;
     let claimed = claim_in(&mut work, worker_id, worker?, limits).await?;
-    if !claimed.is_empty() {
-        work.commit(d).await?;
+    if claimed.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(claimed)
+    let done = work.commit(d).await?;
+    claimed.answer(&done)
+}
+
+/// What a claim took, answered once its transaction commits (the writes go out with the
+/// commit, their rows read back from it).
+pub(super) struct Claims(Vec<(u32, Ticket)>);
+
+impl Claims {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn answer(self, done: &Committed) -> StoreResult<Vec<ClaimedRun>> {
+        self.0
+            .into_iter()
+            .map(|(attempt, ticket)| {
+                Ok(ClaimedRun {
+                    attempt,
+                    run: done.written(ticket)?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Locks the worker's row, which serializes its claims (the room a claim computes stays
@@ -50,14 +74,14 @@ pub(super) async fn claim_in<T: DriverTx>(
     worker_id: &str,
     worker: WorkerRecord,
     limits: &ClaimLimits,
-) -> StoreResult<Vec<ClaimedRun>> {
+) -> StoreResult<Claims> {
     let now = work.now();
     // A draining worker finishes what it holds and takes nothing new; a frozen one (its own
     // heartbeat stale, its long-poll still open) takes nothing either.
     let frozen = limits.worker_fresh_ms > 0
         && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now);
     if worker.draining || frozen {
-        return Ok(Vec::new());
+        return Ok(Claims(Vec::new()));
     }
     let (_, held) = work.tx().await?.held_by(worker_id).await?;
     let mut room = Room::left(&worker.capacity, &held, &tether_domain::Resources::NONE);
@@ -120,9 +144,15 @@ pub(super) async fn claim_in<T: DriverTx>(
             picks.push(pending);
         }
         // Then all of them loaded in one statement (already locked by the page read, where
-        // the store locks) and each judged and claimed; one refused leaves room unused,
-        // which the next page can fill.
-        let ids: Vec<&str> = picks.iter().map(|p| p.id.as_str()).collect();
+        // the store locks; not at all where the page read them whole) and each judged and
+        // claimed; one refused leaves room unused, which the next page can fill.
+        let mut ids: Vec<&str> = Vec::with_capacity(picks.len());
+        for pending in &picks {
+            match &pending.loaded {
+                Some(loaded) => work.adopt(loaded.clone()),
+                None => ids.push(pending.id.as_str()),
+            }
+        }
         work.load(&ids, Lock::Wait).await?;
         for pending in picks {
             let Some(loaded) = work.run(&pending.id, Lock::Wait).await? else {
@@ -158,10 +188,5 @@ pub(super) async fn claim_in<T: DriverTx>(
             break;
         }
     }
-    let mut runs = Vec::with_capacity(claimed.len());
-    for (attempt, ticket) in claimed {
-        let run = work.written(ticket).await?;
-        runs.push(ClaimedRun { attempt, run });
-    }
-    Ok(runs)
+    Ok(Claims(claimed))
 }
