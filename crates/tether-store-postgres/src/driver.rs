@@ -4,7 +4,7 @@
 //! clock, and `NOTIFY` at commit (in `lib.rs`).
 
 use async_trait::async_trait;
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{PgConnection, Row};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
     by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, KeyedRun, LoadedRun,
@@ -22,13 +22,13 @@ use crate::rows::{
     EVENT_SELECT, RUN_RETURNING, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{
-    clock, db, encode, lane_lock, lanes, signals, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT,
-    REAPER_LOCK, REAP_QUERY,
+    clock, db, encode, lane_lock, lanes, signals, PgStore, TxConn, IN_FLIGHT, PENDING,
+    PING_TIMEOUT, REAPER_LOCK, REAP_QUERY,
 };
 
 /// A write transaction with the database's clock read once for all of it.
 pub struct PgTx {
-    pub(crate) tx: Transaction<'static, Postgres>,
+    pub(crate) tx: TxConn,
     pub(crate) now: Millis,
     /// Where its notification names the store (schema, origin).
     pub(crate) schema: std::sync::Arc<str>,
@@ -647,7 +647,7 @@ impl DriverTx for PgTx {
             lock_suffix(lock)
         ))
         .bind(run_ids)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.tx.conn()?)
         .await
         .map_err(db)?;
         rows.iter().map(decode_run).collect()
@@ -659,7 +659,7 @@ impl DriverTx for PgTx {
         ))
         .bind(lane)
         .bind(seq)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(ahead + 1)
@@ -685,7 +685,7 @@ impl DriverTx for PgTx {
                 .bind(cols.exit)
                 .bind(cols.code)
                 .bind(cols.message)
-                .fetch_all(&mut *self.tx)
+                .fetch_all(self.tx.conn()?)
                 .await
                 .map_err(db)?;
             for row in &rows {
@@ -705,7 +705,7 @@ impl DriverTx for PgTx {
         let payload =
             (!remote.is_empty()).then(|| signals::encode(&self.schema, &self.origin, &remote));
         let notify = payload.as_deref().map(|p| (signals::CHANNEL, p));
-        let runs = flush_in_one(&mut self.tx, self.now, &batch, notify).await?;
+        let runs = flush_in_one(self.tx.conn()?, self.now, &batch, notify).await?;
         self.notified |= notify.is_some();
         Ok(runs)
     }
@@ -719,7 +719,7 @@ impl DriverTx for PgTx {
         )
         .bind(ids)
         .bind(seqs)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -729,7 +729,7 @@ impl DriverTx for PgTx {
         let row =
             sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = $1")
                 .bind(key)
-                .fetch_optional(&mut *self.tx)
+                .fetch_optional(self.tx.conn()?)
                 .await
                 .map_err(db)?;
         row.map(|row| {
@@ -769,7 +769,7 @@ impl DriverTx for PgTx {
         .bind(spec.output_limit_bytes)
         .bind(spec.idempotency_key.as_deref())
         .bind(&spec.request_fingerprint)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         row.as_ref().map(decode_run).transpose()
@@ -803,7 +803,7 @@ impl DriverTx for PgTx {
         .bind(attempts)
         .bind(bodies)
         .bind(data)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -822,7 +822,7 @@ impl DriverTx for PgTx {
         .bind(run_ids)
         .bind(numbers)
         .bind(workers)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -841,7 +841,7 @@ impl DriverTx for PgTx {
         .bind(self.now)
         .bind(run_ids)
         .bind(numbers)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -876,7 +876,7 @@ impl DriverTx for PgTx {
         .bind(codes)
         .bind(exits)
         .bind(messages)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -888,7 +888,7 @@ impl DriverTx for PgTx {
         )
         .bind(run_id)
         .bind(i64::from(attempt))
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(match row {
@@ -914,7 +914,7 @@ impl DriverTx for PgTx {
         .bind(offsets.stderr)
         .bind(run_id)
         .bind(i64::from(attempt))
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -933,7 +933,7 @@ impl DriverTx for PgTx {
         .bind(encode(&worker.labels, "worker labels")?)
         .bind(self.now)
         .bind(&worker.secret_hash)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -945,7 +945,7 @@ impl DriverTx for PgTx {
     ) -> StoreResult<Option<(WorkerRecord, Option<Millis>)>> {
         let row = sqlx::query(&format!("{WORKER_SELECT} WHERE id = $1 FOR UPDATE"))
             .bind(worker_id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.tx.conn()?)
             .await
             .map_err(db)?;
         row.as_ref().map(decode_worker).transpose()
@@ -958,7 +958,7 @@ impl DriverTx for PgTx {
         )
         .bind(self.now)
         .bind(worker_id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(stamped.is_some())
@@ -968,7 +968,7 @@ impl DriverTx for PgTx {
         sqlx::query("UPDATE workers SET deregistered_at = $1 WHERE id = $2")
             .bind(self.now)
             .bind(worker_id)
-            .execute(&mut *self.tx)
+            .execute(self.tx.conn()?)
             .await
             .map_err(db)?;
         Ok(())
@@ -977,14 +977,14 @@ impl DriverTx for PgTx {
     async fn mark_worker_draining(&mut self, worker_id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE workers SET draining = TRUE WHERE id = $1 AND deregistered_at IS NULL")
             .bind(worker_id)
-            .execute(&mut *self.tx)
+            .execute(self.tx.conn()?)
             .await
             .map_err(db)?;
         Ok(())
     }
 
     async fn held_by(&mut self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)> {
-        held_by(&mut self.tx, worker_id).await
+        held_by(self.tx.conn()?, worker_id).await
     }
 
     async fn workers_serving(
@@ -999,7 +999,7 @@ impl DriverTx for PgTx {
         )
         .bind(fresh_since)
         .bind(lane)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.tx.conn()?)
         .await
         .map_err(db)?;
         rows.iter()
@@ -1014,14 +1014,14 @@ impl DriverTx for PgTx {
              FROM runs WHERE status IN {IN_FLIGHT} AND worker_id = ANY($1)"
         ))
         .bind(worker_ids)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         resources(&row)
     }
 
     async fn lock_lane(&mut self, lane: &str) -> StoreResult<()> {
-        lane_lock(&mut self.tx, lane).await
+        lane_lock(self.tx.conn()?, lane).await
     }
 
     async fn lane_in_flight(&mut self, lane: &str) -> StoreResult<i64> {
@@ -1029,7 +1029,7 @@ impl DriverTx for PgTx {
             "SELECT count(*) FROM runs WHERE lane = $1 AND status IN {IN_FLIGHT}"
         ))
         .bind(lane)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)
     }
@@ -1041,7 +1041,7 @@ impl DriverTx for PgTx {
              FROM runs WHERE lane = $1 AND status IN {PENDING} AND cancel_requested_at IS NULL"
         ))
         .bind(lane)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(Waiting {
@@ -1071,7 +1071,7 @@ impl DriverTx for PgTx {
         if !lanes.is_empty() {
             query = query.bind(lanes);
         }
-        let rows = query.fetch_all(&mut *self.tx).await.map_err(db)?;
+        let rows = query.fetch_all(self.tx.conn()?).await.map_err(db)?;
         rows.iter()
             .map(|row| {
                 let loaded = decode_run(row)?;
@@ -1090,7 +1090,7 @@ impl DriverTx for PgTx {
         // Held until this transaction ends; stores in other schemas sweep independently.
         sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
             .bind(REAPER_LOCK)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.tx.conn()?)
             .await
             .map_err(db)
     }
@@ -1102,7 +1102,7 @@ impl DriverTx for PgTx {
             .bind(now.saturating_sub(policy.timeout_grace_ms))
             .bind(now.saturating_sub(policy.cancel_stale_after_ms))
             .bind(i64::from(policy.batch.max(1)))
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.tx.conn()?)
             .await
             .map_err(db)?;
         rows.iter()
@@ -1119,7 +1119,7 @@ impl DriverTx for PgTx {
              AND stale_at < $1 + heartbeat_timeout_ms"
         ))
         .bind(self.now)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?
         .rows_affected();
