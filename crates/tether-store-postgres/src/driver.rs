@@ -19,7 +19,7 @@ use tokio::time::timeout;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_RETURNING, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
+    EVENT_SELECT, RUN_RETURNING, RUN_RETURNING_PLACED, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{
     clock, db, encode, lane_lock, lanes, signals, PgStore, TxConn, IN_FLIGHT, PENDING,
@@ -746,7 +746,14 @@ impl DriverTx for PgTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        place: bool,
     ) -> StoreResult<Option<LoadedRun>> {
+        // The statement's snapshot is taken before its own row, so the count is what is ahead.
+        let returning = if place {
+            RUN_RETURNING_PLACED
+        } else {
+            RUN_RETURNING
+        };
         // A queue lane's submissions do not wait for each other at the door: a key reused by
         // two at once is settled by the unique index here.
         let row = sqlx::query(&format!(
@@ -754,7 +761,7 @@ impl DriverTx for PgTx {
              memory_mb, created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, \
              idempotency_key, request_fingerprint) \
              VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {RUN_RETURNING}"
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {returning}"
         ))
         .bind(id)
         .bind(&spec.lane)

@@ -493,6 +493,7 @@ impl DriverTx for SqliteTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        _place: bool,
     ) -> StoreResult<Option<LoadedRun>> {
         // The single writer has already looked the key up in this transaction: no one else
         // can take it meanwhile.

@@ -340,12 +340,15 @@ pub trait DriverTx: Send {
     /// The run accepted earlier under this key, if any.
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>>;
     /// Inserts a run `pending` (attempt 0) and answers it as stored; `None` when its
-    /// idempotency key was taken by a concurrent submission that committed first.
+    /// idempotency key was taken by a concurrent submission that committed first. With
+    /// `place`, a store may answer its queue position too (counted by the same statement, as
+    /// [`DriverTx::queue_position`] would count it); left `None`, the engine asks for it.
     async fn insert_run(
         &mut self,
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        place: bool,
     ) -> StoreResult<Option<LoadedRun>>;
     /// Appends events, each with the `seq` it names, `ts = now`.
     async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()>;

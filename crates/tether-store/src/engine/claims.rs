@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tether_domain::admission::{under_ceiling, Room};
 use tether_domain::machine::Command;
-use tether_domain::{Freshness, RunStatus};
+use tether_domain::{Freshness, Resources, RunStatus};
 
 use super::work::Committed;
 use super::{push_status, Ticket, Work};
@@ -83,8 +83,21 @@ pub(super) async fn claim_in<T: DriverTx>(
     if worker.draining || frozen {
         return Ok(Claims(Vec::new()));
     }
-    let (_, held) = work.tx().await?.held_by(worker_id).await?;
-    let mut room = Room::left(&worker.capacity, &held, &tether_domain::Resources::NONE);
+    // The reads below run before this transaction's own queued writes are sent (they go with
+    // the commit): what those take out of flight is taken off what the reads count.
+    let leaving = work.leaving_flight();
+    let leaving: Vec<(String, String, Resources)> = leaving
+        .into_iter()
+        .map(|(id, lane, needs)| (id.to_string(), lane.to_string(), needs))
+        .collect();
+    let (held_runs, mut held) = work.tx_unsent().held_by(worker_id).await?;
+    for (id, _, needs) in &leaving {
+        if held_runs.iter().any(|(held_id, _)| held_id == id) {
+            held.cpus = (held.cpus - needs.cpus).max(0.0);
+            held.memory_mb = held.memory_mb.saturating_sub(needs.memory_mb);
+        }
+    }
+    let mut room = Room::left(&worker.capacity, &held, &Resources::NONE);
 
     // Lanes with a ceiling that this worker serves: how many runs each has in flight now, and
     // its ceiling. The lane locks (taken in name order, like every lane lock) make the count
@@ -94,10 +107,11 @@ pub(super) async fn claim_in<T: DriverTx>(
         if !worker.lanes.is_empty() && !worker.lanes.contains(lane) {
             continue;
         }
-        let tx = work.tx().await?;
+        let tx = work.tx_unsent();
         tx.lock_lane(lane).await?;
         let n = tx.lane_in_flight(lane).await?;
-        lane_count.insert(lane.as_str(), (n.max(0), *max));
+        let leaving_lane = leaving.iter().filter(|(_, l, _)| l == lane).count() as i64;
+        lane_count.insert(lane.as_str(), ((n - leaving_lane).max(0), *max));
     }
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
@@ -111,9 +125,10 @@ pub(super) async fn claim_in<T: DriverTx>(
         } else {
             CLAIM_PAGE
         };
+        // A run a queued write sends back to pending is not seen here: the commit's
+        // `RunPending` brings a claim for it.
         let rows = work
-            .tx()
-            .await?
+            .tx_unsent()
             .pending_page(after_seq, &worker.lanes, page)
             .await?;
         scanned += rows.len();

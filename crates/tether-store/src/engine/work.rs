@@ -95,6 +95,33 @@ impl<T: DriverTx> Work<T> {
         Ok(&mut self.tx)
     }
 
+    /// The store's primitives without sending the queued writes first: for reads whose
+    /// caller corrects what they say by [`Work::leaving_flight`] (a claim's room and lane
+    /// counts), so the writes can go out with the commit instead of a statement of their own.
+    pub(super) fn tx_unsent(&mut self) -> &mut T {
+        &mut self.tx
+    }
+
+    /// Runs that queued, not yet sent, writes take out of flight (a finish, a retry): each
+    /// one's id, lane and what it reserves. A read of the store still counts them in flight.
+    pub(super) fn leaving_flight(&self) -> Vec<(&str, &str, tether_domain::Resources)> {
+        self.writes
+            .iter()
+            .filter(|q| {
+                matches!(
+                    q.write.change,
+                    RunChange::Finish { .. } | RunChange::BackToPending
+                )
+            })
+            .filter_map(|q| self.runs.get(&q.write.run_id))
+            .filter(|seen| seen.run.run.status.is_in_flight())
+            .map(|seen| {
+                let run = &seen.run.run;
+                (run.id.as_str(), run.spec.lane.as_str(), run.spec.resources)
+            })
+            .collect()
+    }
+
     /// Loads these runs in one statement where they are not already known, locked as `lock`
     /// says. Each is then answered by [`Work::run`].
     pub(super) async fn load(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<()> {
