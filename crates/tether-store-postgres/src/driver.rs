@@ -1065,15 +1065,21 @@ impl DriverTx for PgTx {
     ) -> StoreResult<Vec<PendingRun>> {
         // Oldest first; rows another claim is taking right now are skipped, not waited on, so
         // concurrent claims on many servers each get different runs.
-        // The whole row, locked by this read: the claim judges it without loading it again.
-        let mut sql = format!(
-            "{RUN_SELECT_IN_TX} WHERE r.status IN {PENDING} \
-             AND r.cancel_requested_at IS NULL AND r.seq > $1"
+        // The page is chosen and locked first, then read whole (the claim judges it without
+        // loading it again): the columns are built for the page's rows only, whatever plan
+        // finds them. The outer read locks again (they are ours already, so it waits on
+        // nobody) to read each row's latest version, not the statement's snapshot.
+        let lane_filter = if lanes.is_empty() {
+            ""
+        } else {
+            " AND lane = ANY($3)"
+        };
+        let sql = format!(
+            "WITH page AS (SELECT seq FROM runs WHERE status IN {PENDING} \
+             AND cancel_requested_at IS NULL AND seq > $1{lane_filter} \
+             ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             {RUN_SELECT_IN_TX} JOIN page ON page.seq = r.seq ORDER BY r.seq FOR UPDATE OF r"
         );
-        if !lanes.is_empty() {
-            sql.push_str(" AND r.lane = ANY($3)");
-        }
-        sql.push_str(" ORDER BY r.seq LIMIT $2 FOR UPDATE OF r SKIP LOCKED");
         let mut query = sqlx::query(&sql).bind(after_seq).bind(limit);
         if !lanes.is_empty() {
             query = query.bind(lanes);
