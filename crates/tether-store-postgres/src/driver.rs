@@ -1065,25 +1065,16 @@ impl DriverTx for PgTx {
     ) -> StoreResult<Vec<PendingRun>> {
         // Oldest first; rows another claim is taking right now are skipped, not waited on, so
         // concurrent claims on many servers each get different runs.
-        // The page is chosen and locked first, then read whole (the claim judges it without
-        // loading it again): the columns are built for the page's rows only, whatever plan
-        // finds them. The outer read locks again (they are ours already, so it waits on
-        // nobody) to read each row's latest version, not the statement's snapshot.
-        let lane_filter = if lanes.is_empty() {
-            ""
-        } else {
-            " AND lane = ANY($3)"
-        };
+        // The page is chosen and locked first (`tether_claim_page`, which keeps the planner on
+        // the pending index), then read whole (the claim judges it without loading it again),
+        // the columns built for the page's rows only. The outer read locks again (they are
+        // ours already, so it waits on nobody) to read each row's latest version, not the
+        // statement's snapshot.
         let sql = format!(
-            "WITH page AS (SELECT seq FROM runs WHERE status IN {PENDING} \
-             AND cancel_requested_at IS NULL AND seq > $1{lane_filter} \
-             ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             {RUN_SELECT_IN_TX} JOIN page ON page.seq = r.seq ORDER BY r.seq FOR UPDATE OF r"
+            "{RUN_SELECT_IN_TX} WHERE r.seq = ANY(ARRAY(SELECT tether_claim_page($1, $2, $3))) \
+             ORDER BY r.seq FOR UPDATE OF r"
         );
-        let mut query = sqlx::query(&sql).bind(after_seq).bind(limit);
-        if !lanes.is_empty() {
-            query = query.bind(lanes);
-        }
+        let query = sqlx::query(&sql).bind(after_seq).bind(lanes).bind(limit);
         let rows = query.fetch_all(self.tx.conn()?).await.map_err(db)?;
         rows.iter()
             .map(|row| {
