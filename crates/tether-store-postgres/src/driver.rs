@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use sqlx::{PgConnection, Row};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, KeyedRun, LoadedRun,
-    Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, HeldRuns, KeyedRun,
+    LoadedRun, Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
     AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
@@ -1088,6 +1088,72 @@ impl DriverTx for PgTx {
                 })
             })
             .collect()
+    }
+
+    async fn held_and_pending_page(
+        &mut self,
+        worker_id: &str,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
+        // One row at least (the held runs, aggregated), with the page's runs beside it; the
+        // page as `pending_page` reads it.
+        let sql = format!(
+            "WITH held AS (SELECT coalesce(array_agg(id ORDER BY seq), '{{}}') AS ids, \
+               coalesce(array_agg(attempt ORDER BY seq), '{{}}') AS attempts, \
+               coalesce(sum(cpus), 0)::float8 AS cpus, \
+               coalesce(sum(memory_mb), 0)::bigint AS memory_mb \
+               FROM runs WHERE worker_id = $1 AND status IN {IN_FLIGHT}), \
+             page AS ({RUN_SELECT_IN_TX} \
+               WHERE r.seq = ANY(ARRAY(SELECT tether_claim_page($2, $3, $4))) FOR UPDATE OF r) \
+             SELECT held.ids AS held_ids, held.attempts AS held_attempts, \
+               held.cpus AS held_cpus, held.memory_mb AS held_memory_mb, page.* \
+             FROM held LEFT JOIN page ON TRUE ORDER BY page.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(worker_id)
+            .bind(after_seq)
+            .bind(lanes)
+            .bind(limit)
+            .fetch_all(self.tx.conn()?)
+            .await
+            .map_err(db)?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::corrupt(
+                "the held runs' aggregate returned no row",
+            ));
+        };
+        let ids: Vec<String> = first.try_get("held_ids").map_err(db)?;
+        let attempts: Vec<i64> = first.try_get("held_attempts").map_err(db)?;
+        let held_runs = ids
+            .into_iter()
+            .zip(attempts)
+            .map(|(id, attempt)| Ok((id, to_u32(attempt, "attempt")?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let reserved = Resources {
+            cpus: first.try_get("held_cpus").map_err(db)?,
+            memory_mb: first
+                .try_get::<i64, _>("held_memory_mb")
+                .map_err(db)?
+                .max(0) as u64,
+        };
+        let mut page = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // The held row alone, when the page is empty.
+            if row.try_get::<Option<i64>, _>("seq").map_err(db)?.is_none() {
+                continue;
+            }
+            let loaded = decode_run(row)?;
+            page.push(PendingRun {
+                seq: loaded.run.seq,
+                id: loaded.run.id.clone(),
+                lane: loaded.run.spec.lane.clone(),
+                needs: loaded.run.spec.resources,
+                loaded: Some(loaded),
+            });
+        }
+        Ok(((held_runs, reserved), page))
     }
 
     async fn try_lock_sweep(&mut self) -> StoreResult<bool> {

@@ -207,6 +207,9 @@ pub struct PendingRun {
     pub loaded: Option<LoadedRun>,
 }
 
+/// The in-flight runs a worker holds, `(id, attempt)` in `seq` order, and what they reserve.
+pub type HeldRuns = (Vec<(String, u32)>, Resources);
+
 /// A run accepted under an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyedRun {
@@ -409,6 +412,21 @@ pub trait DriverTx: Send {
         lanes: &[String],
         limit: i64,
     ) -> StoreResult<Vec<PendingRun>>;
+
+    /// What a claim reads first, together: the worker's held runs ([`DriverTx::held_by`])
+    /// and a page of pending runs ([`DriverTx::pending_page`]). By default two statements; a
+    /// store may send one.
+    async fn held_and_pending_page(
+        &mut self,
+        worker_id: &str,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
+        let held = self.held_by(worker_id).await?;
+        let page = self.pending_page(after_seq, lanes, limit).await?;
+        Ok((held, page))
+    }
 
     // ---- the reaper ---------------------------------------------------------------------
     /// Takes the one-sweep-at-a-time lock; `false` if another server holds it.

@@ -90,15 +90,6 @@ pub(super) async fn claim_in<T: DriverTx>(
         .into_iter()
         .map(|(id, lane, needs)| (id.to_string(), lane.to_string(), needs))
         .collect();
-    let (held_runs, mut held) = work.tx_unsent().held_by(worker_id).await?;
-    for (id, _, needs) in &leaving {
-        if held_runs.iter().any(|(held_id, _)| held_id == id) {
-            held.cpus = (held.cpus - needs.cpus).max(0.0);
-            held.memory_mb = held.memory_mb.saturating_sub(needs.memory_mb);
-        }
-    }
-    let mut room = Room::left(&worker.capacity, &held, &Resources::NONE);
-
     // Lanes with a ceiling that this worker serves: how many runs each has in flight now, and
     // its ceiling. The lane locks (taken in name order, like every lane lock) make the count
     // hold until this claim commits.
@@ -114,23 +105,44 @@ pub(super) async fn claim_in<T: DriverTx>(
         lane_count.insert(lane.as_str(), ((n - leaving_lane).max(0), *max));
     }
 
+    // Where rows are locked as they are read, lock no more than could be taken.
+    let page_size = |claimed: usize| {
+        if limits.max_runs > 0 {
+            (i64::from(limits.max_runs) - claimed as i64).clamp(1, CLAIM_PAGE)
+        } else {
+            CLAIM_PAGE
+        }
+    };
+    // What the worker holds and the first page, read together.
+    let ((held_runs, mut held), first_page) = work
+        .tx_unsent()
+        .held_and_pending_page(worker_id, 0, &worker.lanes, page_size(0))
+        .await?;
+    for (id, _, needs) in &leaving {
+        if held_runs.iter().any(|(held_id, _)| held_id == id) {
+            held.cpus = (held.cpus - needs.cpus).max(0.0);
+            held.memory_mb = held.memory_mb.saturating_sub(needs.memory_mb);
+        }
+    }
+    let mut room = Room::left(&worker.capacity, &held, &Resources::NONE);
+
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
     let mut claimed: Vec<(u32, Ticket)> = Vec::new();
     let mut after_seq = 0_i64;
     let mut scanned = 0_usize;
+    let mut next_page = Some(first_page);
     loop {
-        // Where rows are locked as they are read, lock no more than could be taken.
-        let page = if limits.max_runs > 0 {
-            (i64::from(limits.max_runs) - claimed.len() as i64).clamp(1, CLAIM_PAGE)
-        } else {
-            CLAIM_PAGE
-        };
+        let page = page_size(claimed.len());
         // A run a queued write sends back to pending is not seen here: the commit's
         // `RunPending` brings a claim for it.
-        let rows = work
-            .tx_unsent()
-            .pending_page(after_seq, &worker.lanes, page)
-            .await?;
+        let rows = match next_page.take() {
+            Some(rows) => rows,
+            None => {
+                work.tx_unsent()
+                    .pending_page(after_seq, &worker.lanes, page)
+                    .await?
+            }
+        };
         scanned += rows.len();
         let last_page = (rows.len() as i64) < page;
         // First the runs this page can give, as if each were taken: what fits the room left
