@@ -5,9 +5,13 @@
 //!   is answered from memory, and a write's `RETURNING` row replaces the reload that used to
 //!   follow it;
 //! - guarded run writes, and the attempt rows that go with them, wait until something must
-//!   see them (a read of other rows, a second decision about the same run, the commit);
+//!   see them (a read of other rows, a second decision about the same run, the commit); a
+//!   claim's reads do not wait for them ([`Work::tx_unsent`]) but take off what they free;
 //! - events are numbered here, under the run's lock, from the `last_event_seq` the load read,
-//!   and written at commit in one statement; the run's `last_event_seq` goes with its write.
+//!   and written at commit; the run's `last_event_seq` goes with its write;
+//! - what is queued goes out as one [`Flush`] (one statement on PostgreSQL, its `NOTIFY`
+//!   included at commit), and a caller that can wait for the commit reads its written runs
+//!   from [`Committed`].
 //!
 //! A queued write whose guard does not hold when it is sent means a run changed under this
 //! transaction's lock, which the locks rule out: the whole transaction is then refused
