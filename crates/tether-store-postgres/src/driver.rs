@@ -182,7 +182,10 @@ async fn flush_in_one(
     batch: &Flush<'_>,
     notify: Option<(&str, &str)>,
 ) -> StoreResult<Vec<LoadedRun>> {
-    let groups = by_kind(batch.writes);
+    // In one order of kinds, so a call's mix of changes is one statement text (one prepared
+    // statement per connection), whatever order they were decided in.
+    let mut groups = by_kind(batch.writes);
+    groups.sort_by_key(|(kind, _)| *kind);
     let mut n = 1; // `$1` is now
     let mut next = |count: usize| {
         let first = n + 1;
