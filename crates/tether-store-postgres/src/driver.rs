@@ -4,11 +4,11 @@
 //! clock, and `NOTIFY` at commit (in `lib.rs`).
 
 use async_trait::async_trait;
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{PgConnection, Row};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock,
-    NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, HeldRuns, KeyedRun,
+    LoadedRun, Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
     AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
@@ -19,17 +19,22 @@ use tokio::time::timeout;
 
 use crate::rows::{
     decode_attempt, decode_event, decode_run, decode_worker, resources, to_u32, ATTEMPT_SELECT,
-    EVENT_SELECT, RUN_RETURNING, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
+    EVENT_SELECT, RUN_RETURNING, RUN_RETURNING_PLACED, RUN_SELECT, RUN_SELECT_IN_TX, WORKER_SELECT,
 };
 use crate::{
-    clock, db, encode, lane_lock, lanes, PgStore, IN_FLIGHT, PENDING, PING_TIMEOUT, REAPER_LOCK,
-    REAP_QUERY,
+    clock, db, encode, lane_lock, lanes, signals, PgStore, TxConn, IN_FLIGHT, PENDING,
+    PING_TIMEOUT, REAPER_LOCK, REAP_QUERY,
 };
 
 /// A write transaction with the database's clock read once for all of it.
 pub struct PgTx {
-    pub(crate) tx: Transaction<'static, Postgres>,
+    pub(crate) tx: TxConn,
     pub(crate) now: Millis,
+    /// Where its notification names the store (schema, origin).
+    pub(crate) schema: std::sync::Arc<str>,
+    pub(crate) origin: std::sync::Arc<str>,
+    /// Its signals went out with its last flush: the commit sends no `pg_notify` of its own.
+    pub(crate) notified: bool,
 }
 
 /// The `UPDATE` of one kind of change, for any number of runs: `$1` is the transaction's
@@ -39,6 +44,11 @@ pub struct PgTx {
 /// confirms what the lock already ensured); the rows written come back, so nothing is read
 /// again.
 fn write_sql(kind: ChangeKind) -> String {
+    write_sql_from(kind, 2)
+}
+
+/// [`write_sql`] with the columns' arrays from `$first` on (`$1` is still `now`).
+pub(crate) fn write_sql_from(kind: ChangeKind, first: usize) -> String {
     let (set, also) = match kind {
         ChangeKind::Claim => (
             "status = v.new_status, attempt = v.n1, worker_id = v.worker, claimed_at = $1, \
@@ -78,20 +88,22 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
     };
+    let p: Vec<String> = (first..first + 11).map(|n| format!("${n}")).collect();
     format!(
         "UPDATE runs AS r SET {set}, last_event_seq = v.seq \
-         FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
-         $7::bigint[], $8::bigint[], $9::text[], $10::int[], $11::text[], $12::text[]) \
+         FROM UNNEST({}::text[], {}::text[], {}::bigint[], {}::bigint[], {}::text[], \
+         {}::bigint[], {}::bigint[], {}::text[], {}::int[], {}::text[], {}::text[]) \
          AS v(id, status, attempt, seq, new_status, n1, n2, worker, exit, code, message) \
          WHERE r.id = v.id AND r.status = v.status AND r.attempt = v.attempt{also} \
-         RETURNING {RUN_RETURNING}"
+         RETURNING {RUN_RETURNING}",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
     )
 }
 
 /// The columns [`write_sql`] reads, one entry per run: the guard, the event seq, and what each
 /// kind of change writes (`n1`, `n2`: attempt or byte counts).
 #[derive(Default)]
-struct WriteColumns<'a> {
+pub(crate) struct WriteColumns<'a> {
     id: Vec<&'a str>,
     status: Vec<&'a str>,
     attempt: Vec<i64>,
@@ -106,7 +118,7 @@ struct WriteColumns<'a> {
 }
 
 impl<'a> WriteColumns<'a> {
-    fn push(&mut self, write: &'a RunWrite) {
+    pub(crate) fn push(&mut self, write: &'a RunWrite) {
         self.id.push(&write.run_id);
         self.status.push(&write.status);
         self.attempt.push(i64::from(write.attempt));
@@ -158,6 +170,200 @@ impl<'a> WriteColumns<'a> {
         self.code.push(code);
         self.message.push(message);
     }
+}
+
+/// A [`Flush`] as one statement: each part a data-modifying `WITH` entry (PostgreSQL runs them
+/// all, against one snapshot; no two name the same row), the run writes' rows as its answer,
+/// and the signals' `pg_notify` with it when given (delivered only if the transaction
+/// commits). Where the parts went out one statement each, a worker's call waited on each.
+async fn flush_in_one(
+    conn: &mut PgConnection,
+    now: Millis,
+    batch: &Flush<'_>,
+    notify: Option<(&str, &str)>,
+) -> StoreResult<Vec<LoadedRun>> {
+    // In one order of kinds, so a call's mix of changes is one statement text (one prepared
+    // statement per connection), whatever order they were decided in.
+    let mut groups = by_kind(batch.writes);
+    groups.sort_by_key(|(kind, _)| *kind);
+    let mut n = 1; // `$1` is now
+    let mut next = |count: usize| {
+        let first = n + 1;
+        n += count;
+        first
+    };
+    let mut with: Vec<String> = Vec::new();
+    let mut written: Vec<String> = Vec::new();
+    for (i, (kind, _)) in groups.iter().enumerate() {
+        with.push(format!("w{i} AS ({})", write_sql_from(*kind, next(11))));
+        written.push(format!("SELECT * FROM w{i}"));
+    }
+    if !batch.new_attempts.is_empty() {
+        let p = next(3);
+        with.push(format!(
+            "ia AS (INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
+             SELECT v.run_id, v.attempt, v.worker_id, $1 \
+             FROM UNNEST(${p}::text[], ${}::bigint[], ${}::text[]) AS v(run_id, attempt, worker_id))",
+            p + 1,
+            p + 2
+        ));
+    }
+    if !batch.started_attempts.is_empty() {
+        let p = next(2);
+        with.push(format!(
+            "sa AS (UPDATE attempts AS a SET started_at = $1 \
+             FROM UNNEST(${p}::text[], ${}::bigint[]) AS v(run_id, attempt) \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt)",
+            p + 1
+        ));
+    }
+    if !batch.closed_attempts.is_empty() {
+        let p = next(6);
+        with.push(format!(
+            "ca AS (UPDATE attempts AS a SET finished_at = $1, status = v.status, \
+             error_code = v.code, exit_code = v.exit, error_message = v.message \
+             FROM UNNEST(${p}::text[], ${}::bigint[], ${}::text[], ${}::text[], ${}::int[], \
+             ${}::text[]) AS v(run_id, attempt, status, code, exit, message) \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL)",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5
+        ));
+    }
+    if !batch.event_seqs.is_empty() {
+        let p = next(2);
+        with.push(format!(
+            "es AS (UPDATE runs AS r SET last_event_seq = v.seq \
+             FROM UNNEST(${p}::text[], ${}::bigint[]) AS v(id, seq) WHERE r.id = v.id)",
+            p + 1
+        ));
+    }
+    if !batch.events.is_empty() {
+        let p = next(6);
+        with.push(format!(
+            "ev AS (INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
+             SELECT v.run_id, v.seq, v.kind, v.attempt, $1, v.body::jsonb, v.data \
+             FROM UNNEST(${p}::text[], ${}::bigint[], ${}::text[], ${}::bigint[], ${}::text[], \
+             ${}::bytea[]) AS v(run_id, seq, kind, attempt, body, data))",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5
+        ));
+    }
+    let notice = notify.map(|_| {
+        let p = next(2);
+        format!("(SELECT pg_notify(${p}, ${}))", p + 1)
+    });
+    // A `WITH` entry that only reads runs only if the answer reads it: the notification is in
+    // the answer, on a side of the join that is always read.
+    let answer = match (written.is_empty(), &notice) {
+        (true, None) => "SELECT 1".to_string(),
+        (true, Some(notice)) => format!("SELECT {notice}"),
+        (false, None) => written.join(" UNION ALL "),
+        (false, Some(notice)) => format!(
+            "SELECT w.* FROM ({}) AS w RIGHT JOIN {notice} AS n(sent) ON TRUE",
+            written.join(" UNION ALL ")
+        ),
+    };
+    let sql = if with.is_empty() {
+        answer
+    } else {
+        format!("WITH {} {answer}", with.join(", "))
+    };
+
+    let mut query = sqlx::query(&sql).bind(now);
+    for (_, group) in &groups {
+        let mut cols = WriteColumns::default();
+        for write in group {
+            cols.push(write);
+        }
+        query = query
+            .bind(cols.id)
+            .bind(cols.status)
+            .bind(cols.attempt)
+            .bind(cols.seq)
+            .bind(cols.new_status)
+            .bind(cols.n1)
+            .bind(cols.n2)
+            .bind(cols.worker)
+            .bind(cols.exit)
+            .bind(cols.code)
+            .bind(cols.message);
+    }
+    if !batch.new_attempts.is_empty() {
+        let a = batch.new_attempts;
+        query = query
+            .bind(a.iter().map(|a| a.run_id.as_str()).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| i64::from(a.attempt)).collect::<Vec<_>>())
+            .bind(a.iter().map(|a| a.worker_id.as_str()).collect::<Vec<_>>());
+    }
+    if !batch.started_attempts.is_empty() {
+        let a = batch.started_attempts;
+        query = query
+            .bind(a.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .bind(a.iter().map(|(_, n)| i64::from(*n)).collect::<Vec<_>>());
+    }
+    if !batch.closed_attempts.is_empty() {
+        let c = batch.closed_attempts;
+        query = query
+            .bind(c.iter().map(|c| c.run_id.as_str()).collect::<Vec<_>>())
+            .bind(c.iter().map(|c| i64::from(c.attempt)).collect::<Vec<_>>())
+            .bind(c.iter().map(|c| c.end.status.as_str()).collect::<Vec<_>>())
+            .bind(
+                c.iter()
+                    .map(|c| c.end.error_code.map(|e| e.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(c.iter().map(|c| c.end.exit_code).collect::<Vec<_>>())
+            .bind(
+                c.iter()
+                    .map(|c| c.end.error_message.as_deref())
+                    .collect::<Vec<_>>(),
+            );
+    }
+    if !batch.event_seqs.is_empty() {
+        let e = batch.event_seqs;
+        query = query
+            .bind(e.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .bind(e.iter().map(|(_, seq)| *seq).collect::<Vec<_>>());
+    }
+    if !batch.events.is_empty() {
+        let e = batch.events;
+        query = query
+            .bind(e.iter().map(|e| e.run_id.as_str()).collect::<Vec<_>>())
+            .bind(e.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .bind(e.iter().map(|e| e.body.kind().as_str()).collect::<Vec<_>>())
+            .bind(e.iter().map(|e| i64::from(e.attempt)).collect::<Vec<_>>())
+            .bind(
+                e.iter()
+                    .map(|e| e.body.to_json().to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(e.iter().map(|e| e.data.as_deref()).collect::<Vec<_>>());
+    }
+    if let Some((channel, payload)) = notify {
+        query = query.bind(channel).bind(payload);
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(db)?;
+    if written.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut runs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // The join's own row when nothing was written.
+        if row
+            .try_get::<Option<String>, _>("id")
+            .map_err(db)?
+            .is_some()
+        {
+            runs.push(decode_run(row)?);
+        }
+    }
+    Ok(runs)
 }
 
 fn lock_suffix(lock: Lock) -> &'static str {
@@ -217,11 +423,17 @@ impl Driver for PgStore {
 
     async fn begin(&self) -> StoreResult<PgTx> {
         let (tx, now) = PgStore::begin(self).await?;
-        Ok(PgTx { tx, now })
+        Ok(PgTx {
+            tx,
+            now,
+            schema: self.inner.schema.clone(),
+            origin: self.inner.origin.clone(),
+            notified: false,
+        })
     }
 
     async fn commit(&self, tx: PgTx, out: Outbox) -> StoreResult<()> {
-        PgStore::commit(self, tx.tx, out).await
+        PgStore::commit(self, tx.tx, out, tx.notified).await
     }
 
     async fn clock(&self) -> StoreResult<Millis> {
@@ -438,7 +650,7 @@ impl DriverTx for PgTx {
             lock_suffix(lock)
         ))
         .bind(run_ids)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.tx.conn()?)
         .await
         .map_err(db)?;
         rows.iter().map(decode_run).collect()
@@ -450,7 +662,7 @@ impl DriverTx for PgTx {
         ))
         .bind(lane)
         .bind(seq)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(ahead + 1)
@@ -476,7 +688,7 @@ impl DriverTx for PgTx {
                 .bind(cols.exit)
                 .bind(cols.code)
                 .bind(cols.message)
-                .fetch_all(&mut *self.tx)
+                .fetch_all(self.tx.conn()?)
                 .await
                 .map_err(db)?;
             for row in &rows {
@@ -484,6 +696,21 @@ impl DriverTx for PgTx {
             }
         }
         Ok(written)
+    }
+
+    async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
+        let remote: Vec<Signal> = batch
+            .signals
+            .iter()
+            .filter(|s| signals::wanted_elsewhere(s))
+            .cloned()
+            .collect();
+        let payload =
+            (!remote.is_empty()).then(|| signals::encode(&self.schema, &self.origin, &remote));
+        let notify = payload.as_deref().map(|p| (signals::CHANNEL, p));
+        let runs = flush_in_one(self.tx.conn()?, self.now, &batch, notify).await?;
+        self.notified |= notify.is_some();
+        Ok(runs)
     }
 
     async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
@@ -495,7 +722,7 @@ impl DriverTx for PgTx {
         )
         .bind(ids)
         .bind(seqs)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -505,7 +732,7 @@ impl DriverTx for PgTx {
         let row =
             sqlx::query("SELECT id, request_fingerprint FROM runs WHERE idempotency_key = $1")
                 .bind(key)
-                .fetch_optional(&mut *self.tx)
+                .fetch_optional(self.tx.conn()?)
                 .await
                 .map_err(db)?;
         row.map(|row| {
@@ -522,7 +749,14 @@ impl DriverTx for PgTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        place: bool,
     ) -> StoreResult<Option<LoadedRun>> {
+        // The statement's snapshot is taken before its own row, so the count is what is ahead.
+        let returning = if place {
+            RUN_RETURNING_PLACED
+        } else {
+            RUN_RETURNING
+        };
         // A queue lane's submissions do not wait for each other at the door: a key reused by
         // two at once is settled by the unique index here.
         let row = sqlx::query(&format!(
@@ -530,7 +764,7 @@ impl DriverTx for PgTx {
              memory_mb, created_at, heartbeat_timeout_ms, timeout_ms, output_limit_bytes, \
              idempotency_key, request_fingerprint) \
              VALUES ($1, $2, $3, 0, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {RUN_RETURNING}"
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {returning}"
         ))
         .bind(id)
         .bind(&spec.lane)
@@ -545,7 +779,7 @@ impl DriverTx for PgTx {
         .bind(spec.output_limit_bytes)
         .bind(spec.idempotency_key.as_deref())
         .bind(&spec.request_fingerprint)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         row.as_ref().map(decode_run).transpose()
@@ -579,7 +813,7 @@ impl DriverTx for PgTx {
         .bind(attempts)
         .bind(bodies)
         .bind(data)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -598,7 +832,7 @@ impl DriverTx for PgTx {
         .bind(run_ids)
         .bind(numbers)
         .bind(workers)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -617,7 +851,7 @@ impl DriverTx for PgTx {
         .bind(self.now)
         .bind(run_ids)
         .bind(numbers)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -652,7 +886,7 @@ impl DriverTx for PgTx {
         .bind(codes)
         .bind(exits)
         .bind(messages)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -664,7 +898,7 @@ impl DriverTx for PgTx {
         )
         .bind(run_id)
         .bind(i64::from(attempt))
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(match row {
@@ -690,7 +924,7 @@ impl DriverTx for PgTx {
         .bind(offsets.stderr)
         .bind(run_id)
         .bind(i64::from(attempt))
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -709,7 +943,7 @@ impl DriverTx for PgTx {
         .bind(encode(&worker.labels, "worker labels")?)
         .bind(self.now)
         .bind(&worker.secret_hash)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -721,7 +955,7 @@ impl DriverTx for PgTx {
     ) -> StoreResult<Option<(WorkerRecord, Option<Millis>)>> {
         let row = sqlx::query(&format!("{WORKER_SELECT} WHERE id = $1 FOR UPDATE"))
             .bind(worker_id)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(self.tx.conn()?)
             .await
             .map_err(db)?;
         row.as_ref().map(decode_worker).transpose()
@@ -734,7 +968,7 @@ impl DriverTx for PgTx {
         )
         .bind(self.now)
         .bind(worker_id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(stamped.is_some())
@@ -744,7 +978,7 @@ impl DriverTx for PgTx {
         sqlx::query("UPDATE workers SET deregistered_at = $1 WHERE id = $2")
             .bind(self.now)
             .bind(worker_id)
-            .execute(&mut *self.tx)
+            .execute(self.tx.conn()?)
             .await
             .map_err(db)?;
         Ok(())
@@ -753,14 +987,14 @@ impl DriverTx for PgTx {
     async fn mark_worker_draining(&mut self, worker_id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE workers SET draining = TRUE WHERE id = $1 AND deregistered_at IS NULL")
             .bind(worker_id)
-            .execute(&mut *self.tx)
+            .execute(self.tx.conn()?)
             .await
             .map_err(db)?;
         Ok(())
     }
 
     async fn held_by(&mut self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)> {
-        held_by(&mut self.tx, worker_id).await
+        held_by(self.tx.conn()?, worker_id).await
     }
 
     async fn workers_serving(
@@ -775,7 +1009,7 @@ impl DriverTx for PgTx {
         )
         .bind(fresh_since)
         .bind(lane)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.tx.conn()?)
         .await
         .map_err(db)?;
         rows.iter()
@@ -790,14 +1024,14 @@ impl DriverTx for PgTx {
              FROM runs WHERE status IN {IN_FLIGHT} AND worker_id = ANY($1)"
         ))
         .bind(worker_ids)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         resources(&row)
     }
 
     async fn lock_lane(&mut self, lane: &str) -> StoreResult<()> {
-        lane_lock(&mut self.tx, lane).await
+        lane_lock(self.tx.conn()?, lane).await
     }
 
     async fn lane_in_flight(&mut self, lane: &str) -> StoreResult<i64> {
@@ -805,7 +1039,7 @@ impl DriverTx for PgTx {
             "SELECT count(*) FROM runs WHERE lane = $1 AND status IN {IN_FLIGHT}"
         ))
         .bind(lane)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)
     }
@@ -817,7 +1051,7 @@ impl DriverTx for PgTx {
              FROM runs WHERE lane = $1 AND status IN {PENDING} AND cancel_requested_at IS NULL"
         ))
         .bind(lane)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(Waiting {
@@ -834,36 +1068,102 @@ impl DriverTx for PgTx {
     ) -> StoreResult<Vec<PendingRun>> {
         // Oldest first; rows another claim is taking right now are skipped, not waited on, so
         // concurrent claims on many servers each get different runs.
-        let mut sql = format!(
-            "SELECT seq, id, lane, cpus, memory_mb FROM runs WHERE status IN {PENDING} \
-             AND cancel_requested_at IS NULL AND seq > $1"
+        // The page is chosen and locked first (`tether_claim_page`, which keeps the planner on
+        // the pending index), then read whole (the claim judges it without loading it again),
+        // the columns built for the page's rows only. The outer read locks again (they are
+        // ours already, so it waits on nobody) to read each row's latest version, not the
+        // statement's snapshot.
+        let sql = format!(
+            "{RUN_SELECT_IN_TX} WHERE r.seq = ANY(ARRAY(SELECT tether_claim_page($1, $2, $3))) \
+             ORDER BY r.seq FOR UPDATE OF r"
         );
-        if !lanes.is_empty() {
-            sql.push_str(" AND lane = ANY($3)");
-        }
-        sql.push_str(" ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED");
-        let mut query = sqlx::query(&sql).bind(after_seq).bind(limit);
-        if !lanes.is_empty() {
-            query = query.bind(lanes);
-        }
-        let rows = query.fetch_all(&mut *self.tx).await.map_err(db)?;
+        let query = sqlx::query(&sql).bind(after_seq).bind(lanes).bind(limit);
+        let rows = query.fetch_all(self.tx.conn()?).await.map_err(db)?;
         rows.iter()
             .map(|row| {
+                let loaded = decode_run(row)?;
                 Ok(PendingRun {
-                    seq: row.try_get("seq").map_err(db)?,
-                    id: row.try_get("id").map_err(db)?,
-                    lane: row.try_get("lane").map_err(db)?,
-                    needs: resources(row)?,
+                    seq: loaded.run.seq,
+                    id: loaded.run.id.clone(),
+                    lane: loaded.run.spec.lane.clone(),
+                    needs: loaded.run.spec.resources,
+                    loaded: Some(loaded),
                 })
             })
             .collect()
+    }
+
+    async fn held_and_pending_page(
+        &mut self,
+        worker_id: &str,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
+        // One row at least (the held runs, aggregated), with the page's runs beside it; the
+        // page as `pending_page` reads it.
+        let sql = format!(
+            "WITH held AS (SELECT coalesce(array_agg(id ORDER BY seq), '{{}}') AS ids, \
+               coalesce(array_agg(attempt ORDER BY seq), '{{}}') AS attempts, \
+               coalesce(sum(cpus), 0)::float8 AS cpus, \
+               coalesce(sum(memory_mb), 0)::bigint AS memory_mb \
+               FROM runs WHERE worker_id = $1 AND status IN {IN_FLIGHT}), \
+             page AS ({RUN_SELECT_IN_TX} \
+               WHERE r.seq = ANY(ARRAY(SELECT tether_claim_page($2, $3, $4))) FOR UPDATE OF r) \
+             SELECT held.ids AS held_ids, held.attempts AS held_attempts, \
+               held.cpus AS held_cpus, held.memory_mb AS held_memory_mb, page.* \
+             FROM held LEFT JOIN page ON TRUE ORDER BY page.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(worker_id)
+            .bind(after_seq)
+            .bind(lanes)
+            .bind(limit)
+            .fetch_all(self.tx.conn()?)
+            .await
+            .map_err(db)?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::corrupt(
+                "the held runs' aggregate returned no row",
+            ));
+        };
+        let ids: Vec<String> = first.try_get("held_ids").map_err(db)?;
+        let attempts: Vec<i64> = first.try_get("held_attempts").map_err(db)?;
+        let held_runs = ids
+            .into_iter()
+            .zip(attempts)
+            .map(|(id, attempt)| Ok((id, to_u32(attempt, "attempt")?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let reserved = Resources {
+            cpus: first.try_get("held_cpus").map_err(db)?,
+            memory_mb: first
+                .try_get::<i64, _>("held_memory_mb")
+                .map_err(db)?
+                .max(0) as u64,
+        };
+        let mut page = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // The held row alone, when the page is empty.
+            if row.try_get::<Option<i64>, _>("seq").map_err(db)?.is_none() {
+                continue;
+            }
+            let loaded = decode_run(row)?;
+            page.push(PendingRun {
+                seq: loaded.run.seq,
+                id: loaded.run.id.clone(),
+                lane: loaded.run.spec.lane.clone(),
+                needs: loaded.run.spec.resources,
+                loaded: Some(loaded),
+            });
+        }
+        Ok(((held_runs, reserved), page))
     }
 
     async fn try_lock_sweep(&mut self) -> StoreResult<bool> {
         // Held until this transaction ends; stores in other schemas sweep independently.
         sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
             .bind(REAPER_LOCK)
-            .fetch_one(&mut *self.tx)
+            .fetch_one(self.tx.conn()?)
             .await
             .map_err(db)
     }
@@ -875,7 +1175,7 @@ impl DriverTx for PgTx {
             .bind(now.saturating_sub(policy.timeout_grace_ms))
             .bind(now.saturating_sub(policy.cancel_stale_after_ms))
             .bind(i64::from(policy.batch.max(1)))
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.tx.conn()?)
             .await
             .map_err(db)?;
         rows.iter()
@@ -892,7 +1192,7 @@ impl DriverTx for PgTx {
              AND stale_at < $1 + heartbeat_timeout_ms"
         ))
         .bind(self.now)
-        .execute(&mut *self.tx)
+        .execute(self.tx.conn()?)
         .await
         .map_err(db)?
         .rows_affected();

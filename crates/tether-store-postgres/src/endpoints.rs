@@ -95,7 +95,7 @@ impl EndpointDriver for PgStore {
         .bind(pool.freshness_ms)
         .bind(source.as_str())
         .bind(now)
-        .execute(&mut *tx.tx)
+        .execute(tx.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(())
@@ -104,7 +104,7 @@ impl EndpointDriver for PgStore {
     async fn pool_get(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<Option<PoolRecord>> {
         sqlx::query(&format!("{POOL_SELECT} WHERE name = $1"))
             .bind(name)
-            .fetch_optional(&mut *tx.tx)
+            .fetch_optional(tx.tx.conn()?)
             .await
             .map_err(db)?
             .as_ref()
@@ -128,7 +128,7 @@ impl EndpointDriver for PgStore {
         // Locks the row, so concurrent PUTs of one endpoint apply one after another.
         sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1 FOR UPDATE"))
             .bind(name)
-            .fetch_optional(&mut *tx.tx)
+            .fetch_optional(tx.tx.conn()?)
             .await
             .map_err(db)?
             .as_ref()
@@ -143,7 +143,7 @@ impl EndpointDriver for PgStore {
     ) -> StoreResult<Option<EndpointRecord>> {
         sqlx::query(&format!("{ENDPOINT_SELECT} WHERE name = $1"))
             .bind(name)
-            .fetch_optional(&mut *tx.tx)
+            .fetch_optional(tx.tx.conn()?)
             .await
             .map_err(db)?
             .as_ref()
@@ -169,7 +169,7 @@ impl EndpointDriver for PgStore {
         .bind(endpoint.kind.as_str())
         .bind(now)
         .bind(now)
-        .execute(&mut *tx.tx)
+        .execute(tx.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(inserted.rows_affected() == 1)
@@ -195,7 +195,7 @@ impl EndpointDriver for PgStore {
         .bind(now)
         .bind(&endpoint.name)
         .bind(revision)
-        .execute(&mut *tx.tx)
+        .execute(tx.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -204,7 +204,7 @@ impl EndpointDriver for PgStore {
     async fn endpoint_delete(&self, tx: &mut Self::Tx, name: &str) -> StoreResult<bool> {
         let result = sqlx::query("DELETE FROM endpoints WHERE name = $1")
             .bind(name)
-            .execute(&mut *tx.tx)
+            .execute(tx.tx.conn()?)
             .await
             .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -241,7 +241,7 @@ impl EndpointDriver for PgStore {
         .bind(now)
         .bind(due_at_or_before)
         .bind(limit)
-        .fetch_all(&mut *tx.tx)
+        .fetch_all(tx.tx.conn()?)
         .await
         .map_err(db)?;
         rows.iter().map(|row| decode_claim(row, now)).collect()
@@ -267,7 +267,7 @@ impl EndpointDriver for PgStore {
         .bind(&claim.endpoint)
         .bind(claim.revision)
         .bind(claim.claimed_at)
-        .execute(&mut *tx.tx)
+        .execute(tx.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)
@@ -291,7 +291,7 @@ impl EndpointDriver for PgStore {
         .bind(run_id)
         .bind(i64::from(attempt))
         .bind(worker_id)
-        .execute(&mut *tx.tx)
+        .execute(tx.tx.conn()?)
         .await
         .map_err(db)?;
         Ok(result.rows_affected() == 1)

@@ -33,8 +33,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection, Postgres, Row, Transaction};
+use sqlx::{Connection, Executor, PgConnection, Postgres, Row};
 use tether_domain::Millis;
 use tether_store::{Outbox, ReapPolicy, Signal, StoreError, StoreResult};
 use tokio::sync::broadcast;
@@ -68,6 +69,8 @@ const LANE_LOCK: i32 = 0x7465_746c; // "tetl"
 const POOL_SIZE: u32 = 10;
 /// How long `ping` waits for the database.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// A pooled connection idle longer than this is pinged before it is handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// How long a request waits for a connection before the store answers `Unavailable`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -99,9 +102,9 @@ struct Inner {
     listener_pool: PgPool,
     signals: broadcast::Sender<Signal>,
     /// The schema this store works in (`current_schema()`), named in its notifications.
-    schema: String,
+    schema: Arc<str>,
     /// This store instance, named in its notifications so it can skip its own.
-    origin: String,
+    origin: Arc<str>,
     listener: JoinHandle<()>,
 }
 
@@ -195,8 +198,8 @@ impl PgStore {
                 pool,
                 listener_pool,
                 signals: senders,
-                schema: current,
-                origin,
+                schema: current.into(),
+                origin: origin.into(),
                 listener,
             }),
         })
@@ -241,26 +244,35 @@ impl PgStore {
         Ok(plan)
     }
 
-    /// A write transaction and the database's clock, read once for all of it. Dropping the
-    /// transaction without commit (an error, or a cancelled future) rolls it back.
-    pub(crate) async fn begin(&self) -> StoreResult<(Transaction<'static, Postgres>, Millis)> {
-        // In a task of its own, so a request dropped mid-begin cannot strand an open
-        // transaction on a pooled connection (its `Transaction`, once built, rolls back on drop).
-        let pool = self.inner.pool.clone();
-        let mut tx = tokio::spawn(async move { pool.begin().await })
-            .await
-            .map_err(|e| StoreError::unavailable_while("beginning a transaction", e))?
-            .map_err(db)?;
-        let now = clock(&mut tx).await?;
-        Ok((tx, now))
+    /// A write transaction and the database's clock, read once for all of it, in one round
+    /// trip (`BEGIN; SELECT tether_now_ms()`, where sqlx's `begin` would take one of its own).
+    /// Dropping it without commit (an error, or a cancelled future) rolls it back.
+    pub(crate) async fn begin(&self) -> StoreResult<(TxConn, Millis)> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let conn = self.inner.pool.acquire().await.map_err(db)?;
+            // Owned before anything is sent: a request dropped mid-`BEGIN` still rolls back.
+            let mut tx = TxConn { conn: Some(conn) };
+            match begin_with_clock(tx.conn()?).await {
+                Ok(now) => return Ok((tx, now)),
+                // A pooled connection the database or the network closed while it sat idle
+                // (the pool does not ping recently used ones): nothing was done on it, so
+                // another one is asked for.
+                Err(e) if tries < 3 && is_connection_lost(&e) => tx.discard(),
+                Err(e) => return Err(db(e)),
+            }
+        }
     }
 
     /// Commits, with the transaction's signals sent as notifications inside it (so other
-    /// servers hear them only if it commits) and broadcast here right after.
+    /// servers hear them only if it commits; `notified`: they went with its last statement
+    /// already) and broadcast here right after.
     pub(crate) async fn commit(
         &self,
-        mut tx: Transaction<'static, Postgres>,
+        mut tx: TxConn,
         out: Outbox,
+        notified: bool,
     ) -> StoreResult<()> {
         let signals = out.into_signals();
         let remote: Vec<Signal> = signals
@@ -268,18 +280,18 @@ impl PgStore {
             .filter(|s| signals::wanted_elsewhere(s))
             .cloned()
             .collect();
-        if !remote.is_empty() {
+        if !remote.is_empty() && !notified {
             // One notification per transaction: each NOTIFY is queued and delivered to every
             // listening server, so fewer of them cost every commit and every listener less.
             let payload = signals::encode(&self.inner.schema, &self.inner.origin, &remote);
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(signals::CHANNEL)
                 .bind(&payload)
-                .execute(&mut *tx)
+                .execute(tx.conn()?)
                 .await
                 .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         for signal in signals {
             // No receivers is fine: nobody is waiting.
             let _ = self.inner.signals.send(signal);
@@ -288,10 +300,89 @@ impl PgStore {
     }
 }
 
+/// A pooled connection inside a transaction [`PgStore::begin`] opened. Dropped without
+/// [`TxConn::commit`] it rolls back, in a task of its own (as sqlx's `Transaction` queues its
+/// `ROLLBACK`), so the connection goes back to the pool outside any transaction.
+pub(crate) struct TxConn {
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl TxConn {
+    pub(crate) fn conn(&mut self) -> StoreResult<&mut PgConnection> {
+        self.conn
+            .as_deref_mut()
+            .ok_or_else(|| StoreError::unavailable("the transaction has ended"))
+    }
+
+    pub(crate) async fn commit(mut self) -> StoreResult<()> {
+        let result = self.conn()?.execute("COMMIT").await.map(|_| ());
+        if result.is_ok() {
+            // Committed: nothing to roll back; the connection goes back to the pool.
+            self.conn.take();
+        }
+        result.map_err(db)
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    fn discard(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    // sqlx reads whatever a cancelled statement left unread before this.
+                    if conn.execute("ROLLBACK").await.is_err() {
+                        conn.close_on_drop();
+                    }
+                });
+            }
+            // No runtime to roll back on: closing the connection ends the transaction.
+            Err(_) => conn.close_on_drop(),
+        }
+    }
+}
+
+/// `BEGIN` and the database's clock in one round trip (the simple protocol takes both).
+async fn begin_with_clock(conn: &mut PgConnection) -> Result<Millis, sqlx::Error> {
+    let rows = conn
+        .fetch_all(sqlx::raw_sql("BEGIN; SELECT tether_now_ms()"))
+        .await?;
+    match rows.first() {
+        Some(row) => row.try_get::<i64, _>(0),
+        None => Err(sqlx::Error::RowNotFound),
+    }
+}
+
+/// Whether a failure says the connection itself is gone (closed, reset, broken pipe).
+fn is_connection_lost(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+        || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P")))
+}
+
 fn pool_options(schema: Option<&str>, size: u32) -> PgPoolOptions {
+    // sqlx pings every connection it hands out, a round trip before each transaction; it also
+    // pings each one as it comes back, so only one that has sat idle a while is pinged again.
     let options = PgPoolOptions::new()
         .max_connections(size)
-        .acquire_timeout(ACQUIRE_TIMEOUT);
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IDLE_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        });
     match schema {
         None => options,
         Some(schema) => {

@@ -47,6 +47,15 @@ pub(crate) const RUN_SELECT_IN_TX: &str = concat!(
 /// position.
 pub(crate) const RUN_RETURNING: &str = concat!(run_columns!(), ", NULL::bigint AS queue_position");
 
+/// [`RUN_RETURNING`] with the queue position of a pending run (for an insert: the statement
+/// does not see its own row, so what it counts is what is ahead).
+pub(crate) const RUN_RETURNING_PLACED: &str = concat!(
+    run_columns!(),
+    ", CASE WHEN r.status IN ('pending', 'queued') THEN 1 + (SELECT count(*) FROM runs p \
+        WHERE p.lane = r.lane AND p.status IN ('pending', 'queued') AND p.seq < r.seq) \
+    END AS queue_position"
+);
+
 /// Resources from a row's `cpus` and `memory_mb` columns (a negative memory reads as none).
 pub(crate) fn resources(row: &PgRow) -> StoreResult<Resources> {
     Ok(Resources {

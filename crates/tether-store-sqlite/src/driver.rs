@@ -493,6 +493,7 @@ impl DriverTx for SqliteTx {
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        _place: bool,
     ) -> StoreResult<Option<LoadedRun>> {
         // The single writer has already looked the key up in this transaction: no one else
         // can take it meanwhile.
@@ -813,6 +814,7 @@ impl DriverTx for SqliteTx {
                     id: row.try_get("id").map_err(db)?,
                     lane: row.try_get("lane").map_err(db)?,
                     needs: resources(row)?,
+                    loaded: None,
                 })
             })
             .collect()

@@ -167,14 +167,48 @@ pub struct AttemptClose {
     pub end: AttemptEnd,
 }
 
+/// What a transaction has queued for the store, sent together: guarded run writes, the
+/// attempt rows that go with them, runs' event seqs and events. Nothing in one flush names the
+/// same run twice (the engine sends an earlier write first).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flush<'a> {
+    pub writes: &'a [RunWrite],
+    pub new_attempts: &'a [NewAttempt],
+    pub started_attempts: &'a [(String, u32)],
+    pub closed_attempts: &'a [AttemptClose],
+    /// Runs that took events without a write of their own: their `last_event_seq`.
+    pub event_seqs: &'a [(String, i64)],
+    pub events: &'a [NewEvent],
+    /// The transaction's signals, on its last flush before commit: a store that tells other
+    /// servers inside the transaction may send them with these writes.
+    pub signals: &'a [Signal],
+}
+
+impl Flush<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.new_attempts.is_empty()
+            && self.started_attempts.is_empty()
+            && self.closed_attempts.is_empty()
+            && self.event_seqs.is_empty()
+            && self.events.is_empty()
+    }
+}
+
 /// A pending run as a claim scans it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PendingRun {
     pub seq: i64,
     pub id: String,
     pub lane: String,
     pub needs: Resources,
+    /// The whole run, where the page read it so (locked, as the page locks): a claim then
+    /// judges it without loading it again.
+    pub loaded: Option<LoadedRun>,
 }
+
+/// The in-flight runs a worker holds, `(id, attempt)` in `seq` order, and what they reserve.
+pub type HeldRuns = (Vec<(String, u32)>, Resources);
 
 /// A run accepted under an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,17 +312,46 @@ pub trait DriverTx: Send {
     /// the runs written, as they are now stored, in no particular order. No run appears
     /// twice in `writes`.
     async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>>;
+    /// Sends a [`Flush`]: answers the runs written, as [`DriverTx::write_runs`] does. By
+    /// default a statement per part, in the order of its fields; a store may send it in fewer
+    /// round trips.
+    async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
+        let written = if batch.writes.is_empty() {
+            Vec::new()
+        } else {
+            self.write_runs(batch.writes).await?
+        };
+        if !batch.new_attempts.is_empty() {
+            self.insert_attempts(batch.new_attempts).await?;
+        }
+        if !batch.started_attempts.is_empty() {
+            self.stamp_attempts_started(batch.started_attempts).await?;
+        }
+        if !batch.closed_attempts.is_empty() {
+            self.close_attempts(batch.closed_attempts).await?;
+        }
+        if !batch.event_seqs.is_empty() {
+            self.set_last_event_seqs(batch.event_seqs).await?;
+        }
+        if !batch.events.is_empty() {
+            self.insert_events(batch.events).await?;
+        }
+        Ok(written)
+    }
     /// Sets runs' `last_event_seq` where events were appended without a change to the run.
     async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()>;
     /// The run accepted earlier under this key, if any.
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>>;
     /// Inserts a run `pending` (attempt 0) and answers it as stored; `None` when its
-    /// idempotency key was taken by a concurrent submission that committed first.
+    /// idempotency key was taken by a concurrent submission that committed first. With
+    /// `place`, a store may answer its queue position too (counted by the same statement, as
+    /// [`DriverTx::queue_position`] would count it); left `None`, the engine asks for it.
     async fn insert_run(
         &mut self,
         id: &str,
         spec: &RunSpec,
         status: RunStatus,
+        place: bool,
     ) -> StoreResult<Option<LoadedRun>>;
     /// Appends events, each with the `seq` it names, `ts = now`.
     async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()>;
@@ -341,13 +404,29 @@ pub trait DriverTx: Send {
     async fn lane_waiting(&mut self, lane: &str) -> StoreResult<Waiting>;
     /// Up to `limit` pending runs (cancels asked excluded) after `after_seq`, oldest first,
     /// of `lanes` (empty: every lane). Where claims run concurrently, rows another claim is
-    /// taking are skipped and those returned are locked.
+    /// taking are skipped and those returned are locked. A store may answer each run whole
+    /// ([`PendingRun::loaded`]), saving the claim a load.
     async fn pending_page(
         &mut self,
         after_seq: i64,
         lanes: &[String],
         limit: i64,
     ) -> StoreResult<Vec<PendingRun>>;
+
+    /// What a claim reads first, together: the worker's held runs ([`DriverTx::held_by`])
+    /// and a page of pending runs ([`DriverTx::pending_page`]). By default two statements; a
+    /// store may send one.
+    async fn held_and_pending_page(
+        &mut self,
+        worker_id: &str,
+        after_seq: i64,
+        lanes: &[String],
+        limit: i64,
+    ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
+        let held = self.held_by(worker_id).await?;
+        let page = self.pending_page(after_seq, lanes, limit).await?;
+        Ok((held, page))
+    }
 
     // ---- the reaper ---------------------------------------------------------------------
     /// Takes the one-sweep-at-a-time lock; `false` if another server holds it.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::Signal;
 
 /// Signals a transaction earns, sent only once it commits.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Outbox {
     last_seq: BTreeMap<String, i64>,
     pending_lanes: BTreeSet<String>,

@@ -1,9 +1,10 @@
 //! The worker's calls on an attempt, each fenced by it: start, output, finish; and the batched
 //! forms of start and finish, one transaction for many.
 
-use tether_domain::machine::{AttemptOutcome, Command};
+use tether_domain::machine::{AttemptOutcome, Command, Decision};
 use tether_domain::{ErrorCode, RunStatus};
 
+use super::work::Committed;
 use super::{claims, Answer, Ending, Work};
 use super::{end_attempt, must_lock, push_status, reload, transition_error};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
@@ -78,7 +79,8 @@ pub(super) async fn report<D: Driver>(
         .map(Call::Start)
         .chain(finishes.iter().map(Call::Finish))
         .collect();
-    let mut answers = calls_in(&mut work, worker_id, &calls).await?;
+    let answers = calls_in(&mut work, worker_id, &calls).await?;
+    let answers = place_now(&mut work, answers).await?;
     let claimed = match (claim, worker) {
         (Some(limits), Some(Ok(worker))) => Some(Ok(claims::claim_in(
             &mut work, worker_id, worker, limits,
@@ -87,7 +89,13 @@ pub(super) async fn report<D: Driver>(
         (_, Some(Err(refused))) => Some(Err(refused)),
         _ => None,
     };
-    work.commit(d).await?;
+    let done = work.commit(d).await?;
+    let mut answers = after_commit(answers, &done)?;
+    let claimed = match claimed {
+        Some(Ok(claims)) => Some(Ok(claims.answer(&done)?)),
+        Some(Err(refused)) => Some(Err(refused)),
+        None => None,
+    };
     let finishes = answers.split_off(starts.len());
     Ok(AttemptReports {
         starts: answers,
@@ -120,18 +128,19 @@ async fn in_one_transaction<D: Driver>(
     calls: Vec<Call<'_>>,
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let mut work = Work::begin(d).await?;
-    let runs = calls_in(&mut work, worker_id, &calls).await?;
-    work.commit(d).await?;
-    Ok(runs)
+    let answers = calls_in(&mut work, worker_id, &calls).await?;
+    let answers = place_now(&mut work, answers).await?;
+    let done = work.commit(d).await?;
+    after_commit(answers, &done)
 }
 
 /// The calls judged in order inside the caller's transaction, their runs locked and loaded
-/// up front in one statement.
+/// up front in one statement; their answers wait for [`place_now`] and [`after_commit`].
 async fn calls_in<T: DriverTx>(
     work: &mut Work<T>,
     worker_id: &str,
     calls: &[Call<'_>],
-) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+) -> StoreResult<Vec<StoreResult<Answer>>> {
     let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
     work.load(&ids, Lock::Wait).await?;
     let mut answers = Vec::with_capacity(calls.len());
@@ -142,14 +151,43 @@ async fn calls_in<T: DriverTx>(
         };
         answers.push(per_item(answer)?);
     }
-    let mut runs = Vec::with_capacity(answers.len());
+    Ok(answers)
+}
+
+/// Answers that need a read inside the transaction (a run back in the queue is answered with
+/// its place) are all resolved now; otherwise they wait for the commit's rows, which saves the
+/// store a statement.
+async fn place_now<T: DriverTx>(
+    work: &mut Work<T>,
+    answers: Vec<StoreResult<Answer>>,
+) -> StoreResult<Vec<StoreResult<Answer>>> {
+    if !answers
+        .iter()
+        .any(|a| a.as_ref().is_ok_and(Answer::needs_place))
+    {
+        return Ok(answers);
+    }
+    let mut placed = Vec::with_capacity(answers.len());
     for answer in answers {
-        runs.push(match answer {
-            Ok(answer) => Ok(answer.resolve(work).await?),
+        placed.push(match answer {
+            Ok(answer) => Ok(Answer::Now(Box::new(answer.resolve(work).await?))),
             Err(refused) => Err(refused),
         });
     }
-    Ok(runs)
+    Ok(placed)
+}
+
+fn after_commit(
+    answers: Vec<StoreResult<Answer>>,
+    done: &Committed,
+) -> StoreResult<Vec<StoreResult<RunRecord>>> {
+    answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(answer) => Ok(Ok(answer.after(done)?)),
+            Err(refused) => Ok(Err(refused)),
+        })
+        .collect()
 }
 
 /// An item's own answer: a refusal judged before anything of it was queued (an unknown run,
@@ -190,7 +228,10 @@ async fn start_in<T: DriverTx>(
     work.stamp_attempt_started(run_id, attempt);
     let status = StatusBody::plain(RunStatus::Running, attempt);
     push_status(work, run_id, status)?;
-    Ok(Answer::Written(ticket))
+    Ok(Answer::Written {
+        ticket,
+        to_pending: false,
+    })
 }
 
 async fn finish_in<T: DriverTx>(
@@ -217,7 +258,10 @@ async fn finish_in<T: DriverTx>(
                 error_message: report.error_message.as_deref(),
             };
             let ticket = end_attempt(work, &loaded, decision, ending).await?;
-            Ok(Answer::Written(ticket))
+            Ok(Answer::Written {
+                ticket,
+                to_pending: matches!(decision, Decision::Retry { .. }),
+            })
         }
         None => Ok(Answer::Now(Box::new(loaded.run))),
     }

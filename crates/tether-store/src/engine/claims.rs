@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use tether_domain::admission::{under_ceiling, Room};
 use tether_domain::machine::Command;
-use tether_domain::{Freshness, RunStatus};
+use tether_domain::{Freshness, Resources, RunStatus};
 
+use super::work::Committed;
 use super::{push_status, Ticket, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{
@@ -25,10 +26,33 @@ pub(super) async fn claim_runs<D: Driver>(
     let mut work = Work::begin(d).await?;
     let worker = lock_worker(&mut work, worker_id).await?;
     let claimed = claim_in(&mut work, worker_id, worker?, limits).await?;
-    if !claimed.is_empty() {
-        work.commit(d).await?;
+    if claimed.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(claimed)
+    let done = work.commit(d).await?;
+    claimed.answer(&done)
+}
+
+/// What a claim took, answered once its transaction commits (the writes go out with the
+/// commit, their rows read back from it).
+pub(super) struct Claims(Vec<(u32, Ticket)>);
+
+impl Claims {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn answer(self, done: &Committed) -> StoreResult<Vec<ClaimedRun>> {
+        self.0
+            .into_iter()
+            .map(|(attempt, ticket)| {
+                Ok(ClaimedRun {
+                    attempt,
+                    run: done.written(ticket)?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Locks the worker's row, which serializes its claims (the room a claim computes stays
@@ -50,18 +74,22 @@ pub(super) async fn claim_in<T: DriverTx>(
     worker_id: &str,
     worker: WorkerRecord,
     limits: &ClaimLimits,
-) -> StoreResult<Vec<ClaimedRun>> {
+) -> StoreResult<Claims> {
     let now = work.now();
     // A draining worker finishes what it holds and takes nothing new; a frozen one (its own
     // heartbeat stale, its long-poll still open) takes nothing either.
     let frozen = limits.worker_fresh_ms > 0
         && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now);
     if worker.draining || frozen {
-        return Ok(Vec::new());
+        return Ok(Claims(Vec::new()));
     }
-    let (_, held) = work.tx().await?.held_by(worker_id).await?;
-    let mut room = Room::left(&worker.capacity, &held, &tether_domain::Resources::NONE);
-
+    // The reads below run before this transaction's own queued writes are sent (they go with
+    // the commit): what those take out of flight is taken off what the reads count.
+    let leaving = work.leaving_flight();
+    let leaving: Vec<(String, String, Resources)> = leaving
+        .into_iter()
+        .map(|(id, lane, needs)| (id.to_string(), lane.to_string(), needs))
+        .collect();
     // Lanes with a ceiling that this worker serves: how many runs each has in flight now, and
     // its ceiling. The lane locks (taken in name order, like every lane lock) make the count
     // hold until this claim commits.
@@ -70,28 +98,51 @@ pub(super) async fn claim_in<T: DriverTx>(
         if !worker.lanes.is_empty() && !worker.lanes.contains(lane) {
             continue;
         }
-        let tx = work.tx().await?;
+        let tx = work.tx_unsent();
         tx.lock_lane(lane).await?;
         let n = tx.lane_in_flight(lane).await?;
-        lane_count.insert(lane.as_str(), (n.max(0), *max));
+        let leaving_lane = leaving.iter().filter(|(_, l, _)| l == lane).count() as i64;
+        lane_count.insert(lane.as_str(), ((n - leaving_lane).max(0), *max));
     }
+
+    // Where rows are locked as they are read, lock no more than could be taken.
+    let page_size = |claimed: usize| {
+        if limits.max_runs > 0 {
+            (i64::from(limits.max_runs) - claimed as i64).clamp(1, CLAIM_PAGE)
+        } else {
+            CLAIM_PAGE
+        }
+    };
+    // What the worker holds and the first page, read together.
+    let ((held_runs, mut held), first_page) = work
+        .tx_unsent()
+        .held_and_pending_page(worker_id, 0, &worker.lanes, page_size(0))
+        .await?;
+    for (id, _, needs) in &leaving {
+        if held_runs.iter().any(|(held_id, _)| held_id == id) {
+            held.cpus = (held.cpus - needs.cpus).max(0.0);
+            held.memory_mb = held.memory_mb.saturating_sub(needs.memory_mb);
+        }
+    }
+    let mut room = Room::left(&worker.capacity, &held, &Resources::NONE);
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
     let mut claimed: Vec<(u32, Ticket)> = Vec::new();
     let mut after_seq = 0_i64;
     let mut scanned = 0_usize;
+    let mut next_page = Some(first_page);
     loop {
-        // Where rows are locked as they are read, lock no more than could be taken.
-        let page = if limits.max_runs > 0 {
-            (i64::from(limits.max_runs) - claimed.len() as i64).clamp(1, CLAIM_PAGE)
-        } else {
-            CLAIM_PAGE
+        let page = page_size(claimed.len());
+        // A run a queued write sends back to pending is not seen here: the commit's
+        // `RunPending` brings a claim for it.
+        let rows = match next_page.take() {
+            Some(rows) => rows,
+            None => {
+                work.tx_unsent()
+                    .pending_page(after_seq, &worker.lanes, page)
+                    .await?
+            }
         };
-        let rows = work
-            .tx()
-            .await?
-            .pending_page(after_seq, &worker.lanes, page)
-            .await?;
         scanned += rows.len();
         let last_page = (rows.len() as i64) < page;
         // First the runs this page can give, as if each were taken: what fits the room left
@@ -120,9 +171,15 @@ pub(super) async fn claim_in<T: DriverTx>(
             picks.push(pending);
         }
         // Then all of them loaded in one statement (already locked by the page read, where
-        // the store locks) and each judged and claimed; one refused leaves room unused,
-        // which the next page can fill.
-        let ids: Vec<&str> = picks.iter().map(|p| p.id.as_str()).collect();
+        // the store locks; not at all where the page read them whole) and each judged and
+        // claimed; one refused leaves room unused, which the next page can fill.
+        let mut ids: Vec<&str> = Vec::with_capacity(picks.len());
+        for pending in &picks {
+            match &pending.loaded {
+                Some(loaded) => work.adopt(loaded.clone()),
+                None => ids.push(pending.id.as_str()),
+            }
+        }
         work.load(&ids, Lock::Wait).await?;
         for pending in picks {
             let Some(loaded) = work.run(&pending.id, Lock::Wait).await? else {
@@ -158,10 +215,5 @@ pub(super) async fn claim_in<T: DriverTx>(
             break;
         }
     }
-    let mut runs = Vec::with_capacity(claimed.len());
-    for (attempt, ticket) in claimed {
-        let run = work.written(ticket).await?;
-        runs.push(ClaimedRun { attempt, run });
-    }
-    Ok(runs)
+    Ok(Claims(claimed))
 }

@@ -273,19 +273,37 @@ async fn placed<T: DriverTx>(work: &mut Work<T>, mut run: RunRecord) -> StoreRes
     Ok(run)
 }
 
-/// What one item of a call answers: a run as it is now, or as a queued write will leave it.
+/// What one item of a call answers: a run as it is now, or as a queued write will leave it
+/// (`to_pending`: back in the queue, so answered with its place).
 enum Answer {
     Now(Box<RunRecord>),
-    Written(Ticket),
+    Written { ticket: Ticket, to_pending: bool },
 }
 
 impl Answer {
     async fn resolve<T: DriverTx>(self, work: &mut Work<T>) -> StoreResult<RunRecord> {
         let run = match self {
             Answer::Now(run) => *run,
-            Answer::Written(ticket) => work.written(ticket).await?,
+            Answer::Written { ticket, .. } => work.written(ticket).await?,
         };
         placed(work, run).await
+    }
+
+    /// Whether the answer needs a read inside the transaction (a pending run's place), so it
+    /// cannot wait for the commit's rows.
+    fn needs_place(&self) -> bool {
+        match self {
+            Answer::Now(run) => run.status == RunStatus::Pending && run.queue_position.is_none(),
+            Answer::Written { to_pending, .. } => *to_pending,
+        }
+    }
+
+    /// The answer from the committed transaction's rows (see [`Answer::needs_place`]).
+    fn after(self, done: &work::Committed) -> StoreResult<RunRecord> {
+        match self {
+            Answer::Now(run) => Ok(*run),
+            Answer::Written { ticket, .. } => done.written(ticket),
+        }
     }
 }
 

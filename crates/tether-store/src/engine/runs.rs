@@ -86,7 +86,13 @@ async fn accept<T: DriverTx>(
     }
     let id = uuid::Uuid::now_v7().to_string();
     let state = RunState::new(spec.max_attempts);
-    let Some(inserted) = work.tx().await?.insert_run(&id, spec, state.status).await? else {
+    let place = !places.knows(&spec.lane);
+    let inserted = work
+        .tx()
+        .await?
+        .insert_run(&id, spec, state.status, place)
+        .await?;
+    let Some(inserted) = inserted else {
         // A concurrent submission with the same key committed first: answer as if it had come
         // before us.
         return match find_by_key(work, spec).await? {
@@ -117,10 +123,16 @@ struct Places {
 }
 
 impl Places {
+    fn knows(&self, lane: &str) -> bool {
+        self.last.contains_key(lane)
+    }
+
     async fn next<T: DriverTx>(&mut self, work: &mut Work<T>, run: &RunRecord) -> StoreResult<i64> {
-        let place = match self.last.get(&run.spec.lane) {
-            Some(last) => last + 1,
-            None => {
+        let place = match (self.last.get(&run.spec.lane), run.queue_position) {
+            (Some(last), _) => last + 1,
+            // Counted by the insert itself.
+            (None, Some(place)) => place,
+            (None, None) => {
                 work.tx()
                     .await?
                     .queue_position(&run.spec.lane, run.seq)

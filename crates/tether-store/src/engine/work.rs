@@ -5,9 +5,13 @@
 //!   is answered from memory, and a write's `RETURNING` row replaces the reload that used to
 //!   follow it;
 //! - guarded run writes, and the attempt rows that go with them, wait until something must
-//!   see them (a read of other rows, a second decision about the same run, the commit);
+//!   see them (a read of other rows, a second decision about the same run, the commit); a
+//!   claim's reads do not wait for them ([`Work::tx_unsent`]) but take off what they free;
 //! - events are numbered here, under the run's lock, from the `last_event_seq` the load read,
-//!   and written at commit in one statement; the run's `last_event_seq` goes with its write.
+//!   and written at commit; the run's `last_event_seq` goes with its write;
+//! - what is queued goes out as one [`Flush`] (one statement on PostgreSQL, its `NOTIFY`
+//!   included at commit), and a caller that can wait for the commit reads its written runs
+//!   from [`Committed`].
 //!
 //! A queued write whose guard does not hold when it is sent means a run changed under this
 //! transaction's lock, which the locks rule out: the whole transaction is then refused
@@ -16,8 +20,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::driver::{
-    AttemptClose, AttemptEnd, Driver, DriverTx, LoadedRun, Lock, NewAttempt, NewEvent, RunChange,
-    RunWrite,
+    AttemptClose, AttemptEnd, Driver, DriverTx, Flush, LoadedRun, Lock, NewAttempt, NewEvent,
+    RunChange, RunWrite,
 };
 use crate::{EventBody, Outbox, RunRecord, StoreError, StoreResult};
 
@@ -93,6 +97,33 @@ impl<T: DriverTx> Work<T> {
     pub(super) async fn tx(&mut self) -> StoreResult<&mut T> {
         self.settle().await?;
         Ok(&mut self.tx)
+    }
+
+    /// The store's primitives without sending the queued writes first: for reads whose
+    /// caller corrects what they say by [`Work::leaving_flight`] (a claim's room and lane
+    /// counts), so the writes can go out with the commit instead of a statement of their own.
+    pub(super) fn tx_unsent(&mut self) -> &mut T {
+        &mut self.tx
+    }
+
+    /// Runs that queued, not yet sent, writes take out of flight (a finish, a retry): each
+    /// one's id, lane and what it reserves. A read of the store still counts them in flight.
+    pub(super) fn leaving_flight(&self) -> Vec<(&str, &str, tether_domain::Resources)> {
+        self.writes
+            .iter()
+            .filter(|q| {
+                matches!(
+                    q.write.change,
+                    RunChange::Finish { .. } | RunChange::BackToPending
+                )
+            })
+            .filter_map(|q| self.runs.get(&q.write.run_id))
+            .filter(|seen| seen.run.run.status.is_in_flight())
+            .map(|seen| {
+                let run = &seen.run.run;
+                (run.id.as_str(), run.spec.lane.as_str(), run.spec.resources)
+            })
+            .collect()
     }
 
     /// Loads these runs in one statement where they are not already known, locked as `lock`
@@ -200,6 +231,14 @@ impl<T: DriverTx> Work<T> {
         Ok(ticket)
     }
 
+    /// A run a read of this transaction locked and answered whole (a claim's page), known
+    /// from here on as if loaded under [`Lock::Wait`].
+    pub(super) fn adopt(&mut self, run: LoadedRun) {
+        if !self.runs.get(&run.run.id).is_some_and(|s| s.locked) {
+            self.remember(run, true);
+        }
+    }
+
     /// A run inserted by this transaction, known from here on.
     pub(super) fn inserted(&mut self, run: LoadedRun) {
         self.remember(run, true);
@@ -254,41 +293,64 @@ impl<T: DriverTx> Work<T> {
     /// Sends the queued run writes (with their runs' event seqs) and the attempt rows that go
     /// with them.
     async fn settle(&mut self) -> StoreResult<()> {
-        if !self.writes.is_empty() {
-            let queued = std::mem::take(&mut self.writes);
-            let mut writes = Vec::with_capacity(queued.len());
-            let mut tickets = HashMap::with_capacity(queued.len());
-            for Queued { mut write, ticket } in queued {
-                if let Some(seen) = self.runs.get(&write.run_id) {
-                    write.last_event_seq = seen.last_seq;
-                }
-                tickets.insert(write.run_id.clone(), ticket);
-                writes.push(write);
+        self.flush(false).await
+    }
+
+    /// Sends everything queued in one [`Flush`]; at `last` (the commit) the events too, the
+    /// seqs of runs that took events without a write, and the signals for the store to carry.
+    async fn flush(&mut self, last: bool) -> StoreResult<()> {
+        let queued = std::mem::take(&mut self.writes);
+        let mut writes = Vec::with_capacity(queued.len());
+        let mut tickets = HashMap::with_capacity(queued.len());
+        for Queued { mut write, ticket } in queued {
+            if let Some(seen) = self.runs.get(&write.run_id) {
+                write.last_event_seq = seen.last_seq;
             }
-            let rows = self.tx.write_runs(&writes).await?;
-            if rows.len() != writes.len() {
-                return Err(StoreError::unavailable(
-                    "a run changed under this transaction's lock; nothing was written",
-                ));
+            tickets.insert(write.run_id.clone(), ticket);
+            writes.push(write);
+        }
+        let new_attempts = std::mem::take(&mut self.new_attempts);
+        let started_attempts = std::mem::take(&mut self.started_attempts);
+        let closed_attempts = std::mem::take(&mut self.closed_attempts);
+        let (event_seqs, events, signals) = if last {
+            // Runs that took events without a write of their own (a new run's first event,
+            // say); a run written here carries its seq in its write.
+            let seqs: Vec<(String, i64)> = self
+                .runs
+                .iter()
+                .filter(|(id, seen)| {
+                    seen.last_seq > seen.run.run.last_event_seq && !tickets.contains_key(*id)
+                })
+                .map(|(id, seen)| (id.clone(), seen.last_seq))
+                .collect();
+            let events = std::mem::take(&mut self.events);
+            (seqs, events, self.out.clone().into_signals())
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        let batch = Flush {
+            writes: &writes,
+            new_attempts: &new_attempts,
+            started_attempts: &started_attempts,
+            closed_attempts: &closed_attempts,
+            event_seqs: &event_seqs,
+            events: &events,
+            signals: &signals,
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows = self.tx.flush(batch).await?;
+        if rows.len() != writes.len() {
+            return Err(StoreError::unavailable(
+                "a run changed under this transaction's lock; nothing was written",
+            ));
+        }
+        for row in rows {
+            if let Some(Ticket(i)) = tickets.get(&row.run.id) {
+                self.written[*i] = Some(row.clone());
             }
-            for row in rows {
-                if let Some(Ticket(i)) = tickets.get(&row.run.id) {
-                    self.written[*i] = Some(row.clone());
-                }
-                self.remember(row, true);
-            }
-        }
-        if !self.new_attempts.is_empty() {
-            let rows = std::mem::take(&mut self.new_attempts);
-            self.tx.insert_attempts(&rows).await?;
-        }
-        if !self.started_attempts.is_empty() {
-            let rows = std::mem::take(&mut self.started_attempts);
-            self.tx.stamp_attempts_started(&rows).await?;
-        }
-        if !self.closed_attempts.is_empty() {
-            let rows = std::mem::take(&mut self.closed_attempts);
-            self.tx.close_attempts(&rows).await?;
+            self.remember(row, true);
         }
         Ok(())
     }
@@ -303,22 +365,25 @@ impl<T: DriverTx> Work<T> {
             .ok_or_else(|| StoreError::corrupt("a queued write was never answered"))
     }
 
-    /// Writes everything still queued, the events last, and commits.
-    pub(super) async fn commit<D: Driver<Tx = T>>(mut self, d: &D) -> StoreResult<()> {
-        self.settle().await?;
-        // Runs that took events without a write of their own (a new run's first event, say).
-        let seqs: Vec<(String, i64)> = self
-            .runs
-            .iter()
-            .filter(|(_, seen)| seen.last_seq > seen.run.run.last_event_seq)
-            .map(|(id, seen)| (id.clone(), seen.last_seq))
-            .collect();
-        if !seqs.is_empty() {
-            self.tx.set_last_event_seqs(&seqs).await?;
-        }
-        if !self.events.is_empty() {
-            self.tx.insert_events(&self.events).await?;
-        }
-        d.commit(self.tx, self.out).await
+    /// Writes everything still queued, the events with it, and commits. Answers the runs as
+    /// the queued writes left them, for tickets not yet answered (so a caller that waits for
+    /// the commit to read them saves the store a statement).
+    pub(super) async fn commit<D: Driver<Tx = T>>(mut self, d: &D) -> StoreResult<Committed> {
+        self.flush(true).await?;
+        d.commit(self.tx, self.out).await?;
+        Ok(Committed(self.written))
+    }
+}
+
+/// The runs a committed transaction's writes left, by [`Ticket`].
+pub(super) struct Committed(Vec<Option<LoadedRun>>);
+
+impl Committed {
+    pub(super) fn written(&self, ticket: Ticket) -> StoreResult<RunRecord> {
+        self.0
+            .get(ticket.0)
+            .and_then(|row| row.as_ref())
+            .map(|row| row.run.clone())
+            .ok_or_else(|| StoreError::corrupt("a queued write was never answered"))
     }
 }

@@ -32,7 +32,8 @@ pub(super) async fn set_draining<D: Driver>(d: &D, worker_id: &str) -> StoreResu
     let mut work = Work::begin(d).await?;
     live_worker(&mut work, worker_id).await?;
     work.tx().await?.mark_worker_draining(worker_id).await?;
-    work.commit(d).await
+    work.commit(d).await?;
+    Ok(())
 }
 
 pub(super) async fn deregister<D: Driver>(d: &D, worker_id: &str) -> StoreResult<Vec<String>> {
