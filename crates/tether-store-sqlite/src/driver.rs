@@ -10,8 +10,8 @@ use sqlx::sqlite::SqliteQueryResult;
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, KeyedRun, LoadedRun, Lock,
-    NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, KeyedRun, LoadedRun,
+    Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
     AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
@@ -31,32 +31,184 @@ pub struct SqliteTx {
     pub(crate) now: Millis,
 }
 
-/// The `UPDATE` of one kind of change, for any number of runs: `?1` is the transaction's
-/// `now`, `?2` the runs as a JSON array of `[id, status, attempt, last_event_seq, p1..p4]`
-/// ([`change_values`]). Each row lands only if the run still has the status and attempt it
-/// was judged on (the guard), even against another process writing the same file; the rows
-/// written come back, so nothing is read again.
+/// Set-based writes gathered into one round trip to SQLite's thread: statements separated by
+/// `;`. Their parameters are all anonymous (`?`), bound in the order they appear across the
+/// statements (a numbered one would leave gaps that sqlx binds wrongly), so each statement
+/// names the clock once, in its row source, and reads its rows from a JSON parameter. Only
+/// the run writes return rows.
+#[derive(Default)]
+struct Statements {
+    sql: Vec<String>,
+    binds: Vec<Bind>,
+}
+
+/// A parameter of [`Statements`], in order.
+enum Bind {
+    Now,
+    Rows(String),
+}
+
+impl Statements {
+    /// A statement whose parameters are `?` (the clock) then `?` (its rows), in that order.
+    fn push(&mut self, sql: String, rows: String) {
+        self.sql.push(sql);
+        self.binds.push(Bind::Now);
+        self.binds.push(Bind::Rows(rows));
+    }
+
+    /// One statement per kind of change (see [`write_sql`]).
+    fn write_runs(&mut self, writes: &[RunWrite]) {
+        for (kind, group) in by_kind(writes) {
+            let rows: Vec<Value> = group
+                .iter()
+                .map(|w| {
+                    let [p1, p2, p3, p4] = change_values(&w.change);
+                    json!([
+                        w.run_id,
+                        w.status,
+                        w.attempt,
+                        w.last_event_seq,
+                        p1,
+                        p2,
+                        p3,
+                        p4
+                    ])
+                })
+                .collect();
+            self.push(write_sql(kind), Value::Array(rows).to_string());
+        }
+    }
+
+    fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
+        self.sql.push(
+            "UPDATE runs AS r SET last_event_seq = v.seq FROM \
+             (SELECT value ->> 0 AS id, value ->> 1 AS seq FROM json_each(?)) AS v \
+             WHERE r.id = v.id"
+                .into(),
+        );
+        self.binds.push(Bind::Rows(encode(&seqs, "event seqs")?));
+        Ok(())
+    }
+
+    fn insert_events(&mut self, events: &[NewEvent]) {
+        // Output bytes travel as hex inside the JSON, `unhex`ed into the blob.
+        let rows: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                json!([
+                    e.run_id,
+                    e.seq,
+                    e.body.kind().as_str(),
+                    e.attempt,
+                    e.body.to_json().to_string(),
+                    e.data.as_deref().map(hex),
+                ])
+            })
+            .collect();
+        self.push(
+            "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, ?, value ->> 4, \
+             unhex(value ->> 5) FROM json_each(?)"
+                .into(),
+            Value::Array(rows).to_string(),
+        );
+    }
+
+    fn insert_attempts(&mut self, attempts: &[NewAttempt]) {
+        let rows: Vec<Value> = attempts
+            .iter()
+            .map(|a| json!([a.run_id, a.attempt, a.worker_id]))
+            .collect();
+        self.push(
+            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, ? FROM json_each(?)"
+                .into(),
+            Value::Array(rows).to_string(),
+        );
+    }
+
+    fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
+        self.push(
+            "UPDATE attempts AS a SET started_at = v.now FROM \
+             (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt \
+             FROM json_each(?)) AS v \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt"
+                .into(),
+            encode(&attempts, "attempts")?,
+        );
+        Ok(())
+    }
+
+    fn close_attempts(&mut self, ends: &[AttemptClose]) {
+        let rows: Vec<Value> = ends
+            .iter()
+            .map(|c| {
+                json!([
+                    c.run_id,
+                    c.attempt,
+                    c.end.status.as_str(),
+                    c.end.error_code.map(|e| e.as_str()),
+                    c.end.exit_code,
+                    c.end.error_message,
+                ])
+            })
+            .collect();
+        self.push(
+            "UPDATE attempts AS a SET finished_at = v.now, status = v.status, \
+             error_code = v.error_code, exit_code = v.exit_code, error_message = v.message \
+             FROM (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt, \
+             value ->> 2 AS status, value ->> 3 AS error_code, value ->> 4 AS exit_code, \
+             value ->> 5 AS message FROM json_each(?)) AS v \
+             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL"
+                .into(),
+            Value::Array(rows).to_string(),
+        );
+    }
+
+    /// Runs them all in one round trip; answers the runs the run writes returned.
+    async fn send(self, tx: &mut SqliteTx) -> StoreResult<Vec<LoadedRun>> {
+        if self.sql.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = self.sql.join("; ");
+        let mut query = sqlx::query(&sql);
+        for bind in self.binds {
+            query = match bind {
+                Bind::Now => query.bind(tx.now),
+                Bind::Rows(rows) => query.bind(rows),
+            };
+        }
+        let rows = query.fetch_all(&mut *tx.tx).await.map_err(db)?;
+        rows.iter().map(decode_run).collect()
+    }
+}
+
+/// The `UPDATE` of one kind of change, for any number of runs: two parameters, the
+/// transaction's `now` and the runs as a JSON array of `[id, status, attempt, last_event_seq,
+/// p1..p4]` ([`change_values`]). Each row lands only if the run still has the status and
+/// attempt it was judged on (the guard), even against another process writing the same file;
+/// the rows written come back, so nothing is read again.
 fn write_sql(kind: ChangeKind) -> String {
     let (set, also) = match kind {
         ChangeKind::Claim => (
-            "status = v.p1, attempt = v.p2, worker_id = v.p3, claimed_at = ?1, \
-             started_at = NULL, last_heartbeat_at = ?1, confirmed = 0, \
-             stale_at = ?1 + r.heartbeat_timeout_ms, timeout_at = ?1 + r.timeout_ms",
+            "status = v.p1, attempt = v.p2, worker_id = v.p3, claimed_at = v.now, \
+             started_at = NULL, last_heartbeat_at = v.now, confirmed = 0, \
+             stale_at = v.now + r.heartbeat_timeout_ms, timeout_at = v.now + r.timeout_ms",
             "",
         ),
         ChangeKind::Start => (
-            "status = v.p1, started_at = ?1, confirmed = 1, last_heartbeat_at = ?1, \
-             stale_at = ?1 + r.heartbeat_timeout_ms, timeout_at = ?1 + r.timeout_ms",
+            "status = v.p1, started_at = v.now, confirmed = 1, last_heartbeat_at = v.now, \
+             stale_at = v.now + r.heartbeat_timeout_ms, timeout_at = v.now + r.timeout_ms",
             "",
         ),
         ChangeKind::Heartbeat => (
-            "last_heartbeat_at = ?1, stale_at = ?1 + r.heartbeat_timeout_ms, confirmed = 1, \
+            "last_heartbeat_at = v.now, stale_at = v.now + r.heartbeat_timeout_ms, confirmed = 1, \
              reported_stdout_bytes = v.p2, reported_stderr_bytes = v.p3",
             " AND r.worker_id = v.p1",
         ),
         ChangeKind::Output => (
             "stdout_bytes = r.stdout_bytes + v.p1, stderr_bytes = r.stderr_bytes + v.p2, \
-             output_bytes = r.output_bytes + v.p1 + v.p2, last_output_at = ?1",
+             output_bytes = r.output_bytes + v.p1 + v.p2, last_output_at = v.now",
             "",
         ),
         ChangeKind::BackToPending => (
@@ -66,20 +218,20 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
         ChangeKind::Finish => (
-            "status = v.p1, worker_id = NULL, finished_at = ?1, stale_at = NULL, \
+            "status = v.p1, worker_id = NULL, finished_at = v.now, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
         ChangeKind::CancelAsked => (
-            "cancel_requested_at = coalesce(r.cancel_requested_at, ?1)",
+            "cancel_requested_at = coalesce(r.cancel_requested_at, v.now)",
             "",
         ),
     };
     format!(
         "UPDATE runs AS r SET {set}, last_event_seq = v.seq FROM \
-         (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS attempt, \
+         (SELECT ? AS now, value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS attempt, \
          value ->> 3 AS seq, value ->> 4 AS p1, value ->> 5 AS p2, value ->> 6 AS p3, \
-         value ->> 7 AS p4 FROM json_each(?2)) AS v \
+         value ->> 7 AS p4 FROM json_each(?)) AS v \
          WHERE r.id = v.id AND r.status = v.status AND r.attempt = v.attempt{also} \
          RETURNING {RUN_RETURNING}"
     )
@@ -429,48 +581,36 @@ impl DriverTx for SqliteTx {
     }
 
     async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>> {
-        let mut written = Vec::with_capacity(writes.len());
-        for (kind, group) in by_kind(writes) {
-            let rows: Vec<Value> = group
-                .iter()
-                .map(|w| {
-                    let [p1, p2, p3, p4] = change_values(&w.change);
-                    json!([
-                        w.run_id,
-                        w.status,
-                        w.attempt,
-                        w.last_event_seq,
-                        p1,
-                        p2,
-                        p3,
-                        p4
-                    ])
-                })
-                .collect();
-            let rows = sqlx::query(&write_sql(kind))
-                .bind(self.now)
-                .bind(Value::Array(rows).to_string())
-                .fetch_all(&mut *self.tx)
-                .await
-                .map_err(db)?;
-            for row in &rows {
-                written.push(decode_run(row)?);
-            }
+        let mut statements = Statements::default();
+        statements.write_runs(writes);
+        statements.send(self).await
+    }
+
+    async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
+        let mut statements = Statements::default();
+        statements.write_runs(batch.writes);
+        if !batch.new_attempts.is_empty() {
+            statements.insert_attempts(batch.new_attempts);
         }
-        Ok(written)
+        if !batch.started_attempts.is_empty() {
+            statements.stamp_attempts_started(batch.started_attempts)?;
+        }
+        if !batch.closed_attempts.is_empty() {
+            statements.close_attempts(batch.closed_attempts);
+        }
+        if !batch.event_seqs.is_empty() {
+            statements.set_last_event_seqs(batch.event_seqs)?;
+        }
+        if !batch.events.is_empty() {
+            statements.insert_events(batch.events);
+        }
+        statements.send(self).await
     }
 
     async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE runs AS r SET last_event_seq = v.seq FROM \
-             (SELECT value ->> 0 AS id, value ->> 1 AS seq FROM json_each(?)) AS v \
-             WHERE r.id = v.id",
-        )
-        .bind(encode(&seqs, "event seqs")?)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut statements = Statements::default();
+        statements.set_last_event_seqs(seqs)?;
+        statements.send(self).await.map(drop)
     }
 
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
@@ -523,92 +663,27 @@ impl DriverTx for SqliteTx {
     }
 
     async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()> {
-        // Output bytes travel as hex inside the JSON, `unhex`ed into the blob.
-        let rows: Vec<Value> = events
-            .iter()
-            .map(|e| {
-                json!([
-                    e.run_id,
-                    e.seq,
-                    e.body.kind().as_str(),
-                    e.attempt,
-                    e.body.to_json().to_string(),
-                    e.data.as_deref().map(hex),
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, ?1, value ->> 4, \
-             unhex(value ->> 5) FROM json_each(?2)",
-        )
-        .bind(self.now)
-        .bind(Value::Array(rows).to_string())
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut statements = Statements::default();
+        statements.insert_events(events);
+        statements.send(self).await.map(drop)
     }
 
     async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()> {
-        let rows: Vec<Value> = attempts
-            .iter()
-            .map(|a| json!([a.run_id, a.attempt, a.worker_id]))
-            .collect();
-        sqlx::query(
-            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, ?1 FROM json_each(?2)",
-        )
-        .bind(self.now)
-        .bind(Value::Array(rows).to_string())
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut statements = Statements::default();
+        statements.insert_attempts(attempts);
+        statements.send(self).await.map(drop)
     }
 
     async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE attempts AS a SET started_at = ?1 FROM \
-             (SELECT value ->> 0 AS run_id, value ->> 1 AS attempt FROM json_each(?2)) AS v \
-             WHERE a.run_id = v.run_id AND a.attempt = v.attempt",
-        )
-        .bind(self.now)
-        .bind(encode(&attempts, "attempts")?)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut statements = Statements::default();
+        statements.stamp_attempts_started(attempts)?;
+        statements.send(self).await.map(drop)
     }
 
     async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()> {
-        let rows: Vec<Value> = ends
-            .iter()
-            .map(|c| {
-                json!([
-                    c.run_id,
-                    c.attempt,
-                    c.end.status.as_str(),
-                    c.end.error_code.map(|e| e.as_str()),
-                    c.end.exit_code,
-                    c.end.error_message,
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "UPDATE attempts AS a SET finished_at = ?1, status = v.status, \
-             error_code = v.error_code, exit_code = v.exit_code, error_message = v.message \
-             FROM (SELECT value ->> 0 AS run_id, value ->> 1 AS attempt, value ->> 2 AS status, \
-             value ->> 3 AS error_code, value ->> 4 AS exit_code, value ->> 5 AS message \
-             FROM json_each(?2)) AS v \
-             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL",
-        )
-        .bind(self.now)
-        .bind(Value::Array(rows).to_string())
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db)?;
-        Ok(())
+        let mut statements = Statements::default();
+        statements.close_attempts(ends);
+        statements.send(self).await.map(drop)
     }
 
     async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets> {
