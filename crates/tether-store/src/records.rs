@@ -202,6 +202,56 @@ pub struct LaneLoad {
     pub reserved: Resources,
 }
 
+/// A lane's queue, as a store counts it: how many runs wait and since when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneQueue {
+    pub lane: String,
+    pub pending: i64,
+    pub oldest_pending_at: Option<Millis>,
+}
+
+/// A lane's runs in flight, as a store counts them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneFlight {
+    pub lane: String,
+    pub in_flight: i64,
+    pub running: i64,
+    pub reserved: Resources,
+}
+
+impl LaneLoad {
+    /// Every lane with runs waiting or in flight, in name order, from the two counts a store
+    /// makes apart (each over an index of its own rows, so neither reads the other's).
+    pub fn from_parts(queues: Vec<LaneQueue>, flights: Vec<LaneFlight>) -> Vec<LaneLoad> {
+        let mut loads: std::collections::BTreeMap<String, LaneLoad> =
+            std::collections::BTreeMap::new();
+        let empty = |lane: &str| LaneLoad {
+            lane: lane.to_string(),
+            pending: 0,
+            in_flight: 0,
+            running: 0,
+            oldest_pending_at: None,
+            reserved: Resources::NONE,
+        };
+        for q in queues {
+            let load = loads
+                .entry(q.lane.clone())
+                .or_insert_with(|| empty(&q.lane));
+            load.pending = q.pending;
+            load.oldest_pending_at = q.oldest_pending_at;
+        }
+        for f in flights {
+            let load = loads
+                .entry(f.lane.clone())
+                .or_insert_with(|| empty(&f.lane));
+            load.in_flight = f.in_flight;
+            load.running = f.running;
+            load.reserved = f.reserved;
+        }
+        loads.into_values().collect()
+    }
+}
+
 /// What a claim may hand out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClaimLimits {

@@ -1,0 +1,5 @@
+-- What each lane holds (GET /v1/lanes, the metrics, a run's waiting reason): the queues are
+-- counted from this index alone, which holds the queued runs and nothing else, so counting a
+-- long queue reads no table row and never a finished run.
+CREATE INDEX runs_queued_by_lane ON runs (lane, created_at)
+    WHERE status IN ('pending', 'queued');
