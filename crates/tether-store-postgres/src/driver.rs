@@ -11,8 +11,8 @@ use tether_store::driver::{
     LoadedRun, Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
-    AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
-    RunFilter, RunRecord, Signal, StoreError, StoreResult, StreamOffsets, WorkerRecord,
+    AttemptRecord, Driver, DriverTx, EventRecord, LaneFlight, LaneQueue, NewWorker, Outbox,
+    ReapPolicy, RunFilter, RunRecord, Signal, StoreError, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 use tokio::time::timeout;
@@ -557,8 +557,12 @@ impl Driver for PgStore {
         held_by(&mut conn, worker_id).await
     }
 
-    async fn read_lane_loads(&self) -> StoreResult<Vec<LaneLoad>> {
-        lanes::lane_loads(self.pool()).await
+    async fn read_lane_queues(&self) -> StoreResult<Vec<LaneQueue>> {
+        lanes::queues(self.pool()).await
+    }
+
+    async fn read_lane_flights(&self) -> StoreResult<Vec<LaneFlight>> {
+        lanes::flights(self.pool()).await
     }
 
     async fn read_events(

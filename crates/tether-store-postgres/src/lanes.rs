@@ -2,12 +2,12 @@
 //! queued runs alone, the runs in flight over the few in flight.
 
 use sqlx::{PgPool, Row};
-use tether_store::{LaneFlight, LaneLoad, LaneQueue, StoreResult};
+use tether_store::{LaneFlight, LaneQueue, StoreResult};
 
 use crate::db;
 use crate::rows::resources;
 
-pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
+pub(crate) async fn queues(pool: &PgPool) -> StoreResult<Vec<LaneQueue>> {
     let queued = sqlx::query(
         "SELECT lane, count(*) AS pending, min(created_at) AS oldest_pending_at \
          FROM runs WHERE status IN ('pending', 'queued') GROUP BY lane",
@@ -15,6 +15,19 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
     .fetch_all(pool)
     .await
     .map_err(db)?;
+    queued
+        .iter()
+        .map(|row| {
+            Ok(LaneQueue {
+                lane: row.try_get("lane").map_err(db)?,
+                pending: row.try_get("pending").map_err(db)?,
+                oldest_pending_at: row.try_get("oldest_pending_at").map_err(db)?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn flights(pool: &PgPool) -> StoreResult<Vec<LaneFlight>> {
     let flying = sqlx::query(
         "SELECT lane, count(*) AS in_flight, \
                 count(*) FILTER (WHERE status = 'running') AS running, \
@@ -25,17 +38,7 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    let queues = queued
-        .iter()
-        .map(|row| {
-            Ok(LaneQueue {
-                lane: row.try_get("lane").map_err(db)?,
-                pending: row.try_get("pending").map_err(db)?,
-                oldest_pending_at: row.try_get("oldest_pending_at").map_err(db)?,
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-    let flights = flying
+    flying
         .iter()
         .map(|row| {
             Ok(LaneFlight {
@@ -45,6 +48,5 @@ pub(crate) async fn lane_loads(pool: &PgPool) -> StoreResult<Vec<LaneLoad>> {
                 reserved: resources(row)?,
             })
         })
-        .collect::<StoreResult<Vec<_>>>()?;
-    Ok(LaneLoad::from_parts(queues, flights))
+        .collect()
 }

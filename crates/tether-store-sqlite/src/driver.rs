@@ -14,8 +14,8 @@ use tether_store::driver::{
     Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
-    AttemptRecord, Driver, DriverTx, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy,
-    RunFilter, RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
+    AttemptRecord, Driver, DriverTx, EventRecord, LaneFlight, LaneQueue, NewWorker, Outbox,
+    ReapPolicy, RunFilter, RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
 };
 use tokio::sync::broadcast;
 
@@ -471,8 +471,12 @@ impl Driver for SqliteStore {
         held_by(&mut conn, worker_id).await
     }
 
-    async fn read_lane_loads(&self) -> StoreResult<Vec<LaneLoad>> {
-        lanes::lane_loads(&self.reader).await
+    async fn read_lane_queues(&self) -> StoreResult<Vec<LaneQueue>> {
+        lanes::queues(&self.reader).await
+    }
+
+    async fn read_lane_flights(&self) -> StoreResult<Vec<LaneFlight>> {
+        lanes::flights(&self.reader).await
     }
 
     async fn read_events(

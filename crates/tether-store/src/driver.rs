@@ -11,8 +11,8 @@ use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tokio::sync::broadcast;
 
 use crate::{
-    AttemptRecord, EventBody, EventRecord, LaneLoad, NewWorker, Outbox, ReapPolicy, RunFilter,
-    RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
+    AttemptRecord, EventBody, EventRecord, LaneFlight, LaneQueue, NewWorker, Outbox, ReapPolicy,
+    RunFilter, RunRecord, Signal, StoreResult, StreamOffsets, WorkerRecord,
 };
 
 /// How a run is read inside a write transaction. SQLite's single writer makes every read
@@ -268,7 +268,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn read_live_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
     /// The in-flight runs a worker holds, in `seq` order, and what they reserve.
     async fn read_held_by(&self, worker_id: &str) -> StoreResult<(Vec<(String, u32)>, Resources)>;
-    async fn read_lane_loads(&self) -> StoreResult<Vec<LaneLoad>>;
+    /// Each lane's queue: its pending runs and the oldest one's acceptance, counted from the
+    /// queued runs alone (an index of its own, never a finished run).
+    async fn read_lane_queues(&self) -> StoreResult<Vec<LaneQueue>>;
+    /// Each lane's runs in flight and what they reserve.
+    async fn read_lane_flights(&self) -> StoreResult<Vec<LaneFlight>>;
     /// A run's events after `after_seq` ascending, or before `before_seq` descending.
     async fn read_events(
         &self,

@@ -221,7 +221,10 @@ pub struct LaneFlight {
 
 impl LaneLoad {
     /// Every lane with runs waiting or in flight, in name order, from the two counts a store
-    /// makes apart (each over an index of its own rows, so neither reads the other's).
+    /// makes apart (each over an index of its own rows, so neither reads the other's). Two
+    /// reads, not one snapshot: a run claimed between them may show in both or neither for a
+    /// moment, which is fine for what reads these (views and gauges; admission counts inside
+    /// its own transaction).
     pub fn from_parts(queues: Vec<LaneQueue>, flights: Vec<LaneFlight>) -> Vec<LaneLoad> {
         let mut loads: std::collections::BTreeMap<String, LaneLoad> =
             std::collections::BTreeMap::new();

@@ -99,7 +99,9 @@ impl<D: Driver + EndpointStore> Store for D {
     }
 
     async fn lane_loads(&self) -> StoreResult<Vec<LaneLoad>> {
-        self.read_lane_loads().await
+        let queues = self.read_lane_queues().await?;
+        let flights = self.read_lane_flights().await?;
+        Ok(LaneLoad::from_parts(queues, flights))
     }
 
     async fn claim_runs(
