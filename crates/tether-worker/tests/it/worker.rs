@@ -235,6 +235,19 @@ async fn a_server_that_is_not_up_yet_is_waited_for() {
     worker.stop().await;
 }
 
+/// Runs a worker of 4 cpus against `server` until it has reported `runs` finishes, then stops it.
+async fn drain_with_a_worker(server: &FakeServer, addr: SocketAddr, runs: usize) {
+    let mut cfg = config(addr);
+    cfg.capacity.cpus = 4.0;
+    let worker = Running::start(cfg);
+    server
+        .wait_for(Duration::from_secs(30), "every finish", |w| {
+            w.finishes.len() >= runs
+        })
+        .await;
+    worker.stop().await;
+}
+
 /// Many short runs through one worker: every run is started and finished exactly once, in
 /// calls that carry several attempts each, and the finishes' claims hand out the backlog.
 async fn short_runs_are_reported_in_batches(no_batch_call: bool) {
@@ -248,15 +261,7 @@ async fn short_runs_are_reported_in_batches(no_batch_call: bool) {
             w.pending.push_back(with_id(sh("true"), &format!("r{n}")));
         }
     }
-    let mut cfg = config(addr);
-    cfg.capacity.cpus = 4.0;
-    let worker = Running::start(cfg);
-    server
-        .wait_for(Duration::from_secs(30), "every finish", |w| {
-            w.finishes.len() >= RUNS
-        })
-        .await;
-    worker.stop().await;
+    drain_with_a_worker(&server, addr, RUNS).await;
     let w = server.world();
     let mut started: Vec<&str> = w.starts.iter().map(|(id, _)| id.as_str()).collect();
     let mut finished: Vec<&str> = w.finishes.iter().map(|(id, _)| id.as_str()).collect();
@@ -304,15 +309,7 @@ async fn a_finish_never_goes_before_the_answer_to_its_start() {
             w.pending.push_back(with_id(sh(&script), &format!("r{n}")));
         }
     }
-    let mut cfg = config(addr);
-    cfg.capacity.cpus = 4.0;
-    let worker = Running::start(cfg);
-    server
-        .wait_for(Duration::from_secs(30), "every finish", |w| {
-            w.finishes.len() >= RUNS
-        })
-        .await;
-    worker.stop().await;
+    drain_with_a_worker(&server, addr, RUNS).await;
     let w = server.world();
     assert_eq!(w.finishes.len(), RUNS, "each run finished once");
     assert_eq!(w.finishes_before_start, 0, "a finish came before its start");
