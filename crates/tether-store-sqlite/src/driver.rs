@@ -10,8 +10,8 @@ use sqlx::sqlite::SqliteQueryResult;
 use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, HeldRuns, KeyedRun,
-    LoadedRun, Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
+    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, KeyedRun, LoadedRun,
+    Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
     AttemptRecord, Driver, DriverTx, EventRecord, LaneFlight, LaneQueue, NewWorker, Outbox,
@@ -897,59 +897,6 @@ impl DriverTx for SqliteTx {
                 })
             })
             .collect()
-    }
-
-    /// One statement, one round trip: the held runs (`part` 0) and the page (`part` 1), each
-    /// read through its own index as when asked apart.
-    async fn held_and_pending_page(
-        &mut self,
-        worker_id: &str,
-        after_seq: i64,
-        lanes: &[String],
-        limit: i64,
-    ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
-        let mut sql = format!(
-            "SELECT 0 AS part, seq, id, attempt, NULL AS lane, cpus, memory_mb FROM runs \
-             WHERE worker_id = ? AND status IN {IN_FLIGHT} \
-             UNION ALL SELECT * FROM (SELECT 1 AS part, seq, id, NULL AS attempt, lane, cpus, \
-             memory_mb FROM runs WHERE status IN {PENDING} AND cancel_requested_at IS NULL \
-             AND seq > ?"
-        );
-        if !lanes.is_empty() {
-            let marks = vec!["?"; lanes.len()].join(", ");
-            sql.push_str(&format!(" AND lane IN ({marks})"));
-        }
-        sql.push_str(" ORDER BY seq LIMIT ?) ORDER BY part, seq");
-        let mut query = sqlx::query(&sql).bind(worker_id).bind(after_seq);
-        for lane in lanes {
-            query = query.bind(lane.as_str());
-        }
-        let rows = query
-            .bind(limit)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db)?;
-        let mut held = Vec::new();
-        let mut reserved = Resources::NONE;
-        let mut page = Vec::new();
-        for row in &rows {
-            let needs = resources(row)?;
-            let id: String = row.try_get("id").map_err(db)?;
-            if row.try_get::<i64, _>("part").map_err(db)? == 0 {
-                held.push((id, to_u32(row.try_get("attempt").map_err(db)?, "attempt")?));
-                reserved.cpus += needs.cpus;
-                reserved.memory_mb += needs.memory_mb;
-            } else {
-                page.push(PendingRun {
-                    seq: row.try_get("seq").map_err(db)?,
-                    id,
-                    lane: row.try_get("lane").map_err(db)?,
-                    needs,
-                    loaded: None,
-                });
-            }
-        }
-        Ok(((held, reserved), page))
     }
 
     async fn try_lock_sweep(&mut self) -> StoreResult<bool> {
