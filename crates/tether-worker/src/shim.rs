@@ -14,12 +14,13 @@
 //! - when the command itself exits, the shim kills what it left behind, then exits with the
 //!   command's status (re-raising its signal), so the worker sees the command's own outcome.
 //!
-//! The shim is not a program of its own: it is the worker's child itself, between fork and
-//! exec (`pre_exec`). That child, already leading the run's process group with the lifeline
-//! as its stdin, starts the command with `posix_spawn` (which shares memory until the exec,
-//! copying nothing) and stays behind as the shim instead of exec'ing. A run so costs what a
-//! command spawned without a shim costs; exec'ing a shim binary cost 1.2–1.4 ms of CPU per
-//! run (loading and relocating 23 MB), and a second `fork` of the worker's copy about 1 ms.
+//! The shim is not a program of its own: it is a forked child that never execs. Usually the
+//! run host (`crate::run_host`) forks it; without a host, the worker's own child between fork
+//! and exec (`pre_exec`) is the shim. Either way that child, leading the run's process group
+//! with the lifeline as its stdin, starts the command with `posix_spawn` (which shares memory
+//! until the exec, copying nothing) and stays behind as the shim. Exec'ing a shim binary cost
+//! 1.2–1.4 ms of CPU per run (loading and relocating 23 MB), and a second `fork` of the
+//! worker's copy about 1 ms.
 //! Linux only (`/proc`, `prctl`, `pidfd_open`), and glibc's: the shim runs in a forked copy
 //! of a multithreaded process, where only async-signal-safe calls are safe in general; it
 //! takes no lock another thread may have held (no stdio, no logging, no environment), and
