@@ -509,29 +509,45 @@ async fn claim_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
                 _ = worker.freed.notified() => continue,
             }
         }
-        let t = Instant::now();
-        let answer = tokio::select! {
-            _ = pass.done.cancelled() => return,
-            answer = client.claim(&worker.id, &request) => answer,
-        };
-        pass.http_calls.fetch_add(1, Ordering::Relaxed);
-        let assignments = match answer {
-            Ok(answer) => answer.assignments,
-            Err(e) => {
-                pass.fail(format!("claim: {e}"));
-                return;
-            }
+        let Some(assignments) = claim_once(&client, &worker, &pass, &request).await else {
+            return;
         };
         if assignments.is_empty() {
             continue;
         }
+        worker.admit(assignments);
+    }
+}
+
+/// One long-poll claim, counted and timed as the pass counts calls; `None` once the pass is
+/// over or the claim failed (the pass is failed then).
+async fn claim_once(
+    client: &TetherClient,
+    worker: &Worker,
+    pass: &Pass,
+    request: &ClaimRequest,
+) -> Option<Vec<Assignment>> {
+    let t = Instant::now();
+    let answer = tokio::select! {
+        _ = pass.done.cancelled() => return None,
+        answer = client.claim(&worker.id, request) => answer,
+    };
+    pass.http_calls.fetch_add(1, Ordering::Relaxed);
+    let assignments = match answer {
+        Ok(answer) => answer.assignments,
+        Err(e) => {
+            pass.fail(format!("claim: {e}"));
+            return None;
+        }
+    };
+    if !assignments.is_empty() {
         lock(&pass.calls)
             .entry("claim")
             .or_default()
             .push(millis(t.elapsed()));
         pass.claimed(assignments.len(), false);
-        worker.admit(assignments);
     }
+    Some(assignments)
 }
 
 fn succeeded(run_id: String, attempt: u32) -> AttemptFinishWire {
@@ -648,27 +664,12 @@ async fn single_calls_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>
         wait_ms: CLAIM_WAIT_MS,
     };
     loop {
-        let t = Instant::now();
-        let answer = tokio::select! {
-            _ = pass.done.cancelled() => return,
-            answer = client.claim(&worker.id, &request) => answer,
-        };
-        pass.http_calls.fetch_add(1, Ordering::Relaxed);
-        let assignments = match answer {
-            Ok(answer) => answer.assignments,
-            Err(e) => {
-                pass.fail(format!("claim: {e}"));
-                return;
-            }
+        let Some(assignments) = claim_once(&client, &worker, &pass, &request).await else {
+            return;
         };
         if assignments.is_empty() {
             continue;
         }
-        lock(&pass.calls)
-            .entry("claim")
-            .or_default()
-            .push(millis(t.elapsed()));
-        pass.claimed(assignments.len(), false);
         let plays = assignments.into_iter().map(|a| play(&worker, a, &pass));
         futures::future::join_all(plays).await;
     }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use sqlx::{PgConnection, Row};
 use tether_domain::{Millis, Resources, RunSpec, RunStatus};
 use tether_store::driver::{
-    by_kind, AttemptClose, ChangeKind, EarliestDeadlines, EventRange, Flush, HeldRuns, KeyedRun,
-    LoadedRun, Lock, NewAttempt, NewEvent, PendingRun, RunChange, RunWrite, Waiting,
+    by_kind, ChangeKind, EarliestDeadlines, EventRange, Flush, HeldRuns, KeyedRun, LoadedRun, Lock,
+    PendingRun, RunChange, RunWrite, Waiting,
 };
 use tether_store::{
     AttemptRecord, Driver, DriverTx, EventRecord, LaneFlight, LaneQueue, NewWorker, Outbox,
@@ -38,17 +38,12 @@ pub struct PgTx {
 }
 
 /// The `UPDATE` of one kind of change, for any number of runs: `$1` is the transaction's
-/// `now`, `$2..$12` the columns of [`WriteColumns`], one array each. Each row lands only if
+/// `now`, `$first..` the columns of [`WriteColumns`], one array each. Each row lands only if
 /// the run still has the status and attempt it was judged on (the guard), even against
 /// another server writing the same database (writers also lock the row first, so the guard
 /// confirms what the lock already ensured); the rows written come back, so nothing is read
 /// again.
-fn write_sql(kind: ChangeKind) -> String {
-    write_sql_from(kind, 2)
-}
-
-/// [`write_sql`] with the columns' arrays from `$first` on (`$1` is still `now`).
-pub(crate) fn write_sql_from(kind: ChangeKind, first: usize) -> String {
+fn write_sql(kind: ChangeKind, first: usize) -> String {
     let (set, also) = match kind {
         ChangeKind::Claim => (
             "status = v.new_status, attempt = v.n1, worker_id = v.worker, claimed_at = $1, \
@@ -195,7 +190,7 @@ async fn flush_in_one(
     let mut with: Vec<String> = Vec::new();
     let mut written: Vec<String> = Vec::new();
     for (i, (kind, _)) in groups.iter().enumerate() {
-        with.push(format!("w{i} AS ({})", write_sql_from(*kind, next(11))));
+        with.push(format!("w{i} AS ({})", write_sql(*kind, next(11))));
         written.push(format!("SELECT * FROM w{i}"));
     }
     if !batch.new_attempts.is_empty() {
@@ -672,36 +667,6 @@ impl DriverTx for PgTx {
         Ok(ahead + 1)
     }
 
-    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>> {
-        let mut written = Vec::with_capacity(writes.len());
-        for (kind, group) in by_kind(writes) {
-            let mut cols = WriteColumns::default();
-            for write in &group {
-                cols.push(write);
-            }
-            let rows = sqlx::query(&write_sql(kind))
-                .bind(self.now)
-                .bind(cols.id)
-                .bind(cols.status)
-                .bind(cols.attempt)
-                .bind(cols.seq)
-                .bind(cols.new_status)
-                .bind(cols.n1)
-                .bind(cols.n2)
-                .bind(cols.worker)
-                .bind(cols.exit)
-                .bind(cols.code)
-                .bind(cols.message)
-                .fetch_all(self.tx.conn()?)
-                .await
-                .map_err(db)?;
-            for row in &rows {
-                written.push(decode_run(row)?);
-            }
-        }
-        Ok(written)
-    }
-
     async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
         let remote: Vec<Signal> = batch
             .signals
@@ -715,21 +680,6 @@ impl DriverTx for PgTx {
         let runs = flush_in_one(self.tx.conn()?, self.now, &batch, notify).await?;
         self.notified |= notify.is_some();
         Ok(runs)
-    }
-
-    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
-        let (ids, seqs): (Vec<&str>, Vec<i64>) =
-            seqs.iter().map(|(id, seq)| (id.as_str(), *seq)).unzip();
-        sqlx::query(
-            "UPDATE runs AS r SET last_event_seq = v.seq \
-             FROM UNNEST($1::text[], $2::bigint[]) AS v(id, seq) WHERE r.id = v.id",
-        )
-        .bind(ids)
-        .bind(seqs)
-        .execute(self.tx.conn()?)
-        .await
-        .map_err(db)?;
-        Ok(())
     }
 
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
@@ -787,113 +737,6 @@ impl DriverTx for PgTx {
         .await
         .map_err(db)?;
         row.as_ref().map(decode_run).transpose()
-    }
-
-    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()> {
-        let mut run_ids = Vec::with_capacity(events.len());
-        let mut seqs = Vec::with_capacity(events.len());
-        let mut kinds = Vec::with_capacity(events.len());
-        let mut attempts = Vec::with_capacity(events.len());
-        let mut bodies = Vec::with_capacity(events.len());
-        let mut data = Vec::with_capacity(events.len());
-        for e in events {
-            run_ids.push(e.run_id.as_str());
-            seqs.push(e.seq);
-            kinds.push(e.body.kind().as_str());
-            attempts.push(i64::from(e.attempt));
-            bodies.push(e.body.to_json().to_string());
-            data.push(e.data.as_deref());
-        }
-        sqlx::query(
-            "INSERT INTO run_events (run_id, seq, kind, attempt, ts, body, data) \
-             SELECT v.run_id, v.seq, v.kind, v.attempt, $1, v.body::jsonb, v.data \
-             FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
-             $7::bytea[]) AS v(run_id, seq, kind, attempt, body, data)",
-        )
-        .bind(self.now)
-        .bind(run_ids)
-        .bind(seqs)
-        .bind(kinds)
-        .bind(attempts)
-        .bind(bodies)
-        .bind(data)
-        .execute(self.tx.conn()?)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()> {
-        let run_ids: Vec<&str> = attempts.iter().map(|a| a.run_id.as_str()).collect();
-        let numbers: Vec<i64> = attempts.iter().map(|a| i64::from(a.attempt)).collect();
-        let workers: Vec<&str> = attempts.iter().map(|a| a.worker_id.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO attempts (run_id, attempt, worker_id, claimed_at) \
-             SELECT v.run_id, v.attempt, v.worker_id, $1 \
-             FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS v(run_id, attempt, worker_id)",
-        )
-        .bind(self.now)
-        .bind(run_ids)
-        .bind(numbers)
-        .bind(workers)
-        .execute(self.tx.conn()?)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
-        let (run_ids, numbers): (Vec<&str>, Vec<i64>) = attempts
-            .iter()
-            .map(|(id, attempt)| (id.as_str(), i64::from(*attempt)))
-            .unzip();
-        sqlx::query(
-            "UPDATE attempts AS a SET started_at = $1 \
-             FROM UNNEST($2::text[], $3::bigint[]) AS v(run_id, attempt) \
-             WHERE a.run_id = v.run_id AND a.attempt = v.attempt",
-        )
-        .bind(self.now)
-        .bind(run_ids)
-        .bind(numbers)
-        .execute(self.tx.conn()?)
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
-
-    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()> {
-        let mut run_ids = Vec::with_capacity(ends.len());
-        let mut numbers = Vec::with_capacity(ends.len());
-        let mut statuses = Vec::with_capacity(ends.len());
-        let mut codes = Vec::with_capacity(ends.len());
-        let mut exits = Vec::with_capacity(ends.len());
-        let mut messages = Vec::with_capacity(ends.len());
-        for c in ends {
-            run_ids.push(c.run_id.as_str());
-            numbers.push(i64::from(c.attempt));
-            statuses.push(c.end.status.as_str());
-            codes.push(c.end.error_code.map(|e| e.as_str()));
-            exits.push(c.end.exit_code);
-            messages.push(c.end.error_message.as_deref());
-        }
-        sqlx::query(
-            "UPDATE attempts AS a SET finished_at = $1, status = v.status, \
-             error_code = v.code, exit_code = v.exit, error_message = v.message \
-             FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::int[], \
-             $7::text[]) AS v(run_id, attempt, status, code, exit, message) \
-             WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL",
-        )
-        .bind(self.now)
-        .bind(run_ids)
-        .bind(numbers)
-        .bind(statuses)
-        .bind(codes)
-        .bind(exits)
-        .bind(messages)
-        .execute(self.tx.conn()?)
-        .await
-        .map_err(db)?;
-        Ok(())
     }
 
     async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets> {

@@ -584,12 +584,6 @@ impl DriverTx for SqliteTx {
         Ok(ahead + 1)
     }
 
-    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>> {
-        let mut statements = Statements::default();
-        statements.write_runs(writes);
-        statements.send(self).await
-    }
-
     async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
         let mut statements = Statements::default();
         statements.write_runs(batch.writes);
@@ -609,12 +603,6 @@ impl DriverTx for SqliteTx {
             statements.insert_events(batch.events);
         }
         statements.send(self).await
-    }
-
-    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()> {
-        let mut statements = Statements::default();
-        statements.set_last_event_seqs(seqs)?;
-        statements.send(self).await.map(drop)
     }
 
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>> {
@@ -664,30 +652,6 @@ impl DriverTx for SqliteTx {
         .await
         .map_err(db)?;
         decode_run(&row).map(Some)
-    }
-
-    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()> {
-        let mut statements = Statements::default();
-        statements.insert_events(events);
-        statements.send(self).await.map(drop)
-    }
-
-    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()> {
-        let mut statements = Statements::default();
-        statements.insert_attempts(attempts);
-        statements.send(self).await.map(drop)
-    }
-
-    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
-        let mut statements = Statements::default();
-        statements.stamp_attempts_started(attempts)?;
-        statements.send(self).await.map(drop)
-    }
-
-    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()> {
-        let mut statements = Statements::default();
-        statements.close_attempts(ends);
-        statements.send(self).await.map(drop)
     }
 
     async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets> {

@@ -173,11 +173,14 @@ pub struct AttemptClose {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Flush<'a> {
     pub writes: &'a [RunWrite],
+    /// Attempt rows to insert, `claimed_at = now`.
     pub new_attempts: &'a [NewAttempt],
+    /// Attempts, `(run_id, attempt)`, to stamp `started_at = now`.
     pub started_attempts: &'a [(String, u32)],
     pub closed_attempts: &'a [AttemptClose],
     /// Runs that took events without a write of their own: their `last_event_seq`.
     pub event_seqs: &'a [(String, i64)],
+    /// Events to append, each with the `seq` it names, `ts = now`.
     pub events: &'a [NewEvent],
     /// The transaction's signals, on its last flush before commit: a store that tells other
     /// servers inside the transaction may send them with these writes.
@@ -312,38 +315,12 @@ pub trait DriverTx: Send {
     async fn load_runs(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<Vec<LoadedRun>>;
     /// A pending run's place in its lane: 1 + the pending runs of `lane` before `seq`.
     async fn queue_position(&mut self, lane: &str, seq: i64) -> StoreResult<i64>;
-    /// Writes each change whose guard still holds (one statement per [`ChangeKind`]); answers
-    /// the runs written, as they are now stored, in no particular order. No run appears
-    /// twice in `writes`.
-    async fn write_runs(&mut self, writes: &[RunWrite]) -> StoreResult<Vec<LoadedRun>>;
-    /// Sends a [`Flush`]: answers the runs written, as [`DriverTx::write_runs`] does. By
-    /// default a statement per part, in the order of its fields; a store may send it in fewer
-    /// round trips.
-    async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>> {
-        let written = if batch.writes.is_empty() {
-            Vec::new()
-        } else {
-            self.write_runs(batch.writes).await?
-        };
-        if !batch.new_attempts.is_empty() {
-            self.insert_attempts(batch.new_attempts).await?;
-        }
-        if !batch.started_attempts.is_empty() {
-            self.stamp_attempts_started(batch.started_attempts).await?;
-        }
-        if !batch.closed_attempts.is_empty() {
-            self.close_attempts(batch.closed_attempts).await?;
-        }
-        if !batch.event_seqs.is_empty() {
-            self.set_last_event_seqs(batch.event_seqs).await?;
-        }
-        if !batch.events.is_empty() {
-            self.insert_events(batch.events).await?;
-        }
-        Ok(written)
-    }
-    /// Sets runs' `last_event_seq` where events were appended without a change to the run.
-    async fn set_last_event_seqs(&mut self, seqs: &[(String, i64)]) -> StoreResult<()>;
+    /// Sends a [`Flush`], the only way a transaction writes runs, attempts and events:
+    /// each run write lands only where its guard still holds (the run's status and attempt as
+    /// judged), one statement per [`ChangeKind`] for any number of runs; answers the runs
+    /// written, as they are now stored, in no particular order. A store sends it in as few
+    /// round trips as it can (one, on both stores).
+    async fn flush(&mut self, batch: Flush<'_>) -> StoreResult<Vec<LoadedRun>>;
     /// The run accepted earlier under this key, if any.
     async fn find_by_key(&mut self, key: &str) -> StoreResult<Option<KeyedRun>>;
     /// Inserts a run `pending` (attempt 0) and answers it as stored; `None` when its
@@ -357,15 +334,8 @@ pub trait DriverTx: Send {
         status: RunStatus,
         place: bool,
     ) -> StoreResult<Option<LoadedRun>>;
-    /// Appends events, each with the `seq` it names, `ts = now`.
-    async fn insert_events(&mut self, events: &[NewEvent]) -> StoreResult<()>;
 
     // ---- attempts -----------------------------------------------------------------------
-    async fn insert_attempts(&mut self, attempts: &[NewAttempt]) -> StoreResult<()>;
-    /// Stamps `started_at = now` on these attempts, `(run_id, attempt)`.
-    async fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()>;
-    /// Records how attempts ended, each if its end has not been recorded yet.
-    async fn close_attempts(&mut self, ends: &[AttemptClose]) -> StoreResult<()>;
     /// What the attempt has stored of each stream (zero for an attempt with no row).
     async fn attempt_offsets(&mut self, run_id: &str, attempt: u32) -> StoreResult<StreamOffsets>;
     async fn set_attempt_offsets(

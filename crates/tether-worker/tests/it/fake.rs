@@ -173,6 +173,24 @@ pub fn options() -> SupervisorOptions {
     }
 }
 
+/// Supervises `assignment` in a task of its own; the control steers it, the handle ends with
+/// it.
+pub fn spawned(
+    assignment: Assignment,
+    reporter: Arc<FakeReporter>,
+    options: SupervisorOptions,
+) -> (AttemptControl, tokio::task::JoinHandle<AttemptEnd>) {
+    let (control, rx) = AttemptControl::new();
+    let task = tokio::spawn(supervise(
+        assignment,
+        reporter,
+        Arc::new(AttemptStats::new()),
+        rx,
+        options,
+    ));
+    (control, task)
+}
+
 /// Supervises `assignment` to its end (at most `limit`), with a control nobody uses.
 pub async fn run(
     assignment: Assignment,

@@ -11,7 +11,7 @@ use tether_worker::{
     supervise, AttemptControl, AttemptEnd, AttemptStats, Finish, OutputStream, Unreported,
 };
 
-use crate::fake::{assignment, options, run, sh, Behaviour, FakeReporter};
+use crate::fake::{assignment, options, run, sh, spawned, Behaviour, FakeReporter};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -185,14 +185,7 @@ async fn output_keeps_a_command_from_stalling() {
 #[tokio::test]
 async fn cancel_stops_the_whole_process_group() {
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
-        sh("sleep 30 & sleep 30"),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        options(),
-    ));
+    let (control, task) = spawned(sh("sleep 30 & sleep 30"), fake.clone(), options());
     let pid = fake.wait_for_pid(LIMIT).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     control.cancel();
@@ -210,14 +203,11 @@ async fn cancel_stops_the_whole_process_group() {
 #[tokio::test]
 async fn not_owned_kills_at_once_and_reports_nothing() {
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
+    let (control, task) = spawned(
         sh("trap '' TERM; echo up; sleep 30"),
         fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
         options(),
-    ));
+    );
     let pid = fake.wait_for_pid(LIMIT).await;
     control.abandon();
     let end = tokio::time::timeout(Duration::from_millis(400), task)
@@ -232,14 +222,7 @@ async fn not_owned_kills_at_once_and_reports_nothing() {
 #[tokio::test]
 async fn shutdown_terminates_and_reports_nothing() {
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
-        assignment(&["sleep", "30"]),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        options(),
-    ));
+    let (control, task) = spawned(assignment(&["sleep", "30"]), fake.clone(), options());
     let pid = fake.wait_for_pid(LIMIT).await;
     control.shut_down();
     let end = tokio::time::timeout(LIMIT, task)
@@ -358,14 +341,7 @@ async fn a_partial_line_arrives_without_a_newline() {
 #[tokio::test]
 async fn a_partial_line_is_sent_while_the_command_still_runs() {
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
-        sh("printf 'progress: '; sleep 30"),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        options(),
-    ));
+    let (control, task) = spawned(sh("printf 'progress: '; sleep 30"), fake.clone(), options());
     tether_testkit::eventually("the partial line", Duration::from_secs(2), async || {
         fake.output(OutputStream::Stdout) == b"progress: "
     })
@@ -518,15 +494,8 @@ async fn what_a_command_left_behind_dies_with_it_even_in_a_session_of_its_own() 
 async fn a_stopped_run_takes_its_detached_processes_with_it() {
     let tag = format!("{}.5", 8000 + std::process::id() % 1000);
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
     let script = format!("setsid sleep {tag} & echo up; sleep {tag}");
-    let task = tokio::spawn(supervise(
-        sh(&script),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        options(),
-    ));
+    let (control, task) = spawned(sh(&script), fake.clone(), options());
     let deadline = Instant::now() + LIMIT;
     while running(&["sleep", &tag]) < 2 {
         assert!(Instant::now() < deadline, "the sleeps never started");
@@ -548,14 +517,7 @@ async fn without_the_shim_a_command_runs_and_its_group_is_cancelled() {
         ..options()
     };
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
-        sh("echo up; sleep 30 & sleep 30"),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        no_shim,
-    ));
+    let (control, task) = spawned(sh("echo up; sleep 30 & sleep 30"), fake.clone(), no_shim);
     let pid = fake.wait_for_pid(LIMIT).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     control.cancel();
@@ -618,14 +580,7 @@ async fn the_worker_never_forks_a_run_its_run_host_does() {
 #[tokio::test]
 async fn a_run_host_that_dies_fails_its_runs_and_the_next_run_gets_a_new_one() {
     let fake = FakeReporter::new();
-    let (control, rx) = AttemptControl::new();
-    let task = tokio::spawn(supervise(
-        sh("echo up; sleep 30"),
-        fake.clone(),
-        Arc::new(AttemptStats::new()),
-        rx,
-        options(),
-    ));
+    let (control, task) = spawned(sh("echo up; sleep 30"), fake.clone(), options());
     let shim = fake.wait_for_pid(LIMIT).await;
     let host = parent_of(shim).expect("the shim has a parent");
     assert_ne!(host, std::process::id());
