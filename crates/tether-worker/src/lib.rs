@@ -21,3 +21,9 @@ pub use supervisor::{
     command_env, supervise, AttemptEnd, SupervisorOptions, Unreported, DEFAULT_PASS_ENV,
 };
 pub use worker::{run_worker, WorkerConfig, WorkerError};
+
+/// Locks `mutex`, taking it over from a holder that panicked: everything this crate guards
+/// stays valid between statements, so a panic elsewhere leaves nothing half-written.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

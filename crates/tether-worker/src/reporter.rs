@@ -343,7 +343,7 @@ impl BatchReporter {
     }
 
     fn first_report(&self) -> Option<LaunchGuard> {
-        self.launch.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::lock(&self.launch).take()
     }
 }
 

@@ -36,7 +36,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use nix::libc;
@@ -46,6 +46,7 @@ use nix::sys::socket::{
 };
 use tokio::sync::oneshot;
 
+use crate::lock;
 use crate::shim::Launch;
 
 /// The largest request: a command whose arguments and environment need more is spawned by
@@ -97,10 +98,6 @@ struct Waiting {
 }
 
 static HOST: Mutex<Option<Arc<RunHost>>> = Mutex::new(None);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn lost() -> std::io::Error {
     std::io::Error::other("the run host is gone")

@@ -49,7 +49,7 @@ pub const SUPPORTED: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
 static LIFELINES: Mutex<BTreeMap<u32, OwnedFd>> = Mutex::new(BTreeMap::new());
 
 fn lifelines() -> MutexGuard<'static, BTreeMap<u32, OwnedFd>> {
-    LIFELINES.lock().unwrap_or_else(|p| p.into_inner())
+    crate::lock(&LIFELINES)
 }
 
 /// Holds the lifeline of the shim leading group `pgid` until [`cut_lifeline`], or until the

@@ -236,8 +236,7 @@ struct HeldAttempt {
 
 impl Held {
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, u32), HeldAttempt>> {
-        // A panic while holding the lock leaves a map that is still valid.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.0)
     }
 
     /// Whether `capacity`, less what the held attempts reserve, could take another run.
@@ -480,7 +479,7 @@ impl Launcher {
     }
 
     fn lock_ending(&self) -> MutexGuard<'_, Option<Directive>> {
-        self.ending.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.ending)
     }
 
     /// Orders every attempt held now, and any handed out later, to end.
