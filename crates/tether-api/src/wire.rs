@@ -159,6 +159,15 @@ pub struct ClaimRequest {
     pub max_runs: u32,
     #[serde(default)]
     pub wait_ms: u64,
+    /// Beyond its capacity, what the worker may also hold in runs waiting in it to start the
+    /// moment a slot frees (its local queue); at most 8 times its capacity. Absent: nothing.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::Resources>"
+    )]
+    #[schema(value_type = Option<shape::Resources>)]
+    pub reserve: Option<Resources>,
 }
 
 fn one() -> u32 {
@@ -364,11 +373,19 @@ pub struct AttemptFinishWire {
 }
 
 /// The claim riding on [`AttemptReportsRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportClaim {
     #[serde(default = "one")]
     pub max_runs: u32,
+    /// As [`ClaimRequest::reserve`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shape::Optional::<shape::Resources>"
+    )]
+    #[schema(value_type = Option<shape::Resources>)]
+    pub reserve: Option<Resources>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -501,6 +501,7 @@ async fn claim_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
     let request = ClaimRequest {
         max_runs: worker.slots,
         wait_ms: CLAIM_WAIT_MS,
+        reserve: None,
     };
     loop {
         if !worker.has_room() {
@@ -600,6 +601,7 @@ async fn report_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
         if !request.finishes.is_empty() {
             request.claim = Some(ReportClaim {
                 max_runs: worker.slots,
+                reserve: None,
             });
         }
         pass.reports.fetch_add(
@@ -662,6 +664,7 @@ async fn single_calls_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>
     let request = ClaimRequest {
         max_runs: worker.slots,
         wait_ms: CLAIM_WAIT_MS,
+        reserve: None,
     };
     loop {
         let Some(assignments) = claim_once(&client, &worker, &pass, &request).await else {
@@ -1172,6 +1175,7 @@ async fn measure_big_table(
         let request = ClaimRequest {
             max_runs: IN_FLIGHT - held.len() as u32,
             wait_ms: CLAIM_WAIT_MS,
+            reserve: None,
         };
         held.extend(client.claim(&holder.id, &request).await?.assignments);
     }
@@ -1204,6 +1208,7 @@ async fn measure_big_table(
     let one = ClaimRequest {
         max_runs: 1,
         wait_ms: 0,
+        reserve: None,
     };
     for _ in 0..args.samples {
         let run = client.submit(&noop).await?;

@@ -107,6 +107,33 @@ impl Room {
     }
 }
 
+/// At most this many times its capacity may a worker hold in reserve.
+pub const MAX_RESERVE_FACTOR: u32 = 8;
+
+/// How much a worker may hold at once: its `capacity`, plus a `reserve` of runs waiting in it
+/// to start the moment one of its slots frees (its local queue), so a slot never waits a round
+/// trip for its next run. The reserve counts at most [`MAX_RESERVE_FACTOR`] times the
+/// capacity (the worker sizes it by time: what its slots free within a few tens of
+/// milliseconds); a claim still hands it only runs that fit its capacity alone.
+pub fn claim_reach(capacity: &Resources, reserve: &Resources) -> Resources {
+    let factor = f64::from(MAX_RESERVE_FACTOR);
+    let cpus = if reserve.cpus.is_finite() {
+        reserve.cpus.clamp(0.0, factor * capacity.cpus)
+    } else {
+        0.0
+    };
+    Resources {
+        cpus: capacity.cpus + cpus,
+        memory_mb: capacity.memory_mb.saturating_add(
+            reserve.memory_mb.min(
+                capacity
+                    .memory_mb
+                    .saturating_mul(u64::from(MAX_RESERVE_FACTOR)),
+            ),
+        ),
+    }
+}
+
 /// Is a lane with `count` runs (in flight, plus waiting where the caller counts them) under
 /// its `max_concurrency`? A lane without one always is.
 pub fn under_ceiling(count: i64, max_concurrency: Option<u32>) -> bool {
@@ -226,6 +253,33 @@ mod tests {
         // Nothing to go on: the fallback.
         assert_eq!(retry_after_s(0, &[], &[10_000], 30_000), 30);
         assert_eq!(retry_after_s(0, &runs, &[], 7_500), 8);
+    }
+
+    #[test]
+    fn a_reserve_reaches_at_most_a_few_times_the_capacity() {
+        let capacity = Resources {
+            cpus: 8.0,
+            memory_mb: 4096,
+        };
+        let reach =
+            |cpus: f64, memory_mb: u64| claim_reach(&capacity, &Resources { cpus, memory_mb });
+        assert_eq!(reach(0.0, 0), capacity);
+        assert_eq!(
+            reach(4.0, 1024),
+            Resources {
+                cpus: 12.0,
+                memory_mb: 5120
+            }
+        );
+        let most = Resources {
+            cpus: 72.0,
+            memory_mb: 36864,
+        };
+        assert_eq!(reach(1e6, u64::MAX), most);
+        // Nonsense never widens what a worker may hold.
+        assert_eq!(reach(f64::NAN, 0), capacity);
+        assert_eq!(reach(f64::INFINITY, 0), capacity);
+        assert_eq!(reach(-3.0, 0), capacity);
     }
 
     #[test]

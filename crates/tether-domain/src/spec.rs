@@ -216,6 +216,24 @@ pub fn check_resources(field: &str, r: &Resources) -> Result<(), ValidationError
     Ok(())
 }
 
+/// A worker's claim `reserve` (see [`crate::admission::claim_reach`]): like a capacity, but
+/// nothing at all is allowed.
+pub fn check_reserve(field: &str, r: &Resources) -> Result<(), ValidationError> {
+    if !r.cpus.is_finite() || r.cpus < 0.0 || r.cpus > MAX_CPUS {
+        return Err(ValidationError::field(
+            &format!("{field}.cpus"),
+            format!("must be a number from 0 to {MAX_CPUS}"),
+        ));
+    }
+    if r.memory_mb > MAX_MEMORY_MB {
+        return Err(ValidationError::field(
+            &format!("{field}.memory_mb"),
+            format!("must be 0 to {MAX_MEMORY_MB}"),
+        ));
+    }
+    Ok(())
+}
+
 fn seconds_to_ms(field: &str, seconds: f64) -> Result<i64, ValidationError> {
     if !seconds.is_finite() || seconds <= 0.0 || seconds > 366.0 * 86_400.0 {
         return Err(ValidationError::field(

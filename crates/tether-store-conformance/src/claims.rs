@@ -132,6 +132,69 @@ pub async fn claims_stay_within_worker_capacity(h: &dyn Harness) {
         .is_empty());
 }
 
+/// A reserve lets a worker hold runs waiting in it beyond its capacity (its local queue), at
+/// most 8 times its capacity, never a run it could not run alone, and never past a lane's
+/// ceiling.
+pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let big = create(
+        store,
+        &spec_with(|r| {
+            r.resources = Some(Resources {
+                cpus: 2.0,
+                memory_mb: 256,
+            })
+        }),
+    )
+    .await;
+    for _ in 0..12 {
+        create(store, &spec()).await;
+    }
+    let worker_id = register(store, 1.0).await;
+    let reserve = |cpus: f64| ClaimLimits {
+        reserve: Resources {
+            cpus,
+            memory_mb: 1 << 20,
+        },
+        ..limits(20)
+    };
+    let first = store.claim_runs(&worker_id, &reserve(1.0)).await.unwrap();
+    assert_eq!(first.len(), 2, "1 cpu of capacity and 1 of reserve");
+    assert!(
+        first.iter().all(|c| c.run.id != big),
+        "2 cpus never run on 1"
+    );
+    // Asking for more than 8 times the capacity reaches only that far: 9 runs held.
+    let more = store.claim_runs(&worker_id, &reserve(50.0)).await.unwrap();
+    assert_eq!(more.len(), 7);
+    assert!(store
+        .claim_runs(&worker_id, &reserve(50.0))
+        .await
+        .unwrap()
+        .is_empty());
+    // Without a reserve, a worker holding more than its capacity has no room at all.
+    assert!(store
+        .claim_runs(&worker_id, &limits(20))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(status(store, &big).await, RunStatus::Pending);
+
+    // A lane's ceiling counts runs held in reserve like any other in flight.
+    let lane_worker = register(store, 8.0).await;
+    let capped = ClaimLimits {
+        lane_max_concurrency: BTreeMap::from([("default".to_string(), 11)]),
+        ..reserve(8.0)
+    };
+    let taken = store.claim_runs(&lane_worker, &capped).await.unwrap();
+    assert_eq!(
+        taken.len(),
+        2,
+        "9 held by the first worker, 2 more reach 11"
+    );
+}
+
 pub async fn a_run_too_big_is_skipped_without_blocking_smaller_ones(h: &dyn Harness) {
     let fx = h.fresh().await;
     let store = &fx.store;
@@ -172,6 +235,7 @@ pub async fn claims_respect_lane_max_concurrency(h: &dyn Harness) {
         max_runs: 10,
         lane_max_concurrency: BTreeMap::from([("builds".to_string(), 2)]),
         worker_fresh_ms: 0,
+        ..ClaimLimits::default()
     };
     let w1 = register(store, 8.0).await;
     let w2 = register(store, 8.0).await;

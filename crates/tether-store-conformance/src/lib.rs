@@ -84,6 +84,7 @@ macro_rules! store_conformance_tests {
             claims_stay_within_worker_capacity,
             a_run_too_big_is_skipped_without_blocking_smaller_ones,
             claims_respect_lane_max_concurrency,
+            a_reserve_holds_runs_beyond_capacity_within_bounds,
             unknown_and_deregistered_workers_are_refused,
             a_worker_s_secret_hash_is_kept_while_it_is_registered,
             a_worker_with_a_stale_heartbeat_is_handed_nothing,

@@ -256,7 +256,7 @@ impl LaneLoad {
 }
 
 /// What a claim may hand out.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClaimLimits {
     /// At most this many runs in one answer; 0 sets no count limit (capacity still does).
     pub max_runs: u32,
@@ -266,6 +266,20 @@ pub struct ClaimLimits {
     /// whose long-poll is still open must not take runs); 0 checks nothing. A claim is not a
     /// heartbeat: only the heartbeat call says the worker is alive.
     pub worker_fresh_ms: i64,
+    /// Beyond its capacity, what the worker may also hold in runs waiting in it to start
+    /// ([`tether_domain::admission::claim_reach`]). Nothing by default.
+    pub reserve: Resources,
+}
+
+impl Default for ClaimLimits {
+    fn default() -> Self {
+        ClaimLimits {
+            max_runs: 0,
+            lane_max_concurrency: BTreeMap::new(),
+            worker_fresh_ms: 0,
+            reserve: Resources::NONE,
+        }
+    }
 }
 
 /// A run handed to a worker.

@@ -2,11 +2,13 @@
 //! shut down) and counters coming out (bytes and the time of the last output, for heartbeats).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::reporter::OutputStream;
+use crate::slots::SlotPermit;
 
 /// An order to an attempt. Later orders only ever raise it: `Run < Cancel < Shutdown < Abandon`,
 /// so a worker shutting down cannot be talked back into a graceful cancel, and an attempt we
@@ -76,6 +78,8 @@ pub struct AttemptStats {
     last_output: AtomicU64,
     /// The command is over and its finish is being reported.
     finishing: AtomicBool,
+    /// The attempt's room in the worker's slots, given back the moment its command is over.
+    slot: Mutex<Option<SlotPermit>>,
 }
 
 impl Default for AttemptStats {
@@ -92,13 +96,24 @@ impl AttemptStats {
             stderr_bytes: AtomicI64::new(0),
             last_output: AtomicU64::new(0),
             finishing: AtomicBool::new(false),
+            slot: Mutex::new(None),
         }
+    }
+
+    /// Keeps the attempt's room in the worker's slots until its command is over.
+    pub fn hold_slot(&self, permit: SlotPermit) {
+        *crate::lock(&self.slot) = Some(permit);
     }
 
     /// The command is over and its finish is on its way: from here a heartbeat answering
     /// `not_owned` most likely saw the finish land first, which is no news.
     pub fn mark_finishing(&self) {
         self.finishing.store(true, Ordering::Relaxed);
+        // Its slot goes to the next run now, not once the finish is answered.
+        let permit = crate::lock(&self.slot).take();
+        if let Some(permit) = permit {
+            permit.release();
+        }
     }
 
     pub fn is_finishing(&self) -> bool {

@@ -9,6 +9,7 @@ pub mod output;
 pub mod reporter;
 mod run_host;
 pub mod shim;
+pub mod slots;
 pub mod supervisor;
 mod worker;
 

@@ -384,14 +384,18 @@ impl AttemptReporter for BatchReporter {
 /// What the batches ask of the worker around them: whether a finish may claim the room it
 /// frees (and for how many runs), and where the runs it claims go.
 pub trait ClaimRider: Send + Sync {
-    /// `None` once the worker takes nothing new (shutting down, draining).
-    fn max_runs(&self) -> Option<u32>;
+    /// The claim a call carrying finishes makes (how many runs, and the reserve of the
+    /// worker's local queue); `None` once the worker takes nothing new (shutting down,
+    /// draining).
+    fn claim(&self) -> Option<ReportClaim>;
     fn launch(&self, assignment: Assignment);
 }
 
-/// At most this many report calls in flight: the next batch goes while the last one is being
-/// answered, so what ended meanwhile (and the claim for its room) does not wait a whole call.
-const CALLS_IN_FLIGHT: usize = 2;
+/// At most this many report calls in flight. One: the local queue keeps the slots busy while
+/// a call is out, so the next call waits and carries more. Measured with a local queue, two at
+/// once made twice the calls, each slower (they queue for the same writer), and drained fewer
+/// runs a second (BENCHMARKS.md).
+const CALLS_IN_FLIGHT: usize = 1;
 
 type Key = (String, u32);
 
@@ -585,7 +589,7 @@ fn prepare_batch(
         }
     }
     if !request.finishes.is_empty() {
-        request.claim = rider.max_runs().map(|max_runs| ReportClaim { max_runs });
+        request.claim = rider.claim();
     }
     Some((request, reports))
 }

@@ -136,6 +136,17 @@ pub async fn supervise(
     if orders.current() >= Directive::Shutdown {
         return AttemptEnd::Unreported(unreported_for(orders.current()));
     }
+    if orders.current() == Directive::Cancel {
+        // Cancelled while it waited for a slot: it never starts.
+        tracing::info!(run_id, attempt, "cancelled before it started");
+        let finish = Finish {
+            status: RunStatus::Cancelled,
+            error_code: Some(ErrorCode::Cancelled),
+            exit_code: None,
+            error_message: Some("cancelled on request before it started".into()),
+        };
+        return report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
+    }
     let mut child = match spawn(&assignment, &options).await {
         Ok(child) => child,
         Err(message) => {

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use tether_api::{
     Assignment, ClaimRequest, ClientError, ControlRequest, HeartbeatRequest, HeartbeatResponse,
-    RegisterWorkerRequest, RunBeatWire, TetherClient,
+    RegisterWorkerRequest, ReportClaim, RunBeatWire, TetherClient,
 };
+use tether_domain::admission::claim_reach;
 use tether_domain::Resources;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,6 +21,7 @@ use crate::control::{AttemptControl, AttemptStats, Directive};
 use crate::reporter::{
     send_reports, BatchReporter, ClaimRider, HttpReporter, OutputStream, ReportInbox, ReportQueue,
 };
+use crate::slots::{SlotPermit, Slots};
 use crate::supervisor::{supervise, SupervisorOptions};
 
 /// How a worker runs.
@@ -54,6 +56,9 @@ pub struct WorkerConfig {
     /// Have one run host fork the shims (`crate::run_host`), so the worker never forks.
     /// Off only for benchmarks.
     pub run_host: bool,
+    /// Hold a local queue of claimed runs beyond the capacity, sized by the recent runs' pace
+    /// (`crate::slots`), so a freed slot starts its next run without a round trip.
+    pub local_queue: bool,
 }
 
 impl Default for WorkerConfig {
@@ -77,6 +82,7 @@ impl Default for WorkerConfig {
                 .collect(),
             run_shim: true,
             run_host: true,
+            local_queue: true,
         }
     }
 }
@@ -135,6 +141,7 @@ pub async fn run_worker(
                 config: Arc::new(config.clone()),
                 worker_id: worker_id.clone(),
                 held: Held::default(),
+                slots: Slots::new(config.capacity, config.local_queue),
                 tracker: TaskTracker::new(),
                 freed: Arc::new(Notify::new()),
                 queue,
@@ -239,12 +246,13 @@ impl Held {
         crate::lock(&self.0)
     }
 
-    /// Whether `capacity`, less what the held attempts reserve, could take another run.
-    fn has_room(&self, capacity: &Resources) -> bool {
+    /// Whether `reach` (the capacity and the local queue's reserve), less what the held
+    /// attempts reserve, could take another run.
+    fn has_room(&self, reach: &Resources) -> bool {
         let held = self.lock();
         let cpus: f64 = held.values().map(|h| h.reserves.cpus).sum();
         let memory_mb: u64 = held.values().map(|h| h.reserves.memory_mb).sum();
-        capacity.cpus - cpus > 1e-9 && capacity.memory_mb > memory_mb
+        reach.cpus - cpus > 1e-9 && reach.memory_mb > memory_mb
     }
 
     /// Every attempt's part of a heartbeat.
@@ -290,6 +298,8 @@ struct Launcher {
     config: Arc<WorkerConfig>,
     worker_id: String,
     held: Held,
+    /// Where held attempts wait for room to run: the local queue.
+    slots: Slots,
     tracker: TaskTracker,
     /// Told each time an attempt ends, so a full worker asks for more at once.
     freed: Arc<Notify>,
@@ -371,15 +381,16 @@ impl Session {
         shutdown: &CancellationToken,
         forgotten: &CancellationToken,
     ) -> SessionEnd {
-        let request = ClaimRequest {
-            max_runs: self.config.max_runs_per_claim.max(1),
-            wait_ms: self.config.claim_wait.as_millis() as u64,
-        };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             // A full worker asks for nothing: the end of one of its attempts wakes it (a
             // claim held open meanwhile would only be woken to take nothing).
-            if !self.launcher.held.has_room(&self.config.capacity) {
+            let claim = self.launcher.claim();
+            let reach = claim_reach(
+                &self.config.capacity,
+                &claim.reserve.unwrap_or(Resources::NONE),
+            );
+            if !self.launcher.held.has_room(&reach) {
                 tokio::select! {
                     _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                     _ = forgotten.cancelled() => return SessionEnd::Forgotten,
@@ -387,6 +398,11 @@ impl Session {
                 }
                 continue;
             }
+            let request = ClaimRequest {
+                max_runs: claim.max_runs,
+                wait_ms: self.config.claim_wait.as_millis() as u64,
+                reserve: claim.reserve,
+            };
             let asked = Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -457,10 +473,14 @@ impl Launcher {
             );
         }
         tracing::debug!(run_id = key.0, attempt = key.1, "claimed");
-        let reporter = Arc::new(BatchReporter::new(
-            HttpReporter::new(self.client.clone(), self.worker_id.clone()),
-            self.queue.clone(),
-        ));
+        // The reporter is made once the attempt has its slot: until its first report, the
+        // next call waits for it (so starts go together), which must not be a wait on the
+        // runs ahead of it in the local queue.
+        let new_reporter = {
+            let http = HttpReporter::new(self.client.clone(), self.worker_id.clone());
+            let queue = self.queue.clone();
+            move || Arc::new(BatchReporter::new(http, queue))
+        };
         let options = SupervisorOptions {
             kill_grace: self.config.kill_grace,
             pass_env: self.config.pass_env.iter().cloned().collect(),
@@ -469,13 +489,41 @@ impl Launcher {
         };
         let held = self.held.clone();
         let freed = self.freed.clone();
+        let slots = self.slots.clone();
+        let needs = assignment.resources.unwrap_or_default();
+        let now = self
+            .slots
+            .try_acquire(needs)
+            .map(|permit| (permit, new_reporter.clone()()));
         self.tracker.spawn(async move {
+            let reporter = match now {
+                Some((permit, reporter)) => {
+                    stats.hold_slot(permit);
+                    reporter
+                }
+                None => {
+                    if let Some(permit) = wait_for_slot(&slots, needs, directives.clone()).await {
+                        stats.hold_slot(permit);
+                    }
+                    new_reporter()
+                }
+            };
             let end = supervise(assignment, reporter, stats, directives, options).await;
             tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
             held.lock().remove(&key);
             // A stored permit if the claim loop is not waiting: it looks again at once.
             freed.notify_one();
         });
+    }
+
+    /// The claim this worker makes now: as many runs as one answer may carry, within its
+    /// capacity and its local queue's reserve.
+    fn claim(&self) -> ReportClaim {
+        let reserve = self.slots.reserve();
+        ReportClaim {
+            max_runs: self.config.max_runs_per_claim.max(1),
+            reserve: (reserve.cpus > 0.0).then_some(reserve),
+        }
     }
 
     fn lock_ending(&self) -> MutexGuard<'_, Option<Directive>> {
@@ -505,14 +553,39 @@ impl Launcher {
 }
 
 impl ClaimRider for Launcher {
-    fn max_runs(&self) -> Option<u32> {
+    fn claim(&self) -> Option<ReportClaim> {
         self.claiming
             .load(Ordering::Relaxed)
-            .then_some(self.config.max_runs_per_claim.max(1))
+            .then(|| Launcher::claim(self))
     }
 
     fn launch(&self, assignment: Assignment) {
         Launcher::launch(self, assignment);
+    }
+}
+
+/// Waits for the attempt's room in the slots, unless an order (a cancel, a shutdown) comes
+/// first: then `None`, and the attempt never starts.
+async fn wait_for_slot(
+    slots: &Slots,
+    needs: Resources,
+    mut orders: watch::Receiver<Directive>,
+) -> Option<SlotPermit> {
+    let acquire = slots.acquire(needs);
+    tokio::pin!(acquire);
+    loop {
+        if *orders.borrow_and_update() != Directive::Run {
+            return None;
+        }
+        tokio::select! {
+            permit = &mut acquire => return Some(permit),
+            changed = orders.changed() => {
+                if changed.is_err() {
+                    // No more orders can come: only the room is left to wait for.
+                    return Some(acquire.await);
+                }
+            }
+        }
     }
 }
 

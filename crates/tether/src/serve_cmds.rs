@@ -180,6 +180,11 @@ pub struct WorkerArgs {
     /// its run host do it (the same guarantees, more CPU per run).
     #[arg(long, env = "TETHER_NO_RUN_HOST", hide = true)]
     pub no_run_host: bool,
+    /// Hold no local queue: take only what the capacity runs at once. By default, while runs
+    /// are short, the worker also holds a few claimed runs that start the moment a slot frees
+    /// (only what its slots free within about 50 ms, at most 8 times its capacity).
+    #[arg(long, env = "TETHER_NO_LOCAL_QUEUE")]
+    pub no_local_queue: bool,
 }
 
 fn machine_cpus() -> f64 {
@@ -516,6 +521,7 @@ pub async fn worker(args: WorkerArgs) -> Result<u8, CliError> {
         pass_env: pass_env(args.pass_env),
         run_shim: !args.no_run_shim,
         run_host: !args.no_run_host,
+        local_queue: !args.no_local_queue,
         ..WorkerConfig::default()
     };
     let stop = CancellationToken::new();

@@ -254,7 +254,8 @@ pub async fn report_attempts(
     // written) and the worker reports again.
     let limits = request
         .claim
-        .map(|claim| super::workers::claim_limits(&state, claim.max_runs));
+        .map(|claim| super::workers::claim_limits(&state, claim.max_runs, claim.reserve))
+        .transpose()?;
     if refs.is_empty() && valid.is_empty() && limits.is_none() {
         return Ok(Json(AttemptReportsResponse {
             starts: Vec::new(),

@@ -10,6 +10,7 @@ use tether_api::{
     Assignment, ClaimRequest, ClaimResponse, ControlRequest, ControlResponse, HeartbeatRequest,
     HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunRefWire, WorkerList,
 };
+use tether_domain::Resources;
 use tether_store::{ClaimLimits, ClaimedRun, NewWorker, RunBeat, RunRef, Signal};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -136,9 +137,16 @@ fn assignment(claimed: ClaimedRun) -> Assignment {
 }
 
 /// What one claim of `worker_id` may hand out: at most `max_runs` (clamped), within the lanes'
-/// `max_concurrency`, and nothing to a worker whose heartbeat is not fresh.
-pub(crate) fn claim_limits(state: &AppState, max_runs: u32) -> ClaimLimits {
-    ClaimLimits {
+/// `max_concurrency`, within the worker's capacity plus the `reserve` it asks for, and nothing
+/// to a worker whose heartbeat is not fresh. `422 invalid_field` for a reserve out of bounds.
+pub(crate) fn claim_limits(
+    state: &AppState,
+    max_runs: u32,
+    reserve: Option<Resources>,
+) -> ApiResult<ClaimLimits> {
+    let reserve = reserve.unwrap_or(Resources::NONE);
+    tether_domain::spec::check_reserve("reserve", &reserve)?;
+    Ok(ClaimLimits {
         max_runs: max_runs.clamp(1, MAX_RUNS_PER_CLAIM),
         lane_max_concurrency: state
             .config
@@ -149,7 +157,8 @@ pub(crate) fn claim_limits(state: &AppState, max_runs: u32) -> ClaimLimits {
             .collect(),
         // Missing one heartbeat interval and a half makes a worker suspect: it gets no runs.
         worker_fresh_ms: state.config.worker_fresh_ms(),
-    }
+        reserve,
+    })
 }
 
 /// Claimed runs as the worker receives them, with their endpoints resolved.
@@ -205,7 +214,7 @@ pub async fn claim(
         .worker_secrets
         .verify(&state.store, &worker_id, &headers)
         .await?;
-    let limits = claim_limits(&state, request.max_runs);
+    let limits = claim_limits(&state, request.max_runs, request.reserve)?;
     let waiting_since = std::time::Instant::now();
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;

@@ -47,7 +47,7 @@ fn limits(max_runs: u32) -> ClaimLimits {
     ClaimLimits {
         max_runs,
         lane_max_concurrency: BTreeMap::new(),
-        worker_fresh_ms: 0,
+        ..ClaimLimits::default()
     }
 }
 

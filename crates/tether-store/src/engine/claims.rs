@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use tether_domain::admission::{under_ceiling, Room};
+use tether_domain::admission::{claim_reach, under_ceiling, Room};
 use tether_domain::machine::Command;
 use tether_domain::{Freshness, Resources, RunStatus};
 
@@ -124,7 +124,9 @@ pub(super) async fn claim_in<T: DriverTx>(
             held.memory_mb = held.memory_mb.saturating_sub(needs.memory_mb);
         }
     }
-    let mut room = Room::left(&worker.capacity, &held, &Resources::NONE);
+    // Room up to the worker's reach: its capacity, plus the reserve its local queue asks for.
+    let reach = claim_reach(&worker.capacity, &limits.reserve);
+    let mut room = Room::left(&reach, &held, &Resources::NONE);
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
     let mut claimed: Vec<(u32, Ticket)> = Vec::new();
@@ -161,7 +163,8 @@ pub(super) async fn claim_in<T: DriverTx>(
                     continue;
                 }
             }
-            if !room_if.fits(&pending.needs) {
+            // Within the reach, yet never a run the worker could not run alone.
+            if !room_if.fits(&pending.needs) || !pending.needs.fits_in(&worker.capacity) {
                 continue;
             }
             room_if.take(&pending.needs);

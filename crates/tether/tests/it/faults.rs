@@ -324,7 +324,8 @@ async fn sqlite_on_a_full_disk_is_not_worker_death_and_not_ready() {
 async fn finished_runs_are_pruned_after_their_retention_and_nothing_else() {
     let mut c = Cluster::sqlite();
     c.start_server(&["--retention", "2s"]).await;
-    let _w = c.worker("w1", "1", &[]);
+    // No local queue: the run behind the long one must stay pending, not wait in the worker.
+    let _w = c.worker("w1", "1", &["--no-local-queue"]);
     c.wait_workers(1).await;
     let done = c.submit(json!({"command": ["echo", "old"]})).await;
     c.wait_terminal(&id(&done), Duration::from_secs(10)).await;

@@ -216,3 +216,101 @@ async fn a_cancel_reaches_the_command_within_a_second() {
     let done = c.wait_terminal(&run_id, Duration::from_secs(10)).await;
     assert_eq!(done["status"], "cancelled", "{done}");
 }
+
+/// The local queue: with short runs a 1-cpu worker also holds claimed runs that wait in it
+/// to start the moment its slot frees, yet never runs two at once (each command takes a
+/// lock directory and fails if it is taken).
+#[tokio::test]
+async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let lock = c.path().join("lock");
+    let script = "mkdir \"$LOCK\" || exit 7; sleep 0.01; rmdir \"$LOCK\"";
+    let n = 120;
+    for _ in 0..n {
+        c.submit(json!({
+            "command": ["sh", "-c", script],
+            "env": {"LOCK": lock.display().to_string()},
+        }))
+        .await;
+    }
+    let _w = c.worker("w1", "1", &[]);
+    // What the worker holds, as the server sees it, until every run has ended.
+    let mut most_held = 0;
+    let runs = loop {
+        for w in c.workers().await {
+            most_held = most_held.max(w["runs"].as_array().map_or(0, Vec::len));
+        }
+        let page: Value = c
+            .http
+            .get(format!("{}/v1/runs?limit=500", c.base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let runs = page["runs"].as_array().unwrap().clone();
+        if runs.iter().all(|r| !r["finished_at"].is_null()) {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(runs.len(), n);
+    for run in &runs {
+        assert_eq!(run["status"], "succeeded", "two ran at once: {run}");
+        assert_eq!(run["attempt"], 1, "{run}");
+    }
+    // One running, the rest waiting: at most 8 times the capacity in reserve.
+    assert!(
+        (2..=9).contains(&most_held),
+        "held {most_held} at most: none in reserve, or past the reserve's bound"
+    );
+}
+
+/// A run waiting in a worker's local queue that is cancelled ends `cancelled` without ever
+/// starting: its command never runs, and the run ahead of it is not disturbed.
+#[tokio::test]
+async fn a_run_cancelled_in_the_local_queue_never_starts() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let _w = c.worker("w1", "1", &[]);
+    c.wait_workers(1).await;
+    // Short runs first, so the worker holds a reserve.
+    let mut warm = Vec::new();
+    for _ in 0..20 {
+        warm.push(id(&c.submit(json!({"command": ["true"]})).await));
+    }
+    for run_id in &warm {
+        c.wait_terminal(run_id, Duration::from_secs(30)).await;
+    }
+    let ahead = id(&c.submit(json!({"command": ["sleep", "2"]})).await);
+    c.wait_for(&ahead, Duration::from_secs(20), |r| {
+        r["status"] == "running"
+    })
+    .await;
+    let marker = c.path().join("ran");
+    let queued = id(&c
+        .submit(json!({"command": ["touch", marker.display().to_string()]}))
+        .await);
+    let held = c
+        .wait_for(&queued, Duration::from_secs(20), |r| {
+            r["status"] != "pending"
+        })
+        .await;
+    assert_eq!(held["status"], "claimed", "held in reserve: {held}");
+    let answer = c
+        .http
+        .post(format!("{}/v1/runs/{queued}/cancel", c.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let done = c.wait_terminal(&queued, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["error_code"], "cancelled", "{done}");
+    assert!(done["started_at"].is_null(), "it never started: {done}");
+    let first = c.wait_terminal(&ahead, Duration::from_secs(20)).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert!(!marker.exists(), "the cancelled command ran");
+}
