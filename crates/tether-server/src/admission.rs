@@ -8,6 +8,9 @@ use tether_domain::admission::{retry_after_s, waiting_reason, InFlightRun, Worke
 use tether_domain::{judge_worker, LanePolicy, OnFull, Resources, RunStatus, WorkerState};
 use tether_store::{AdmissionPolicy, LaneLoad, RunFilter, RunRecord, StoreResult, WorkerRecord};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use crate::AppState;
 
 /// How `lane` admits: a worker counts as live while it has missed less than one and a half
@@ -65,6 +68,37 @@ pub async fn retry_after(state: &AppState, lane: &str) -> StoreResult<u64> {
         &durations,
         state.config.heartbeat_interval_ms(),
     ))
+}
+
+/// How often, at most, the lanes' loads are read for `GET /v1/lanes`: each read counts every
+/// queued run, and dashboards (and benchmark harnesses) poll the call many times a second.
+pub const LANE_READ_INTERVAL: Duration = Duration::from_millis(250);
+
+/// `GET /v1/lanes`'s reads of what the lanes hold, shared: however many ask at once, the store
+/// is read at most once per [`LANE_READ_INTERVAL`]. Never stale for the asker: each answer
+/// comes from a read that began after the request arrived (a request waits for the next read
+/// rather than take an older one), so a client sees its own writes.
+#[derive(Default)]
+pub struct LaneReads {
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Capacity>)>>,
+}
+
+impl LaneReads {
+    pub async fn read(&self, state: &AppState) -> StoreResult<Arc<Capacity>> {
+        let arrived = Instant::now();
+        // Held across the read: whoever waits here takes the read that ran meanwhile.
+        let mut last = self.last.lock().await;
+        if let Some((began, capacity)) = last.as_ref() {
+            if *began >= arrived {
+                return Ok(capacity.clone());
+            }
+            tokio::time::sleep_until((*began + LANE_READ_INTERVAL).into()).await;
+        }
+        let began = Instant::now();
+        let capacity = Arc::new(Capacity::read(state).await?);
+        *last = Some((began, capacity.clone()));
+        Ok(capacity)
+    }
 }
 
 /// What the lanes hold now: live workers and per-lane loads, read once per request.

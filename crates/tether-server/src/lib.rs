@@ -47,6 +47,8 @@ pub struct AppState {
     /// Recent store failures: readiness, and the heartbeat grace the reaper owes.
     pub health: health::StoreHealth,
     pub worker_secrets: Arc<auth::WorkerSecrets>,
+    /// `GET /v1/lanes`'s shared reads of what the lanes hold.
+    pub lane_reads: Arc<admission::LaneReads>,
 }
 
 /// Why a server could not start.
@@ -135,6 +137,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         health: health::StoreHealth::default(),
         worker_secrets: Arc::default(),
+        lane_reads: Arc::default(),
     };
     let app = routes::router(state.clone());
     let open_files = accept::raise_open_files_limit();

@@ -4,14 +4,14 @@ use axum::extract::State;
 use axum::Json;
 use tether_api::{LaneList, LaneView};
 
-use crate::admission::Capacity;
 use crate::error::ApiResult;
 use crate::AppState;
 
-/// `GET /v1/lanes`.
+/// `GET /v1/lanes`, from a read of the store shared with whoever asks at the same time (at
+/// most one per 100 ms, each begun after the request arrived).
 #[utoipa::path(get, path = "/v1/lanes", responses((status = 200, body = LaneList)))]
 pub async fn list_lanes(State(state): State<AppState>) -> ApiResult<Json<LaneList>> {
-    let capacity = Capacity::read(&state).await?;
+    let capacity = state.lane_reads.read(&state).await?;
     let lanes: Vec<LaneView> = state
         .config
         .lanes

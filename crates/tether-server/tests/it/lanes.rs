@@ -298,3 +298,19 @@ async fn lanes_are_listed_with_policy_and_load() {
     assert_eq!(builds["live_workers"], 1);
     assert_eq!(builds["capacity"]["cpus"], 4.0);
 }
+
+/// `GET /v1/lanes` reads the store at most once per interval for however many ask, yet every
+/// answer shows what was written before it was asked: polled hard, between submissions, and
+/// by many at once.
+#[tokio::test]
+async fn lanes_polled_hard_still_show_every_earlier_write() {
+    let s = TestServer::start().await;
+    for n in 1..=4 {
+        s.submit(json!({"command": ["true"]})).await;
+        let answers = futures::future::join_all((0..8).map(|_| s.get("/v1/lanes"))).await;
+        for (status, body) in answers {
+            assert_eq!(status, 200);
+            assert_eq!(body["lanes"][0]["pending"], json!(n), "{body}");
+        }
+    }
+}
