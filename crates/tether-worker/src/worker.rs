@@ -390,7 +390,10 @@ impl Session {
                 &self.config.capacity,
                 &claim.reserve.unwrap_or(Resources::NONE),
             );
-            if !self.launcher.held.has_room(&reach) {
+            // Nor while runs wait in its local queue: their ends bring finishes, and the
+            // finishes carry the claim (a long-poll beside them would only contend with them
+            // for the worker's row).
+            if !self.launcher.held.has_room(&reach) || self.launcher.slots.waiting() > 0 {
                 tokio::select! {
                     _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                     _ = forgotten.cancelled() => return SessionEnd::Forgotten,
