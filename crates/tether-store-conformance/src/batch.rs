@@ -216,6 +216,53 @@ pub async fn batched_finishes_retry_or_end_as_single_finishes_do(h: &dyn Harness
     assert_eq!(attempts[0].status, Some(RunStatus::Failed));
 }
 
+/// A start and a retryable failure of the same attempt in one call: the run goes back to
+/// `pending` as two calls would leave it, and the attempt keeps its start and its end.
+pub async fn a_start_and_a_retried_finish_in_one_call_leave_what_two_calls_would(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 1, 2).await;
+    // A failure that retries (a command's own exit never does).
+    let failed = AttemptOutcome::Failed {
+        error_code: ErrorCode::WorkerHeartbeatLost,
+    };
+    let reports = store
+        .report_attempts(
+            &worker,
+            &[item(&runs[0], 1)],
+            &[done(&runs[0], 1, failed, 1)],
+            None,
+        )
+        .await
+        .expect("report_attempts");
+    assert_eq!(status_of(&reports.starts[0]), Some(RunStatus::Pending));
+    assert_eq!(status_of(&reports.finishes[0]), Some(RunStatus::Pending));
+    let run = store.get_run(&runs[0]).await.unwrap().unwrap();
+    assert_eq!((run.status, run.attempt), (RunStatus::Pending, 1));
+    assert_eq!((run.started_at, run.worker_id), (None, None));
+    let attempts = store.list_attempts(&runs[0]).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert!(attempts[0].started_at.is_some(), "{:?}", attempts[0]);
+    assert!(attempts[0].finished_at.is_some());
+    assert_eq!(attempts[0].status, Some(RunStatus::Failed));
+    use EventKind::{Attempt, Status};
+    use RunStatus::{Claimed, Pending, Running};
+    assert_eq!(
+        history(store, &runs[0]).await,
+        [
+            (1, Status, Some(Pending)),
+            (2, Status, Some(Claimed)),
+            (3, Attempt, None),
+            (4, Status, Some(Running)),
+            (5, Status, Some(Pending)),
+        ]
+    );
+    // The next attempt goes as any retry does.
+    let again = store.claim_runs(&worker, &limits(1)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+}
+
 /// The events of `run_id` as (seq, kind, status): what a follower would read.
 async fn history(store: &SharedStore, run_id: &str) -> Vec<(i64, EventKind, Option<RunStatus>)> {
     all_events(store, run_id)
@@ -259,8 +306,10 @@ pub async fn a_report_starts_finishes_and_claims_the_room_freed_in_one_call(h: &
         .await
         .expect("report_attempts");
     assert_eq!(reports.starts.len(), 3, "one answer per start");
-    assert_eq!(status_of(&reports.starts[0]), Some(RunStatus::Running));
-    assert_eq!(status_of(&reports.starts[1]), Some(RunStatus::Running));
+    // A start and its finish in one call are one write: both answer the run as the call
+    // left it.
+    assert_eq!(status_of(&reports.starts[0]), Some(RunStatus::Succeeded));
+    assert_eq!(status_of(&reports.starts[1]), Some(RunStatus::Failed));
     assert!(
         is_stale(&reports.starts[2]),
         "a run this worker was never handed: {:?}",
@@ -327,6 +376,14 @@ pub async fn a_report_starts_finishes_and_claims_the_room_freed_in_one_call(h: &
     assert_eq!(attempts.len(), 1);
     assert!(attempts[0].started_at.is_some());
     assert_eq!(attempts[0].status, Some(RunStatus::Succeeded));
+    // The run shows its start as a start alone would have written it.
+    let ran = store.get_run(&runs[0]).await.unwrap().unwrap();
+    assert!(
+        ran.started_at.is_some() && ran.finished_at.is_some(),
+        "{ran:?}"
+    );
+    assert!(ran.started_at <= ran.finished_at);
+    assert_eq!(ran.worker_id, None);
     assert_eq!(
         store.list_workers().await.unwrap()[0].runs,
         vec![(runs[2].clone(), 1), (runs[3].clone(), 1)],

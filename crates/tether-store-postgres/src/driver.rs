@@ -78,6 +78,12 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
              error_message = v.message",
             "",
         ),
+        ChangeKind::Ran => (
+            "status = v.new_status, worker_id = NULL, started_at = $1, confirmed = TRUE, \
+             last_heartbeat_at = $1, finished_at = $1, stale_at = NULL, timeout_at = NULL, \
+             exit_code = v.exit, error_code = v.code, error_message = v.message",
+            "",
+        ),
         ChangeKind::CancelAsked => (
             "cancel_requested_at = coalesce(r.cancel_requested_at, $1)",
             "",
@@ -149,6 +155,12 @@ impl<'a> WriteColumns<'a> {
                 exit_code,
                 error_code,
                 error_message,
+            }
+            | RunChange::Ran {
+                status,
+                exit_code,
+                error_code,
+                error_message,
             } => {
                 new_status = Some(status.as_str());
                 exit = *exit_code;
@@ -213,18 +225,20 @@ async fn flush_in_one(
         ));
     }
     if !batch.closed_attempts.is_empty() {
-        let p = next(6);
+        let p = next(7);
         with.push(format!(
             "ca AS (UPDATE attempts AS a SET finished_at = $1, status = v.status, \
-             error_code = v.code, exit_code = v.exit, error_message = v.message \
+             error_code = v.code, exit_code = v.exit, error_message = v.message, \
+             started_at = CASE WHEN v.started THEN $1 ELSE a.started_at END \
              FROM UNNEST(${p}::text[], ${}::bigint[], ${}::text[], ${}::text[], ${}::int[], \
-             ${}::text[]) AS v(run_id, attempt, status, code, exit, message) \
+             ${}::text[], ${}::bool[]) AS v(run_id, attempt, status, code, exit, message, started) \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL)",
             p + 1,
             p + 2,
             p + 3,
             p + 4,
-            p + 5
+            p + 5,
+            p + 6
         ));
     }
     if !batch.event_seqs.is_empty() {
@@ -318,7 +332,8 @@ async fn flush_in_one(
                 c.iter()
                     .map(|c| c.end.error_message.as_deref())
                     .collect::<Vec<_>>(),
-            );
+            )
+            .bind(c.iter().map(|c| c.started).collect::<Vec<_>>());
     }
     if !batch.event_seqs.is_empty() {
         let e = batch.event_seqs;

@@ -150,15 +150,17 @@ impl Statements {
                     c.end.error_code.map(|e| e.as_str()),
                     c.end.exit_code,
                     c.end.error_message,
+                    c.started,
                 ])
             })
             .collect();
         self.push(
             "UPDATE attempts AS a SET finished_at = v.now, status = v.status, \
-             error_code = v.error_code, exit_code = v.exit_code, error_message = v.message \
+             error_code = v.error_code, exit_code = v.exit_code, error_message = v.message, \
+             started_at = CASE WHEN v.started THEN v.now ELSE a.started_at END \
              FROM (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt, \
              value ->> 2 AS status, value ->> 3 AS error_code, value ->> 4 AS exit_code, \
-             value ->> 5 AS message FROM json_each(?)) AS v \
+             value ->> 5 AS message, value ->> 6 AS started FROM json_each(?)) AS v \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL"
                 .into(),
             Value::Array(rows).to_string(),
@@ -222,6 +224,12 @@ fn write_sql(kind: ChangeKind) -> String {
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
+        ChangeKind::Ran => (
+            "status = v.p1, worker_id = NULL, started_at = v.now, confirmed = 1, \
+             last_heartbeat_at = v.now, finished_at = v.now, stale_at = NULL, \
+             timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
+            "",
+        ),
         ChangeKind::CancelAsked => (
             "cancel_requested_at = coalesce(r.cancel_requested_at, v.now)",
             "",
@@ -270,6 +278,12 @@ fn change_values(change: &RunChange) -> [Value; 4] {
             [json!(stdout), json!(stderr), Value::Null, Value::Null]
         }
         RunChange::Finish {
+            status,
+            exit_code,
+            error_code,
+            error_message,
+        }
+        | RunChange::Ran {
             status,
             exit_code,
             error_code,

@@ -69,6 +69,15 @@ pub enum RunChange {
     Output { stdout: i64, stderr: i64 },
     /// Back to `pending` for a retry: what the next claim stamps afresh is cleared.
     BackToPending,
+    /// The process started and the run ended for good, both reported in one call: `started_at`
+    /// (and `confirmed`) as a start stamps them, then the end as [`RunChange::Finish`] writes
+    /// it, in one write instead of two.
+    Ran {
+        status: RunStatus,
+        exit_code: Option<i32>,
+        error_code: Option<tether_domain::ErrorCode>,
+        error_message: Option<String>,
+    },
     /// The run ends for good.
     Finish {
         status: RunStatus,
@@ -89,6 +98,7 @@ pub enum ChangeKind {
     Output,
     BackToPending,
     Finish,
+    Ran,
     CancelAsked,
 }
 
@@ -101,6 +111,7 @@ impl RunChange {
             RunChange::Output { .. } => ChangeKind::Output,
             RunChange::BackToPending => ChangeKind::BackToPending,
             RunChange::Finish { .. } => ChangeKind::Finish,
+            RunChange::Ran { .. } => ChangeKind::Ran,
             RunChange::CancelAsked => ChangeKind::CancelAsked,
         }
     }
@@ -165,6 +176,9 @@ pub struct AttemptClose {
     pub run_id: String,
     pub attempt: u32,
     pub end: AttemptEnd,
+    /// Its start is written with its end (`started_at`, as a start stamps it): both came in
+    /// one call.
+    pub started: bool,
 }
 
 /// What a transaction has queued for the store, sent together: guarded run writes, the

@@ -40,9 +40,18 @@ struct Seen {
     last_seq: i64,
     /// A write for it waits in the queue.
     queued: bool,
+    /// That write is a start, and `run` shows it as started: the run is answered from memory,
+    /// and a finish folds into the start's write instead of sending it first.
+    starting: bool,
 }
 
 impl Seen {
+    /// Whether its queued write must land before the run is read: unless it is a start,
+    /// which `run` already shows.
+    fn must_land(&self) -> bool {
+        self.queued && !self.starting
+    }
+
     /// The run with the events numbered so far.
     fn current(&self) -> LoadedRun {
         let mut run = self.run.clone();
@@ -114,7 +123,7 @@ impl<T: DriverTx> Work<T> {
             .filter(|q| {
                 matches!(
                     q.write.change,
-                    RunChange::Finish { .. } | RunChange::BackToPending
+                    RunChange::Finish { .. } | RunChange::Ran { .. } | RunChange::BackToPending
                 )
             })
             .filter_map(|q| self.runs.get(&q.write.run_id))
@@ -131,7 +140,7 @@ impl<T: DriverTx> Work<T> {
     pub(super) async fn load(&mut self, run_ids: &[&str], lock: Lock) -> StoreResult<()> {
         if run_ids
             .iter()
-            .any(|id| self.runs.get(*id).is_some_and(|s| s.queued))
+            .any(|id| self.runs.get(*id).is_some_and(Seen::must_land))
         {
             self.settle().await?;
         }
@@ -171,7 +180,7 @@ impl<T: DriverTx> Work<T> {
     /// A run this transaction holds (loaded under a lock, or written), from memory; `None`
     /// when it does not hold it (a run [`Lock::Skip`] left out, say).
     pub(super) async fn locked(&mut self, run_id: &str) -> StoreResult<Option<LoadedRun>> {
-        if self.runs.get(run_id).is_some_and(|s| s.queued) {
+        if self.runs.get(run_id).is_some_and(Seen::must_land) {
             self.settle().await?;
         }
         Ok(self
@@ -196,16 +205,23 @@ impl<T: DriverTx> Work<T> {
                 locked,
                 last_seq,
                 queued: false,
+                starting: false,
             },
         );
     }
 
-    /// Queues `change`, guarded by the run as `loaded` says it was judged.
+    /// Queues `change`, guarded by the run as `loaded` says it was judged. The end of a run
+    /// whose start is queued in this transaction folds into the start's write (one write, the
+    /// start's guard, the start's ticket): a worker reports both in one call when the command
+    /// ended before its start was sent.
     pub(super) async fn write(
         &mut self,
         loaded: &LoadedRun,
         change: RunChange,
     ) -> StoreResult<Ticket> {
+        if let Some(ticket) = self.fold_into_start(&loaded.run.id, &change) {
+            return Ok(ticket);
+        }
         if self.runs.get(&loaded.run.id).is_some_and(|s| s.queued) {
             // One write per run per statement: the earlier one lands first.
             self.settle().await?;
@@ -215,6 +231,18 @@ impl<T: DriverTx> Work<T> {
             .get_mut(&loaded.run.id)
             .ok_or_else(|| StoreError::corrupt("a write for a run this transaction never read"))?;
         seen.queued = true;
+        if let RunChange::Start { status } = &change {
+            // Shown as the start leaves it (as the store's `Start` writes it), so the run's
+            // next judgment in this transaction needs no round trip.
+            seen.starting = true;
+            let now = self.tx.now();
+            // Its guard too: a later write that cannot fold goes after the start has landed.
+            seen.run.raw_status = status.as_str().to_string();
+            let run = &mut seen.run.run;
+            run.status = *status;
+            run.started_at = Some(now);
+            run.last_heartbeat_at = Some(now);
+        }
         let ticket = Ticket(self.written.len());
         self.written.push(None);
         self.writes.push(Queued {
@@ -229,6 +257,39 @@ impl<T: DriverTx> Work<T> {
             ticket,
         });
         Ok(ticket)
+    }
+
+    /// The queued start of `run_id` takes `change` too, when `change` ends the attempt it
+    /// started: a finish makes it [`RunChange::Ran`], a retry [`RunChange::BackToPending`].
+    fn fold_into_start(&mut self, run_id: &str, change: &RunChange) -> Option<Ticket> {
+        if !self.runs.get(run_id).is_some_and(|s| s.starting) {
+            return None;
+        }
+        let folded = match change {
+            RunChange::Finish {
+                status,
+                exit_code,
+                error_code,
+                error_message,
+            } => RunChange::Ran {
+                status: *status,
+                exit_code: *exit_code,
+                error_code: *error_code,
+                error_message: error_message.clone(),
+            },
+            RunChange::BackToPending => RunChange::BackToPending,
+            _ => return None,
+        };
+        let queued = self
+            .writes
+            .iter_mut()
+            .rev()
+            .find(|q| q.write.run_id == run_id)?;
+        queued.write.change = folded;
+        if let Some(seen) = self.runs.get_mut(run_id) {
+            seen.starting = false;
+        }
+        Some(queued.ticket)
     }
 
     /// A run a read of this transaction locked and answered whole (a claim's page), known
@@ -282,11 +343,17 @@ impl<T: DriverTx> Work<T> {
         self.started_attempts.push((run_id.to_string(), attempt));
     }
 
+    /// Closes the attempt's row; a start stamp queued for it goes with the close (one row is
+    /// never written twice in one flush).
     pub(super) fn close_attempt(&mut self, run_id: &str, attempt: u32, end: AttemptEnd) {
+        let before = self.started_attempts.len();
+        self.started_attempts
+            .retain(|(id, n)| !(id == run_id && *n == attempt));
         self.closed_attempts.push(AttemptClose {
             run_id: run_id.to_string(),
             attempt,
             end,
+            started: self.started_attempts.len() < before,
         });
     }
 
