@@ -42,6 +42,8 @@ struct Inner {
     waiting: VecDeque<Waiter>,
     /// Average time a permit was held, in seconds; `None` before any run ended.
     pace_s: Option<f64>,
+    /// When a permit was last given back.
+    last_release: Option<Instant>,
     /// Local queue on or off.
     reserve: bool,
 }
@@ -70,6 +72,7 @@ impl Slots {
                 free_memory_mb: capacity.memory_mb as i64,
                 waiting: VecDeque::new(),
                 pace_s: None,
+                last_release: None,
                 reserve,
             })),
         }
@@ -115,9 +118,26 @@ impl Slots {
     /// What the worker asks the server to hand it beyond its capacity now: what its slots
     /// free within [`RESERVE_HORIZON`] at the recent runs' pace, at most
     /// [`MAX_RESERVE_FACTOR`] times the capacity.
+    ///
+    /// The pace is only believed while runs keep ending at it: when no slot has freed for
+    /// longer than the pace says one should (an idle worker, or runs much longer than the
+    /// last ones), the time since the last one bounds the pace instead, so a burst of long
+    /// runs after short ones is not hoarded here.
     pub fn reserve(&self) -> Resources {
+        self.reserve_at(Instant::now())
+    }
+
+    fn reserve_at(&self, now: Instant) -> Resources {
         let inner = crate::lock(&self.inner);
-        let share = match (inner.reserve, inner.pace_s) {
+        let pace_s = match (inner.pace_s, inner.last_release) {
+            (Some(pace_s), Some(last)) => {
+                let since = now.saturating_duration_since(last).as_secs_f64();
+                let per_slot = since * inner.capacity.cpus.max(1.0);
+                Some(pace_s.max(per_slot))
+            }
+            _ => None,
+        };
+        let share = match (inner.reserve, pace_s) {
             (true, Some(pace_s)) if pace_s > 0.0 => {
                 (RESERVE_HORIZON.as_secs_f64() / pace_s).min(f64::from(MAX_RESERVE_FACTOR))
             }
@@ -201,6 +221,7 @@ impl SlotPermit {
             Some(pace) => pace + PACE_WEIGHT * (held_s - pace),
             None => held_s,
         });
+        inner.last_release = Some(Instant::now());
         inner.give_back(&self.needs);
         inner.hand_out(&slots);
     }
@@ -298,25 +319,48 @@ mod tests {
     #[test]
     fn the_reserve_follows_the_pace_of_the_runs() {
         let slots = Slots::new(worker(8.0), true);
-        assert_eq!(slots.reserve().cpus, 0.0, "no pace yet, no reserve");
-        let set_pace = |s: f64| crate::lock(&slots.inner).pace_s = Some(s);
+        // Asked the moment the last slot freed.
+        let at = Instant::now();
+        assert_eq!(slots.reserve_at(at).cpus, 0.0, "no pace yet, no reserve");
+        let set_pace = |s: f64| {
+            let mut inner = crate::lock(&slots.inner);
+            inner.pace_s = Some(s);
+            inner.last_release = Some(at);
+        };
         set_pace(0.001);
         assert_eq!(
-            slots.reserve().cpus,
+            slots.reserve_at(at).cpus,
             64.0,
             "very short runs: the most there is"
         );
         set_pace(0.025);
-        assert_eq!(slots.reserve().cpus, 16.0, "50 ms of runs of 25 ms");
+        assert_eq!(slots.reserve_at(at).cpus, 16.0, "50 ms of runs of 25 ms");
         set_pace(0.1);
-        assert_eq!(slots.reserve().cpus, 4.0);
+        assert_eq!(slots.reserve_at(at).cpus, 4.0);
         set_pace(10.0);
         assert!(
-            slots.reserve().cpus < 0.1,
+            slots.reserve_at(at).cpus < 0.1,
             "long runs: nothing a run fits in"
         );
         let off = Slots::new(worker(8.0), false);
         crate::lock(&off.inner).pace_s = Some(0.005);
-        assert_eq!(off.reserve().cpus, 0.0);
+        crate::lock(&off.inner).last_release = Some(at);
+        assert_eq!(off.reserve_at(at).cpus, 0.0);
+    }
+
+    #[test]
+    fn no_slot_freed_for_long_means_no_reserve() {
+        let slots = Slots::new(worker(8.0), true);
+        {
+            let mut inner = crate::lock(&slots.inner);
+            inner.pace_s = Some(0.005);
+            // Idle for a second, or eight slots busy with runs a second long so far.
+            inner.last_release = Instant::now().checked_sub(Duration::from_secs(1));
+        }
+        assert!(
+            slots.reserve().cpus < 0.1,
+            "a stale pace hoards nothing: {:?}",
+            slots.reserve()
+        );
     }
 }

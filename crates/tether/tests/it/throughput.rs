@@ -276,25 +276,33 @@ async fn a_run_cancelled_in_the_local_queue_never_starts() {
     c.start_server(&[]).await;
     let _w = c.worker("w1", "1", &[]);
     c.wait_workers(1).await;
-    // Short runs first, so the worker holds a reserve.
-    let mut warm = Vec::new();
-    for _ in 0..20 {
-        warm.push(id(&c.submit(json!({"command": ["true"]})).await));
-    }
-    for run_id in &warm {
-        c.wait_terminal(run_id, Duration::from_secs(30)).await;
-    }
-    let ahead = id(&c.submit(json!({"command": ["sleep", "2"]})).await);
-    c.wait_for(&ahead, Duration::from_secs(20), |r| {
-        r["status"] == "running"
-    })
-    .await;
+    // Short runs first, so the worker holds a reserve while the long one starts; then the
+    // long one, and the one that waits behind it in the worker: one batch, in this order.
     let marker = c.path().join("ran");
-    let queued = id(&c
-        .submit(json!({"command": ["touch", marker.display().to_string()]}))
-        .await);
+    let mut runs: Vec<Value> = (0..20).map(|_| json!({"command": ["true"]})).collect();
+    runs.push(json!({"command": ["sleep", "2"]}));
+    runs.push(json!({"command": ["touch", marker.display().to_string()]}));
+    let answer: Value = c
+        .http
+        .post(format!("{}/v1/runs/batch", c.base()))
+        .json(&json!({ "runs": runs }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<String> = answer["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| id(r))
+        .collect();
+    let (ahead, queued) = (&ids[20], &ids[21]);
+    c.wait_for(ahead, Duration::from_secs(20), |r| r["status"] == "running")
+        .await;
     let held = c
-        .wait_for(&queued, Duration::from_secs(20), |r| {
+        .wait_for(queued, Duration::from_secs(20), |r| {
             r["status"] != "pending"
         })
         .await;
@@ -306,11 +314,11 @@ async fn a_run_cancelled_in_the_local_queue_never_starts() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 202);
-    let done = c.wait_terminal(&queued, Duration::from_secs(20)).await;
+    let done = c.wait_terminal(queued, Duration::from_secs(20)).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     assert_eq!(done["error_code"], "cancelled", "{done}");
     assert!(done["started_at"].is_null(), "it never started: {done}");
-    let first = c.wait_terminal(&ahead, Duration::from_secs(20)).await;
+    let first = c.wait_terminal(ahead, Duration::from_secs(20)).await;
     assert_eq!(first["status"], "succeeded", "{first}");
     assert!(!marker.exists(), "the cancelled command ran");
 }
