@@ -292,12 +292,7 @@ async fn a_run_cancelled_in_the_local_queue_never_starts() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<String> = answer["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| id(r))
-        .collect();
+    let ids: Vec<String> = answer["runs"].as_array().unwrap().iter().map(id).collect();
     let (ahead, queued) = (&ids[20], &ids[21]);
     c.wait_for(ahead, Duration::from_secs(20), |r| r["status"] == "running")
         .await;
