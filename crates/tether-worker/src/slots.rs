@@ -24,6 +24,9 @@ use tokio::sync::oneshot;
 /// How long, by the recent runs' pace, a run may expect to wait in the local queue.
 pub const RESERVE_HORIZON: Duration = Duration::from_millis(50);
 
+/// An idle worker forgets the pace after this long: the next runs may be nothing like the last.
+const IDLE_FORGET: Duration = Duration::from_secs(1);
+
 /// How much each new run's slot time moves the average (an exponential moving average).
 const PACE_WEIGHT: f64 = 0.1;
 
@@ -44,6 +47,9 @@ struct Inner {
     pace_s: Option<f64>,
     /// When a permit was last given back.
     last_release: Option<Instant>,
+    /// When a slot last freed, or the idle slots last got a run: since then, while any run
+    /// holds a slot, none has freed.
+    last_progress: Option<Instant>,
     /// Local queue on or off.
     reserve: bool,
 }
@@ -73,6 +79,7 @@ impl Slots {
                 waiting: VecDeque::new(),
                 pace_s: None,
                 last_release: None,
+                last_progress: None,
                 reserve,
             })),
         }
@@ -119,22 +126,24 @@ impl Slots {
     /// free within [`RESERVE_HORIZON`] at the recent runs' pace, at most
     /// [`MAX_RESERVE_FACTOR`] times the capacity.
     ///
-    /// The pace is only believed while runs keep ending at it: when no slot has freed for
-    /// longer than the pace says one should (an idle worker, or runs much longer than the
-    /// last ones), the time since the last one bounds the pace instead, so a burst of long
-    /// runs after short ones is not hoarded here.
+    /// The pace is only believed while runs keep ending at it. While runs hold slots and none
+    /// has freed for longer than the pace says one should (runs much longer than the last
+    /// ones), the time since bounds the pace instead; a worker idle for [`IDLE_FORGET`]
+    /// forgets it. So a burst of long runs after short ones is not hoarded here, while slots
+    /// that only wait for the next call's runs keep their reserve.
     pub fn reserve(&self) -> Resources {
         self.reserve_at(Instant::now())
     }
 
     fn reserve_at(&self, now: Instant) -> Resources {
         let inner = crate::lock(&self.inner);
-        let pace_s = match (inner.pace_s, inner.last_release) {
-            (Some(pace_s), Some(last)) => {
-                let since = now.saturating_duration_since(last).as_secs_f64();
-                let per_slot = since * inner.capacity.cpus.max(1.0);
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let pace_s = match (inner.pace_s, inner.last_release, inner.last_progress) {
+            (Some(pace_s), Some(_), Some(progress)) if inner.busy() => {
+                let per_slot = since(progress).as_secs_f64() * inner.capacity.cpus.max(1.0);
                 Some(pace_s.max(per_slot))
             }
+            (Some(pace_s), Some(last), _) if since(last) < IDLE_FORGET => Some(pace_s),
             _ => None,
         };
         let share = match (inner.reserve, pace_s) {
@@ -167,7 +176,16 @@ impl Inner {
             && needs.memory_mb as i64 <= self.free_memory_mb)
     }
 
+    /// Whether any run holds a slot.
+    fn busy(&self) -> bool {
+        self.free_cpus < self.capacity.cpus - 1e-9
+            || self.free_memory_mb < self.capacity.memory_mb as i64
+    }
+
     fn take(&mut self, needs: &Resources) {
+        if !self.busy() {
+            self.last_progress = Some(Instant::now());
+        }
         self.free_cpus -= needs.cpus;
         self.free_memory_mb -= needs.memory_mb as i64;
     }
@@ -221,7 +239,9 @@ impl SlotPermit {
             Some(pace) => pace + PACE_WEIGHT * (held_s - pace),
             None => held_s,
         });
-        inner.last_release = Some(Instant::now());
+        let now = Instant::now();
+        inner.last_release = Some(now);
+        inner.last_progress = Some(now);
         inner.give_back(&self.needs);
         inner.hand_out(&slots);
     }
@@ -326,6 +346,7 @@ mod tests {
             let mut inner = crate::lock(&slots.inner);
             inner.pace_s = Some(s);
             inner.last_release = Some(at);
+            inner.last_progress = Some(at);
         };
         set_pace(0.001);
         assert_eq!(
@@ -348,19 +369,30 @@ mod tests {
         assert_eq!(off.reserve_at(at).cpus, 0.0);
     }
 
-    #[test]
-    fn no_slot_freed_for_long_means_no_reserve() {
+    #[tokio::test]
+    async fn a_pace_nobody_keeps_up_is_not_believed() {
         let slots = Slots::new(worker(8.0), true);
+        let at = Instant::now();
+        let ago = |ms: u64| at.checked_sub(Duration::from_millis(ms));
         {
             let mut inner = crate::lock(&slots.inner);
             inner.pace_s = Some(0.005);
-            // Idle for a second, or eight slots busy with runs a second long so far.
-            inner.last_release = Instant::now().checked_sub(Duration::from_secs(1));
+            inner.last_release = ago(100);
+            inner.last_progress = ago(100);
         }
+        // Idle a moment, waiting for the next call's runs: the reserve stands.
+        assert_eq!(slots.reserve_at(at).cpus, 64.0);
+        // Idle for long: forgotten.
+        crate::lock(&slots.inner).last_release = ago(1_500);
+        assert_eq!(slots.reserve_at(at).cpus, 0.0);
+        // Runs hold slots and none has freed for a second: runs are long now.
+        crate::lock(&slots.inner).last_release = ago(100);
+        let _running = slots.acquire(cpus(1.0)).await;
+        crate::lock(&slots.inner).last_progress = ago(1_000);
         assert!(
-            slots.reserve().cpus < 0.1,
+            slots.reserve_at(at).cpus < 0.1,
             "a stale pace hoards nothing: {:?}",
-            slots.reserve()
+            slots.reserve_at(at)
         );
     }
 }
