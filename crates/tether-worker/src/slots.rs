@@ -27,6 +27,11 @@ pub const RESERVE_HORIZON: Duration = Duration::from_millis(50);
 /// An idle worker forgets the pace after this long: the next runs may be nothing like the last.
 const IDLE_FORGET: Duration = Duration::from_secs(1);
 
+/// While runs hold slots, none freeing for this long means the runs are no longer those the
+/// pace was learned from. Far above any gap between frees in a busy drain (doubting the pace
+/// there starves the local queue of a worker that keeps up), far below a long run.
+const STALL: Duration = Duration::from_millis(250);
+
 /// How much each new run's slot time moves the average (an exponential moving average).
 const PACE_WEIGHT: f64 = 0.1;
 
@@ -127,9 +132,8 @@ impl Slots {
     /// [`MAX_RESERVE_FACTOR`] times the capacity.
     ///
     /// The pace is only believed while runs keep ending at it. While runs hold slots and none
-    /// has freed for longer than the pace says one should (runs much longer than the last
-    /// ones), the time since bounds the pace instead; a worker idle for [`IDLE_FORGET`]
-    /// forgets it. So a burst of long runs after short ones is not hoarded here, while slots
+    /// has freed for [`STALL`] (runs much longer than the last ones), the time since bounds
+    /// the pace instead; a worker idle for [`IDLE_FORGET`] forgets it. So a burst of long runs after short ones is not hoarded here, while slots
     /// that only wait for the next call's runs keep their reserve.
     pub fn reserve(&self) -> Resources {
         self.reserve_at(Instant::now())
@@ -139,7 +143,7 @@ impl Slots {
         let inner = crate::lock(&self.inner);
         let since = |t: Instant| now.saturating_duration_since(t);
         let pace_s = match (inner.pace_s, inner.last_release, inner.last_progress) {
-            (Some(pace_s), Some(_), Some(progress)) if inner.busy() => {
+            (Some(pace_s), Some(_), Some(progress)) if inner.busy() && since(progress) >= STALL => {
                 let per_slot = since(progress).as_secs_f64() * inner.capacity.cpus.max(1.0);
                 Some(pace_s.max(per_slot))
             }
