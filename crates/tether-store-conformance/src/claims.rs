@@ -132,22 +132,23 @@ pub async fn claims_stay_within_worker_capacity(h: &dyn Harness) {
         .is_empty());
 }
 
+/// A run of `cpus` and a little memory.
+fn needing_cpus(cpus: f64) -> RunSpec {
+    spec_with(|r| {
+        r.resources = Some(Resources {
+            cpus,
+            memory_mb: 256,
+        })
+    })
+}
+
 /// A reserve lets a worker hold runs waiting in it beyond its capacity (its local queue), at
 /// most 8 times its capacity, never a run it could not run alone, and never past a lane's
 /// ceiling.
 pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness) {
     let fx = h.fresh().await;
     let store = &fx.store;
-    let big = create(
-        store,
-        &spec_with(|r| {
-            r.resources = Some(Resources {
-                cpus: 2.0,
-                memory_mb: 256,
-            })
-        }),
-    )
-    .await;
+    let big = create(store, &needing_cpus(2.0)).await;
     for _ in 0..12 {
         create(store, &spec()).await;
     }
@@ -198,16 +199,7 @@ pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness)
 pub async fn a_run_too_big_is_skipped_without_blocking_smaller_ones(h: &dyn Harness) {
     let fx = h.fresh().await;
     let store = &fx.store;
-    let big = create(
-        store,
-        &spec_with(|r| {
-            r.resources = Some(Resources {
-                cpus: 4.0,
-                memory_mb: 256,
-            })
-        }),
-    )
-    .await;
+    let big = create(store, &needing_cpus(4.0)).await;
     let small_a = create(store, &spec()).await;
     let small_b = create(store, &spec()).await;
     let worker_id = register(store, 2.0).await;

@@ -20,6 +20,20 @@ fn stamp_ms(value: &Value) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
+/// The newest 500 runs.
+async fn newest_runs(c: &Cluster) -> Vec<Value> {
+    let page: Value = c
+        .http
+        .get(format!("{}/v1/runs?limit=500", c.base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["runs"].as_array().unwrap().clone()
+}
+
 /// Every run of the (single) worker, once all `n` have ended.
 async fn wait_all_ended(c: &Cluster, n: usize, within: Duration) -> Vec<Value> {
     eventually_every(
@@ -27,16 +41,7 @@ async fn wait_all_ended(c: &Cluster, n: usize, within: Duration) -> Vec<Value> {
         within,
         Duration::from_millis(100),
         async || {
-            let page: Value = c
-                .http
-                .get(format!("{}/v1/runs?limit=500", c.base()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let runs = page["runs"].as_array().unwrap().clone();
+            let runs = newest_runs(c).await;
             let ended = runs.iter().filter(|r| !r["finished_at"].is_null()).count();
             if runs.len() == n && ended == n {
                 Ok(runs)
@@ -237,23 +242,19 @@ async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
     let _w = c.worker("w1", "1", &[]);
     // What the worker holds, as the server sees it, until every run has ended.
     let mut most_held = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
     let runs = loop {
         for w in c.workers().await {
             most_held = most_held.max(w["runs"].as_array().map_or(0, Vec::len));
         }
-        let page: Value = c
-            .http
-            .get(format!("{}/v1/runs?limit=500", c.base()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let runs = page["runs"].as_array().unwrap().clone();
+        let runs = newest_runs(&c).await;
         if runs.iter().all(|r| !r["finished_at"].is_null()) {
             break runs;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{n} runs did not end within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     assert_eq!(runs.len(), n);
