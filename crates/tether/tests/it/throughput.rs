@@ -222,11 +222,10 @@ async fn a_cancel_reaches_the_command_within_a_second() {
     assert_eq!(done["status"], "cancelled", "{done}");
 }
 
-/// The local queue: with short runs a 1-cpu worker also holds claimed runs that wait in it
-/// to start the moment its slot frees, yet never runs two at once (each command takes a
-/// lock directory and fails if it is taken).
-#[tokio::test]
-async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
+/// 120 runs through a 1-cpu worker started with `worker_args`; each command takes a lock
+/// directory and fails if it is taken, so every run succeeding means none ran beside another.
+/// Answers the most runs the server saw the worker hold at once.
+async fn one_cpu_worker_drains(worker_args: &[&str]) -> usize {
     let mut c = Cluster::sqlite();
     c.start_server(&[]).await;
     let lock = c.path().join("lock");
@@ -239,7 +238,7 @@ async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
         }))
         .await;
     }
-    let _w = c.worker("w1", "1", &[]);
+    let _w = c.worker("w1", "1", worker_args);
     // What the worker holds, as the server sees it, until every run has ended.
     let mut most_held = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -262,11 +261,25 @@ async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
         assert_eq!(run["status"], "succeeded", "two ran at once: {run}");
         assert_eq!(run["attempt"], 1, "{run}");
     }
+    most_held
+}
+
+/// The local queue: with short runs a 1-cpu worker also holds claimed runs that wait in it
+/// to start the moment its slot frees, yet never runs two at once.
+#[tokio::test]
+async fn a_one_cpu_worker_holds_a_run_in_reserve_yet_runs_one_at_a_time() {
+    let most_held = one_cpu_worker_drains(&[]).await;
     // One running, the rest waiting: at most 8 times the capacity in reserve.
     assert!(
         (2..=9).contains(&most_held),
         "held {most_held} at most: none in reserve, or past the reserve's bound"
     );
+}
+
+/// `--no-local-queue`: the worker holds only what it runs.
+#[tokio::test]
+async fn without_a_local_queue_a_worker_holds_only_what_it_runs() {
+    assert_eq!(one_cpu_worker_drains(&["--no-local-queue"]).await, 1);
 }
 
 /// A run waiting in a worker's local queue that is cancelled ends `cancelled` without ever
