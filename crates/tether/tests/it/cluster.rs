@@ -7,10 +7,11 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use tether_testkit::eventually;
 pub use tether_testkit::http::{
     free_port, get_run, id, submit_to, wait_for_run as wait_for, wait_ready,
 };
-use tether_testkit::{eventually, http::is_terminal};
+use tether_testkit::http::{get_json, is_terminal};
 
 pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 
@@ -210,15 +211,8 @@ impl Cluster {
     }
 
     pub async fn workers(&self) -> Vec<Value> {
-        let body: Value = self
-            .http
-            .get(format!("{}/v1/workers", self.base()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (status, body) = get_json(&self.http, &format!("{}/v1/workers", self.base())).await;
+        assert_eq!(status, 200, "{body}");
         body["workers"].as_array().unwrap().clone()
     }
 

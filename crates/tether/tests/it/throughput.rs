@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use tether_testkit::eventually_every;
+use tether_testkit::http::{get_json, post_json};
 
 use crate::cluster::{fast_except, free_port, id, spawn, wait_ready, Cluster, TETHER};
 use crate::pg::PgDatabase;
@@ -22,15 +23,8 @@ fn stamp_ms(value: &Value) -> i64 {
 
 /// The newest 500 runs.
 async fn newest_runs(c: &Cluster) -> Vec<Value> {
-    let page: Value = c
-        .http
-        .get(format!("{}/v1/runs?limit=500", c.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, page) = get_json(&c.http, &format!("{}/v1/runs?limit=500", c.base())).await;
+    assert_eq!(status, 200, "{page}");
     page["runs"].as_array().unwrap().clone()
 }
 
@@ -296,16 +290,9 @@ async fn a_run_cancelled_in_the_local_queue_never_starts() {
     let mut runs: Vec<Value> = (0..20).map(|_| json!({"command": ["true"]})).collect();
     runs.push(json!({"command": ["sleep", "2"]}));
     runs.push(json!({"command": ["touch", marker.display().to_string()]}));
-    let answer: Value = c
-        .http
-        .post(format!("{}/v1/runs/batch", c.base()))
-        .json(&json!({ "runs": runs }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let batch = format!("{}/v1/runs/batch", c.base());
+    let (status, answer) = post_json(&c.http, &batch, &json!({ "runs": runs })).await;
+    assert_eq!(status, 202, "{answer}");
     let ids: Vec<String> = answer["runs"].as_array().unwrap().iter().map(id).collect();
     let (ahead, queued) = (&ids[20], &ids[21]);
     c.wait_for(ahead, Duration::from_secs(20), |r| r["status"] == "running")
