@@ -321,6 +321,9 @@ pub struct FinishRequest {
     pub error_message: Option<String>,
 }
 
+/// The most starts and finishes one `POST /v1/workers/{id}/attempts` may carry.
+pub const MAX_ATTEMPT_REPORTS: usize = 1_000;
+
 /// `POST /v1/workers/{id}/attempts`: several attempts' starts and finishes in one call, and
 /// optionally a claim for the room the finishes free. Starts are applied first, then
 /// finishes, then the claim, each item judged alone: a stale item is refused in its own
@@ -346,6 +349,12 @@ pub struct AttemptStartWire {
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// How long before this call the process started, in milliseconds, by the worker's own
+    /// monotonic clock: `started_at` is stamped that long before the store's time at the
+    /// call (never before the claim). A duration, not a time, so the worker's wall clock is
+    /// never believed. Absent: the time of the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ago_ms: Option<u64>,
 }
 
 /// One finish of [`AttemptReportsRequest`]: how this attempt ended (as
@@ -370,6 +379,10 @@ pub struct AttemptFinishWire {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// How long before this call the attempt ended, as [`AttemptStartWire::ago_ms`]
+    /// (`finished_at`, never before `started_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ago_ms: Option<u64>,
 }
 
 /// The claim riding on [`AttemptReportsRequest`].

@@ -559,6 +559,7 @@ fn succeeded(run_id: String, attempt: u32) -> AttemptFinishWire {
         error_code: None,
         exit_code: Some(0),
         error_message: None,
+        ago_ms: None,
     }
 }
 
@@ -587,6 +588,7 @@ async fn report_loop(client: TetherClient, worker: Worker, pass: Arc<Pass>) {
                 run_id: run_id.clone(),
                 attempt,
                 pid: Some(std::process::id()),
+                ago_ms: None,
             });
             if pass.prints() {
                 printing.push((run_id, attempt));

@@ -107,14 +107,16 @@ impl Room {
     }
 }
 
-/// At most this many times its capacity may a worker hold in reserve.
-pub const MAX_RESERVE_FACTOR: u32 = 8;
+/// At most this many times its capacity may a worker hold in reserve: runs of a few
+/// milliseconds, 8 at a time, free about 500 slots in the 400 ms a worker sizes its reserve by.
+pub const MAX_RESERVE_FACTOR: u32 = 64;
 
 /// How much a worker may hold at once: its `capacity`, plus a `reserve` of runs waiting in it
 /// to start the moment one of its slots frees (its local queue), so a slot never waits a round
 /// trip for its next run. The reserve counts at most [`MAX_RESERVE_FACTOR`] times the
-/// capacity (the worker sizes it by time: what its slots free within a few tens of
-/// milliseconds); a claim still hands it only runs that fit its capacity alone.
+/// capacity (the worker sizes it by time: what its slots free within a few hundred
+/// milliseconds, enough to outlast two calls to a busy server); a claim still hands it only
+/// runs that fit its capacity alone.
 pub fn claim_reach(capacity: &Resources, reserve: &Resources) -> Resources {
     let factor = f64::from(MAX_RESERVE_FACTOR);
     let cpus = if reserve.cpus.is_finite() {
@@ -271,9 +273,10 @@ mod tests {
                 memory_mb: 5120
             }
         );
+        let factor = f64::from(MAX_RESERVE_FACTOR);
         let most = Resources {
-            cpus: 72.0,
-            memory_mb: 36864,
+            cpus: 8.0 * (1.0 + factor),
+            memory_mb: 4096 * (1 + u64::from(MAX_RESERVE_FACTOR)),
         };
         assert_eq!(reach(1e6, u64::MAX), most);
         // Nonsense never widens what a worker may hold.

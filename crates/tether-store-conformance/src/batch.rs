@@ -1,7 +1,7 @@
 //! Batched worker calls (`start_attempts`, `finish_attempts`): each item judged as its single
 //! call would judge it, answers in order, one per item.
 
-use tether_store::{AttemptFinish, RunRecord, StoreResult};
+use tether_store::{AttemptFinish, AttemptStart, RunRecord, StoreResult};
 
 use crate::support::*;
 use crate::Harness;
@@ -48,10 +48,11 @@ async fn claimed(store: &SharedStore, n: usize, max_attempts: u32) -> (String, V
     (worker, runs)
 }
 
-fn item(run_id: &str, attempt: u32) -> RunRef {
-    RunRef {
+fn item(run_id: &str, attempt: u32) -> AttemptStart {
+    AttemptStart {
         run_id: run_id.to_string(),
         attempt,
+        ago_ms: 0,
     }
 }
 
@@ -64,6 +65,7 @@ fn done(run_id: &str, attempt: u32, outcome: AttemptOutcome, code: i32) -> Attem
             exit_code: Some(code),
             error_message: None,
         },
+        ago_ms: 0,
     }
 }
 
@@ -389,6 +391,78 @@ pub async fn a_report_starts_finishes_and_claims_the_room_freed_in_one_call(h: &
         vec![(runs[2].clone(), 1), (runs[3].clone(), 1)],
         "the worker holds what the call handed it"
     );
+}
+
+/// A worker says how long before its call a process started or ended (a duration on its own
+/// clock): the stamps are placed that long before the store's time at the call, so a run's
+/// times are when it ran, not when a call went; never before the claim, and an end never
+/// before its start.
+pub async fn reported_times_place_starts_and_ends_when_they_happened(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 3, 3).await;
+    let claimed_at = store.get_run(&runs[0]).await.unwrap().unwrap().claimed_at;
+    let claimed_at = claimed_at.expect("a claimed run has its claim's stamp");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let ago = |item: AttemptStart, ago_ms: u64| AttemptStart { ago_ms, ..item };
+    let ended = |item: AttemptFinish, ago_ms: u64| AttemptFinish { ago_ms, ..item };
+    let succeeded = AttemptOutcome::Succeeded;
+    store
+        .report_attempts(
+            &worker,
+            &[
+                // Started 300 ms and ended 100 ms before the call: one write, both stamps.
+                ago(item(&runs[0], 1), 300),
+                // "Started" before it was claimed: the claim is the earliest it could have.
+                ago(item(&runs[1], 1), 3_600_000),
+                item(&runs[2], 1),
+            ],
+            &[ended(done(&runs[0], 1, succeeded, 0), 100)],
+            None,
+        )
+        .await
+        .expect("report_attempts");
+    store
+        .report_attempts(
+            &worker,
+            &[],
+            &[
+                done(&runs[1], 1, succeeded, 0),
+                // "Ended" before it started: the start is the earliest it could have.
+                ended(done(&runs[2], 1, succeeded, 0), 3_600_000),
+            ],
+            None,
+        )
+        .await
+        .expect("report_attempts");
+    let mut read = Vec::new();
+    for id in &runs {
+        read.push(store.get_run(id).await.unwrap().unwrap());
+    }
+    let (a, b, c) = (&read[0], &read[1], &read[2]);
+    let (a_start, a_end) = (a.started_at.unwrap(), a.finished_at.unwrap());
+    assert_eq!(
+        a_end - a_start,
+        200,
+        "both measured on one clock, in one call"
+    );
+    assert!(
+        a_start >= claimed_at + 100,
+        "{a_start} vs claim {claimed_at}"
+    );
+    assert_eq!(b.started_at, b.claimed_at, "never before the claim");
+    assert!(b.finished_at.unwrap() >= b.started_at.unwrap() + 400);
+    assert_eq!(c.finished_at, c.started_at, "never before the start");
+    // The attempt rows say the same.
+    for r in [a, b, c] {
+        let attempts = store.list_attempts(&r.id).await.unwrap();
+        assert_eq!(
+            (attempts[0].started_at, attempts[0].finished_at),
+            (r.started_at, r.finished_at),
+            "{:?}",
+            attempts[0]
+        );
+    }
 }
 
 pub async fn a_report_s_refused_claim_leaves_its_items_standing(h: &dyn Harness) {

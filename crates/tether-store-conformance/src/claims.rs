@@ -2,6 +2,7 @@
 
 use crate::support::*;
 use crate::Harness;
+use tether_domain::admission::MAX_RESERVE_FACTOR;
 
 pub async fn concurrent_claims_hand_each_run_to_one_worker(h: &dyn Harness) {
     let fx = h.fresh().await;
@@ -143,13 +144,14 @@ fn needing_cpus(cpus: f64) -> RunSpec {
 }
 
 /// A reserve lets a worker hold runs waiting in it beyond its capacity (its local queue), at
-/// most 8 times its capacity, never a run it could not run alone, and never past a lane's
-/// ceiling.
+/// most [`MAX_RESERVE_FACTOR`] times its capacity, never a run it could not run alone, and
+/// never past a lane's ceiling.
 pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness) {
     let fx = h.fresh().await;
     let store = &fx.store;
+    let factor = MAX_RESERVE_FACTOR as usize;
     let big = create(store, &needing_cpus(2.0)).await;
-    for _ in 0..12 {
+    for _ in 0..factor + 4 {
         create(store, &spec()).await;
     }
     let worker_id = register(store, 1.0).await;
@@ -158,7 +160,7 @@ pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness)
             cpus,
             memory_mb: 1 << 20,
         },
-        ..limits(20)
+        ..limits(10 * factor as u32)
     };
     let first = store.claim_runs(&worker_id, &reserve(1.0)).await.unwrap();
     assert_eq!(first.len(), 2, "1 cpu of capacity and 1 of reserve");
@@ -166,11 +168,14 @@ pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness)
         first.iter().all(|c| c.run.id != big),
         "2 cpus never run on 1"
     );
-    // Asking for more than 8 times the capacity reaches only that far: 9 runs held.
-    let more = store.claim_runs(&worker_id, &reserve(50.0)).await.unwrap();
-    assert_eq!(more.len(), 7);
+    // Asking for more than the factor times the capacity reaches only that far.
+    let more = store
+        .claim_runs(&worker_id, &reserve(10.0 * factor as f64))
+        .await
+        .unwrap();
+    assert_eq!(more.len(), factor - 1, "{} held in all", factor + 1);
     assert!(store
-        .claim_runs(&worker_id, &reserve(50.0))
+        .claim_runs(&worker_id, &reserve(10.0 * factor as f64))
         .await
         .unwrap()
         .is_empty());
@@ -185,14 +190,15 @@ pub async fn a_reserve_holds_runs_beyond_capacity_within_bounds(h: &dyn Harness)
     // A lane's ceiling counts runs held in reserve like any other in flight.
     let lane_worker = register(store, 8.0).await;
     let capped = ClaimLimits {
-        lane_max_concurrency: BTreeMap::from([("default".to_string(), 11)]),
+        lane_max_concurrency: BTreeMap::from([("default".to_string(), factor as u32 + 3)]),
         ..reserve(8.0)
     };
     let taken = store.claim_runs(&lane_worker, &capped).await.unwrap();
     assert_eq!(
         taken.len(),
         2,
-        "9 held by the first worker, 2 more reach 11"
+        "{} held by the first worker, 2 more reach the ceiling",
+        factor + 1
     );
 }
 

@@ -52,7 +52,7 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
             "",
         ),
         ChangeKind::Start => (
-            "status = v.new_status, started_at = $1, confirmed = TRUE, last_heartbeat_at = $1, \
+            "status = v.new_status, started_at = v.n1, confirmed = TRUE, last_heartbeat_at = $1, \
              stale_at = $1 + r.heartbeat_timeout_ms, timeout_at = $1 + r.timeout_ms",
             "",
         ),
@@ -73,14 +73,14 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
             "",
         ),
         ChangeKind::Finish => (
-            "status = v.new_status, worker_id = NULL, finished_at = $1, stale_at = NULL, \
+            "status = v.new_status, worker_id = NULL, finished_at = v.n1, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.exit, error_code = v.code, \
              error_message = v.message",
             "",
         ),
         ChangeKind::Ran => (
-            "status = v.new_status, worker_id = NULL, started_at = $1, confirmed = TRUE, \
-             last_heartbeat_at = $1, finished_at = $1, stale_at = NULL, timeout_at = NULL, \
+            "status = v.new_status, worker_id = NULL, started_at = v.n1, confirmed = TRUE, \
+             last_heartbeat_at = $1, finished_at = v.n2, stale_at = NULL, timeout_at = NULL, \
              exit_code = v.exit, error_code = v.code, error_message = v.message",
             "",
         ),
@@ -102,7 +102,7 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
 }
 
 /// The columns [`write_sql`] reads, one entry per run: the guard, the event seq, and what each
-/// kind of change writes (`n1`, `n2`: attempt or byte counts).
+/// kind of change writes (`n1`, `n2`: attempt, byte counts or stamps).
 #[derive(Default)]
 pub(crate) struct WriteColumns<'a> {
     id: Vec<&'a str>,
@@ -136,7 +136,10 @@ impl<'a> WriteColumns<'a> {
                 n1 = Some(i64::from(*attempt));
                 worker = Some(worker_id.as_str());
             }
-            RunChange::Start { status } => new_status = Some(status.as_str()),
+            RunChange::Start { status, at } => {
+                new_status = Some(status.as_str());
+                n1 = Some(*at);
+            }
             RunChange::Heartbeat {
                 worker_id,
                 stdout_bytes,
@@ -155,17 +158,28 @@ impl<'a> WriteColumns<'a> {
                 exit_code,
                 error_code,
                 error_message,
-            }
-            | RunChange::Ran {
-                status,
-                exit_code,
-                error_code,
-                error_message,
+                at,
             } => {
                 new_status = Some(status.as_str());
                 exit = *exit_code;
                 code = error_code.map(|c| c.as_str());
                 message = error_message.as_deref();
+                n1 = Some(*at);
+            }
+            RunChange::Ran {
+                status,
+                exit_code,
+                error_code,
+                error_message,
+                started_at,
+                at,
+            } => {
+                new_status = Some(status.as_str());
+                exit = *exit_code;
+                code = error_code.map(|c| c.as_str());
+                message = error_message.as_deref();
+                n1 = Some(*started_at);
+                n2 = Some(*at);
             }
             RunChange::BackToPending | RunChange::CancelAsked => {}
         }
@@ -216,29 +230,32 @@ async fn flush_in_one(
         ));
     }
     if !batch.started_attempts.is_empty() {
-        let p = next(2);
+        let p = next(3);
         with.push(format!(
-            "sa AS (UPDATE attempts AS a SET started_at = $1 \
-             FROM UNNEST(${p}::text[], ${}::bigint[]) AS v(run_id, attempt) \
+            "sa AS (UPDATE attempts AS a SET started_at = v.at \
+             FROM UNNEST(${p}::text[], ${}::bigint[], ${}::bigint[]) AS v(run_id, attempt, at) \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt)",
-            p + 1
+            p + 1,
+            p + 2
         ));
     }
     if !batch.closed_attempts.is_empty() {
-        let p = next(7);
+        let p = next(8);
         with.push(format!(
-            "ca AS (UPDATE attempts AS a SET finished_at = $1, status = v.status, \
+            "ca AS (UPDATE attempts AS a SET finished_at = v.at, status = v.status, \
              error_code = v.code, exit_code = v.exit, error_message = v.message, \
-             started_at = CASE WHEN v.started THEN $1 ELSE a.started_at END \
+             started_at = coalesce(v.started, a.started_at) \
              FROM UNNEST(${p}::text[], ${}::bigint[], ${}::text[], ${}::text[], ${}::int[], \
-             ${}::text[], ${}::bool[]) AS v(run_id, attempt, status, code, exit, message, started) \
+             ${}::text[], ${}::bigint[], ${}::bigint[]) \
+             AS v(run_id, attempt, status, code, exit, message, started, at) \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL)",
             p + 1,
             p + 2,
             p + 3,
             p + 4,
             p + 5,
-            p + 6
+            p + 6,
+            p + 7
         ));
     }
     if !batch.event_seqs.is_empty() {
@@ -313,8 +330,9 @@ async fn flush_in_one(
     if !batch.started_attempts.is_empty() {
         let a = batch.started_attempts;
         query = query
-            .bind(a.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
-            .bind(a.iter().map(|(_, n)| i64::from(*n)).collect::<Vec<_>>());
+            .bind(a.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>())
+            .bind(a.iter().map(|(_, n, _)| i64::from(*n)).collect::<Vec<_>>())
+            .bind(a.iter().map(|(_, _, at)| *at).collect::<Vec<_>>());
     }
     if !batch.closed_attempts.is_empty() {
         let c = batch.closed_attempts;
@@ -333,7 +351,8 @@ async fn flush_in_one(
                     .map(|c| c.end.error_message.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(c.iter().map(|c| c.started).collect::<Vec<_>>());
+            .bind(c.iter().map(|c| c.started).collect::<Vec<_>>())
+            .bind(c.iter().map(|c| c.at).collect::<Vec<_>>());
     }
     if !batch.event_seqs.is_empty() {
         let e = batch.event_seqs;

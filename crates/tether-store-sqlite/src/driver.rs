@@ -62,7 +62,7 @@ impl Statements {
             let rows: Vec<Value> = group
                 .iter()
                 .map(|w| {
-                    let [p1, p2, p3, p4] = change_values(&w.change);
+                    let [p1, p2, p3, p4, p5, p6] = change_values(&w.change);
                     json!([
                         w.run_id,
                         w.status,
@@ -71,7 +71,9 @@ impl Statements {
                         p1,
                         p2,
                         p3,
-                        p4
+                        p4,
+                        p5,
+                        p6
                     ])
                 })
                 .collect();
@@ -127,11 +129,11 @@ impl Statements {
         );
     }
 
-    fn stamp_attempts_started(&mut self, attempts: &[(String, u32)]) -> StoreResult<()> {
+    fn stamp_attempts_started(&mut self, attempts: &[(String, u32, Millis)]) -> StoreResult<()> {
         self.push(
-            "UPDATE attempts AS a SET started_at = v.now FROM \
-             (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt \
-             FROM json_each(?)) AS v \
+            "UPDATE attempts AS a SET started_at = v.at FROM \
+             (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt, \
+             value ->> 2 AS at FROM json_each(?)) AS v \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt"
                 .into(),
             encode(&attempts, "attempts")?,
@@ -151,16 +153,18 @@ impl Statements {
                     c.end.exit_code,
                     c.end.error_message,
                     c.started,
+                    c.at,
                 ])
             })
             .collect();
         self.push(
-            "UPDATE attempts AS a SET finished_at = v.now, status = v.status, \
+            "UPDATE attempts AS a SET finished_at = v.at, status = v.status, \
              error_code = v.error_code, exit_code = v.exit_code, error_message = v.message, \
-             started_at = CASE WHEN v.started THEN v.now ELSE a.started_at END \
+             started_at = coalesce(v.started, a.started_at) \
              FROM (SELECT ? AS now, value ->> 0 AS run_id, value ->> 1 AS attempt, \
              value ->> 2 AS status, value ->> 3 AS error_code, value ->> 4 AS exit_code, \
-             value ->> 5 AS message, value ->> 6 AS started FROM json_each(?)) AS v \
+             value ->> 5 AS message, value ->> 6 AS started, value ->> 7 AS at \
+             FROM json_each(?)) AS v \
              WHERE a.run_id = v.run_id AND a.attempt = v.attempt AND a.status IS NULL"
                 .into(),
             Value::Array(rows).to_string(),
@@ -187,7 +191,7 @@ impl Statements {
 
 /// The `UPDATE` of one kind of change, for any number of runs: two parameters, the
 /// transaction's `now` and the runs as a JSON array of `[id, status, attempt, last_event_seq,
-/// p1..p4]` ([`change_values`]). Each row lands only if the run still has the status and
+/// p1..p6]` ([`change_values`]). Each row lands only if the run still has the status and
 /// attempt it was judged on (the guard), even against another process writing the same file;
 /// the rows written come back, so nothing is read again.
 fn write_sql(kind: ChangeKind) -> String {
@@ -199,7 +203,7 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
         ChangeKind::Start => (
-            "status = v.p1, started_at = v.now, confirmed = 1, last_heartbeat_at = v.now, \
+            "status = v.p1, started_at = v.p2, confirmed = 1, last_heartbeat_at = v.now, \
              stale_at = v.now + r.heartbeat_timeout_ms, timeout_at = v.now + r.timeout_ms",
             "",
         ),
@@ -220,13 +224,13 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
         ChangeKind::Finish => (
-            "status = v.p1, worker_id = NULL, finished_at = v.now, stale_at = NULL, \
+            "status = v.p1, worker_id = NULL, finished_at = v.p5, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
         ChangeKind::Ran => (
-            "status = v.p1, worker_id = NULL, started_at = v.now, confirmed = 1, \
-             last_heartbeat_at = v.now, finished_at = v.now, stale_at = NULL, \
+            "status = v.p1, worker_id = NULL, started_at = v.p6, confirmed = 1, \
+             last_heartbeat_at = v.now, finished_at = v.p5, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
@@ -239,14 +243,14 @@ fn write_sql(kind: ChangeKind) -> String {
         "UPDATE runs AS r SET {set}, last_event_seq = v.seq FROM \
          (SELECT ? AS now, value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS attempt, \
          value ->> 3 AS seq, value ->> 4 AS p1, value ->> 5 AS p2, value ->> 6 AS p3, \
-         value ->> 7 AS p4 FROM json_each(?)) AS v \
+         value ->> 7 AS p4, value ->> 8 AS p5, value ->> 9 AS p6 FROM json_each(?)) AS v \
          WHERE r.id = v.id AND r.status = v.status AND r.attempt = v.attempt{also} \
          RETURNING {RUN_RETURNING}"
     )
 }
 
-/// What a change writes beyond its kind, as [`write_sql`] reads it (`p1..p4`).
-fn change_values(change: &RunChange) -> [Value; 4] {
+/// What a change writes beyond its kind, as [`write_sql`] reads it (`p1..p6`).
+fn change_values(change: &RunChange) -> [Value; 6] {
     match change {
         RunChange::Claim {
             status,
@@ -257,9 +261,13 @@ fn change_values(change: &RunChange) -> [Value; 4] {
             json!(attempt),
             json!(worker_id),
             Value::Null,
+            Value::Null,
+            Value::Null,
         ],
-        RunChange::Start { status } => [
+        RunChange::Start { status, at } => [
             json!(status.as_str()),
+            json!(at),
+            Value::Null,
             Value::Null,
             Value::Null,
             Value::Null,
@@ -273,30 +281,54 @@ fn change_values(change: &RunChange) -> [Value; 4] {
             json!(stdout_bytes),
             json!(stderr_bytes),
             Value::Null,
+            Value::Null,
+            Value::Null,
         ],
-        RunChange::Output { stdout, stderr } => {
-            [json!(stdout), json!(stderr), Value::Null, Value::Null]
-        }
+        RunChange::Output { stdout, stderr } => [
+            json!(stdout),
+            json!(stderr),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ],
         RunChange::Finish {
             status,
             exit_code,
             error_code,
             error_message,
-        }
-        | RunChange::Ran {
-            status,
-            exit_code,
-            error_code,
-            error_message,
+            at,
         } => [
             json!(status.as_str()),
             json!(exit_code),
             json!(error_code.map(|c| c.as_str())),
             json!(error_message),
+            json!(at),
+            Value::Null,
         ],
-        RunChange::BackToPending | RunChange::CancelAsked => {
-            [Value::Null, Value::Null, Value::Null, Value::Null]
-        }
+        RunChange::Ran {
+            status,
+            exit_code,
+            error_code,
+            error_message,
+            started_at,
+            at,
+        } => [
+            json!(status.as_str()),
+            json!(exit_code),
+            json!(error_code.map(|c| c.as_str())),
+            json!(error_message),
+            json!(at),
+            json!(started_at),
+        ],
+        RunChange::BackToPending | RunChange::CancelAsked => [
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ],
     }
 }
 

@@ -55,9 +55,9 @@ pub enum RunChange {
         attempt: u32,
         worker_id: String,
     },
-    /// The process started: `status`, `started_at = last_heartbeat_at = now`, confirmed; the
-    /// timeout runs from here.
-    Start { status: RunStatus },
+    /// The process started: `status`, `started_at = at` (when the worker says it started,
+    /// `time::reported_at`), `last_heartbeat_at = now`, confirmed; the timeout runs from now.
+    Start { status: RunStatus, at: Millis },
     /// A heartbeat for the run, also guarded by the worker holding it: stamps, confirms, and
     /// keeps the worker's own output counters.
     Heartbeat {
@@ -77,13 +77,16 @@ pub enum RunChange {
         exit_code: Option<i32>,
         error_code: Option<tether_domain::ErrorCode>,
         error_message: Option<String>,
+        started_at: Millis,
+        at: Millis,
     },
-    /// The run ends for good.
+    /// The run ends for good, `finished_at = at`.
     Finish {
         status: RunStatus,
         exit_code: Option<i32>,
         error_code: Option<tether_domain::ErrorCode>,
         error_message: Option<String>,
+        at: Millis,
     },
     /// A cancel was asked; the first request's stamp is kept.
     CancelAsked,
@@ -170,15 +173,15 @@ pub struct AttemptEnd {
     pub error_message: Option<String>,
 }
 
-/// An attempt's end, written if its end is not recorded yet.
+/// An attempt's end, written if its end is not recorded yet: `finished_at = at`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptClose {
     pub run_id: String,
     pub attempt: u32,
     pub end: AttemptEnd,
-    /// Its start is written with its end (`started_at`, as a start stamps it): both came in
-    /// one call.
-    pub started: bool,
+    pub at: Millis,
+    /// Its start, written with its end (`started_at`): both came in one call.
+    pub started: Option<Millis>,
 }
 
 /// What a transaction has queued for the store, sent together: guarded run writes, the
@@ -189,8 +192,8 @@ pub struct Flush<'a> {
     pub writes: &'a [RunWrite],
     /// Attempt rows to insert, `claimed_at = now`.
     pub new_attempts: &'a [NewAttempt],
-    /// Attempts, `(run_id, attempt)`, to stamp `started_at = now`.
-    pub started_attempts: &'a [(String, u32)],
+    /// Attempts, `(run_id, attempt, started_at)`, to stamp started.
+    pub started_attempts: &'a [(String, u32, Millis)],
     pub closed_attempts: &'a [AttemptClose],
     /// Runs that took events without a write of their own: their `last_event_seq`.
     pub event_seqs: &'a [(String, i64)],

@@ -184,7 +184,7 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     async fn start_attempts(
         &self,
         worker_id: &str,
-        items: &[RunRef],
+        items: &[AttemptStart],
     ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
         let mut answers = Vec::with_capacity(items.len());
         for item in items {
@@ -204,7 +204,7 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     async fn report_attempts(
         &self,
         worker_id: &str,
-        starts: &[RunRef],
+        starts: &[AttemptStart],
         finishes: &[AttemptFinish],
         claim: Option<&ClaimLimits>,
     ) -> StoreResult<AttemptReports> {

@@ -407,12 +407,25 @@ pub struct AttemptReports {
     pub claimed: Option<crate::StoreResult<Vec<ClaimedRun>>>,
 }
 
+/// One start of a batch ([`crate::Store::start_attempts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptStart {
+    pub run_id: String,
+    pub attempt: u32,
+    /// How long before the call the worker saw the process start, by its own monotonic
+    /// clock: `started_at` is placed that long before the store's time at the call
+    /// (`tether_domain::time::reported_at`).
+    pub ago_ms: u64,
+}
+
 /// One finish of a batch ([`crate::Store::finish_attempts`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptFinish {
     pub run_id: String,
     pub attempt: u32,
     pub report: FinishReport,
+    /// As [`AttemptStart::ago_ms`], for `finished_at`.
+    pub ago_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tether_api::{
     AppendLogRequest, Assignment, AttemptFinishWire, AttemptReportsRequest, AttemptStartWire,
     ClientError, FinishRequest, LogChunkWire, ReportAnswer, ReportClaim, StartRequest,
-    TetherClient,
+    TetherClient, MAX_ATTEMPT_REPORTS,
 };
 use tether_domain::{ErrorCode, RunStatus};
 use tokio::sync::{mpsc, oneshot};
@@ -190,6 +190,9 @@ pub struct QueuedReport {
     reply: oneshot::Sender<Result<(), ReportError>>,
     /// Set on a just-launched attempt's first report: the launch is settled once it is read.
     launch: Option<LaunchGuard>,
+    /// When it happened (the process started, the attempt ended): the call says how long
+    /// before it that was, so the run's stamps are when it happened, not when a call went.
+    at: std::time::Instant,
 }
 
 /// Attempts launched whose first report (the start, or a spawn failure's finish) has not been
@@ -310,6 +313,7 @@ impl ReportQueue {
             kind,
             reply,
             launch,
+            at: std::time::Instant::now(),
         };
         if self.tx.send(queued).is_err() {
             return Err(ReportError::Transient(
@@ -424,9 +428,7 @@ pub async fn send_reports(
         };
         if in_flight.len() < CALLS_IN_FLIGHT && sendable(&pending, &starting) {
             queue.settle_launches(&mut pending).await;
-            let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut pending)
-                .into_iter()
-                .partition(|r| !waits_for_start(r, &starting));
+            let (now, later) = next_call(std::mem::take(&mut pending), &starting);
             pending = later;
             if !batched {
                 send_one_by_one(&http, now, &mut unconfirmed).await;
@@ -477,6 +479,26 @@ pub async fn send_reports(
             else => return,
         }
     }
+}
+
+/// What the next call carries: the reports that may go now, in the order they queued, at
+/// most [`MAX_ATTEMPT_REPORTS`] (the server refuses a call with more); the rest wait. A
+/// prefix in queue order keeps an attempt's start in the call before, or the same call as,
+/// its finish.
+fn next_call(
+    pending: Vec<QueuedReport>,
+    starting: &std::collections::HashSet<Key>,
+) -> (Vec<QueuedReport>, Vec<QueuedReport>) {
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for r in pending {
+        if now.len() < MAX_ATTEMPT_REPORTS && !waits_for_start(&r, starting) {
+            now.push(r);
+        } else {
+            later.push(r);
+        }
+    }
+    (now, later)
 }
 
 fn key(r: &QueuedReport) -> Key {
@@ -572,11 +594,13 @@ fn prepare_batch(
     }
     let mut request = AttemptReportsRequest::default();
     for r in &reports {
+        let ago_ms = Some(r.at.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
         match &r.kind {
             ReportKind::Start { pid } => request.starts.push(AttemptStartWire {
                 run_id: r.run_id.clone(),
                 attempt: r.attempt,
                 pid: Some(*pid),
+                ago_ms,
             }),
             ReportKind::Finish(f) => request.finishes.push(AttemptFinishWire {
                 run_id: r.run_id.clone(),
@@ -585,6 +609,7 @@ fn prepare_batch(
                 error_code: f.error_code,
                 exit_code: f.exit_code,
                 error_message: f.error_message.clone(),
+                ago_ms,
             }),
         }
     }
@@ -699,5 +724,54 @@ mod tests {
             classify(api(400, "invalid_field")),
             ReportError::Refused(_)
         ));
+    }
+
+    fn queued(run: usize, kind: ReportKind) -> QueuedReport {
+        QueuedReport {
+            run_id: format!("run-{run}"),
+            attempt: 1,
+            kind,
+            reply: oneshot::channel().0,
+            launch: None,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn finish() -> ReportKind {
+        ReportKind::Finish(Finish {
+            status: RunStatus::Succeeded,
+            error_code: None,
+            exit_code: Some(0),
+            error_message: None,
+        })
+    }
+
+    /// A local queue of hundreds of short runs can queue more reports than the server takes
+    /// in one call (it refuses the whole call): the rest wait for the next one, and no
+    /// attempt's finish goes before its start.
+    #[test]
+    fn a_call_carries_no_more_than_the_server_takes() {
+        let mut pending = Vec::new();
+        for run in 0..MAX_ATTEMPT_REPORTS {
+            pending.push(queued(run, ReportKind::Start { pid: 1 }));
+            pending.push(queued(run, finish()));
+        }
+        // A finish whose start is in the call in flight waits for its answer.
+        pending.insert(0, queued(MAX_ATTEMPT_REPORTS, finish()));
+        let starting = std::collections::HashSet::from([(format!("run-{MAX_ATTEMPT_REPORTS}"), 1)]);
+        let (now, later) = next_call(pending, &starting);
+        assert_eq!(now.len(), MAX_ATTEMPT_REPORTS);
+        assert_eq!(later.len(), MAX_ATTEMPT_REPORTS + 1);
+        assert!(matches!(now[0].kind, ReportKind::Start { .. }));
+        assert_eq!(later[0].run_id, format!("run-{MAX_ATTEMPT_REPORTS}"));
+        let started: std::collections::HashSet<&str> = now
+            .iter()
+            .filter(|r| matches!(r.kind, ReportKind::Start { .. }))
+            .map(|r| r.run_id.as_str())
+            .collect();
+        assert!(now
+            .iter()
+            .filter(|r| matches!(r.kind, ReportKind::Finish(_)))
+            .all(|r| started.contains(r.run_id.as_str())));
     }
 }

@@ -73,7 +73,7 @@ impl Default for WorkerConfig {
             kill_grace: Duration::from_secs(10),
             claim_wait: Duration::from_secs(20),
             // The server hands out no more than fits, so asking for many costs nothing.
-            max_runs_per_claim: 64,
+            max_runs_per_claim: 512,
             drain_timeout: Duration::ZERO,
             ca_cert_pem: None,
             pass_env: crate::supervisor::DEFAULT_PASS_ENV

@@ -181,8 +181,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_NO_RUN_HOST", hide = true)]
     pub no_run_host: bool,
     /// Hold no local queue: take only what the capacity runs at once. By default, while runs
-    /// are short, the worker also holds a few claimed runs that start the moment a slot frees
-    /// (only what its slots free within about 50 ms, at most 8 times its capacity).
+    /// are short, the worker also holds claimed runs that start the moment a slot frees
+    /// (what its slots free within about 400 ms, at most 64 times its capacity; runs of a
+    /// second or more get none).
     #[arg(long, env = "TETHER_NO_LOCAL_QUEUE")]
     pub no_local_queue: bool,
 }

@@ -8,11 +8,11 @@ use axum::Json;
 use base64::Engine;
 use tether_api::{
     AppendLogRequest, AppendLogResponse, AttemptReportsRequest, AttemptReportsResponse,
-    FinishRequest, ReportAnswer, RunView, StartRequest, StreamOffsets,
+    FinishRequest, ReportAnswer, RunView, StartRequest, StreamOffsets, MAX_ATTEMPT_REPORTS,
 };
 use tether_domain::{AttemptOutcome, ErrorCode, RunStatus};
 use tether_store::{
-    AppendOutcome, AttemptFinish, FinishReport, OutputChunk, OutputStream, RunRecord, RunRef,
+    AppendOutcome, AttemptFinish, AttemptStart, FinishReport, OutputChunk, OutputStream, RunRecord,
     StoreError, StoreResult,
 };
 
@@ -185,9 +185,6 @@ fn count_finish(run: &RunRecord, report: &FinishReport) {
     crate::metrics::attempt_ended(run, report.outcome.status(), error_code);
 }
 
-/// The most starts and finishes one `POST /v1/workers/{id}/attempts` may carry.
-pub const MAX_REPORTS: usize = 1_000;
-
 /// `POST /v1/workers/{id}/attempts`: several starts and finishes in one call, then, if asked,
 /// a claim for the room the finishes freed, all in one store transaction where the store can.
 /// Each item is fenced as the single-attempt calls are and answered alone: a stale attempt is
@@ -206,20 +203,21 @@ pub async fn report_attempts(
         .worker_secrets
         .verify(&state.store, &worker_id, &headers)
         .await?;
-    if request.starts.len() + request.finishes.len() > MAX_REPORTS {
+    if request.starts.len() + request.finishes.len() > MAX_ATTEMPT_REPORTS {
         return Err(ApiError::invalid(
             "invalid_field",
-            format!("at most {MAX_REPORTS} starts and finishes in one call"),
+            format!("at most {MAX_ATTEMPT_REPORTS} starts and finishes in one call"),
         ));
     }
     let mut store_failed = false;
 
-    let refs: Vec<RunRef> = request
+    let refs: Vec<AttemptStart> = request
         .starts
         .iter()
-        .map(|s| RunRef {
+        .map(|s| AttemptStart {
             run_id: s.run_id.clone(),
             attempt: s.attempt,
+            ago_ms: s.ago_ms.unwrap_or(0),
         })
         .collect();
 
@@ -238,6 +236,7 @@ pub async fn report_attempts(
                         exit_code: f.exit_code,
                         error_message: f.error_message,
                     },
+                    ago_ms: f.ago_ms.unwrap_or(0),
                 });
             }
             Err(err) => finishes.push(Some(ReportAnswer {

@@ -19,7 +19,7 @@ use crate::extract::{ApiJson, ApiPath};
 use crate::views::worker_view;
 use crate::AppState;
 
-const MAX_RUNS_PER_CLAIM: u32 = 64;
+const MAX_RUNS_PER_CLAIM: u32 = 512;
 
 /// `POST /v1/workers`.
 #[utoipa::path(post, path = "/v1/workers", request_body = tether_api::RegisterWorkerRequest,

@@ -2,6 +2,7 @@
 //! forms of start and finish, one transaction for many.
 
 use tether_domain::machine::{AttemptOutcome, Command, Decision};
+use tether_domain::time::reported_at;
 use tether_domain::{ErrorCode, RunStatus};
 
 use super::work::Committed;
@@ -9,8 +10,8 @@ use super::{claims, Answer, Ending, Work};
 use super::{end_attempt, must_lock, push_status, reload, transition_error};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{
-    new_output, AppendOutcome, AttemptFinish, AttemptReports, ClaimLimits, EventBody, FinishReport,
-    OutputChunk, OutputStream, RunRecord, RunRef, StatusBody, StoreError, StoreResult,
+    new_output, AppendOutcome, AttemptFinish, AttemptReports, AttemptStart, ClaimLimits, EventBody,
+    FinishReport, OutputChunk, OutputStream, RunRecord, StatusBody, StoreError, StoreResult,
 };
 
 pub(super) async fn start_one<D: Driver>(
@@ -20,7 +21,7 @@ pub(super) async fn start_one<D: Driver>(
     worker_id: &str,
 ) -> StoreResult<RunRecord> {
     let mut work = Work::begin(d).await?;
-    let answer = start_in(&mut work, run_id, attempt, worker_id).await?;
+    let answer = start_in(&mut work, run_id, attempt, worker_id, 0).await?;
     let run = answer.resolve(&mut work).await?;
     work.commit(d).await?;
     Ok(run)
@@ -34,7 +35,7 @@ pub(super) async fn finish_one<D: Driver>(
     report: &FinishReport,
 ) -> StoreResult<RunRecord> {
     let mut work = Work::begin(d).await?;
-    let answer = finish_in(&mut work, run_id, attempt, worker_id, report).await?;
+    let answer = finish_in(&mut work, run_id, attempt, worker_id, report, 0).await?;
     let run = answer.resolve(&mut work).await?;
     work.commit(d).await?;
     Ok(run)
@@ -44,7 +45,7 @@ pub(super) async fn finish_one<D: Driver>(
 pub(super) async fn start_many<D: Driver>(
     d: &D,
     worker_id: &str,
-    items: &[RunRef],
+    items: &[AttemptStart],
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     in_one_transaction(d, worker_id, items.iter().map(Call::Start).collect()).await
 }
@@ -65,7 +66,7 @@ pub(super) async fn finish_many<D: Driver>(
 pub(super) async fn report<D: Driver>(
     d: &D,
     worker_id: &str,
-    starts: &[RunRef],
+    starts: &[AttemptStart],
     finishes: &[AttemptFinish],
     claim: Option<&ClaimLimits>,
 ) -> StoreResult<AttemptReports> {
@@ -106,7 +107,7 @@ pub(super) async fn report<D: Driver>(
 
 /// One worker call on one attempt, as a batch carries it.
 enum Call<'a> {
-    Start(&'a RunRef),
+    Start(&'a AttemptStart),
     Finish(&'a AttemptFinish),
 }
 
@@ -146,8 +147,10 @@ async fn calls_in<T: DriverTx>(
     let mut answers = Vec::with_capacity(calls.len());
     for call in calls {
         let answer = match call {
-            Call::Start(r) => start_in(work, &r.run_id, r.attempt, worker_id).await,
-            Call::Finish(f) => finish_in(work, &f.run_id, f.attempt, worker_id, &f.report).await,
+            Call::Start(s) => start_in(work, &s.run_id, s.attempt, worker_id, s.ago_ms).await,
+            Call::Finish(f) => {
+                finish_in(work, &f.run_id, f.attempt, worker_id, &f.report, f.ago_ms).await
+            }
         };
         answers.push(per_item(answer)?);
     }
@@ -207,6 +210,7 @@ async fn start_in<T: DriverTx>(
     run_id: &str,
     attempt: u32,
     worker_id: &str,
+    ago_ms: u64,
 ) -> StoreResult<Answer> {
     let loaded = must_lock(work, run_id).await?;
     let transition = loaded
@@ -221,11 +225,13 @@ async fn start_in<T: DriverTx>(
         // The worker retried a start whose answer it lost: already done.
         return Ok(Answer::Now(Box::new(loaded.run)));
     }
+    let at = reported_at(work.now(), ago_ms, loaded.run.claimed_at);
     let change = RunChange::Start {
         status: transition.next.status,
+        at,
     };
     let ticket = work.write(&loaded, change).await?;
-    work.stamp_attempt_started(run_id, attempt);
+    work.stamp_attempt_started(run_id, attempt, at);
     let status = StatusBody::plain(RunStatus::Running, attempt);
     push_status(work, run_id, status)?;
     Ok(Answer::Written {
@@ -240,6 +246,7 @@ async fn finish_in<T: DriverTx>(
     attempt: u32,
     worker_id: &str,
     report: &FinishReport,
+    ago_ms: u64,
 ) -> StoreResult<Answer> {
     let loaded = must_lock(work, run_id).await?;
     let transition = loaded
@@ -256,6 +263,7 @@ async fn finish_in<T: DriverTx>(
             let ending = Ending {
                 exit_code: report.exit_code,
                 error_message: report.error_message.as_deref(),
+                ago_ms,
             };
             let ticket = end_attempt(work, &loaded, decision, ending).await?;
             Ok(Answer::Written {
@@ -348,6 +356,7 @@ pub(super) async fn append_output<D: Driver>(
         let ending = Ending {
             exit_code: None,
             error_message: Some(&message),
+            ago_ms: 0,
         };
         // The output write above moved no status or attempt: the guard still holds.
         end_attempt(&mut work, &loaded, decision, ending).await?;

@@ -16,15 +16,16 @@ mod workers;
 
 use async_trait::async_trait;
 use tether_domain::machine::{Command, Decision, TransitionError};
+use tether_domain::time::reported_at;
 use tether_domain::{ErrorCode, Millis, RunSpec, RunStatus};
 use tokio::sync::broadcast;
 
 use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
 use crate::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, AttemptReports,
-    BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody, EventRecord,
-    FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy, ReapReport,
-    ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody, Store,
+    AttemptStart, BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody,
+    EventRecord, FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy,
+    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, Signal, StatusBody, Store,
     StoreError, StoreResult, WorkerRecord,
 };
 use work::{Ticket, Work};
@@ -156,7 +157,7 @@ impl<D: Driver + EndpointStore> Store for D {
     async fn start_attempts(
         &self,
         worker_id: &str,
-        items: &[RunRef],
+        items: &[AttemptStart],
     ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
         attempts::start_many(self, worker_id, items).await
     }
@@ -164,7 +165,7 @@ impl<D: Driver + EndpointStore> Store for D {
     async fn report_attempts(
         &self,
         worker_id: &str,
-        starts: &[RunRef],
+        starts: &[AttemptStart],
         finishes: &[AttemptFinish],
         claim: Option<&ClaimLimits>,
     ) -> StoreResult<AttemptReports> {
@@ -327,6 +328,9 @@ fn push_status<T: DriverTx>(
 struct Ending<'a> {
     exit_code: Option<i32>,
     error_message: Option<&'a str>,
+    /// How long before the call the worker saw it end (`time::reported_at`); 0 for an end
+    /// Tether decides itself.
+    ago_ms: u64,
 }
 
 /// Queues what the status machine decided when the current attempt ended (or, for a pending
@@ -340,6 +344,7 @@ async fn end_attempt<T: DriverTx>(
 ) -> StoreResult<Ticket> {
     let run = &loaded.run;
     let (ended, error_code) = decision.attempt_result();
+    let at = reported_at(work.now(), ending.ago_ms, run.started_at.or(run.claimed_at));
     let ticket = match decision {
         Decision::Retry { .. } => {
             // The next claim stamps afresh; the run's own error fields describe only its
@@ -354,6 +359,7 @@ async fn end_attempt<T: DriverTx>(
                 exit_code: ending.exit_code,
                 error_code,
                 error_message: ending.error_message.map(str::to_string),
+                at,
             };
             work.write(loaded, change).await?
         }
@@ -368,7 +374,7 @@ async fn end_attempt<T: DriverTx>(
             exit_code: ending.exit_code,
             error_message: ending.error_message.map(str::to_string),
         };
-        work.close_attempt(&run.id, run.attempt, end);
+        work.close_attempt(&run.id, run.attempt, end, at);
     }
     let body = StatusBody {
         status: decision.run_status(),

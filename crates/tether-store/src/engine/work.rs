@@ -74,7 +74,7 @@ pub(super) struct Work<T> {
     absent: HashSet<String>,
     writes: Vec<Queued>,
     new_attempts: Vec<NewAttempt>,
-    started_attempts: Vec<(String, u32)>,
+    started_attempts: Vec<(String, u32, tether_domain::Millis)>,
     closed_attempts: Vec<AttemptClose>,
     events: Vec<NewEvent>,
     written: Vec<Option<LoadedRun>>,
@@ -231,7 +231,7 @@ impl<T: DriverTx> Work<T> {
             .get_mut(&loaded.run.id)
             .ok_or_else(|| StoreError::corrupt("a write for a run this transaction never read"))?;
         seen.queued = true;
-        if let RunChange::Start { status } = &change {
+        if let RunChange::Start { status, at } = &change {
             // Shown as the start leaves it (as the store's `Start` writes it), so the run's
             // next judgment in this transaction needs no round trip.
             seen.starting = true;
@@ -240,7 +240,7 @@ impl<T: DriverTx> Work<T> {
             seen.run.raw_status = status.as_str().to_string();
             let run = &mut seen.run.run;
             run.status = *status;
-            run.started_at = Some(now);
+            run.started_at = Some(*at);
             run.last_heartbeat_at = Some(now);
         }
         let ticket = Ticket(self.written.len());
@@ -265,26 +265,32 @@ impl<T: DriverTx> Work<T> {
         if !self.runs.get(run_id).is_some_and(|s| s.starting) {
             return None;
         }
+        let queued = self
+            .writes
+            .iter_mut()
+            .rev()
+            .find(|q| q.write.run_id == run_id)?;
+        let RunChange::Start { at: started_at, .. } = queued.write.change else {
+            return None;
+        };
         let folded = match change {
             RunChange::Finish {
                 status,
                 exit_code,
                 error_code,
                 error_message,
+                at,
             } => RunChange::Ran {
                 status: *status,
                 exit_code: *exit_code,
                 error_code: *error_code,
                 error_message: error_message.clone(),
+                started_at,
+                at: *at,
             },
             RunChange::BackToPending => RunChange::BackToPending,
             _ => return None,
         };
-        let queued = self
-            .writes
-            .iter_mut()
-            .rev()
-            .find(|q| q.write.run_id == run_id)?;
         queued.write.change = folded;
         if let Some(seen) = self.runs.get_mut(run_id) {
             seen.starting = false;
@@ -339,21 +345,36 @@ impl<T: DriverTx> Work<T> {
         });
     }
 
-    pub(super) fn stamp_attempt_started(&mut self, run_id: &str, attempt: u32) {
-        self.started_attempts.push((run_id.to_string(), attempt));
+    pub(super) fn stamp_attempt_started(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        at: tether_domain::Millis,
+    ) {
+        self.started_attempts
+            .push((run_id.to_string(), attempt, at));
     }
 
     /// Closes the attempt's row; a start stamp queued for it goes with the close (one row is
     /// never written twice in one flush).
-    pub(super) fn close_attempt(&mut self, run_id: &str, attempt: u32, end: AttemptEnd) {
-        let before = self.started_attempts.len();
-        self.started_attempts
-            .retain(|(id, n)| !(id == run_id && *n == attempt));
+    pub(super) fn close_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        end: AttemptEnd,
+        at: tether_domain::Millis,
+    ) {
+        let started = self
+            .started_attempts
+            .iter()
+            .position(|(id, n, _)| id == run_id && *n == attempt)
+            .map(|i| self.started_attempts.remove(i).2);
         self.closed_attempts.push(AttemptClose {
             run_id: run_id.to_string(),
             attempt,
             end,
-            started: self.started_attempts.len() < before,
+            at,
+            started,
         });
     }
 
