@@ -982,7 +982,9 @@ impl DriverTx for PgTx {
         limit: i64,
     ) -> StoreResult<(HeldRuns, Vec<PendingRun>)> {
         // One row at least (the held runs, aggregated), with the page's runs beside it; the
-        // page as `pending_page` reads it.
+        // page as `pending_page` reads it. The held runs' lists ride on the first row alone:
+        // repeated on every row they made a page of 256 beside 500 held runs megabytes to
+        // sort (on disk) and to send.
         let sql = format!(
             "WITH held AS (SELECT coalesce(array_agg(id ORDER BY seq), '{{}}') AS ids, \
                coalesce(array_agg(attempt ORDER BY seq), '{{}}') AS attempts, \
@@ -991,9 +993,12 @@ impl DriverTx for PgTx {
                FROM runs WHERE worker_id = $1 AND status IN {IN_FLIGHT}), \
              page AS ({RUN_SELECT_IN_TX} \
                WHERE r.seq = ANY(ARRAY(SELECT tether_claim_page($2, $3, $4))) FOR UPDATE OF r) \
-             SELECT held.ids AS held_ids, held.attempts AS held_attempts, \
+             SELECT CASE WHEN first THEN held.ids END AS held_ids, \
+               CASE WHEN first THEN held.attempts END AS held_attempts, \
                held.cpus AS held_cpus, held.memory_mb AS held_memory_mb, page.* \
-             FROM held LEFT JOIN page ON TRUE ORDER BY page.seq"
+             FROM held LEFT JOIN page ON TRUE, \
+               LATERAL (SELECT page.seq IS NOT DISTINCT FROM (SELECT min(seq) FROM page) AS first) f \
+             ORDER BY page.seq"
         );
         let rows = sqlx::query(&sql)
             .bind(worker_id)
