@@ -73,7 +73,7 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
             "",
         ),
         ChangeKind::Finish => (
-            "status = v.new_status, worker_id = NULL, finished_at = v.n1, stale_at = NULL, \
+            "status = v.new_status, worker_id = NULL, finished_at = v.n2, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.exit, error_code = v.code, \
              error_message = v.message",
             "",
@@ -102,7 +102,8 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
 }
 
 /// The columns [`write_sql`] reads, one entry per run: the guard, the event seq, and what each
-/// kind of change writes (`n1`, `n2`: attempt, byte counts or stamps).
+/// kind of change writes (`n1`, `n2`: attempt, byte counts, or `started_at` and
+/// `finished_at`).
 #[derive(Default)]
 pub(crate) struct WriteColumns<'a> {
     id: Vec<&'a str>,
@@ -136,9 +137,9 @@ impl<'a> WriteColumns<'a> {
                 n1 = Some(i64::from(*attempt));
                 worker = Some(worker_id.as_str());
             }
-            RunChange::Start { status, at } => {
+            RunChange::Start { status, .. } => {
                 new_status = Some(status.as_str());
-                n1 = Some(*at);
+                (n1, n2) = write.change.stamps();
             }
             RunChange::Heartbeat {
                 worker_id,
@@ -158,28 +159,20 @@ impl<'a> WriteColumns<'a> {
                 exit_code,
                 error_code,
                 error_message,
-                at,
-            } => {
-                new_status = Some(status.as_str());
-                exit = *exit_code;
-                code = error_code.map(|c| c.as_str());
-                message = error_message.as_deref();
-                n1 = Some(*at);
+                ..
             }
-            RunChange::Ran {
+            | RunChange::Ran {
                 status,
                 exit_code,
                 error_code,
                 error_message,
-                started_at,
-                at,
+                ..
             } => {
                 new_status = Some(status.as_str());
                 exit = *exit_code;
                 code = error_code.map(|c| c.as_str());
                 message = error_message.as_deref();
-                n1 = Some(*started_at);
-                n2 = Some(*at);
+                (n1, n2) = write.change.stamps();
             }
             RunChange::BackToPending | RunChange::CancelAsked => {}
         }

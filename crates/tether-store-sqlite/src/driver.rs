@@ -203,7 +203,7 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
         ChangeKind::Start => (
-            "status = v.p1, started_at = v.p2, confirmed = 1, last_heartbeat_at = v.now, \
+            "status = v.p1, started_at = v.p5, confirmed = 1, last_heartbeat_at = v.now, \
              stale_at = v.now + r.heartbeat_timeout_ms, timeout_at = v.now + r.timeout_ms",
             "",
         ),
@@ -224,13 +224,13 @@ fn write_sql(kind: ChangeKind) -> String {
             "",
         ),
         ChangeKind::Finish => (
-            "status = v.p1, worker_id = NULL, finished_at = v.p5, stale_at = NULL, \
+            "status = v.p1, worker_id = NULL, finished_at = v.p6, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
         ChangeKind::Ran => (
-            "status = v.p1, worker_id = NULL, started_at = v.p6, confirmed = 1, \
-             last_heartbeat_at = v.now, finished_at = v.p5, stale_at = NULL, \
+            "status = v.p1, worker_id = NULL, started_at = v.p5, confirmed = 1, \
+             last_heartbeat_at = v.now, finished_at = v.p6, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
             "",
         ),
@@ -249,9 +249,10 @@ fn write_sql(kind: ChangeKind) -> String {
     )
 }
 
-/// What a change writes beyond its kind, as [`write_sql`] reads it (`p1..p6`).
+/// What a change writes beyond its kind, as [`write_sql`] reads it: `p1..p4` by kind, `p5`
+/// and `p6` the `started_at` and `finished_at` it stamps.
 fn change_values(change: &RunChange) -> [Value; 6] {
-    match change {
+    let [p1, p2, p3, p4] = match change {
         RunChange::Claim {
             status,
             attempt,
@@ -261,13 +262,9 @@ fn change_values(change: &RunChange) -> [Value; 6] {
             json!(attempt),
             json!(worker_id),
             Value::Null,
-            Value::Null,
-            Value::Null,
         ],
-        RunChange::Start { status, at } => [
+        RunChange::Start { status, .. } => [
             json!(status.as_str()),
-            json!(at),
-            Value::Null,
             Value::Null,
             Value::Null,
             Value::Null,
@@ -281,55 +278,35 @@ fn change_values(change: &RunChange) -> [Value; 6] {
             json!(stdout_bytes),
             json!(stderr_bytes),
             Value::Null,
-            Value::Null,
-            Value::Null,
         ],
-        RunChange::Output { stdout, stderr } => [
-            json!(stdout),
-            json!(stderr),
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-        ],
+        RunChange::Output { stdout, stderr } => {
+            [json!(stdout), json!(stderr), Value::Null, Value::Null]
+        }
         RunChange::Finish {
             status,
             exit_code,
             error_code,
             error_message,
-            at,
-        } => [
-            json!(status.as_str()),
-            json!(exit_code),
-            json!(error_code.map(|c| c.as_str())),
-            json!(error_message),
-            json!(at),
-            Value::Null,
-        ],
-        RunChange::Ran {
+            ..
+        }
+        | RunChange::Ran {
             status,
             exit_code,
             error_code,
             error_message,
-            started_at,
-            at,
+            ..
         } => [
             json!(status.as_str()),
             json!(exit_code),
             json!(error_code.map(|c| c.as_str())),
             json!(error_message),
-            json!(at),
-            json!(started_at),
         ],
-        RunChange::BackToPending | RunChange::CancelAsked => [
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-        ],
-    }
+        RunChange::BackToPending | RunChange::CancelAsked => {
+            [Value::Null, Value::Null, Value::Null, Value::Null]
+        }
+    };
+    let (started, finished) = change.stamps();
+    [p1, p2, p3, p4, json!(started), json!(finished)]
 }
 
 fn one_row(result: SqliteQueryResult) -> bool {

@@ -106,6 +106,16 @@ pub enum ChangeKind {
 }
 
 impl RunChange {
+    /// The `started_at` and `finished_at` the change writes, where it writes one.
+    pub fn stamps(&self) -> (Option<Millis>, Option<Millis>) {
+        match self {
+            RunChange::Start { at, .. } => (Some(*at), None),
+            RunChange::Finish { at, .. } => (None, Some(*at)),
+            RunChange::Ran { started_at, at, .. } => (Some(*started_at), Some(*at)),
+            _ => (None, None),
+        }
+    }
+
     pub fn kind(&self) -> ChangeKind {
         match self {
             RunChange::Claim { .. } => ChangeKind::Claim,
