@@ -155,12 +155,13 @@ pub struct RegisterWorkerResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
+    /// The most runs one answer hands out (the server takes at most 512).
     #[serde(default = "one")]
     pub max_runs: u32,
     #[serde(default)]
     pub wait_ms: u64,
     /// Beyond its capacity, what the worker may also hold in runs waiting in it to start the
-    /// moment a slot frees (its local queue); at most 8 times its capacity. Absent: nothing.
+    /// moment a slot frees (its local queue); at most 64 times its capacity. Absent: nothing.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
