@@ -225,7 +225,9 @@ async fn start_in<T: DriverTx>(
         // The worker retried a start whose answer it lost: already done.
         return Ok(Answer::Now(Box::new(loaded.run)));
     }
-    let at = reported_at(work.now(), ago_ms, loaded.run.claimed_at);
+    // Never before the claim; never before the run existed, whatever a worker says.
+    let floor = loaded.run.claimed_at.unwrap_or(loaded.run.created_at);
+    let at = reported_at(work.now(), ago_ms, floor);
     let change = RunChange::Start {
         status: transition.next.status,
         at,

@@ -344,7 +344,8 @@ async fn end_attempt<T: DriverTx>(
 ) -> StoreResult<Ticket> {
     let run = &loaded.run;
     let (ended, error_code) = decision.attempt_result();
-    let at = reported_at(work.now(), ending.ago_ms, run.started_at.or(run.claimed_at));
+    let floor = run.started_at.or(run.claimed_at).unwrap_or(run.created_at);
+    let at = reported_at(work.now(), ending.ago_ms, floor);
     let ticket = match decision {
         Decision::Retry { .. } => {
             // The next claim stamps afresh; the run's own error fields describe only its
