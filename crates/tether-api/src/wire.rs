@@ -352,8 +352,8 @@ pub struct AttemptStartWire {
     pub pid: Option<u32>,
     /// How long before this call the process started, in milliseconds, by the worker's own
     /// monotonic clock: `started_at` is stamped that long before the store's time at the
-    /// call (never before the claim). A duration, not a time, so the worker's wall clock is
-    /// never believed. Absent: the time of the call.
+    /// call (never before the claim, never after the call). A duration, not a time, so the
+    /// worker's wall clock is never believed. Absent: the time of the call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ago_ms: Option<u64>,
 }

@@ -21,8 +21,8 @@ pub fn format_rfc3339(ms: Millis) -> String {
 /// When something a worker reports happened: `ago_ms` (a duration the worker measured on its
 /// own monotonic clock) before `now`, the store's time at the call; never before `floor` (what
 /// the store knows came first: the claim before a start, the start before an end), never
-/// after `now`. Only a duration crosses from the worker, so its wall clock is never believed
-/// and it can place nothing outside what it could already have chosen by reporting later.
+/// after `now`. Only a duration crosses from the worker, so its wall clock is never believed,
+/// and whatever it says lands inside a span the store itself stamped.
 pub fn reported_at(now: Millis, ago_ms: u64, floor: Millis) -> Millis {
     let at = now.saturating_sub(i64::try_from(ago_ms).unwrap_or(i64::MAX));
     at.max(floor.min(now))
