@@ -746,6 +746,38 @@ mod tests {
         })
     }
 
+    struct NoClaim;
+
+    impl ClaimRider for NoClaim {
+        fn claim(&self) -> Option<ReportClaim> {
+            None
+        }
+        fn launch(&self, _assignment: Assignment) {}
+    }
+
+    /// Each start and finish says how long before the call it happened, so the server dates
+    /// it then and not at the call.
+    #[test]
+    fn a_call_says_how_long_ago_each_report_happened() {
+        let long_ago = |mut r: QueuedReport, ms: u64| {
+            r.at = std::time::Instant::now()
+                .checked_sub(std::time::Duration::from_millis(ms))
+                .unwrap_or(r.at);
+            r
+        };
+        let reports = vec![
+            long_ago(queued(1, ReportKind::Start { pid: 7 }), 250),
+            long_ago(queued(1, finish()), 40),
+        ];
+        let (request, _) =
+            prepare_batch(reports, &NoClaim, &mut Unconfirmed::default()).expect("a call");
+        let started = request.starts[0].ago_ms.expect("the start's age");
+        let ended = request.finishes[0].ago_ms.expect("the finish's age");
+        assert!((250..1_000).contains(&started), "{started}");
+        assert!((40..790).contains(&ended), "{ended}");
+        assert!(started - ended >= 200, "{started} then {ended}");
+    }
+
     /// A local queue of hundreds of short runs can queue more reports than the server takes
     /// in one call (it refuses the whole call): the rest wait for the next one, and no
     /// attempt's finish goes before its start.
