@@ -21,7 +21,8 @@ use crate::wire::{
     AppendLogRequest, AppendLogResponse, BatchSubmitRequest, BatchSubmitResponse, ClaimRequest,
     ClaimResponse, ControlRequest, ControlResponse, ErrorBody, ErrorDetail, EventView,
     FinishRequest, HeartbeatRequest, HeartbeatResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, RunList, RunView, StartRequest, WorkerList,
+    RegisterWorkerResponse, ReleaseRequest, ReleaseResponse, RunList, RunView, StartRequest,
+    WorkerList,
 };
 use crate::SubmitRequest;
 
@@ -455,6 +456,17 @@ impl TetherClient {
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
         let path = format!("/v1/workers/{}/heartbeat", segment(worker_id));
+        let req = self.request(Method::POST, &path).json(request);
+        self.call(self.as_worker(req, worker_id)).await
+    }
+
+    /// `POST /v1/workers/{id}/release`: hands back attempts this worker never started.
+    pub async fn release_runs(
+        &self,
+        worker_id: &str,
+        request: &ReleaseRequest,
+    ) -> Result<ReleaseResponse, ClientError> {
+        let path = format!("/v1/workers/{}/release", segment(worker_id));
         let req = self.request(Method::POST, &path).json(request);
         self.call(self.as_worker(req, worker_id)).await
     }

@@ -52,6 +52,8 @@ pub enum ErrorCode {
     SpawnFailed,
     Cancelled,
     OutputLimit,
+    /// The worker handed the run back before starting it; the attempt did not count.
+    Released,
 }
 
 /// How alive an in-flight run looks (SPEC §2).
@@ -284,6 +286,7 @@ mod tests {
             SpawnFailed,
             Cancelled,
             OutputLimit,
+            Released,
         ];
         assert_enum::<ErrorCode>(&all, Some(|c| c.as_str()));
     }

@@ -73,6 +73,10 @@ pub struct RunView {
     pub status: RunStatus,
     pub attempt: u32,
     pub max_attempts: u32,
+    /// Attempts a worker handed back before starting them: they do not count against
+    /// `max_attempts`, so a run may reach `attempt` `max_attempts + released_attempts`.
+    #[serde(default)]
+    pub released_attempts: u32,
     pub lane: String,
     pub command: Vec<String>,
     /// Values of keys in `secret_env` read `***`.
@@ -236,6 +240,27 @@ pub struct HeartbeatResponse {
     pub cancel: Vec<RunRefWire>,
     /// Not yours any more: kill at once, report nothing.
     pub not_owned: Vec<RunRefWire>,
+}
+
+/// The most runs one `POST /v1/workers/{id}/release` may hand back.
+pub const MAX_RELEASED_RUNS: usize = 1_000;
+
+/// `POST /v1/workers/{id}/release`: attempts the worker holds but never started, handed back
+/// (it is stopping, or they waited too long in its local queue). Their attempts do not count
+/// against `max_attempts`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// At most 1,000.
+    pub runs: Vec<RunRefWire>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleaseResponse {
+    /// Taken back: pending again (or cancelled, if a cancel was asked). The others were not
+    /// this worker's unstarted attempts any more (started, ended, or reaped) and are as they
+    /// were.
+    pub released: Vec<RunRefWire>,
 }
 
 /// `POST /v1/workers/{id}/control`: a long-poll the worker keeps open so a cancel reaches it

@@ -11,6 +11,9 @@ pub struct RunState {
     /// The current attempt, 1-based once claimed; the fencing token of every worker call.
     pub attempt: u32,
     pub max_attempts: u32,
+    /// Attempts their worker handed back before starting them ([`Command::Release`]): they
+    /// do not count against `max_attempts`.
+    pub released: u32,
     /// The worker holding the current attempt, while it is in flight.
     pub worker_id: Option<String>,
     pub cancel_requested: bool,
@@ -97,6 +100,9 @@ pub enum Command {
     },
     /// The reaper ends an attempt whose worker went silent or ran out of time.
     Reap { attempt: u32, error_code: ErrorCode },
+    /// The worker hands back an attempt it never started: the run goes back to `pending`
+    /// (or ends `cancelled`, if a cancel was asked) and the attempt does not count.
+    Release { attempt: u32, worker_id: String },
     /// A person or a program asks the run to stop.
     Cancel,
 }
@@ -112,6 +118,8 @@ pub enum TransitionError {
     NotPending,
     #[error("a cancel was requested for this run")]
     CancelRequested,
+    #[error("the run's process has started")]
+    Started,
 }
 
 /// What a command did.
@@ -129,6 +137,7 @@ impl RunState {
             status: RunStatus::Pending,
             attempt: 0,
             max_attempts: max_attempts.max(1),
+            released: 0,
             worker_id: None,
             cancel_requested: false,
         }
@@ -139,6 +148,12 @@ impl RunState {
         self.status.is_in_flight()
             && self.attempt == attempt
             && self.worker_id.as_deref() == Some(worker_id)
+    }
+
+    /// Whether another attempt may start: the attempts that counted (all but the released
+    /// ones) are fewer than `max_attempts`.
+    pub fn attempts_left(&self) -> bool {
+        self.attempt.saturating_sub(self.released) < self.max_attempts
     }
 
     /// What ending the current attempt with `outcome` does: a cancel wins; a retryable failure
@@ -152,7 +167,7 @@ impl RunState {
         }
         let error_code = outcome.error_code();
         let retryable = error_code.is_some_and(ErrorCode::is_retryable);
-        if retryable && self.attempt < self.max_attempts {
+        if retryable && self.attempts_left() {
             Decision::Retry {
                 ended: outcome.status(),
                 error_code,
@@ -167,7 +182,8 @@ impl RunState {
 
     /// Applies `command`, or says why it may not happen. Invariants enforced here: a terminal
     /// status never changes; a command naming an attempt that is not current changes nothing;
-    /// the attempt number only ever rises, and never past `max_attempts`.
+    /// the attempt number only ever rises, and the attempts that count (all but the released
+    /// ones) never pass `max_attempts`.
     pub fn apply(&self, command: &Command) -> Result<Transition, TransitionError> {
         if self.status.is_terminal() {
             return Err(match command {
@@ -184,7 +200,7 @@ impl RunState {
                 if self.cancel_requested {
                     return Err(TransitionError::CancelRequested);
                 }
-                if self.attempt >= self.max_attempts {
+                if !self.attempts_left() {
                     // Unreachable through `decide`, kept so no sequence can exceed the budget.
                     return Err(TransitionError::NotPending);
                 }
@@ -230,6 +246,31 @@ impl RunState {
                         error_code: *error_code,
                     },
                 ))
+            }
+            Command::Release { attempt, worker_id } => {
+                if !self.is_current(*attempt, worker_id) {
+                    return Err(TransitionError::StaleAttempt);
+                }
+                // Only a worker's word that the process never started lets the attempt go
+                // uncounted; once started, the run may have done its work.
+                if self.status != RunStatus::Claimed {
+                    return Err(TransitionError::Started);
+                }
+                next.worker_id = None;
+                if self.cancel_requested {
+                    next.status = RunStatus::Cancelled;
+                    Some(Decision::Terminal {
+                        status: RunStatus::Cancelled,
+                        error_code: Some(ErrorCode::Cancelled),
+                    })
+                } else {
+                    next.status = RunStatus::Pending;
+                    next.released = self.released + 1;
+                    Some(Decision::Retry {
+                        ended: RunStatus::Claimed,
+                        error_code: Some(ErrorCode::Released),
+                    })
+                }
             }
             Command::Cancel => {
                 next.cancel_requested = true;
@@ -355,6 +396,65 @@ mod tests {
         assert_eq!(t.next.status, RunStatus::Cancelled);
     }
 
+    #[test]
+    fn a_released_attempt_does_not_count_and_a_started_one_cannot_be_released() {
+        let s = claimed(1);
+        let release = |s: &RunState, attempt| {
+            s.apply(&Command::Release {
+                attempt,
+                worker_id: "w1".into(),
+            })
+        };
+        let t = release(&s, 1).unwrap();
+        assert_eq!(t.next.status, RunStatus::Pending);
+        assert_eq!((t.next.attempt, t.next.released), (1, 1));
+        assert_eq!(t.next.worker_id, None);
+        assert_eq!(
+            t.decision.map(Decision::attempt_result),
+            Some((RunStatus::Claimed, Some(ErrorCode::Released)))
+        );
+        // With one attempt allowed, it may still be claimed: the release did not count.
+        let again = t
+            .next
+            .apply(&Command::Claim {
+                worker_id: "w1".into(),
+            })
+            .unwrap()
+            .next;
+        assert_eq!(again.attempt, 2);
+        // A stale release (the old attempt) is fenced.
+        assert_eq!(release(&again, 1), Err(TransitionError::StaleAttempt));
+        let running = again
+            .apply(&Command::Start {
+                attempt: 2,
+                worker_id: "w1".into(),
+            })
+            .unwrap()
+            .next;
+        assert_eq!(release(&running, 2), Err(TransitionError::Started));
+        // Its one counted attempt lost: final, not retried.
+        let t = running
+            .apply(&Command::Reap {
+                attempt: 2,
+                error_code: ErrorCode::WorkerHeartbeatLost,
+            })
+            .unwrap();
+        assert_eq!(t.next.status, RunStatus::TimedOut);
+    }
+
+    #[test]
+    fn a_released_run_with_a_cancel_asked_ends_cancelled() {
+        let s = claimed(3).apply(&Command::Cancel).unwrap().next;
+        let t = s
+            .apply(&Command::Release {
+                attempt: 1,
+                worker_id: "w1".into(),
+            })
+            .unwrap();
+        assert_eq!(t.next.status, RunStatus::Cancelled);
+        assert_eq!(t.next.released, 0);
+    }
+
     fn arb_outcome() -> impl Strategy<Value = AttemptOutcome> {
         prop_oneof![
             Just(AttemptOutcome::Succeeded),
@@ -381,7 +481,7 @@ mod tests {
                 .prop_map(|(attempt, worker_id)| Command::Start { attempt, worker_id }),
             (0u32..5, worker.clone())
                 .prop_map(|(attempt, worker_id)| Command::Touch { attempt, worker_id }),
-            (0u32..5, worker, arb_outcome()).prop_map(|(attempt, worker_id, outcome)| {
+            (0u32..5, worker.clone(), arb_outcome()).prop_map(|(attempt, worker_id, outcome)| {
                 Command::Finish {
                     attempt,
                     worker_id,
@@ -392,6 +492,8 @@ mod tests {
                 attempt,
                 error_code: ErrorCode::WorkerHeartbeatLost
             }),
+            (0u32..5, worker.clone())
+                .prop_map(|(attempt, worker_id)| Command::Release { attempt, worker_id }),
             Just(Command::Cancel),
         ]
     }
@@ -402,7 +504,8 @@ mod tests {
             | Command::Touch { attempt, worker_id }
             | Command::Finish {
                 attempt, worker_id, ..
-            } => Some((*attempt, Some(worker_id))),
+            }
+            | Command::Release { attempt, worker_id } => Some((*attempt, Some(worker_id))),
             Command::Reap { attempt, .. } => Some((*attempt, None)),
             _ => None,
         }
@@ -432,7 +535,14 @@ mod tests {
                         // Attempts only rise, by one at a claim, and never past the budget.
                         prop_assert!(t.next.attempt >= before.attempt);
                         prop_assert!(t.next.attempt <= before.attempt + 1);
-                        prop_assert!(t.next.attempt <= max_attempts);
+                        prop_assert!(t.next.attempt - t.next.released <= max_attempts);
+                        // Only a release uncounts an attempt, and only one never started.
+                        prop_assert!(t.next.released <= before.released + 1);
+                        if t.next.released > before.released {
+                            let released = matches!(command, Command::Release { .. });
+                            prop_assert!(released);
+                            prop_assert_eq!(before.status, RunStatus::Claimed);
+                        }
                         // A requested cancel is never forgotten.
                         prop_assert!(!before.cancel_requested || t.next.cancel_requested);
                         // Only a worker holds an in-flight run.

@@ -84,6 +84,9 @@ pub enum ErrorCode {
     SpawnFailed,
     Cancelled,
     OutputLimit,
+    /// The worker handed the run back before starting it (it was stopping, or the run waited
+    /// too long in its local queue): the attempt does not count against `max_attempts`.
+    Released,
 }
 
 impl ErrorCode {
@@ -97,6 +100,7 @@ impl ErrorCode {
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::OutputLimit => "output_limit",
+            ErrorCode::Released => "released",
         }
     }
 
@@ -110,6 +114,7 @@ impl ErrorCode {
             "spawn_failed" => ErrorCode::SpawnFailed,
             "cancelled" => ErrorCode::Cancelled,
             "output_limit" => ErrorCode::OutputLimit,
+            "released" => ErrorCode::Released,
             _ => return None,
         })
     }

@@ -59,6 +59,7 @@ pub fn run_view(
         status: run.status,
         attempt: run.attempt,
         max_attempts: spec.max_attempts,
+        released_attempts: run.released_attempts,
         lane: spec.lane.clone(),
         command: spec.command.clone(),
         env: redacted_env(spec),

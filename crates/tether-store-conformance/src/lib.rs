@@ -108,6 +108,7 @@ macro_rules! store_conformance_tests {
             cancel_requested_with_the_worker_gone_ends_cancelled,
             concurrent_sweeps_retry_each_stale_run_once,
             deregister_hands_runs_back_at_once,
+            a_released_attempt_goes_back_uncounted,
             next_reap_deadline_is_the_earliest_deadline,
             signals_are_delivered_after_commit,
             pools_from_config_never_override_pools_set_through_the_api,

@@ -205,3 +205,121 @@ pub async fn deregister_hands_runs_back_at_once(h: &dyn Harness) {
         (a.as_str(), 2)
     );
 }
+
+/// Attempts a worker never started go back uncounted: pending again (or cancelled, when a
+/// cancel was asked), the attempt recorded `claimed` with `released`, and a run allowed one
+/// attempt may still be claimed. A started attempt, another worker's, or an old attempt is
+/// left as it is.
+pub async fn a_released_attempt_goes_back_uncounted(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let one = |r: &mut Submission| r.max_attempts = Some(1);
+    let held = create(store, &spec_with(one)).await;
+    let started = create(store, &spec_with(one)).await;
+    let cancelled = create(store, &spec_with(one)).await;
+    let worker_id = register(store, 3.0).await;
+    let other = register(store, 3.0).await;
+    assert_eq!(
+        store
+            .claim_runs(&worker_id, &limits(3))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    store.start_attempt(&started, 1, &worker_id).await.unwrap();
+    store.request_cancel(&cancelled).await.unwrap();
+    let events_before = all_events(store, &held).await.len();
+
+    // Another worker's word, and an attempt that is not current, change nothing.
+    let not_current = [
+        RunRef {
+            run_id: held.clone(),
+            attempt: 2,
+        },
+        RunRef {
+            run_id: "no-such-run".into(),
+            attempt: 1,
+        },
+    ];
+    assert!(store
+        .release_runs(&worker_id, &not_current)
+        .await
+        .unwrap()
+        .is_empty());
+    let refs = |ids: &[&String]| -> Vec<RunRef> {
+        ids.iter()
+            .map(|id| RunRef {
+                run_id: (*id).clone(),
+                attempt: 1,
+            })
+            .collect()
+    };
+    assert!(store
+        .release_runs(&other, &refs(&[&held]))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(status(store, &held).await, RunStatus::Claimed);
+
+    let released = store
+        .release_runs(&worker_id, &refs(&[&held, &started, &cancelled]))
+        .await
+        .unwrap();
+    let released: BTreeSet<String> = released.into_iter().map(|r| r.run_id).collect();
+    assert_eq!(released, BTreeSet::from([held.clone(), cancelled.clone()]));
+
+    let run = store.get_run(&held).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!((run.attempt, run.released_attempts), (1, 1));
+    assert_eq!(run.worker_id, None);
+    assert_eq!(run.claimed_at, None);
+    assert_eq!(run.queue_position, Some(1), "first in line again");
+    let attempts = store.list_attempts(&held).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, Some(RunStatus::Claimed));
+    assert_eq!(attempts[0].error_code, Some(ErrorCode::Released));
+    assert!(attempts[0].finished_at.is_some());
+    let events = all_events(store, &held).await;
+    let last = events.last().and_then(status_of).expect("a status event");
+    assert_eq!(
+        (last.status, last.attempt, last.error_code),
+        (RunStatus::Pending, 1, Some(ErrorCode::Released))
+    );
+    assert_eq!(events.len(), events_before + 1);
+
+    assert_eq!(status(store, &started).await, RunStatus::Running);
+    let run = store.get_run(&cancelled).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert_eq!(run.released_attempts, 0);
+
+    // Allowed one attempt, it is claimed again, as attempt 2, and may still succeed.
+    let again = store.claim_runs(&other, &limits(3)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].run.id.as_str(), again[0].attempt),
+        (held.as_str(), 2)
+    );
+    store.start_attempt(&held, 2, &other).await.unwrap();
+    let done = store
+        .finish_attempt(
+            &held,
+            2,
+            &other,
+            &finish(AttemptOutcome::Succeeded, Some(0)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded);
+    // The old holder's word about attempt 1 is fenced.
+    assert!(store
+        .release_runs(&worker_id, &refs(&[&held]))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_err(
+        store.release_runs("no-such-worker", &refs(&[&held])).await,
+        is_unknown_worker,
+        "release by an unknown worker",
+    );
+}

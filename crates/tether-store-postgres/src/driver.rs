@@ -72,6 +72,13 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
              exit_code = NULL, error_code = NULL, error_message = NULL",
             "",
         ),
+        ChangeKind::Release => (
+            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+             last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, timeout_at = NULL, \
+             exit_code = NULL, error_code = NULL, error_message = NULL, \
+             released_attempts = r.released_attempts + 1",
+            "",
+        ),
         ChangeKind::Finish => (
             "status = v.new_status, worker_id = NULL, finished_at = v.n2, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.exit, error_code = v.code, \
@@ -174,7 +181,7 @@ impl<'a> WriteColumns<'a> {
                 message = error_message.as_deref();
                 (n1, n2) = write.change.stamps();
             }
-            RunChange::BackToPending | RunChange::CancelAsked => {}
+            RunChange::BackToPending | RunChange::Release | RunChange::CancelAsked => {}
         }
         self.new_status.push(new_status);
         self.n1.push(n1);

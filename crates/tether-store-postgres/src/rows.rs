@@ -21,7 +21,7 @@ macro_rules! run_columns {
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
     r.last_output_at, r.cancel_requested_at, r.exit_code, r.error_code, r.error_message, \
     r.stdout_bytes, r.stderr_bytes, r.last_event_seq, r.output_bytes, r.confirmed, r.stale_at, \
-    r.timeout_at"
+    r.timeout_at, r.released_attempts"
     };
 }
 
@@ -92,6 +92,10 @@ pub(crate) fn decode_run(row: &PgRow) -> StoreResult<LoadedRun> {
         spec,
         status: status(&raw_status)?,
         attempt: to_u32(row.try_get("attempt").map_err(col)?, "attempt")?,
+        released_attempts: to_u32(
+            row.try_get("released_attempts").map_err(col)?,
+            "released_attempts",
+        )?,
         worker_id: row.try_get("worker_id").map_err(col)?,
         created_at: row.try_get("created_at").map_err(col)?,
         claimed_at: row.try_get("claimed_at").map_err(col)?,

@@ -223,6 +223,13 @@ fn write_sql(kind: ChangeKind) -> String {
              exit_code = NULL, error_code = NULL, error_message = NULL",
             "",
         ),
+        ChangeKind::Release => (
+            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+             last_heartbeat_at = NULL, confirmed = 0, stale_at = NULL, timeout_at = NULL, \
+             exit_code = NULL, error_code = NULL, error_message = NULL, \
+             released_attempts = r.released_attempts + 1",
+            "",
+        ),
         ChangeKind::Finish => (
             "status = v.p1, worker_id = NULL, finished_at = v.p6, stale_at = NULL, \
              timeout_at = NULL, exit_code = v.p2, error_code = v.p3, error_message = v.p4",
@@ -301,7 +308,7 @@ fn change_values(change: &RunChange) -> [Value; 6] {
             json!(error_code.map(|c| c.as_str())),
             json!(error_message),
         ],
-        RunChange::BackToPending | RunChange::CancelAsked => {
+        RunChange::BackToPending | RunChange::Release | RunChange::CancelAsked => {
             [Value::Null, Value::Null, Value::Null, Value::Null]
         }
     };

@@ -18,7 +18,7 @@ macro_rules! run_columns {
     r.worker_id, r.created_at, r.claimed_at, r.started_at, r.finished_at, r.last_heartbeat_at, \
     r.last_output_at, r.cancel_requested_at, r.exit_code, r.error_code, r.error_message, \
     r.stdout_bytes, r.stderr_bytes, r.last_event_seq, r.output_bytes, r.confirmed, r.stale_at, \
-    r.timeout_at"
+    r.timeout_at, r.released_attempts"
     };
 }
 
@@ -37,7 +37,7 @@ pub(crate) const RUN_SELECT: &str = concat!(
 pub(crate) const RUN_RETURNING: &str = "seq, id, status, attempt, spec, worker_id, created_at, \
     claimed_at, started_at, finished_at, last_heartbeat_at, last_output_at, cancel_requested_at, \
     exit_code, error_code, error_message, stdout_bytes, stderr_bytes, last_event_seq, \
-    output_bytes, confirmed, stale_at, timeout_at, NULL AS queue_position";
+    output_bytes, confirmed, stale_at, timeout_at, released_attempts, NULL AS queue_position";
 
 /// A run without its queue position: what a write transaction judges.
 pub(crate) const RUN_SELECT_IN_TX: &str =
@@ -80,6 +80,10 @@ pub(crate) fn decode_run(row: &SqliteRow) -> StoreResult<LoadedRun> {
         spec,
         status: status(&raw_status)?,
         attempt: to_u32(row.try_get("attempt").map_err(db)?, "attempt")?,
+        released_attempts: to_u32(
+            row.try_get("released_attempts").map_err(db)?,
+            "released_attempts",
+        )?,
         worker_id: row.try_get("worker_id").map_err(db)?,
         created_at: row.try_get("created_at").map_err(db)?,
         claimed_at: row.try_get("claimed_at").map_err(db)?,

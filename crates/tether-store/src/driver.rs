@@ -69,6 +69,9 @@ pub enum RunChange {
     Output { stdout: i64, stderr: i64 },
     /// Back to `pending` for a retry: what the next claim stamps afresh is cleared.
     BackToPending,
+    /// Back to `pending` as [`RunChange::BackToPending`], handed back unstarted: one more
+    /// released attempt.
+    Release,
     /// The process started and the run ended for good, both reported in one call: `started_at`
     /// (and `confirmed`) as a start stamps them, then the end as [`RunChange::Finish`] writes
     /// it, in one write instead of two.
@@ -100,6 +103,7 @@ pub enum ChangeKind {
     Heartbeat,
     Output,
     BackToPending,
+    Release,
     Finish,
     Ran,
     CancelAsked,
@@ -123,6 +127,7 @@ impl RunChange {
             RunChange::Heartbeat { .. } => ChangeKind::Heartbeat,
             RunChange::Output { .. } => ChangeKind::Output,
             RunChange::BackToPending => ChangeKind::BackToPending,
+            RunChange::Release => ChangeKind::Release,
             RunChange::Finish { .. } => ChangeKind::Finish,
             RunChange::Ran { .. } => ChangeKind::Ran,
             RunChange::CancelAsked => ChangeKind::CancelAsked,

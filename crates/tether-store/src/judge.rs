@@ -102,6 +102,7 @@ mod tests {
             spec,
             status,
             attempt: 1,
+            released_attempts: 0,
             worker_id: Some("w".into()),
             created_at: 0,
             claimed_at: Some(0),

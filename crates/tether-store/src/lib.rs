@@ -97,6 +97,14 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// Returns the runs it held.
     async fn deregister_worker(&self, worker_id: &str) -> StoreResult<Vec<String>>;
 
+    /// A worker handing back attempts it holds but never started (it is stopping, or they
+    /// waited too long in its local queue). Each that is current, held by this worker and
+    /// still `claimed` goes back to `pending` and its attempt does not count against
+    /// `max_attempts` (its record ends `claimed` with `released`); one whose cancel was asked
+    /// ends `cancelled`. Any other is left alone. Answers those taken back. `UnknownWorker`
+    /// for an unknown or deregistered worker.
+    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRef>>;
+
     /// A worker finishing what it holds before it leaves: it is shown `draining` and handed
     /// no new runs. `UnknownWorker` for an unknown or deregistered worker.
     async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()>;

@@ -16,6 +16,9 @@ pub struct RunRecord {
     pub status: RunStatus,
     /// 0 while the run was never claimed; then the current (or last) attempt.
     pub attempt: u32,
+    /// Attempts handed back by their worker before they started: they did not count against
+    /// `max_attempts`.
+    pub released_attempts: u32,
     pub worker_id: Option<String>,
     pub created_at: Millis,
     pub claimed_at: Option<Millis>,
@@ -42,6 +45,7 @@ impl RunRecord {
             status: self.status,
             attempt: self.attempt,
             max_attempts: self.spec.max_attempts,
+            released: self.released_attempts,
             worker_id: self.worker_id.clone(),
             cancel_requested: self.cancel_requested_at.is_some(),
         }

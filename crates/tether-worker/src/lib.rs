@@ -6,6 +6,7 @@ mod backoff;
 pub mod control;
 pub mod group;
 pub mod output;
+mod release;
 pub mod reporter;
 mod run_host;
 pub mod shim;

@@ -32,6 +32,12 @@ pub const RESERVE_HORIZON: Duration = Duration::from_millis(400);
 /// waiting here could be running on another worker.
 const LONG_RUN: Duration = Duration::from_secs(1);
 
+/// A run that has waited this long in the local queue is handed back to the server
+/// (`crate::release`): the pace it was taken at no longer holds, and another worker may be
+/// idle. Two and a half times [`RESERVE_HORIZON`], so a queue sized by the pace never reaches
+/// it.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// An idle worker forgets the pace after this long: the next runs may be nothing like the last.
 const IDLE_FORGET: Duration = Duration::from_secs(1);
 
@@ -98,25 +104,35 @@ impl Slots {
         }
     }
 
-    /// Room for `needs`, once every attempt that asked before it has its own. Cancel-safe: a
-    /// permit handed to a waiter that went away goes back at once.
-    pub async fn acquire(&self, needs: Resources) -> SlotPermit {
-        if let Some(permit) = self.try_acquire(needs) {
-            return permit;
-        }
-        let rx = {
-            let mut inner = crate::lock(&self.inner);
-            // Room may have freed since: then the line moves on at once.
-            let (tx, rx) = oneshot::channel();
-            inner.waiting.push_back(Waiter { needs, tx });
-            let slots = self.inner.clone();
-            inner.hand_out(&slots);
-            rx
+    /// Room for `needs`, once every attempt that asked before it has its own. The place in
+    /// line is taken when this is called, not when the future is first polled, so attempts
+    /// start in the order they were handed out. Cancel-safe: a permit handed to a waiter
+    /// that went away goes back at once.
+    pub fn acquire(
+        &self,
+        needs: Resources,
+    ) -> impl std::future::Future<Output = SlotPermit> + Send + 'static {
+        let place = match self.try_acquire(needs) {
+            Some(permit) => Ok(permit),
+            None => {
+                let mut inner = crate::lock(&self.inner);
+                // Room may have freed since: then the line moves on at once.
+                let (tx, rx) = oneshot::channel();
+                inner.waiting.push_back(Waiter { needs, tx });
+                let slots = self.inner.clone();
+                inner.hand_out(&slots);
+                Err(rx)
+            }
         };
-        match rx.await {
-            Ok(permit) => permit,
-            // The slots are gone with the worker: nothing will start.
-            Err(_) => std::future::pending().await,
+        async move {
+            match place {
+                Ok(permit) => permit,
+                Err(rx) => match rx.await {
+                    Ok(permit) => permit,
+                    // The slots are gone with the worker: nothing will start.
+                    Err(_) => std::future::pending().await,
+                },
+            }
         }
     }
 
@@ -128,6 +144,12 @@ impl Slots {
             return Some(self.permit(needs));
         }
         None
+    }
+
+    /// Forgets the recent runs' pace, so the worker asks for no reserve until a run ends:
+    /// for when runs waited in the local queue far longer than the pace promised.
+    pub fn forget_pace(&self) {
+        crate::lock(&self.inner).pace_s = None;
     }
 
     /// How many attempts wait for room.

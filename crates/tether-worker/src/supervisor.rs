@@ -93,6 +93,9 @@ pub enum Unreported {
     NotOwned,
     /// The worker is shutting down; the server gets the run back when the worker deregisters.
     Shutdown,
+    /// The worker is shutting down and never started the command: it hands the attempt back
+    /// uncounted (`POST /v1/workers/{id}/release`).
+    NeverStarted,
     /// The start could not be confirmed; the process was killed.
     StartNotConfirmed,
 }
@@ -134,7 +137,11 @@ pub async fn supervise(
     let run_id = assignment.run_id.clone();
     let attempt = assignment.attempt;
     if orders.current() >= Directive::Shutdown {
-        return AttemptEnd::Unreported(unreported_for(orders.current()));
+        let why = match orders.current() {
+            Directive::Shutdown => Unreported::NeverStarted,
+            other => unreported_for(other),
+        };
+        return AttemptEnd::Unreported(why);
     }
     if orders.current() == Directive::Cancel {
         // Cancelled while it waited for a slot: it never starts.

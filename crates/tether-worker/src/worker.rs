@@ -18,11 +18,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::control::{AttemptControl, AttemptStats, Directive};
+use crate::release::Releaser;
 use crate::reporter::{
     send_reports, BatchReporter, ClaimRider, HttpReporter, OutputStream, ReportInbox, ReportQueue,
 };
-use crate::slots::{SlotPermit, Slots};
-use crate::supervisor::{supervise, SupervisorOptions};
+use crate::slots::{SlotPermit, Slots, MAX_QUEUE_WAIT};
+use crate::supervisor::{supervise, AttemptEnd, SupervisorOptions, Unreported};
 
 /// How a worker runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +133,8 @@ pub async fn run_worker(
             "registered"
         );
         let (queue, reports) = ReportQueue::new();
+        let (releaser, release_loop) = Releaser::new(client.clone(), worker_id.clone());
+        let release_loop = tokio::spawn(release_loop);
         let session = Session {
             client: client.clone(),
             config: config.clone(),
@@ -147,9 +150,13 @@ pub async fn run_worker(
                 queue,
                 claiming: Arc::new(AtomicBool::new(true)),
                 ending: Arc::new(Mutex::new(None)),
+                releaser,
             },
         };
-        match session.run(interval, &shutdown, reports).await {
+        let end = session.run(interval, &shutdown, reports).await;
+        // Every attempt's supervision is over, its hand-back answered.
+        release_loop.abort();
+        match end {
             SessionEnd::Shutdown => {
                 deregister(&client, &worker_id).await;
                 return Ok(());
@@ -310,6 +317,8 @@ struct Launcher {
     /// The order every held attempt got when the session ended; an attempt handed out by a
     /// claim still in flight then gets it too.
     ending: Arc<Mutex<Option<Directive>>>,
+    /// Where attempts never started go back to the server.
+    releaser: Releaser,
 }
 
 impl Session {
@@ -494,25 +503,47 @@ impl Launcher {
         let freed = self.freed.clone();
         let slots = self.slots.clone();
         let needs = assignment.resources.unwrap_or_default();
-        let now = self
-            .slots
-            .try_acquire(needs)
-            .map(|permit| (permit, new_reporter.clone()()));
+        // Its place in the local queue is taken here, in the order runs were handed out.
+        let now = match self.slots.try_acquire(needs) {
+            Some(permit) => Ok((permit, new_reporter.clone()())),
+            None => Err(self.slots.acquire(needs)),
+        };
+        let releaser = self.releaser.clone();
         self.tracker.spawn(async move {
             let reporter = match now {
-                Some((permit, reporter)) => {
+                Ok((permit, reporter)) => {
                     stats.hold_slot(permit);
                     reporter
                 }
-                None => {
-                    if let Some(permit) = wait_for_slot(&slots, needs, directives.clone()).await {
-                        stats.hold_slot(permit);
+                Err(place) => {
+                    let release = || releaser.release(&key.0, key.1);
+                    match wait_for_slot(place, directives.clone(), release).await {
+                        SlotWait::Permit(permit) => stats.hold_slot(permit),
+                        SlotWait::Ordered => {}
+                        SlotWait::Released => {
+                            // The pace it was taken at no longer holds: no reserve until a
+                            // run ends and says what the pace is now.
+                            slots.forget_pace();
+                            tracing::debug!(
+                                run_id = key.0,
+                                attempt = key.1,
+                                "waited too long in the local queue; handed back"
+                            );
+                            held.lock().remove(&key);
+                            freed.notify_one();
+                            return;
+                        }
                     }
                     new_reporter()
                 }
             };
             let end = supervise(assignment, reporter, stats, directives, options).await;
             tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
+            if end == AttemptEnd::Unreported(Unreported::NeverStarted) {
+                // Stopping: the server takes it back uncounted (or, failing that, gets it
+                // back when this worker deregisters, as an ended attempt).
+                releaser.release(&key.0, key.1).await;
+            }
             held.lock().remove(&key);
             // A stored permit if the claim loop is not waiting: it looks again at once.
             freed.notify_one();
@@ -567,26 +598,48 @@ impl ClaimRider for Launcher {
     }
 }
 
-/// Waits for the attempt's room in the slots, unless an order (a cancel, a shutdown) comes
-/// first: then `None`, and the attempt never starts.
-async fn wait_for_slot(
-    slots: &Slots,
-    needs: Resources,
+/// How an attempt's wait in the local queue ended.
+enum SlotWait {
+    /// Its room: it starts.
+    Permit(SlotPermit),
+    /// An order (a cancel, a shutdown) came first: it never starts.
+    Ordered,
+    /// It waited past [`MAX_QUEUE_WAIT`] and the server took it back.
+    Released,
+}
+
+/// Waits for the attempt's room in the slots (`acquire`, its place in line), unless an order
+/// comes first. Past
+/// [`MAX_QUEUE_WAIT`] it asks `release` to hand the attempt back, keeping its place in line
+/// while it asks, and again each [`MAX_QUEUE_WAIT`] after that if the server did not take it.
+async fn wait_for_slot<F, R>(
+    acquire: impl std::future::Future<Output = SlotPermit>,
     mut orders: watch::Receiver<Directive>,
-) -> Option<SlotPermit> {
-    let acquire = slots.acquire(needs);
+    release: F,
+) -> SlotWait
+where
+    F: Fn() -> R,
+    R: std::future::Future<Output = bool>,
+{
     tokio::pin!(acquire);
+    let mut patience = Instant::now() + MAX_QUEUE_WAIT;
     loop {
         if *orders.borrow_and_update() != Directive::Run {
-            return None;
+            return SlotWait::Ordered;
         }
         tokio::select! {
-            permit = &mut acquire => return Some(permit),
+            permit = &mut acquire => return SlotWait::Permit(permit),
             changed = orders.changed() => {
                 if changed.is_err() {
                     // No more orders can come: only the room is left to wait for.
-                    return Some(acquire.await);
+                    return SlotWait::Permit(acquire.await);
                 }
+            }
+            _ = tokio::time::sleep_until(patience) => {
+                if release().await {
+                    return SlotWait::Released;
+                }
+                patience = Instant::now() + MAX_QUEUE_WAIT;
             }
         }
     }

@@ -405,7 +405,12 @@ pub async fn ps(args: PsArgs) -> Result<u8, CliError> {
             Cell::new(age),
             Cell::new(duration),
             Cell::coloured(result, result_colour),
-            Cell::new(format!("{}/{}", run.attempt, run.max_attempts)),
+            // Released attempts did not count: the budget is what the run may reach.
+            Cell::new(format!(
+                "{}/{}",
+                run.attempt,
+                run.max_attempts + run.released_attempts
+            )),
             Cell::new(worker_cell(
                 &names,
                 run.worker_id

@@ -492,7 +492,7 @@ async fn report_stopped_runs(store: &tether_store::SharedStore, runs: &[String],
             Ok(Some(run)) => eprintln!(
                 "tether: run {run_id} stopped; it runs again when tether up starts again (attempt {}/{}); `tether cancel {run_id}` drops it",
                 run.attempt + 1,
-                run.spec.max_attempts
+                run.spec.max_attempts + run.released_attempts
             ),
             _ => eprintln!("tether: run {run_id} stopped"),
         }

@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/workers/{id}/claim", post(workers::claim))
         .route("/v1/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route("/v1/workers/{id}/release", post(workers::release))
         .route("/v1/workers/{id}/control", post(workers::control))
         .route("/v1/workers/{id}/attempts", post(attempts::report_attempts))
         .route(

@@ -478,7 +478,8 @@ pub async fn run_logs(
         .await?
         .ok_or(ApiError::RunNotFound)?;
     let selection = AttemptSelection::parse(query.attempt.as_deref(), run.attempt)?;
-    let max_attempts = run.spec.max_attempts;
+    // Released attempts did not count: the budget is what the run may reach.
+    let max_attempts = run.spec.max_attempts + run.released_attempts;
     let store = state.store.clone();
     // (the seq to read after, the attempt whose output was last written, whether it ended
     // mid-line)

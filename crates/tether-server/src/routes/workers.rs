@@ -8,7 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use tether_api::{
     Assignment, ClaimRequest, ClaimResponse, ControlRequest, ControlResponse, HeartbeatRequest,
-    HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, RunRefWire, WorkerList,
+    HeartbeatResponse, RegisterWorkerRequest, RegisterWorkerResponse, ReleaseRequest,
+    ReleaseResponse, RunRefWire, WorkerList, MAX_RELEASED_RUNS,
 };
 use tether_domain::Resources;
 use tether_store::{ClaimLimits, ClaimedRun, NewWorker, RunBeat, RunRef, Signal};
@@ -300,6 +301,48 @@ fn wire_refs(refs: Vec<RunRef>) -> Vec<RunRefWire> {
             attempt: r.attempt,
         })
         .collect()
+}
+
+/// `POST /v1/workers/{id}/release`: attempts the worker never started, handed back
+/// uncounted.
+#[utoipa::path(post, path = "/v1/workers/{id}/release", request_body = tether_api::ReleaseRequest,
+    responses((status = 200, body = tether_api::ReleaseResponse), (status = 404, body = tether_api::ErrorBody),
+        (status = 422, body = tether_api::ErrorBody)))]
+pub async fn release(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(worker_id): ApiPath<String>,
+    ApiJson(request): ApiJson<ReleaseRequest>,
+) -> ApiResult<Json<ReleaseResponse>> {
+    state
+        .worker_secrets
+        .verify(&state.store, &worker_id, &headers)
+        .await?;
+    if request.runs.len() > MAX_RELEASED_RUNS {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            format!("runs: at most {MAX_RELEASED_RUNS} in one call"),
+        ));
+    }
+    let runs: Vec<RunRef> = request
+        .runs
+        .into_iter()
+        .map(|r| RunRef {
+            run_id: r.run_id,
+            attempt: r.attempt,
+        })
+        .collect();
+    let released = state.store.release_runs(&worker_id, &runs).await?;
+    if !released.is_empty() {
+        tracing::debug!(
+            worker_id,
+            released = released.len(),
+            "runs handed back unstarted"
+        );
+    }
+    Ok(Json(ReleaseResponse {
+        released: wire_refs(released),
+    }))
 }
 
 /// `POST /v1/workers/{id}/heartbeat`: one call for the worker and all its runs.

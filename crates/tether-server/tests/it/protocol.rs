@@ -288,6 +288,80 @@ async fn unknown_workers_are_404_and_bad_worker_input_is_422() {
     assert_eq!(s.run(&run).await["status"], "pending");
 }
 
+/// `POST /v1/workers/{id}/release`: only the worker itself, at most 1,000 runs, bad input
+/// refused with a stable code and nothing changed; a run it never started goes back
+/// uncounted, and anything else is answered as not released.
+#[tokio::test]
+async fn a_worker_hands_back_runs_it_never_started() {
+    let s = TestServer::start().await;
+    let (status, body) = s
+        .post("/v1/workers/nope/release", json!({"runs": []}))
+        .await;
+    assert_error(status, &body, 404, "unknown_worker");
+    let worker = s.register(2.0).await;
+    let held = s
+        .submit(json!({"command": ["true"], "max_attempts": 1}))
+        .await;
+    let started = s.submit(json!({"command": ["true"]})).await;
+    let (held, started) = (
+        held["id"].as_str().unwrap().to_string(),
+        started["id"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(s.claim(&worker, 2).await.len(), 2);
+    let (status, _) = s
+        .post(
+            &attempt_path(&started, 1, "start"),
+            json!({"worker_id": worker}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let path = format!("/v1/workers/{worker}/release");
+
+    let too_many: Vec<Value> = (0..=tether_api::MAX_RELEASED_RUNS)
+        .map(|_| json!({"run_id": held, "attempt": 1}))
+        .collect();
+    let (status, body) = s.post(&path, json!({ "runs": too_many })).await;
+    assert_error(status, &body, 422, "invalid_field");
+    let (status, body) = s.post(&path, json!({"runs": [{"run_id": held}]})).await;
+    assert_error(status, &body, 422, "invalid_field");
+    let (status, body) = s.post(&path, json!({"runs": [], "extra": 1})).await;
+    assert_error(status, &body, 422, "invalid_field");
+    let r = s
+        .http
+        .post(s.url(&path))
+        .json(&json!({"runs": [{"run_id": held, "attempt": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403, "another's word is refused");
+    assert_eq!(
+        s.run(&held).await["status"],
+        "claimed",
+        "bad input changed it"
+    );
+
+    let refs = json!({"runs": [
+        {"run_id": held, "attempt": 1},
+        {"run_id": started, "attempt": 1},
+        {"run_id": "nope", "attempt": 1},
+    ]});
+    let (status, body) = s.post(&path, refs).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["released"], json!([{"run_id": held, "attempt": 1}]));
+    let run = s.run(&held).await;
+    assert_eq!(run["status"], "pending", "{run}");
+    assert_eq!(run["released_attempts"], 1, "{run}");
+    assert_eq!(run["attempts"][0]["error_code"], "released", "{run}");
+    assert_eq!(s.run(&started).await["status"], "running");
+    // Allowed one attempt, it is handed out again.
+    let again = s.claim(&worker, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0]["run_id"].as_str(), again[0]["attempt"].as_u64()),
+        (Some(held.as_str()), Some(2))
+    );
+}
+
 #[tokio::test]
 async fn a_claim_long_polls_until_a_run_is_submitted() {
     let s = TestServer::start().await;

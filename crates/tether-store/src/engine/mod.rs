@@ -25,8 +25,8 @@ use crate::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, AttemptReports,
     AttemptStart, BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody,
     EventRecord, FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy,
-    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, Signal, StatusBody, Store,
-    StoreError, StoreResult, WorkerRecord,
+    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody,
+    Store, StoreError, StoreResult, WorkerRecord,
 };
 use work::{Ticket, Work};
 
@@ -93,6 +93,10 @@ impl<D: Driver + EndpointStore> Store for D {
 
     async fn set_worker_draining(&self, worker_id: &str) -> StoreResult<()> {
         workers::set_draining(self, worker_id).await
+    }
+
+    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRef>> {
+        workers::release(self, worker_id, runs).await
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
@@ -237,7 +241,8 @@ pub(crate) fn transition_error(e: TransitionError) -> StoreError {
         // refusal names an attempt that is not current.
         TransitionError::StaleAttempt
         | TransitionError::NotPending
-        | TransitionError::CancelRequested => StoreError::StaleAttempt,
+        | TransitionError::CancelRequested
+        | TransitionError::Started => StoreError::StaleAttempt,
     }
 }
 
@@ -347,10 +352,15 @@ async fn end_attempt<T: DriverTx>(
     let floor = run.started_at.or(run.claimed_at).unwrap_or(run.created_at);
     let at = reported_at(work.now(), ending.ago_ms, floor);
     let ticket = match decision {
-        Decision::Retry { .. } => {
+        Decision::Retry { error_code, .. } => {
             // The next claim stamps afresh; the run's own error fields describe only its
             // final outcome, the attempt keeps this one.
-            let ticket = work.write(loaded, RunChange::BackToPending).await?;
+            let change = if error_code == Some(ErrorCode::Released) {
+                RunChange::Release
+            } else {
+                RunChange::BackToPending
+            };
+            let ticket = work.write(loaded, change).await?;
             work.out.run_pending(&run.spec.lane);
             ticket
         }

@@ -123,7 +123,10 @@ impl<T: DriverTx> Work<T> {
             .filter(|q| {
                 matches!(
                     q.write.change,
-                    RunChange::Finish { .. } | RunChange::Ran { .. } | RunChange::BackToPending
+                    RunChange::Finish { .. }
+                        | RunChange::Ran { .. }
+                        | RunChange::BackToPending
+                        | RunChange::Release
                 )
             })
             .filter_map(|q| self.runs.get(&q.write.run_id))

@@ -4,7 +4,7 @@
 use tether_domain::machine::Command;
 use tether_domain::ErrorCode;
 
-use super::{reap_one, Work};
+use super::{end_attempt, reap_one, Ending, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
 use crate::{HeartbeatAnswer, NewWorker, RunBeat, RunRef, StoreError, StoreResult, WorkerRecord};
 
@@ -64,6 +64,40 @@ pub(super) async fn deregister<D: Driver>(d: &D, worker_id: &str) -> StoreResult
     }
     work.commit(d).await?;
     Ok(handed_back)
+}
+
+/// Takes back the attempts a worker says it never started. Each one current, held by this
+/// worker and still `claimed` goes back to `pending` uncounted (or ends `cancelled`, if a
+/// cancel was asked); any other is left as it is. Answers those taken back.
+pub(super) async fn release<D: Driver>(
+    d: &D,
+    worker_id: &str,
+    runs: &[RunRef],
+) -> StoreResult<Vec<RunRef>> {
+    let mut work = Work::begin(d).await?;
+    live_worker(&mut work, worker_id).await?;
+    let ids: Vec<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    work.load(&ids, Lock::Wait).await?;
+    let mut released = Vec::with_capacity(runs.len());
+    for reference in runs {
+        let Some(loaded) = work.run(&reference.run_id, Lock::Wait).await? else {
+            continue;
+        };
+        let release = Command::Release {
+            attempt: reference.attempt,
+            worker_id: worker_id.to_string(),
+        };
+        let Ok(transition) = loaded.run.state().apply(&release) else {
+            continue;
+        };
+        let Some(decision) = transition.decision else {
+            continue;
+        };
+        end_attempt(&mut work, &loaded, decision, Ending::default()).await?;
+        released.push(reference.clone());
+    }
+    work.commit(d).await?;
+    Ok(released)
 }
 
 pub(super) async fn heartbeat<D: Driver>(

@@ -319,3 +319,113 @@ async fn a_run_cancelled_in_the_local_queue_never_starts() {
     assert_eq!(first["status"], "succeeded", "{first}");
     assert!(!marker.exists(), "the cancelled command ran");
 }
+
+/// Queues 20 short runs, then a `sleep` of `long_s`, then `n` runs allowed one attempt each
+/// that touch a marker, in one batch to a 1-cpu worker; waits until the sleep runs and the
+/// markers' runs are held, `claimed`, in its local queue. Answers the sleep's id and theirs.
+async fn local_queue_behind_a_long_run(
+    c: &Cluster,
+    long_s: &str,
+    n: usize,
+) -> (String, Vec<String>) {
+    let mut runs: Vec<Value> = (0..20).map(|_| json!({"command": ["true"]})).collect();
+    runs.push(json!({"command": ["sleep", long_s]}));
+    for i in 0..n {
+        let marker = c.path().join(format!("ran-{i}"));
+        runs.push(json!({
+            "command": ["sh", "-c", "echo x >> \"$MARK\""],
+            "env": {"MARK": marker.display().to_string()},
+            "max_attempts": 1,
+        }));
+    }
+    let batch = format!("{}/v1/runs/batch", c.base());
+    let (status, answer) = post_json(&c.http, &batch, &json!({ "runs": runs })).await;
+    assert_eq!(status, 202, "{answer}");
+    let ids: Vec<String> = answer["runs"].as_array().unwrap().iter().map(id).collect();
+    let long = ids[20].clone();
+    c.wait_for(&long, Duration::from_secs(20), |r| r["status"] == "running")
+        .await;
+    let queued = ids[21..].to_vec();
+    for run in &queued {
+        let held = c
+            .wait_for(run, Duration::from_secs(20), |r| r["status"] != "pending")
+            .await;
+        assert_eq!(held["status"], "claimed", "held in the local queue: {held}");
+    }
+    (long, queued)
+}
+
+/// Each marker was written exactly once.
+fn ran_once(c: &Cluster, n: usize) {
+    for i in 0..n {
+        let marker = c.path().join(format!("ran-{i}"));
+        let text = std::fs::read_to_string(&marker).unwrap_or_default();
+        assert_eq!(text, "x\n", "run {i} ran {} times", text.lines().count());
+    }
+}
+
+/// A worker stopped with runs in its local queue hands them back uncounted: pending again at
+/// once (not after the stale window), and a run allowed one attempt still runs, once, on the
+/// next worker.
+#[tokio::test]
+async fn a_stopped_worker_hands_back_its_local_queue_uncounted() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let w1 = c.worker("w1", "1", &[]);
+    c.wait_workers(1).await;
+    let (long, queued) = local_queue_behind_a_long_run(&c, "30", 3).await;
+    assert_eq!(w1.stop(Duration::from_secs(10)), Some(0));
+    for run in &queued {
+        let back = c.run(run).await;
+        assert_eq!(back["status"], "pending", "handed back at once: {back}");
+        assert_eq!(back["attempt"], 1, "{back}");
+        assert_eq!(back["released_attempts"], 1, "{back}");
+        assert!(back["worker_id"].is_null(), "{back}");
+    }
+    // The running one was stopped: handed back as an attempt that counted.
+    let stopped = c.run(&long).await;
+    assert_eq!(stopped["status"], "pending", "{stopped}");
+    assert_eq!(stopped["released_attempts"], 0, "{stopped}");
+
+    // Room for the long run, ahead of them in line again, and for them.
+    let _w2 = c.worker("w2", "4", &[]);
+    for run in &queued {
+        let done = c.wait_terminal(run, Duration::from_secs(20)).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["attempt"], 2, "{done}");
+        assert_eq!(done["max_attempts"], 1, "{done}");
+        let first = &done["attempts"][0];
+        assert_eq!(first["status"], "claimed", "{done}");
+        assert_eq!(first["error_code"], "released", "{done}");
+    }
+    ran_once(&c, queued.len());
+}
+
+/// A run that waits in a busy worker's local queue past its limit goes back to the server,
+/// and an idle worker runs it while the run ahead of it still runs.
+#[tokio::test]
+async fn a_run_held_too_long_in_a_local_queue_goes_to_an_idle_worker() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let _w1 = c.worker("w1", "1", &[]);
+    c.wait_workers(1).await;
+    let (long, queued) = local_queue_behind_a_long_run(&c, "30", 2).await;
+    let _w2 = c.worker("w2", "1", &[]);
+    c.wait_workers(2).await;
+    for run in &queued {
+        let done = c.wait_terminal(run, Duration::from_secs(20)).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["released_attempts"], 1, "{done}");
+        let attempts = done["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{done}");
+        assert_eq!(attempts[0]["worker_name"], "w1", "{done}");
+        assert_eq!(attempts[0]["error_code"], "released", "{done}");
+        assert_eq!(attempts[1]["worker_name"], "w2", "{done}");
+    }
+    assert_eq!(
+        c.run(&long).await["status"],
+        "running",
+        "the long run still runs"
+    );
+    ran_once(&c, queued.len());
+}
