@@ -102,8 +102,12 @@ pub struct Drain {
     pub runs_per_s: f64,
     /// From a run's end to the next start on the same worker, while runs waited.
     pub refill_gap_ms: Percentiles,
-    /// Runs that ended `succeeded` on attempt 1.
+    /// Runs that ended `succeeded` on their one counted attempt (attempts a worker handed
+    /// back unstarted do not count: the command ran once).
     pub succeeded_once: u64,
+    /// Runs a worker handed back unstarted at least once (they waited past its local
+    /// queue's limit).
+    pub handed_back: u64,
     /// Runs each worker ran, by worker id.
     pub runs_per_worker: BTreeMap<String, u64>,
 }
@@ -524,6 +528,7 @@ struct Stamps {
     started: Option<i64>,
     finished: Option<i64>,
     succeeded_once: bool,
+    handed_back: bool,
 }
 
 fn stamp_ms(text: Option<&str>) -> Option<i64> {
@@ -545,7 +550,9 @@ impl Stamps {
             worker_id: run.worker_id.clone().or(attempt_worker),
             started: stamp_ms(run.started_at.as_deref()),
             finished: stamp_ms(run.finished_at.as_deref()),
-            succeeded_once: run.status == RunStatus::Succeeded && run.attempt == 1,
+            succeeded_once: run.status == RunStatus::Succeeded
+                && run.attempt == 1 + run.released_attempts,
+            handed_back: run.released_attempts > 0,
         }
     }
 }
@@ -652,6 +659,7 @@ async fn drain(
         },
         refill_gap_ms: Percentiles::of(refill_gaps(&runs, args.cpus as usize)),
         succeeded_once: runs.iter().filter(|r| r.succeeded_once).count() as u64,
+        handed_back: runs.iter().filter(|r| r.handed_back).count() as u64,
         runs_per_worker,
     })
 }
@@ -886,6 +894,7 @@ mod tests {
             started: Some(started),
             finished: Some(finished),
             succeeded_once: true,
+            handed_back: false,
         }
     }
 

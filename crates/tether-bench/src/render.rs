@@ -179,6 +179,13 @@ pub(crate) fn real(r: &RealReport) -> String {
     );
     line(&mut out, "refill gap ms", &d.refill_gap_ms);
     once(&mut out, d.succeeded_once, d.runs);
+    if d.handed_back > 0 {
+        let _ = writeln!(
+            out,
+            "  handed back unstarted      {:>9}   (waited past the local queue's limit)",
+            d.handed_back
+        );
+    }
     if let Some(i) = &r.idle {
         let _ = writeln!(out);
         let _ = writeln!(out, "One run at a time ({} runs, idle system)", i.runs);
