@@ -130,6 +130,8 @@ pub struct Backlog {
     pub drain_seconds: f64,
     pub runs_per_s: f64,
     pub succeeded_once: u64,
+    /// Runs a worker handed back unstarted at least once.
+    pub handed_back: u64,
     /// The server before the backlog was queued, once it was queued, and after the drain.
     pub server_before: Rss,
     pub server_queued: Rss,
@@ -747,6 +749,7 @@ async fn backlog(
         drain_seconds,
         runs_per_s: args.backlog as f64 / drain_seconds.max(f64::EPSILON),
         succeeded_once: stamps.values().filter(|r| r.succeeded_once).count() as u64,
+        handed_back: stamps.values().filter(|r| r.handed_back).count() as u64,
         server_before,
         server_queued,
         server_after,

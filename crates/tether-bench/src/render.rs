@@ -158,6 +158,16 @@ fn once(out: &mut String, succeeded: impl std::fmt::Display, of: impl std::fmt::
     let _ = writeln!(out, "  succeeded exactly once     {succeeded:>9}   of {of}");
 }
 
+/// Runs handed back unstarted (they waited past a local queue's limit), when any were.
+fn handed_back(out: &mut String, runs: u64) {
+    if runs > 0 {
+        let _ = writeln!(
+            out,
+            "  handed back unstarted      {runs:>9}   (waited past a local queue's limit; ran once)"
+        );
+    }
+}
+
 /// The real path's report.
 pub(crate) fn real(r: &RealReport) -> String {
     let mut out = String::new();
@@ -179,13 +189,7 @@ pub(crate) fn real(r: &RealReport) -> String {
     );
     line(&mut out, "refill gap ms", &d.refill_gap_ms);
     once(&mut out, d.succeeded_once, d.runs);
-    if d.handed_back > 0 {
-        let _ = writeln!(
-            out,
-            "  handed back unstarted      {:>9}   (waited past the local queue's limit)",
-            d.handed_back
-        );
-    }
+    handed_back(&mut out, d.handed_back);
     if let Some(i) = &r.idle {
         let _ = writeln!(out);
         let _ = writeln!(out, "One run at a time ({} runs, idle system)", i.runs);
@@ -215,6 +219,7 @@ pub(crate) fn real(r: &RealReport) -> String {
             mib_of_kib(b.worker_after_rss_kib)
         );
         once(&mut out, b.succeeded_once, b.runs);
+        handed_back(&mut out, b.handed_back);
     }
     if let Some(f) = &r.followers {
         let _ = writeln!(out);
