@@ -342,6 +342,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_place_in_line_is_taken_when_asked_not_when_first_polled() {
+        let slots = Slots::new(worker(1.0), true);
+        let a = slots.acquire(cpus(1.0)).await;
+        let first = slots.acquire(cpus(1.0));
+        let second = slots.acquire(cpus(1.0));
+        assert_eq!(slots.waiting(), 2);
+        // Polled in the opposite order: the first asked still goes first.
+        let second = tokio::spawn(second);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let first = tokio::spawn(first);
+        drop(a);
+        let b = tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!second.is_finished(), "first asked, first served");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_forgotten_pace_asks_for_no_reserve_until_a_run_ends() {
+        let slots = Slots::new(worker(8.0), true);
+        {
+            let mut inner = crate::lock(&slots.inner);
+            inner.pace_s = Some(0.01);
+            inner.last_release = Some(Instant::now());
+        }
+        assert!(slots.reserve().cpus > 0.0);
+        slots.forget_pace();
+        assert_eq!(slots.reserve().cpus, 0.0);
+        // A run ends: the pace is what it took, and the reserve follows it.
+        let permit = slots.try_acquire(cpus(1.0)).unwrap();
+        permit.release();
+        assert!(slots.reserve().cpus > 0.0);
+    }
+
+    #[tokio::test]
     async fn a_waiter_that_gives_up_loses_nothing() {
         let slots = Slots::new(worker(1.0), true);
         let a = slots.acquire(cpus(1.0)).await;

@@ -766,3 +766,69 @@ fn apply(held: &Held, answer: &HeartbeatResponse) {
         held.order(&run.run_id, run.attempt, Directive::Abandon);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn one_cpu() -> Resources {
+        Resources {
+            cpus: 1.0,
+            memory_mb: 1,
+        }
+    }
+
+    /// Waits in a full one-cpu worker's local queue; `release` refuses the first `refusals`
+    /// asks. Answers how the wait ended, how many asks were made, and how long it took.
+    async fn wait_behind_a_full_slot(
+        refusals: usize,
+        frees_after: Option<Duration>,
+    ) -> (SlotWait, usize, Duration) {
+        let slots = Slots::new(one_cpu(), true);
+        let running = slots.try_acquire(one_cpu()).unwrap();
+        if let Some(after) = frees_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                drop(running);
+            });
+        } else {
+            std::mem::forget(running);
+        }
+        let (_orders_tx, orders) = watch::channel(Directive::Run);
+        let asks = Arc::new(AtomicUsize::new(0));
+        let release = || {
+            let n = asks.fetch_add(1, Ordering::Relaxed);
+            async move { n >= refusals }
+        };
+        let began = Instant::now();
+        let end = wait_for_slot(slots.acquire(one_cpu()), orders, release).await;
+        (end, asks.load(Ordering::Relaxed), began.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_waiting_past_the_limit_is_handed_back_asking_again_until_taken() {
+        let (end, asks, took) = wait_behind_a_full_slot(1, None).await;
+        assert!(matches!(end, SlotWait::Released));
+        assert_eq!(asks, 2, "refused once, then taken back");
+        assert!(took >= 2 * MAX_QUEUE_WAIT && took < 3 * MAX_QUEUE_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_whose_slot_frees_in_time_starts_without_asking() {
+        let (end, asks, _) = wait_behind_a_full_slot(0, Some(MAX_QUEUE_WAIT / 2)).await;
+        assert!(matches!(end, SlotWait::Permit(_)));
+        assert_eq!(asks, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_hand_back_keeps_the_place_in_line() {
+        // The slot frees while the first ask is refused: the run starts.
+        let (end, asks, took) =
+            wait_behind_a_full_slot(usize::MAX, Some(MAX_QUEUE_WAIT + MAX_QUEUE_WAIT / 2)).await;
+        assert!(matches!(end, SlotWait::Permit(_)));
+        assert_eq!(asks, 1);
+        assert!(took < 2 * MAX_QUEUE_WAIT);
+    }
+}

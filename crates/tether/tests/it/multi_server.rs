@@ -48,8 +48,17 @@ async fn two_servers_three_workers_five_hundred_runs_each_once() {
     for run in &ids {
         let done = wait_for(&c.http, &b, run, Duration::from_secs(120), terminal).await;
         assert_eq!(done["status"], "succeeded", "{done}");
-        assert_eq!(done["attempt"], 1, "{done}");
-        assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done}");
+        // Ran once: an attempt handed back unstarted (it waited past a worker's local
+        // queue's limit) is the only other kind there may be.
+        let released = done["released_attempts"].as_u64().unwrap();
+        assert_eq!(done["attempt"].as_u64(), Some(1 + released), "{done}");
+        let ran: Vec<&serde_json::Value> = done["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["error_code"] != "released")
+            .collect();
+        assert_eq!(ran.len(), 1, "{done}");
     }
     eprintln!(
         "500 runs through 2 servers and 3 workers in {:?}",
