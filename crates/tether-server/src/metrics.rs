@@ -252,6 +252,18 @@ pub fn attempt_ended(run: &RunRecord, status: RunStatus, error_code: Option<Erro
     }
 }
 
+/// A worker handed an attempt back unstarted: it ended `claimed` with `released`, and the
+/// run is back in line (not a retry: the attempt did not count) or, if a cancel was asked,
+/// ended.
+pub fn attempt_released(run: &RunRecord) {
+    metrics::counter!(ATTEMPTS_FINISHED, "lane" => run.spec.lane.clone(),
+        "status" => RunStatus::Claimed.as_str(), "error_code" => ErrorCode::Released.as_str())
+    .increment(1);
+    if run.status.is_terminal() {
+        run_ended(run);
+    }
+}
+
 /// A run reached its terminal status.
 pub fn run_ended(run: &RunRecord) {
     if let (Some(since), Some(end)) = (run.started_at.or(run.claimed_at), run.finished_at) {
@@ -263,7 +275,8 @@ pub fn run_ended(run: &RunRecord) {
 
 /// A run's first attempt started: how long it queued.
 pub fn run_started(run: &RunRecord) {
-    if let (1, Some(started)) = (run.attempt, run.started_at) {
+    // The first attempt that ran: attempts handed back unstarted came before it.
+    if let (true, Some(started)) = (run.attempt == 1 + run.released_attempts, run.started_at) {
         metrics::histogram!(QUEUE_WAIT, "lane" => run.spec.lane.clone())
             .record(seconds(started - run.created_at));
     }

@@ -266,7 +266,8 @@ pub async fn a_released_attempt_goes_back_uncounted(h: &dyn Harness) {
         .release_runs(&worker_id, &refs(&[&held, &started, &cancelled]))
         .await
         .unwrap();
-    let released: BTreeSet<String> = released.into_iter().map(|r| r.run_id).collect();
+    assert!(released.iter().all(|r| r.attempt == 1));
+    let released: BTreeSet<String> = released.into_iter().map(|r| r.id).collect();
     assert_eq!(released, BTreeSet::from([held.clone(), cancelled.clone()]));
 
     let run = store.get_run(&held).await.unwrap().unwrap();

@@ -101,9 +101,10 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     /// waited too long in its local queue). Each that is current, held by this worker and
     /// still `claimed` goes back to `pending` and its attempt does not count against
     /// `max_attempts` (its record ends `claimed` with `released`); one whose cancel was asked
-    /// ends `cancelled`. Any other is left alone. Answers those taken back. `UnknownWorker`
-    /// for an unknown or deregistered worker.
-    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRef>>;
+    /// ends `cancelled`. Any other is left alone. Answers those taken back, as they are now
+    /// (their `attempt` is the one released). `UnknownWorker` for an unknown or deregistered
+    /// worker.
+    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRecord>>;
 
     /// A worker finishing what it holds before it leaves: it is shown `draining` and handed
     /// no new runs. `UnknownWorker` for an unknown or deregistered worker.

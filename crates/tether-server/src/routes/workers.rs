@@ -340,8 +340,17 @@ pub async fn release(
             "runs handed back unstarted"
         );
     }
+    for run in &released {
+        crate::metrics::attempt_released(run);
+    }
     Ok(Json(ReleaseResponse {
-        released: wire_refs(released),
+        released: released
+            .into_iter()
+            .map(|run| RunRefWire {
+                run_id: run.id,
+                attempt: run.attempt,
+            })
+            .collect(),
     }))
 }
 

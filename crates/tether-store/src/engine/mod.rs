@@ -95,7 +95,7 @@ impl<D: Driver + EndpointStore> Store for D {
         workers::set_draining(self, worker_id).await
     }
 
-    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRef>> {
+    async fn release_runs(&self, worker_id: &str, runs: &[RunRef]) -> StoreResult<Vec<RunRecord>> {
         workers::release(self, worker_id, runs).await
     }
 

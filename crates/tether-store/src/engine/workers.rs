@@ -6,7 +6,9 @@ use tether_domain::ErrorCode;
 
 use super::{end_attempt, reap_one, Ending, Work};
 use crate::driver::{Driver, DriverTx, Lock, RunChange};
-use crate::{HeartbeatAnswer, NewWorker, RunBeat, RunRef, StoreError, StoreResult, WorkerRecord};
+use crate::{
+    HeartbeatAnswer, NewWorker, RunBeat, RunRecord, RunRef, StoreError, StoreResult, WorkerRecord,
+};
 
 pub(super) async fn register<D: Driver>(d: &D, worker: &NewWorker) -> StoreResult<WorkerRecord> {
     let mut work = Work::begin(d).await?;
@@ -73,7 +75,7 @@ pub(super) async fn release<D: Driver>(
     d: &D,
     worker_id: &str,
     runs: &[RunRef],
-) -> StoreResult<Vec<RunRef>> {
+) -> StoreResult<Vec<RunRecord>> {
     let mut work = Work::begin(d).await?;
     live_worker(&mut work, worker_id).await?;
     let ids: Vec<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
@@ -93,11 +95,10 @@ pub(super) async fn release<D: Driver>(
         let Some(decision) = transition.decision else {
             continue;
         };
-        end_attempt(&mut work, &loaded, decision, Ending::default()).await?;
-        released.push(reference.clone());
+        released.push(end_attempt(&mut work, &loaded, decision, Ending::default()).await?);
     }
-    work.commit(d).await?;
-    Ok(released)
+    let done = work.commit(d).await?;
+    released.into_iter().map(|t| done.written(t)).collect()
 }
 
 pub(super) async fn heartbeat<D: Driver>(
