@@ -19,6 +19,10 @@ const PAST_DEADLINE: Duration = Duration::from_millis(25);
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Re-read the next deadline at most this often when signals pour in.
 const DEADLINE_RECHECK: Duration = Duration::from_millis(100);
+/// And no sooner than this after the signal that asks for it: the claim or start that sent it
+/// is usually followed at once by the worker's next call, and the re-read's two queries would
+/// compete with it for the store and the cores. A deadline is seconds away; this is not.
+const RECHECK_DELAY: Duration = Duration::from_millis(50);
 
 pub fn reap_policy(state: &AppState) -> ReapPolicy {
     ReapPolicy {
@@ -132,9 +136,12 @@ pub async fn run_reaper(state: AppState) {
                     }
                 }
                 signal = signals.recv() => match signal {
+                    // A run's first event is its creation: a pending run has no deadline.
+                    Ok(Signal::RunEvents { seq: 1, .. }) => {}
                     Ok(Signal::RunEvents { .. }) | Err(RecvError::Lagged(_)) => {
                         if recheck_at.is_none() {
-                            recheck_at = Some((last_recheck + DEADLINE_RECHECK).max(Instant::now()));
+                            let soonest = Instant::now() + RECHECK_DELAY;
+                            recheck_at = Some((last_recheck + DEADLINE_RECHECK).max(soonest));
                         }
                     }
                     Ok(_) => {}
