@@ -609,9 +609,9 @@ enum SlotWait {
 }
 
 /// Waits for the attempt's room in the slots (`acquire`, its place in line), unless an order
-/// comes first. Past
-/// [`MAX_QUEUE_WAIT`] it asks `release` to hand the attempt back, keeping its place in line
-/// while it asks, and again each [`MAX_QUEUE_WAIT`] after that if the server did not take it.
+/// comes first. Past [`MAX_QUEUE_WAIT`] it asks `release` to hand the attempt back, keeping
+/// its place in line while it asks, and asks again each [`MAX_QUEUE_WAIT`] after that if the
+/// server did not take it.
 async fn wait_for_slot<F, R>(
     acquire: impl std::future::Future<Output = SlotPermit>,
     mut orders: watch::Receiver<Directive>,
