@@ -350,15 +350,24 @@ pub async fn follow_run(
                     );
                 }
                 "status" => {
-                    if view.status == Some(RunStatus::Pending) && view.error_code.is_some() {
-                        say(
+                    match (view.status, view.error_code) {
+                        (Some(RunStatus::Pending), Some(ErrorCode::Released)) => say(
+                            &bar,
+                            &format!(
+                                "attempt {} was handed back by its worker before it started \
+                                 (it does not count); waiting for a worker",
+                                view.attempt.unwrap_or(0)
+                            ),
+                        ),
+                        (Some(RunStatus::Pending), Some(code)) => say(
                             &bar,
                             &format!(
                                 "attempt {} ended: {}; retrying",
                                 view.attempt.unwrap_or(0),
-                                view.error_code.map(|c| c.as_str()).unwrap_or("?")
+                                code.as_str()
                             ),
-                        );
+                        ),
+                        _ => {}
                     }
                     line.hear(view);
                     bar.set_message(line.describe(Instant::now()));

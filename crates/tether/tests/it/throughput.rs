@@ -403,6 +403,38 @@ async fn a_stopped_worker_hands_back_its_local_queue_uncounted() {
     ran_once(&c, queued.len());
 }
 
+/// `tether logs -f` of a run handed back unstarted says so, and follows it to its end on the
+/// next worker.
+#[tokio::test]
+async fn following_a_run_handed_back_says_it_did_not_count() {
+    let mut c = Cluster::sqlite();
+    c.start_server(&[]).await;
+    let w1 = c.worker("w1", "1", &[]);
+    c.wait_workers(1).await;
+    let (_, queued) = local_queue_behind_a_long_run(&c, "30", 1).await;
+    let follower = std::process::Command::new(TETHER)
+        .args(["logs", "-f", &queued[0]])
+        .env("TETHER_SERVER", c.base())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stopped with the run in its local queue: handed back.
+    assert_eq!(w1.stop(Duration::from_secs(10)), Some(0));
+    let _w2 = c.worker("w2", "4", &[]);
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("attempt 1 was handed back by its worker before it started"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
+}
+
 /// A run that waits in a busy worker's local queue past its limit goes back to the server,
 /// and an idle worker runs it while the run ahead of it still runs.
 #[tokio::test]
