@@ -56,7 +56,14 @@ async fn release_loop(
     worker_id: String,
     mut inbox: mpsc::UnboundedReceiver<Ask>,
 ) {
+    // A server from before this call answers `no_route`: asked once, never again (its
+    // runs go back as ended attempts when this worker stops, as they did with it).
+    let mut unsupported = false;
     while let Some(first) = inbox.recv().await {
+        if unsupported {
+            let _ = first.1.send(false);
+            continue;
+        }
         let mut asks = vec![first];
         while asks.len() < MAX_RELEASED_RUNS {
             match inbox.try_recv() {
@@ -74,6 +81,15 @@ async fn release_loop(
                     .into_iter()
                     .map(|r| (r.run_id, r.attempt))
                     .collect(),
+                Ok(Err(err)) if err.code() == Some("no_route") => {
+                    tracing::info!(
+                        "the server cannot take back runs this worker never started (it \
+                         predates POST /v1/workers/{{id}}/release); they go back as ended \
+                         attempts"
+                    );
+                    unsupported = true;
+                    Default::default()
+                }
                 Ok(Err(err)) => {
                     tracing::warn!(%err, runs = asks.len(), "cannot hand back unstarted runs");
                     Default::default()
@@ -89,5 +105,46 @@ async fn release_loop(
         for (run, answer) in asks {
             let _ = answer.send(released.contains(&(run.run_id, run.attempt)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::Json;
+
+    use super::*;
+
+    /// A server that answers every call as one from before `/release` would.
+    async fn old_server(calls: Arc<AtomicUsize>) -> String {
+        let app = axum::Router::new().fallback(move || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            async {
+                (
+                    StatusCode::NOT_FOUND,
+                    Json(serde_json::json!({"error": {"code": "no_route", "message": "no route"}})),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_server_without_release_is_asked_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let base = old_server(calls.clone()).await;
+        let client = TetherClient::new(&base, None).unwrap();
+        let (releaser, release_loop) = Releaser::new(client, "w".into());
+        tokio::spawn(release_loop);
+        assert!(!releaser.release("run-1", 1).await);
+        assert!(!releaser.release("run-2", 1).await);
+        assert!(!releaser.release("run-1", 1).await);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
     }
 }
