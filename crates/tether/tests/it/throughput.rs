@@ -371,7 +371,17 @@ fn ran_once(c: &Cluster, n: usize) {
 /// next worker.
 #[tokio::test]
 async fn a_stopped_worker_hands_back_its_local_queue_uncounted() {
-    let mut c = Cluster::sqlite();
+    a_stopped_worker_hands_back_its_local_queue(Cluster::sqlite()).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test]
+async fn a_stopped_worker_hands_back_its_local_queue_uncounted_on_postgres() {
+    let db = PgDatabase::create();
+    a_stopped_worker_hands_back_its_local_queue(Cluster::on_database(&db.url)).await;
+}
+
+async fn a_stopped_worker_hands_back_its_local_queue(mut c: Cluster) {
     c.start_server(&[]).await;
     let w1 = c.worker("w1", "1", &[]);
     c.wait_workers(1).await;
