@@ -1,8 +1,8 @@
 //! The reaper: inside every server, it ends the attempts of workers that went silent, runs past
 //! their timeout, and cancelled runs whose worker vanished (SPEC §3). It sleeps until the
 //! earliest moment any in-flight run could go stale, never longer than `--reaper-interval`, and
-//! re-reads that moment whenever a run is claimed or started, so a dead worker is noticed within
-//! about a second of its deadline.
+//! re-reads that moment when a run is claimed or started (50 ms after the signal, at most every
+//! 100 ms), so a dead worker is noticed within about a second of its deadline.
 
 use std::time::Duration;
 
