@@ -63,13 +63,17 @@ pub enum Decision {
         status: RunStatus,
         error_code: Option<ErrorCode>,
     },
+    /// The worker handed the attempt back unstarted: it is recorded `claimed` with
+    /// `released`, and the run goes back to `pending` without it counting against
+    /// `max_attempts`.
+    Released,
 }
 
 impl Decision {
     /// The run's status once the decision is written.
     pub fn run_status(self) -> RunStatus {
         match self {
-            Decision::Retry { .. } => RunStatus::Pending,
+            Decision::Retry { .. } | Decision::Released => RunStatus::Pending,
             Decision::Terminal { status, .. } => status,
         }
     }
@@ -79,6 +83,7 @@ impl Decision {
         match self {
             Decision::Retry { ended, error_code } => (ended, error_code),
             Decision::Terminal { status, error_code } => (status, error_code),
+            Decision::Released => (RunStatus::Claimed, Some(ErrorCode::Released)),
         }
     }
 }
@@ -266,10 +271,7 @@ impl RunState {
                 } else {
                     next.status = RunStatus::Pending;
                     next.released = self.released + 1;
-                    Some(Decision::Retry {
-                        ended: RunStatus::Claimed,
-                        error_code: Some(ErrorCode::Released),
-                    })
+                    Some(Decision::Released)
                 }
             }
             Command::Cancel => {

@@ -241,24 +241,25 @@ pub fn refusals(lane: &str) -> u64 {
 /// An attempt ended with `status`/`error_code`; `run` is the run after that write. Counts a
 /// retry when the run went back to pending, and its duration when it ended.
 pub fn attempt_ended(run: &RunRecord, status: RunStatus, error_code: Option<ErrorCode>) {
-    let lane = run.spec.lane.clone();
-    metrics::counter!(ATTEMPTS_FINISHED, "lane" => lane.clone(), "status" => status.as_str(),
-        "error_code" => error_code.map_or("none", ErrorCode::as_str))
-    .increment(1);
+    count_attempt(run, status, error_code);
     if run.status == RunStatus::Pending {
-        metrics::counter!(RETRIES, "lane" => lane).increment(1);
+        metrics::counter!(RETRIES, "lane" => run.spec.lane.clone()).increment(1);
     } else {
         run_ended(run);
     }
+}
+
+fn count_attempt(run: &RunRecord, status: RunStatus, error_code: Option<ErrorCode>) {
+    metrics::counter!(ATTEMPTS_FINISHED, "lane" => run.spec.lane.clone(),
+        "status" => status.as_str(), "error_code" => error_code.map_or("none", ErrorCode::as_str))
+    .increment(1);
 }
 
 /// A worker handed an attempt back unstarted: it ended `claimed` with `released`, and the
 /// run is back in line (not a retry: the attempt did not count) or, if a cancel was asked,
 /// ended.
 pub fn attempt_released(run: &RunRecord) {
-    metrics::counter!(ATTEMPTS_FINISHED, "lane" => run.spec.lane.clone(),
-        "status" => RunStatus::Claimed.as_str(), "error_code" => ErrorCode::Released.as_str())
-    .increment(1);
+    count_attempt(run, RunStatus::Claimed, Some(ErrorCode::Released));
     if run.status.is_terminal() {
         run_ended(run);
     }

@@ -37,6 +37,15 @@ pub struct PgTx {
     pub(crate) notified: bool,
 }
 
+/// What going back to `pending` clears: everything the next claim stamps afresh.
+macro_rules! back_to_pending {
+    () => {
+        "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+         last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, timeout_at = NULL, \
+         exit_code = NULL, error_code = NULL, error_message = NULL"
+    };
+}
+
 /// The `UPDATE` of one kind of change, for any number of runs: `$1` is the transaction's
 /// `now`, `$first..` the columns of [`WriteColumns`], one array each. Each row lands only if
 /// the run still has the status and attempt it was judged on (the guard), even against
@@ -66,17 +75,12 @@ fn write_sql(kind: ChangeKind, first: usize) -> String {
              output_bytes = r.output_bytes + v.n1 + v.n2, last_output_at = $1",
             "",
         ),
-        ChangeKind::BackToPending => (
-            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
-             last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, timeout_at = NULL, \
-             exit_code = NULL, error_code = NULL, error_message = NULL",
-            "",
-        ),
+        ChangeKind::BackToPending => (back_to_pending!(), ""),
         ChangeKind::Release => (
-            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
-             last_heartbeat_at = NULL, confirmed = FALSE, stale_at = NULL, timeout_at = NULL, \
-             exit_code = NULL, error_code = NULL, error_message = NULL, \
-             released_attempts = r.released_attempts + 1",
+            concat!(
+                back_to_pending!(),
+                ", released_attempts = r.released_attempts + 1"
+            ),
             "",
         ),
         ChangeKind::Finish => (

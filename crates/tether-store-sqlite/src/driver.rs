@@ -189,6 +189,15 @@ impl Statements {
     }
 }
 
+/// What going back to `pending` clears: everything the next claim stamps afresh.
+macro_rules! back_to_pending {
+    () => {
+        "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
+         last_heartbeat_at = NULL, confirmed = 0, stale_at = NULL, timeout_at = NULL, \
+         exit_code = NULL, error_code = NULL, error_message = NULL"
+    };
+}
+
 /// The `UPDATE` of one kind of change, for any number of runs: two parameters, the
 /// transaction's `now` and the runs as a JSON array of `[id, status, attempt, last_event_seq,
 /// p1..p6]` ([`change_values`]). Each row lands only if the run still has the status and
@@ -217,17 +226,12 @@ fn write_sql(kind: ChangeKind) -> String {
              output_bytes = r.output_bytes + v.p1 + v.p2, last_output_at = v.now",
             "",
         ),
-        ChangeKind::BackToPending => (
-            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
-             last_heartbeat_at = NULL, confirmed = 0, stale_at = NULL, timeout_at = NULL, \
-             exit_code = NULL, error_code = NULL, error_message = NULL",
-            "",
-        ),
+        ChangeKind::BackToPending => (back_to_pending!(), ""),
         ChangeKind::Release => (
-            "status = 'pending', worker_id = NULL, claimed_at = NULL, started_at = NULL, \
-             last_heartbeat_at = NULL, confirmed = 0, stale_at = NULL, timeout_at = NULL, \
-             exit_code = NULL, error_code = NULL, error_message = NULL, \
-             released_attempts = r.released_attempts + 1",
+            concat!(
+                back_to_pending!(),
+                ", released_attempts = r.released_attempts + 1"
+            ),
             "",
         ),
         ChangeKind::Finish => (

@@ -34,9 +34,10 @@ const LONG_RUN: Duration = Duration::from_secs(1);
 
 /// A run that has waited this long in the local queue is handed back to the server
 /// (`crate::release`): the pace it was taken at no longer holds, and another worker may be
-/// idle. Two and a half times [`RESERVE_HORIZON`], so a queue sized by the pace never reaches
-/// it.
-pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
+/// idle. Two and a half times [`RESERVE_HORIZON`] (1 s), so a queue sized by the pace never
+/// reaches it.
+pub const MAX_QUEUE_WAIT: Duration =
+    Duration::from_millis(RESERVE_HORIZON.as_millis() as u64 * 5 / 2);
 
 /// An idle worker forgets the pace after this long: the next runs may be nothing like the last.
 const IDLE_FORGET: Duration = Duration::from_secs(1);
@@ -163,8 +164,9 @@ impl Slots {
     ///
     /// The pace is only believed while runs keep ending at it. While runs hold slots and none
     /// has freed for [`STALL`] (runs much longer than the last ones), the time since bounds
-    /// the pace instead; a worker idle for [`IDLE_FORGET`] forgets it. So a burst of long runs after short ones is not hoarded here, while slots
-    /// that only wait for the next call's runs keep their reserve.
+    /// the pace instead; a worker idle for [`IDLE_FORGET`] forgets it. So a burst of long runs
+    /// after short ones is not hoarded here, while slots that only wait for the next call's
+    /// runs keep their reserve.
     pub fn reserve(&self) -> Resources {
         self.reserve_at(Instant::now())
     }

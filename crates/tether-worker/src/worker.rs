@@ -510,39 +510,43 @@ impl Launcher {
         };
         let releaser = self.releaser.clone();
         self.tracker.spawn(async move {
+            // `None`: it waited too long in the local queue and the server took it back.
             let reporter = match now {
                 Ok((permit, reporter)) => {
                     stats.hold_slot(permit);
-                    reporter
+                    Some(reporter)
                 }
                 Err(place) => {
                     let release = || releaser.release(&key.0, key.1);
                     match wait_for_slot(place, directives.clone(), release).await {
-                        SlotWait::Permit(permit) => stats.hold_slot(permit),
-                        SlotWait::Ordered => {}
+                        SlotWait::Permit(permit) => {
+                            stats.hold_slot(permit);
+                            Some(new_reporter())
+                        }
+                        SlotWait::Ordered => Some(new_reporter()),
                         SlotWait::Released => {
                             // The pace it was taken at no longer holds: no reserve until a
                             // run ends and says what the pace is now.
                             slots.forget_pace();
-                            tracing::debug!(
-                                run_id = key.0,
-                                attempt = key.1,
-                                "waited too long in the local queue; handed back"
-                            );
-                            held.lock().remove(&key);
-                            freed.notify_one();
-                            return;
+                            None
                         }
                     }
-                    new_reporter()
                 }
             };
-            let end = supervise(assignment, reporter, stats, directives, options).await;
-            tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
-            if end == AttemptEnd::Unreported(Unreported::NeverStarted) {
-                // Stopping: the server takes it back uncounted (or, failing that, gets it
-                // back when this worker deregisters, as an ended attempt).
-                releaser.release(&key.0, key.1).await;
+            if let Some(reporter) = reporter {
+                let end = supervise(assignment, reporter, stats, directives, options).await;
+                tracing::debug!(run_id = key.0, attempt = key.1, ?end, "attempt over");
+                if end == AttemptEnd::Unreported(Unreported::NeverStarted) {
+                    // Stopping: the server takes it back uncounted (or, failing that, gets
+                    // it back when this worker deregisters, as an ended attempt).
+                    releaser.release(&key.0, key.1).await;
+                }
+            } else {
+                tracing::debug!(
+                    run_id = key.0,
+                    attempt = key.1,
+                    "waited too long in the local queue; handed back"
+                );
             }
             held.lock().remove(&key);
             // A stored permit if the claim loop is not waiting: it looks again at once.

@@ -1,7 +1,7 @@
 //! The worker's calls on an attempt, each fenced by it: start, output, finish; and the batched
 //! forms of start and finish, one transaction for many.
 
-use tether_domain::machine::{AttemptOutcome, Command, Decision};
+use tether_domain::machine::{AttemptOutcome, Command};
 use tether_domain::time::reported_at;
 use tether_domain::{ErrorCode, RunStatus};
 
@@ -270,7 +270,7 @@ async fn finish_in<T: DriverTx>(
             let ticket = end_attempt(work, &loaded, decision, ending).await?;
             Ok(Answer::Written {
                 ticket,
-                to_pending: matches!(decision, Decision::Retry { .. }),
+                to_pending: decision.run_status() == RunStatus::Pending,
             })
         }
         None => Ok(Answer::Now(Box::new(loaded.run))),

@@ -352,13 +352,12 @@ async fn end_attempt<T: DriverTx>(
     let floor = run.started_at.or(run.claimed_at).unwrap_or(run.created_at);
     let at = reported_at(work.now(), ending.ago_ms, floor);
     let ticket = match decision {
-        Decision::Retry { error_code, .. } => {
+        Decision::Retry { .. } | Decision::Released => {
             // The next claim stamps afresh; the run's own error fields describe only its
             // final outcome, the attempt keeps this one.
-            let change = if error_code == Some(ErrorCode::Released) {
-                RunChange::Release
-            } else {
-                RunChange::BackToPending
+            let change = match decision {
+                Decision::Released => RunChange::Release,
+                _ => RunChange::BackToPending,
             };
             let ticket = work.write(loaded, change).await?;
             work.out.run_pending(&run.spec.lane);
