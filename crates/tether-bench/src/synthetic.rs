@@ -688,7 +688,12 @@ async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
     let started = pass
         .timed(
             "start",
-            reporter.start(&a.run_id, a.attempt, std::process::id()),
+            reporter.start(
+                &a.run_id,
+                a.attempt,
+                std::process::id(),
+                std::time::Instant::now(),
+            ),
         )
         .await;
     if let Err(e) = started {
@@ -1138,7 +1143,12 @@ fn report_error(what: &'static str) -> impl FnOnce(ReportError) -> BenchError {
 async fn start(worker: &Worker, run_id: &str, attempt: u32) -> Result<(), BenchError> {
     worker
         .reporter
-        .start(run_id, attempt, std::process::id())
+        .start(
+            run_id,
+            attempt,
+            std::process::id(),
+            std::time::Instant::now(),
+        )
         .await
         .map_err(report_error("start"))
 }

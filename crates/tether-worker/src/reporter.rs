@@ -78,8 +78,14 @@ pub enum ReportError {
 /// Reports one attempt's life to whoever tracks it (the server, or a fake in tests).
 #[async_trait]
 pub trait AttemptReporter: Send + Sync + 'static {
-    /// The process started, with this pid.
-    async fn start(&self, run_id: &str, attempt: u32, pid: u32) -> Result<(), ReportError>;
+    /// The process started, with this pid, `at` that moment.
+    async fn start(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        pid: u32,
+        at: std::time::Instant,
+    ) -> Result<(), ReportError>;
     /// Output, in the order it was read.
     async fn append(
         &self,
@@ -121,7 +127,14 @@ pub fn classify(err: ClientError) -> ReportError {
 
 #[async_trait]
 impl AttemptReporter for HttpReporter {
-    async fn start(&self, run_id: &str, attempt: u32, pid: u32) -> Result<(), ReportError> {
+    /// One call per start: the server stamps it when the call arrives (`at` is not sent).
+    async fn start(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        pid: u32,
+        _at: std::time::Instant,
+    ) -> Result<(), ReportError> {
         let request = StartRequest {
             worker_id: self.worker_id.clone(),
             pid: Some(pid),
@@ -291,6 +304,25 @@ impl ReportQueue {
         )
     }
 
+    /// Until every attempt launched so far has made its first report (started, or failed
+    /// to): its process is up.
+    pub async fn launches_settled(&self) {
+        loop {
+            let settled = self.launches.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self
+                .launches
+                .unsettled
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+            {
+                return;
+            }
+            settled.await;
+        }
+    }
+
     /// An attempt is being launched: the next call waits for its first report.
     pub fn launching(&self) -> LaunchGuard {
         self.launches
@@ -305,6 +337,7 @@ impl ReportQueue {
         attempt: u32,
         kind: ReportKind,
         launch: Option<LaunchGuard>,
+        at: std::time::Instant,
     ) -> Result<(), ReportError> {
         let (reply, answer) = oneshot::channel();
         let queued = QueuedReport {
@@ -313,7 +346,7 @@ impl ReportQueue {
             kind,
             reply,
             launch,
-            at: std::time::Instant::now(),
+            at,
         };
         if self.tx.send(queued).is_err() {
             return Err(ReportError::Transient(
@@ -353,13 +386,20 @@ impl BatchReporter {
 
 #[async_trait]
 impl AttemptReporter for BatchReporter {
-    async fn start(&self, run_id: &str, attempt: u32, pid: u32) -> Result<(), ReportError> {
+    async fn start(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        pid: u32,
+        at: std::time::Instant,
+    ) -> Result<(), ReportError> {
         self.queue
             .report(
                 run_id,
                 attempt,
                 ReportKind::Start { pid },
                 self.first_report(),
+                at,
             )
             .await
     }
@@ -380,6 +420,7 @@ impl AttemptReporter for BatchReporter {
                 attempt,
                 ReportKind::Finish(finish.clone()),
                 self.first_report(),
+                std::time::Instant::now(),
             )
             .await
     }
@@ -594,7 +635,12 @@ fn prepare_batch(
     }
     let mut request = AttemptReportsRequest::default();
     for r in &reports {
-        let ago_ms = Some(r.at.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
+        // To the nearest millisecond: flooring would stamp every report up to 1 ms late.
+        let ago_ms = Some(
+            ((r.at.elapsed().as_micros() + 500) / 1000)
+                .try_into()
+                .unwrap_or(u64::MAX),
+        );
         match &r.kind {
             ReportKind::Start { pid } => request.starts.push(AttemptStartWire {
                 run_id: r.run_id.clone(),
@@ -688,7 +734,10 @@ async fn send_alone(
     report: QueuedReport,
 ) -> ((String, u32), Result<(), ReportError>) {
     let result = match &report.kind {
-        ReportKind::Start { pid } => http.start(&report.run_id, report.attempt, *pid).await,
+        ReportKind::Start { pid } => {
+            http.start(&report.run_id, report.attempt, *pid, report.at)
+                .await
+        }
         ReportKind::Finish(f) => http.finish(&report.run_id, report.attempt, f).await,
     };
     let _ = report.reply.send(result.clone());
@@ -698,6 +747,22 @@ async fn send_alone(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn launches_settle_once_every_launch_has_reported() {
+        let (queue, _inbox) = ReportQueue::new();
+        // Nothing launched: settled at once.
+        queue.launches_settled().await;
+        let first = queue.launching();
+        let second = queue.launching();
+        let settled = queue.launches_settled();
+        tokio::pin!(settled);
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        drop(first);
+        assert!(futures::poll!(settled.as_mut()).is_pending());
+        drop(second);
+        assert!(futures::poll!(settled.as_mut()).is_ready());
+    }
 
     fn api(status: u16, code: &str) -> ClientError {
         ClientError::Api {

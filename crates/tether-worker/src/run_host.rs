@@ -37,6 +37,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::libc;
@@ -52,18 +53,23 @@ use crate::shim::Launch;
 /// The largest request: a command whose arguments and environment need more is spawned by
 /// the worker itself (the socket's buffer bounds one message).
 const MAX_REQUEST: usize = 128 * 1024;
-/// Answers are small and fixed.
-const ANSWER_LEN: usize = 1 + 8 + 4;
+/// Answers are small and fixed: a tag, a request id or pid, a pid or status, and (`spawned`)
+/// when the command started, on the monotonic clock.
+const ANSWER_LEN: usize = 1 + 8 + 4 + 8;
 
 const SPAWN: u8 = 1;
 const SPAWNED: u8 = 1;
 const FAILED: u8 = 2;
 const EXITED: u8 = 3;
 
-/// A shim the host started: its pid (the run's process group), and its status once reaped.
+/// A shim the host started: its pid (the run's process group), when its command started, and
+/// its status once reaped.
 #[derive(Debug)]
 pub struct HostedShim {
     pub pid: u32,
+    /// Stamped by the shim as its command's exec returned, so the run's `started_at` is not
+    /// pushed back by the hops that carry the answer here.
+    pub started: Instant,
     pub exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
 }
 
@@ -230,7 +236,7 @@ impl RunHost {
     }
 
     fn answer(&self, buf: &[u8; ANSWER_LEN]) {
-        let (tag, a, b) = decode_answer(buf);
+        let (tag, a, b, at) = decode_answer(buf);
         let mut state = lock(&self.state);
         match tag {
             SPAWNED => {
@@ -239,7 +245,12 @@ impl RunHost {
                 // Registered before the next answer is read, so its `exited` finds it.
                 state.exits.insert(pid, tx);
                 if let Some(waiter) = state.spawns.remove(&a) {
-                    if waiter.send(Ok(HostedShim { pid, exit: rx })).is_err() {
+                    let shim = HostedShim {
+                        pid,
+                        started: instant_of(at),
+                        exit: rx,
+                    };
+                    if waiter.send(Ok(shim)).is_err() {
                         // Nobody waits for this run any more; its lifeline is closed, so the
                         // shim is ending it. Only its status is left to drop.
                         state.exits.remove(&pid);
@@ -349,20 +360,55 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn encode_answer(tag: u8, a: u64, b: i32) -> [u8; ANSWER_LEN] {
+fn encode_answer(tag: u8, a: u64, b: i32, at: u64) -> [u8; ANSWER_LEN] {
     let mut out = [0u8; ANSWER_LEN];
     out[0] = tag;
     out[1..9].copy_from_slice(&a.to_le_bytes());
     out[9..13].copy_from_slice(&b.to_le_bytes());
+    out[13..21].copy_from_slice(&at.to_le_bytes());
     out
 }
 
-fn decode_answer(buf: &[u8; ANSWER_LEN]) -> (u8, u64, i32) {
+fn decode_answer(buf: &[u8; ANSWER_LEN]) -> (u8, u64, i32, u64) {
     let mut a = [0u8; 8];
     a.copy_from_slice(&buf[1..9]);
     let mut b = [0u8; 4];
     b.copy_from_slice(&buf[9..13]);
-    (buf[0], u64::from_le_bytes(a), i32::from_le_bytes(b))
+    let mut at = [0u8; 8];
+    at.copy_from_slice(&buf[13..21]);
+    (
+        buf[0],
+        u64::from_le_bytes(a),
+        i32::from_le_bytes(b),
+        u64::from_le_bytes(at),
+    )
+}
+
+/// The monotonic clock in nanoseconds (`Instant`'s clock on Linux), read with one system
+/// call, so a forked shim may read it.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` is async-signal-safe and writes only `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The `Instant` of a [`monotonic_ns`] reading taken by another process: now, less how long
+/// ago the reading was. A reading that cannot be made sense of is taken as now.
+fn instant_of(at_ns: u64) -> Instant {
+    let now = Instant::now();
+    let ago = Duration::from_nanos(monotonic_ns().saturating_sub(at_ns));
+    if at_ns == 0 {
+        return now;
+    }
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// The host's side of the socket, always at this descriptor.
@@ -494,7 +540,7 @@ fn serve_request(msg: &mut [u8], shims: &mut Vec<(i32, RawFd)>) -> bool {
         },
         Err(_) => Errno::EBADF,
     };
-    send_answer(&encode_answer(FAILED, request.id, failed as i32))
+    send_answer(&encode_answer(FAILED, request.id, failed as i32, 0))
 }
 
 fn send_answer(answer: &[u8]) -> bool {
@@ -528,7 +574,7 @@ fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
         }
         if reaped == pid {
             // The worker may be gone; the shim is reaped all the same.
-            send_answer(&encode_answer(EXITED, pid as u64, status));
+            send_answer(&encode_answer(EXITED, pid as u64, status, 0));
         }
         false
     });
@@ -569,11 +615,11 @@ fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
                 Ok(command) => {
                     // SAFETY: a system call without side effects.
                     let me = unsafe { libc::getpid() };
-                    send_answer(&encode_answer(SPAWNED, request.id, me));
+                    send_answer(&encode_answer(SPAWNED, request.id, me, monotonic_ns()));
                     crate::shim::supervise(command)
                 }
                 Err(errno) => {
-                    send_answer(&encode_answer(FAILED, request.id, errno as i32));
+                    send_answer(&encode_answer(FAILED, request.id, errno as i32, 0));
                     // SAFETY: `_exit` is async-signal-safe and never returns.
                     unsafe { libc::_exit(127) }
                 }
@@ -589,6 +635,19 @@ fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_monotonic_reading_maps_back_to_its_instant() {
+        let before = Instant::now();
+        let reading = monotonic_ns();
+        std::thread::sleep(Duration::from_millis(5));
+        let at = instant_of(reading);
+        // The same clock as `Instant`: the reading lands where it was taken, not when read.
+        assert!(at >= before, "{at:?} before {before:?}");
+        assert!(at.elapsed() >= Duration::from_millis(5));
+        // Unreadable: taken as now.
+        assert!(instant_of(0).elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn a_request_reads_back_as_written() {

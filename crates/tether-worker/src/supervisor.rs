@@ -173,7 +173,7 @@ pub async fn supervise(
         .lifeline
         .take()
         .map(|lifeline| crate::shim::hold_lifeline(pgid, lifeline));
-    let started = Instant::now();
+    let started = Instant::from_std(child.started);
     // Per run, so below info: a busy worker starts hundreds a second.
     tracing::debug!(run_id, attempt, pid = pgid, command = ?assignment.command, "started");
 
@@ -205,7 +205,14 @@ pub async fn supervise(
     // answered, having printed nothing, has its finish queued right behind the start: a
     // batching reporter sends both in one call, and never the finish before the start.
     let mut start_orders = Orders::new(orders.rx.clone());
-    let start = start_with_retry(&*reporter, &run_id, attempt, pgid, &mut start_orders);
+    let start = start_with_retry(
+        &*reporter,
+        &run_id,
+        attempt,
+        pgid,
+        child.started,
+        &mut start_orders,
+    );
     tokio::pin!(start);
     let answered: Option<Result<(), Unreported>> = tokio::select! {
         biased;
@@ -457,6 +464,8 @@ async fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<R
         .ok_or_else(|| format!("cannot run `{program}`: it ended before it started"))?;
     Ok(RunProcess {
         pid,
+        // `spawn` returns once the exec succeeded (or, under a shim, once the shim is forked).
+        started: std::time::Instant::now(),
         stdout: child
             .stdout
             .take()
@@ -492,6 +501,7 @@ async fn spawn_hosted(
     let shim = host.spawn(launch, cwd, [out_w, err_w, life_r]).await?;
     Ok(RunProcess {
         pid: shim.pid,
+        started: shim.started,
         stdout: Some(stdout),
         stderr: Some(stderr),
         lifeline: Some(life_w),
@@ -506,6 +516,8 @@ async fn spawn_hosted(
 /// which leads the run's process group.
 struct RunProcess {
     pid: u32,
+    /// When the command started: its `started_at`.
+    started: std::time::Instant,
     stdout: Option<Box<dyn AsyncRead + Unpin + Send>>,
     stderr: Option<Box<dyn AsyncRead + Unpin + Send>>,
     /// The worker's end of a shim's lifeline.
@@ -636,13 +648,14 @@ async fn start_with_retry(
     run_id: &str,
     attempt: u32,
     pid: u32,
+    at: std::time::Instant,
     orders: &mut Orders,
 ) -> Result<(), Unreported> {
     let deadline = Instant::now() + REPORT_PATIENCE;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let result = match orders
-            .until_dropped(reporter.start(run_id, attempt, pid))
+            .until_dropped(reporter.start(run_id, attempt, pid, at))
             .await
         {
             Some(result) => result,

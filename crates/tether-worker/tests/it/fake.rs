@@ -82,7 +82,13 @@ impl FakeReporter {
 
 #[async_trait]
 impl AttemptReporter for FakeReporter {
-    async fn start(&self, _run_id: &str, _attempt: u32, pid: u32) -> Result<(), ReportError> {
+    async fn start(
+        &self,
+        _run_id: &str,
+        _attempt: u32,
+        pid: u32,
+        _at: std::time::Instant,
+    ) -> Result<(), ReportError> {
         {
             let mut record = self.record.lock().unwrap();
             record.pid = Some(pid);
