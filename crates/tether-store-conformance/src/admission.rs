@@ -326,3 +326,187 @@ pub async fn lane_loads_count_pending_and_in_flight_runs(h: &dyn Harness) {
     }
     assert!(loads.iter().any(|l| l.oldest_pending_at.is_some()));
 }
+
+fn hand_off<'a>(worker_id: &'a str, limits: &'a ClaimLimits) -> HandOff<'a> {
+    HandOff { worker_id, limits }
+}
+
+/// Waits for a `RunPending` of `lane` on `signals` for a short while: `true` if one came.
+async fn pending_signalled(signals: &mut tokio::sync::broadcast::Receiver<Signal>) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            match signals.recv().await {
+                Ok(Signal::RunPending { .. }) => return,
+                Ok(_) => continue,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+pub async fn a_submission_hands_its_run_to_a_waiting_worker(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let worker_id = register(store, 2.0).await;
+    let limits = limits(4);
+    let mut signals = store.subscribe();
+    let (admission, claimed) = store
+        .admit_run_and_claim(&spec(), &queue_policy(), &hand_off(&worker_id, &limits))
+        .await
+        .unwrap();
+    let Admission::Accepted(created) = admission else {
+        panic!("a queue lane admits it");
+    };
+    assert!(created.created);
+    assert_eq!(claimed.len(), 1);
+    let run_id = created.run.id.clone();
+    assert_eq!(claimed[0].run.id, run_id);
+    assert_eq!(claimed[0].attempt, 1);
+    // The answer shows it as the transaction left it.
+    assert_eq!(created.run.status, RunStatus::Claimed);
+    assert_eq!(created.run.worker_id.as_deref(), Some(worker_id.as_str()));
+    assert_eq!(created.run.queue_position, None);
+    let stored = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Claimed);
+    assert_eq!(stored.attempt, 1);
+    // Its history as if submitted and then claimed: queued, claimed, attempt 1.
+    let events = all_events(store, &run_id).await;
+    assert_eq!(
+        kinds(&events),
+        vec![EventKind::Status, EventKind::Status, EventKind::Attempt]
+    );
+    assert_eq!(status_in(&events[0]), Some(RunStatus::Pending));
+    assert_eq!(status_in(&events[1]), Some(RunStatus::Claimed));
+    let attempts = store.list_attempts(&run_id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].worker_id, worker_id);
+    // Taken: no other claim is woken for it.
+    assert!(!pending_signalled(&mut signals).await);
+    // It runs to its end as any claimed run does.
+    store.start_attempt(&run_id, 1, &worker_id).await.unwrap();
+    store
+        .finish_attempt(
+            &run_id,
+            1,
+            &worker_id,
+            &finish(AttemptOutcome::Succeeded, Some(0)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status(store, &run_id).await, RunStatus::Succeeded);
+}
+
+pub async fn a_hand_off_takes_what_the_worker_would_claim(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    // An older run waits: the worker's one slot goes to it, first in first out, and the new
+    // run stays pending, signalled.
+    let older = create(store, &spec()).await;
+    let worker_id = register(store, 1.0).await;
+    let one = limits(1);
+    let mut signals = store.subscribe();
+    let (admission, claimed) = store
+        .admit_run_and_claim(&spec(), &queue_policy(), &hand_off(&worker_id, &one))
+        .await
+        .unwrap();
+    let Admission::Accepted(created) = admission else {
+        panic!("a queue lane admits it");
+    };
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].run.id, older);
+    assert_eq!(created.run.status, RunStatus::Pending);
+    assert_eq!(status(store, &created.run.id).await, RunStatus::Pending);
+    assert!(
+        pending_signalled(&mut signals).await,
+        "the new run still waits"
+    );
+
+    // A full worker takes nothing; a worker of other lanes neither; a worker that is gone
+    // neither, and the submission stands all the same.
+    let (_, none) = store
+        .admit_run_and_claim(&spec(), &queue_policy(), &hand_off(&worker_id, &one))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "its one cpu is held");
+    let elsewhere = store
+        .register_worker(&worker(4.0, &["other"]))
+        .await
+        .unwrap()
+        .id;
+    let (_, none) = store
+        .admit_run_and_claim(&spec(), &queue_policy(), &hand_off(&elsewhere, &one))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "it does not serve the default lane");
+    let (admission, none) = store
+        .admit_run_and_claim(&spec(), &queue_policy(), &hand_off("no-such-worker", &one))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let Admission::Accepted(stands) = admission else {
+        panic!("the submission stands without its worker");
+    };
+    assert_eq!(status(store, &stands.run.id).await, RunStatus::Pending);
+
+    // A replayed key creates nothing and claims nothing, even with room.
+    let roomy = register(store, 8.0).await;
+    let keyed_spec = keyed("once", "true");
+    store.create_run(&keyed_spec).await.unwrap();
+    let (admission, none) = store
+        .admit_run_and_claim(&keyed_spec, &queue_policy(), &hand_off(&roomy, &one))
+        .await
+        .unwrap();
+    assert!(matches!(admission, Admission::Accepted(c) if !c.created));
+    assert!(none.is_empty());
+}
+
+pub async fn a_batch_hands_what_fits_to_a_waiting_worker(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let worker_id = register(store, 2.0).await;
+    let limits = limits(8);
+    let batch: Vec<_> = (0..3)
+        .map(|i| (keyed(&format!("b{i}"), "true"), queue_policy()))
+        .collect();
+    let mut signals = store.subscribe();
+    let (admission, claimed) = store
+        .admit_runs_and_claim(&batch, &hand_off(&worker_id, &limits))
+        .await
+        .unwrap();
+    let BatchAdmission::Accepted(runs) = admission else {
+        panic!("a queue lane admits the batch");
+    };
+    // Two cpus: the first two, in order; the third waits and is signalled.
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(claimed[0].run.id, runs[0].run.id);
+    assert_eq!(claimed[1].run.id, runs[1].run.id);
+    let statuses: Vec<RunStatus> = runs.iter().map(|c| c.run.status).collect();
+    assert_eq!(
+        statuses,
+        [RunStatus::Claimed, RunStatus::Claimed, RunStatus::Pending]
+    );
+    assert_eq!(status(store, &runs[2].run.id).await, RunStatus::Pending);
+    assert!(pending_signalled(&mut signals).await);
+
+    // A batch refused whole claims nothing and writes nothing.
+    let free = register(store, 4.0).await;
+    let taken = store.create_run(&keyed("taken", "true")).await.unwrap();
+    let refused = vec![
+        (keyed("c0", "true"), queue_policy()),
+        (keyed("taken", "false"), queue_policy()),
+    ];
+    let (admission, none) = store
+        .admit_runs_and_claim(&refused, &hand_off(&free, &limits))
+        .await
+        .unwrap();
+    assert!(matches!(
+        admission,
+        BatchAdmission::Refused { index: 1, .. }
+    ));
+    assert!(none.is_empty());
+    assert_eq!(status(store, &taken.run.id).await, RunStatus::Pending);
+    let page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 4, "the refused batch wrote nothing");
+}

@@ -11,7 +11,7 @@ pub(crate) use tether_domain::{
 };
 pub(crate) use tether_store::{
     Admission, AdmissionPolicy, AppendOutcome, BatchAdmission, BatchRefusal, ClaimLimits,
-    EventBody, EventKind, EventRecord, FinishReport, NewWorker, OutputChunk, OutputStream,
+    EventBody, EventKind, EventRecord, FinishReport, HandOff, NewWorker, OutputChunk, OutputStream,
     ReapPolicy, RunBeat, RunFilter, RunRef, SharedStore, Signal, StatusBody, StoreError,
     StreamOffsets,
 };

@@ -70,6 +70,27 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
     async fn admit_runs(&self, batch: &[(RunSpec, AdmissionPolicy)])
         -> StoreResult<BatchAdmission>;
 
+    /// [`Store::admit_run`], and, when it creates the run, a claim for `hand_off`'s worker in
+    /// the same transaction, as [`Store::claim_runs`] would make it (the new run or older
+    /// ones, within the worker's room, lanes and the lanes' ceilings). For a claim waiting on
+    /// this server: a submission to an idle system reaches its worker in one transaction
+    /// instead of two. The answer shows a run taken as claimed. A worker that is gone claims
+    /// nothing, and the submission stands.
+    async fn admit_run_and_claim(
+        &self,
+        spec: &RunSpec,
+        policy: &AdmissionPolicy,
+        hand_off: &HandOff<'_>,
+    ) -> StoreResult<(Admission, Vec<ClaimedRun>)>;
+
+    /// [`Store::admit_runs`], with a claim for `hand_off`'s worker as
+    /// [`Store::admit_run_and_claim`] makes it.
+    async fn admit_runs_and_claim(
+        &self,
+        batch: &[(RunSpec, AdmissionPolicy)],
+        hand_off: &HandOff<'_>,
+    ) -> StoreResult<(BatchAdmission, Vec<ClaimedRun>)>;
+
     /// One run, with `queue_position` filled in while it is pending.
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>>;
 

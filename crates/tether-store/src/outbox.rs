@@ -21,6 +21,11 @@ impl Outbox {
         self.pending_lanes.insert(lane.to_string());
     }
 
+    /// No run is left pending after all: the lanes noted so far are dropped.
+    pub fn forget_pending(&mut self) {
+        self.pending_lanes.clear();
+    }
+
     /// An attempt `worker_id` held in `lane` ended.
     pub fn room_freed(&mut self, lane: &str, worker_id: &str) {
         self.room_freed

@@ -286,6 +286,15 @@ impl Default for ClaimLimits {
     }
 }
 
+/// A worker's claim that waits for work, handed a submission's runs in the submission's own
+/// transaction ([`crate::Store::admit_run_and_claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HandOff<'a> {
+    pub worker_id: &'a str,
+    /// The limits the waiting claim asked with.
+    pub limits: &'a ClaimLimits,
+}
+
 /// A run handed to a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClaimedRun {

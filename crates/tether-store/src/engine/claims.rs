@@ -35,11 +35,20 @@ pub(super) async fn claim_runs<D: Driver>(
 
 /// What a claim took, answered once its transaction commits (the writes go out with the
 /// commit, their rows read back from it).
-pub(super) struct Claims(Vec<(u32, Ticket)>);
+pub(super) struct Claims(Vec<(u32, Ticket)>, Vec<String>);
 
 impl Claims {
+    pub(super) fn none() -> Claims {
+        Claims(Vec::new(), Vec::new())
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The runs taken.
+    pub(super) fn run_ids(&self) -> std::collections::HashSet<&str> {
+        self.1.iter().map(String::as_str).collect()
     }
 
     pub(super) fn answer(self, done: &Committed) -> StoreResult<Vec<ClaimedRun>> {
@@ -81,7 +90,7 @@ pub(super) async fn claim_in<T: DriverTx>(
     let frozen = limits.worker_fresh_ms > 0
         && !Freshness::new(limits.worker_fresh_ms).is_fresh(Some(worker.last_heartbeat_at), now);
     if worker.draining || frozen {
-        return Ok(Claims(Vec::new()));
+        return Ok(Claims::none());
     }
     // The reads below run before this transaction's own queued writes are sent (they go with
     // the commit): what those take out of flight is taken off what the reads count.
@@ -130,6 +139,7 @@ pub(super) async fn claim_in<T: DriverTx>(
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
     let mut claimed: Vec<(u32, Ticket)> = Vec::new();
+    let mut claimed_ids: Vec<String> = Vec::new();
     let mut after_seq = 0_i64;
     let mut scanned = 0_usize;
     let mut next_page = Some(first_page);
@@ -213,10 +223,11 @@ pub(super) async fn claim_in<T: DriverTx>(
                 *n += 1;
             }
             claimed.push((attempt, ticket));
+            claimed_ids.push(pending.id.clone());
         }
         if last_page || scanned >= CLAIM_SCAN_LIMIT || room.is_spent() || !wanted(claimed.len()) {
             break;
         }
     }
-    Ok(Claims(claimed))
+    Ok(Claims(claimed, claimed_ids))
 }

@@ -24,9 +24,9 @@ use crate::driver::{AttemptEnd, Driver, DriverTx, LoadedRun, Lock, RunChange};
 use crate::{
     Admission, AdmissionPolicy, AppendOutcome, AttemptFinish, AttemptRecord, AttemptReports,
     AttemptStart, BatchAdmission, ClaimLimits, ClaimedRun, CreatedRun, EndpointStore, EventBody,
-    EventRecord, FinishReport, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk, ReapPolicy,
-    ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal, StatusBody,
-    Store, StoreError, StoreResult, WorkerRecord,
+    EventRecord, FinishReport, HandOff, HeartbeatAnswer, LaneLoad, NewWorker, OutputChunk,
+    ReapPolicy, ReapReport, ReapedRun, RunBeat, RunFilter, RunPage, RunRecord, RunRef, Signal,
+    StatusBody, Store, StoreError, StoreResult, WorkerRecord,
 };
 use work::{Ticket, Work};
 
@@ -41,7 +41,7 @@ impl<D: Driver + EndpointStore> Store for D {
     }
 
     async fn create_run(&self, spec: &RunSpec) -> StoreResult<CreatedRun> {
-        match runs::admit_one(self, spec, None).await? {
+        match runs::admit_one(self, spec, None, None).await?.0 {
             Admission::Accepted(created) => Ok(*created),
             // Without a policy nothing is refused; kept total rather than panicking.
             Admission::LaneFull | Admission::NeverFits => Err(StoreError::corrupt(
@@ -51,14 +51,31 @@ impl<D: Driver + EndpointStore> Store for D {
     }
 
     async fn admit_run(&self, spec: &RunSpec, policy: &AdmissionPolicy) -> StoreResult<Admission> {
-        runs::admit_one(self, spec, Some(policy)).await
+        Ok(runs::admit_one(self, spec, Some(policy), None).await?.0)
     }
 
     async fn admit_runs(
         &self,
         batch: &[(RunSpec, AdmissionPolicy)],
     ) -> StoreResult<BatchAdmission> {
-        runs::admit_batch(self, batch).await
+        Ok(runs::admit_batch(self, batch, None).await?.0)
+    }
+
+    async fn admit_run_and_claim(
+        &self,
+        spec: &RunSpec,
+        policy: &AdmissionPolicy,
+        hand_off: &HandOff<'_>,
+    ) -> StoreResult<(Admission, Vec<ClaimedRun>)> {
+        runs::admit_one(self, spec, Some(policy), Some(hand_off)).await
+    }
+
+    async fn admit_runs_and_claim(
+        &self,
+        batch: &[(RunSpec, AdmissionPolicy)],
+        hand_off: &HandOff<'_>,
+    ) -> StoreResult<(BatchAdmission, Vec<ClaimedRun>)> {
+        runs::admit_batch(self, batch, Some(hand_off)).await
     }
 
     async fn get_run(&self, run_id: &str) -> StoreResult<Option<RunRecord>> {

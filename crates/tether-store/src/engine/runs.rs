@@ -6,38 +6,54 @@ use tether_domain::admission::{door, Door, LaneHolds};
 use tether_domain::machine::{Command, RunState};
 use tether_domain::{Resources, RunSpec};
 
+use super::claims::{claim_in, lock_worker, Claims};
 use super::{end_attempt, must_lock, push_status, reload, reload_unplaced, transition_error};
 use super::{Ending, Work};
 use crate::driver::{Driver, DriverTx, RunChange};
 use crate::{
-    batch_entry, parse_cursor, Admission, AdmissionPolicy, BatchAdmission, CreatedRun, RunFilter,
-    RunPage, RunRecord, StatusBody, StoreError, StoreResult,
+    batch_entry, parse_cursor, Admission, AdmissionPolicy, BatchAdmission, ClaimedRun, CreatedRun,
+    HandOff, RunFilter, RunPage, RunRecord, StatusBody, StoreError, StoreResult, WorkerRecord,
 };
 
 /// One submission in its own transaction: committed only when a run was created (a refusal or
-/// a replayed key wrote nothing, and dropping the transaction rolls it back).
+/// a replayed key wrote nothing, and dropping the transaction rolls it back). With a
+/// `hand_off`, a created run's transaction also claims for that waiting worker.
 pub(super) async fn admit_one<D: Driver>(
     d: &D,
     spec: &RunSpec,
     policy: Option<&AdmissionPolicy>,
-) -> StoreResult<Admission> {
+    hand_off: Option<&HandOff<'_>>,
+) -> StoreResult<(Admission, Vec<ClaimedRun>)> {
     let mut work = Work::begin(d).await?;
+    let worker = lock_hand_off_worker(&mut work, hand_off).await?;
     if policy.is_some_and(|p| p.reject_when_full) {
         work.tx().await?.lock_lane(&spec.lane).await?;
     }
     let mut doors = Doors::default();
-    let admission = accept(&mut work, spec, policy, &mut Places::default(), &mut doors).await?;
-    if matches!(&admission, Admission::Accepted(created) if created.created) {
-        work.commit(d).await?;
+    let mut admission = accept(&mut work, spec, policy, &mut Places::default(), &mut doors).await?;
+    let Admission::Accepted(created) = &mut admission else {
+        return Ok((admission, Vec::new()));
+    };
+    if !created.created {
+        return Ok((admission, Vec::new()));
     }
-    Ok(admission)
+    let claims = hand_off_in(&mut work, hand_off, worker, &[&created.run]).await?;
+    let done = work.commit(d).await?;
+    let claimed = claims.answer(&done)?;
+    // The answer shows the run as the transaction left it: claimed, not queued.
+    if let Some(taken) = claimed.iter().find(|c| c.run.id == created.run.id) {
+        created.run = taken.run.clone();
+    }
+    Ok((admission, claimed))
 }
 
 pub(super) async fn admit_batch<D: Driver>(
     d: &D,
     batch: &[(RunSpec, AdmissionPolicy)],
-) -> StoreResult<BatchAdmission> {
+    hand_off: Option<&HandOff<'_>>,
+) -> StoreResult<(BatchAdmission, Vec<ClaimedRun>)> {
     let mut work = Work::begin(d).await?;
+    let worker = lock_hand_off_worker(&mut work, hand_off).await?;
     // Every `reject` lane of the batch locked up front, in one order, so two batches naming
     // the same lanes cannot deadlock.
     let lanes: BTreeSet<&str> = batch
@@ -56,11 +72,57 @@ pub(super) async fn admit_batch<D: Driver>(
         match batch_entry(&spec.lane, decided)? {
             Ok(created) => runs.push(created),
             // Dropping the transaction un-writes the entries before this one.
-            Err(refusal) => return Ok(BatchAdmission::Refused { index, refusal }),
+            Err(refusal) => return Ok((BatchAdmission::Refused { index, refusal }, Vec::new())),
         }
     }
-    work.commit(d).await?;
-    Ok(BatchAdmission::Accepted(runs))
+    let new: Vec<&RunRecord> = runs.iter().filter(|c| c.created).map(|c| &c.run).collect();
+    let claims = hand_off_in(&mut work, hand_off, worker, &new).await?;
+    let done = work.commit(d).await?;
+    let claimed = claims.answer(&done)?;
+    for created in &mut runs {
+        if let Some(taken) = claimed.iter().find(|c| c.run.id == created.run.id) {
+            created.run = taken.run.clone();
+        }
+    }
+    Ok((BatchAdmission::Accepted(runs), claimed))
+}
+
+/// The hand-off's worker row, locked before anything else: it heads every writer's lock order
+/// (worker, lanes, runs), which the claim at the end of the transaction relies on. `None`
+/// without a hand-off, or for a worker that is gone (the submission goes on without it).
+async fn lock_hand_off_worker<T: DriverTx>(
+    work: &mut Work<T>,
+    hand_off: Option<&HandOff<'_>>,
+) -> StoreResult<Option<WorkerRecord>> {
+    match hand_off {
+        Some(hand_off) => Ok(lock_worker(work, hand_off.worker_id).await?.ok()),
+        None => Ok(None),
+    }
+}
+
+/// Claims for the hand-off's worker as its own claim would, after the runs `new` were
+/// accepted in this transaction. The lanes of the new runs that stay pending still signal
+/// `RunPending`; a lane whose new runs were all taken does not, so no other claim is woken
+/// to find nothing.
+async fn hand_off_in<T: DriverTx>(
+    work: &mut Work<T>,
+    hand_off: Option<&HandOff<'_>>,
+    worker: Option<WorkerRecord>,
+    new: &[&RunRecord],
+) -> StoreResult<Claims> {
+    let (Some(hand_off), Some(worker)) = (hand_off, worker) else {
+        return Ok(Claims::none());
+    };
+    if new.is_empty() {
+        return Ok(Claims::none());
+    }
+    let claims = claim_in(work, hand_off.worker_id, worker, hand_off.limits).await?;
+    let taken = claims.run_ids();
+    work.out.forget_pending();
+    for run in new.iter().filter(|r| !taken.contains(r.id.as_str())) {
+        work.out.run_pending(&run.spec.lane);
+    }
+    Ok(claims)
 }
 
 /// Accepts a run inside the caller's transaction (after the lane's door, if a policy is given,
