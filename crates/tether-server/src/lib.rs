@@ -22,6 +22,7 @@ mod routes;
 #[doc(hidden)]
 pub mod tls;
 pub mod views;
+pub mod waiting;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub worker_secrets: Arc<auth::WorkerSecrets>,
     /// `GET /v1/lanes`'s shared reads of what the lanes hold.
     pub lane_reads: Arc<admission::LaneReads>,
+    /// Claims waiting on this server, which a submission may hand its runs to.
+    pub waiting_claims: Arc<waiting::WaitingClaims>,
 }
 
 /// Why a server could not start.
@@ -138,6 +141,7 @@ pub async fn start(
         health: health::StoreHealth::default(),
         worker_secrets: Arc::default(),
         lane_reads: Arc::default(),
+        waiting_claims: Arc::default(),
     };
     let app = routes::router(state.clone());
     let open_files = accept::raise_open_files_limit();

@@ -31,8 +31,22 @@ pub async fn create_run(
     ApiJson(request): ApiJson<SubmitRequest>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
     let (spec, policy) = resolve_submission(&state, request).await?;
-    // Admit-or-refuse is decided in the store, in the transaction that accepts the run.
-    let created = match state.store.admit_run(&spec, &policy).await? {
+    // Admit-or-refuse is decided in the store, in the transaction that accepts the run; with
+    // a claim waiting here, that transaction also claims for it.
+    let taken = state.waiting_claims.take_for([spec.lane.as_str()]);
+    let (admission, claimed) = match &taken {
+        Some(taken) => {
+            state
+                .store
+                .admit_run_and_claim(&spec, &policy, &taken.hand_off())
+                .await?
+        }
+        None => (state.store.admit_run(&spec, &policy).await?, Vec::new()),
+    };
+    if let Some(taken) = taken {
+        taken.deliver(&state.store, claimed).await;
+    }
+    let created = match admission {
         Admission::Accepted(created) => created,
         Admission::LaneFull => return Err(lane_full(&state, spec.lane).await),
         Admission::NeverFits => return Err(never_fits(&spec)),
@@ -91,7 +105,22 @@ pub async fn create_runs(
         };
         entries.push(entry.await.map_err(|e| e.in_batch(index))?);
     }
-    let created = match state.store.admit_runs(&entries).await? {
+    let taken = state
+        .waiting_claims
+        .take_for(entries.iter().map(|(spec, _)| spec.lane.as_str()));
+    let (admission, claimed) = match &taken {
+        Some(taken) => {
+            state
+                .store
+                .admit_runs_and_claim(&entries, &taken.hand_off())
+                .await?
+        }
+        None => (state.store.admit_runs(&entries).await?, Vec::new()),
+    };
+    if let Some(taken) = taken {
+        taken.deliver(&state.store, claimed).await;
+    }
+    let created = match admission {
         BatchAdmission::Accepted(created) => created,
         BatchAdmission::Refused { index, refusal } => {
             let error = match refusal {

@@ -71,6 +71,7 @@ pub async fn register_worker(
         })
         .await?;
     state.worker_secrets.remember(&worker.id, secret_hash);
+    state.waiting_claims.know_lanes(&worker.id, &worker.lanes);
     tracing::info!(worker_id = %worker.id, name = %worker.name, "worker registered");
     Ok((
         StatusCode::CREATED,
@@ -219,32 +220,49 @@ pub async fn claim(
     let waiting_since = std::time::Instant::now();
     let wait = Duration::from_millis(request.wait_ms).min(state.config.max_claim_wait);
     let deadline = tokio::time::Instant::now() + wait;
+    let answer = |claimed: Vec<ClaimedRun>| {
+        crate::metrics::claim_answered(waiting_since.elapsed(), claimed.len());
+        assignments(&state, &worker_id, claimed)
+    };
     // Subscribe before the first try so a run submitted in between is not missed.
     let mut signals = state.store.subscribe();
     loop {
         let claimed = state.store.claim_runs(&worker_id, &limits).await?;
         if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
-            crate::metrics::claim_answered(waiting_since.elapsed(), claimed.len());
-            let assignments = assignments(&state, &worker_id, claimed).await;
+            let assignments = answer(claimed).await;
             return Ok(Json(ClaimResponse { assignments }));
         }
         let recheck = (tokio::time::Instant::now() + CLAIM_RECHECK).min(deadline);
-        loop {
+        // In line for a submission on this server to hand its runs to; the signals bring
+        // the rest (runs submitted elsewhere, room freed).
+        let mut waiting = state.waiting_claims.enter(&worker_id, &limits);
+        let handed = loop {
             tokio::select! {
-                _ = state.shutdown.cancelled() => {
-                    return Ok(Json(ClaimResponse { assignments: Vec::new() }));
+                _ = state.shutdown.cancelled() => break waiting.leave().await,
+                _ = tokio::time::sleep_until(recheck) => break waiting.leave().await,
+                handed = waiting.handed() => {
+                    if !handed.is_empty() {
+                        break handed;
+                    }
+                    // Taken, but nothing fit: back in line.
+                    waiting = state.waiting_claims.enter(&worker_id, &limits);
                 }
-                _ = tokio::time::sleep_until(recheck) => break,
                 signal = signals.recv() => match signal {
-                    Ok(signal) if may_free_room(&signal, &worker_id, &limits) => break,
-                    Err(RecvError::Lagged(_)) => break,
+                    Ok(signal) if may_free_room(&signal, &worker_id, &limits) => {
+                        break waiting.leave().await;
+                    }
+                    Err(RecvError::Lagged(_)) => break waiting.leave().await,
                     Ok(_) => continue,
                     Err(RecvError::Closed) => {
                         tokio::time::sleep_until(recheck).await;
-                        break;
+                        break waiting.leave().await;
                     }
                 },
             }
+        };
+        if !handed.is_empty() || state.shutdown.is_cancelled() {
+            let assignments = answer(handed).await;
+            return Ok(Json(ClaimResponse { assignments }));
         }
     }
 }

@@ -535,3 +535,64 @@ async fn a_heartbeat_wakes_the_claim_its_worker_held_open_while_stale() {
         "the claim answered {waited:?} after the heartbeat: a timer, not the heartbeat"
     );
 }
+
+#[tokio::test]
+async fn a_submission_is_handed_to_a_claim_waiting_on_this_server() {
+    let s = TestServer::start().await;
+    let worker = s.register(1.0).await;
+    let (status, _) = s
+        .post(
+            &format!("/v1/workers/{worker}/heartbeat"),
+            json!({"runs": []}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let request = s.as_worker(
+        s.http.post(s.url(&format!("/v1/workers/{worker}/claim"))),
+        &worker,
+    );
+    let waiting = tokio::spawn(async move {
+        let body: Value = request
+            .json(&json!({"max_runs": 4, "wait_ms": 10_000}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.state().waiting_claims.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let run = s.submit(json!({"command": ["true"]})).await;
+    // Claimed in the submission's own transaction: the answer says so.
+    assert_eq!(run["status"], "claimed", "{run}");
+    assert_eq!(run["attempt"], 1);
+    assert_eq!(run["worker_id"], worker.as_str());
+    let body = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting claim is answered at once")
+        .unwrap();
+    let assignments = body["assignments"].as_array().unwrap();
+    assert_eq!(assignments.len(), 1, "{body}");
+    assert_eq!(assignments[0]["run_id"], run["id"]);
+    assert_eq!(assignments[0]["attempt"], 1);
+    assert!(s.state().waiting_claims.is_empty());
+    // The run's history is a claim's: pending, then claimed with attempt 1, once.
+    let id = run["id"].as_str().unwrap();
+    let view = s.run(id).await;
+    assert_eq!(view["status"], "claimed");
+    let attempts = view["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{view}");
+    assert_eq!(attempts[0]["worker_id"], worker.as_str());
+
+    // With no claim waiting, a submission waits as before.
+    let queued = s.submit(json!({"command": ["true"]})).await;
+    assert_eq!(queued["status"], "pending");
+}
