@@ -35,6 +35,8 @@ pub struct PgTx {
     pub(crate) origin: std::sync::Arc<str>,
     /// Its signals went out with its last flush: the commit sends no `pg_notify` of its own.
     pub(crate) notified: bool,
+    /// Another server may listen: its signals are sent as notifications.
+    pub(crate) peers: bool,
 }
 
 /// What going back to `pending` clears: everything the next claim stamps afresh.
@@ -462,6 +464,7 @@ impl Driver for PgStore {
             schema: self.inner.schema.clone(),
             origin: self.inner.origin.clone(),
             notified: false,
+            peers: self.inner.peers.present(),
         })
     }
 
@@ -712,8 +715,8 @@ impl DriverTx for PgTx {
             .filter(|s| signals::wanted_elsewhere(s))
             .cloned()
             .collect();
-        let payload =
-            (!remote.is_empty()).then(|| signals::encode(&self.schema, &self.origin, &remote));
+        let payload = (self.peers && !remote.is_empty())
+            .then(|| signals::encode(&self.schema, &self.origin, &remote));
         let notify = payload.as_deref().map(|p| (signals::CHANNEL, p));
         let runs = flush_in_one(self.tx.conn()?, self.now, &batch, notify).await?;
         self.notified |= notify.is_some();

@@ -105,13 +105,17 @@ struct Inner {
     schema: Arc<str>,
     /// This store instance, named in its notifications so it can skip its own.
     origin: Arc<str>,
+    /// Whether another server listens on this schema: commits notify only then.
+    peers: Arc<signals::Peers>,
     listener: JoinHandle<()>,
+    announcer: JoinHandle<()>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The listener holds no reference to the store; it ends with it.
+        // The listener and the announcer hold no reference to the store; they end with it.
         self.listener.abort();
+        self.announcer.abort();
     }
 }
 
@@ -184,15 +188,22 @@ impl PgStore {
         let first = signals::connect(&listener_pool).await.map_err(db)?;
         let senders = tether_store::signal_channel();
         let origin = uuid::Uuid::now_v7().simple().to_string();
+        let peers = Arc::new(signals::Peers::new());
         let listener = tokio::spawn(
             signals::Listener {
                 pool: listener_pool.clone(),
                 schema: current.clone(),
                 origin: origin.clone(),
                 signals: senders.clone(),
+                peers: peers.clone(),
             }
             .run(first),
         );
+        let announcer = tokio::spawn(announce_now_and_then(
+            pool.clone(),
+            current.clone(),
+            origin.clone(),
+        ));
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
@@ -200,7 +211,9 @@ impl PgStore {
                 signals: senders,
                 schema: current.into(),
                 origin: origin.into(),
+                peers,
                 listener,
+                announcer,
             }),
         })
     }
@@ -280,7 +293,7 @@ impl PgStore {
             .filter(|s| signals::wanted_elsewhere(s))
             .cloned()
             .collect();
-        if !remote.is_empty() && !notified {
+        if !remote.is_empty() && !notified && self.inner.peers.present() {
             // One notification per transaction: each NOTIFY is queued and delivered to every
             // listening server, so fewer of them cost every commit and every listener less.
             let payload = signals::encode(&self.inner.schema, &self.inner.origin, &remote);
@@ -347,6 +360,24 @@ impl Drop for TxConn {
             }
             // No runtime to roll back on: closing the connection ends the transaction.
             Err(_) => conn.close_on_drop(),
+        }
+    }
+}
+
+/// Says every [`signals::ANNOUNCE_EVERY`] that this store is here, so its peers keep
+/// notifying it (the listener says `hi` itself whenever it starts listening).
+async fn announce_now_and_then(pool: PgPool, schema: String, origin: String) {
+    let mut every = tokio::time::interval(signals::ANNOUNCE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: the listener's `hi` covers the start.
+    every.tick().await;
+    loop {
+        every.tick().await;
+        if let Err(e) = signals::announce(&pool, &schema, &origin, false).await {
+            if matches!(e, sqlx::Error::PoolClosed) {
+                return;
+            }
+            tracing::debug!(error = %e, "cannot announce this server; trying again later");
         }
     }
 }

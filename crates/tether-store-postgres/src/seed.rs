@@ -39,6 +39,12 @@ fn seeded_spec() -> RunSpec {
 }
 
 impl PgStore {
+    /// Ends this store's start-up grace (during which it notifies whether or not it has heard
+    /// of another server), so a test sees at once what a lone server sends.
+    pub fn end_startup_grace(&self) {
+        self.inner.peers.end_grace();
+    }
+
     /// Writes `n` runs that already `succeeded` (one attempt each, on a worker that is not
     /// registered, exit code 0, with their final `status` and `end` events), older than
     /// anything else in the table, in one transaction: one `INSERT … SELECT … FROM

@@ -11,6 +11,17 @@
 //! instance) lets a store skip its own notifications: it already broadcast them right after its
 //! commit, without a round trip.
 //!
+//! Peers: a notification is only worth sending when another server listens on the same schema,
+//! so each store notifies only while it knows of one ([`Peers`]). A store announces itself with
+//! `{"k": "hi"}` once its `LISTEN` is active (at start and after every reconnect), and every
+//! [`ANNOUNCE_EVERY`] with `{"k": "here"}`; every store that hears a `hi` answers `here`. Any
+//! notification from another server of the schema counts as hearing from it, and a peer heard
+//! within [`PEER_TTL`] is present. A store also notifies throughout its first
+//! [`STARTUP_GRACE`], before any answer can have come. When a store learns of a peer it had
+//! not heard from, it catches up (below), as the peer may have committed unannounced while it
+//! believed itself alone. What a lost or unsent notification delays, the receivers' own
+//! re-reads still find (a claim re-checks every second, a follower on each heartbeat).
+//!
 //! Reconnects: notifications sent while the listening connection is down are lost. After any
 //! gap (a lost connection, a failed reconnect, a payload too big to send) the listener, once
 //! `LISTEN` is active again, re-reads the store and broadcasts a `RunPending` for every lane with
@@ -21,6 +32,8 @@
 //! receivers see `Lagged`, which they treat the same way: re-read). Receivers re-read on any signal, so these duplicates are
 //! harmless, and nothing a receiver waits for is missed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -37,6 +50,91 @@ const MAX_PAYLOAD: usize = 7900;
 
 /// The longest wait between attempts to reconnect the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How often a store says it is here.
+pub(crate) const ANNOUNCE_EVERY: Duration = Duration::from_secs(20);
+/// How long a peer counts as present after it was last heard: three announcements.
+const PEER_TTL: Duration = Duration::from_secs(60);
+/// How long a new store notifies whether or not it has heard of a peer yet.
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether other servers listen on this store's schema, as far as this store has heard.
+#[derive(Debug)]
+pub(crate) struct Peers {
+    started: Instant,
+    /// The start-up grace was ended early (tests).
+    grace_over: std::sync::atomic::AtomicBool,
+    /// Milliseconds from `started` to the last time a peer was heard, plus one; 0: never.
+    last_heard: AtomicU64,
+}
+
+impl Peers {
+    pub(crate) fn new() -> Peers {
+        Peers {
+            started: Instant::now(),
+            grace_over: std::sync::atomic::AtomicBool::new(false),
+            last_heard: AtomicU64::new(0),
+        }
+    }
+
+    /// Ends the start-up grace now: from here on the store notifies only peers it heard.
+    pub(crate) fn end_grace(&self) {
+        self.grace_over.store(true, Ordering::Release);
+    }
+
+    /// Whether this store's commits should notify: a peer may be listening.
+    pub(crate) fn present(&self) -> bool {
+        let now = self.started.elapsed();
+        if now < STARTUP_GRACE && !self.grace_over.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.last_heard.load(Ordering::Acquire) {
+            0 => false,
+            heard => now.saturating_sub(Duration::from_millis(heard - 1)) < PEER_TTL,
+        }
+    }
+
+    /// A peer was heard now. Whether it was not present before (a peer this store must catch
+    /// up with).
+    fn heard(&self) -> bool {
+        let was_present = match self.last_heard.load(Ordering::Acquire) {
+            0 => false,
+            heard => {
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(heard - 1))
+                    < PEER_TTL
+            }
+        };
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_heard.store(now_ms + 1, Ordering::Release);
+        !was_present
+    }
+}
+
+/// A store's announcement: `hi` asks every peer to answer with `here`.
+pub(crate) fn announcement(schema: &str, origin: &str, hello: bool) -> String {
+    let kind = if hello { "hi" } else { "here" };
+    json!({ "s": schema, "o": origin, "k": kind }).to_string()
+}
+
+/// Sends an announcement on `conn`.
+pub(crate) async fn announce<'c, E>(
+    conn: E,
+    schema: &str,
+    origin: &str,
+    hello: bool,
+) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(announcement(schema, origin, hello))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
 
 /// Whether another server may need `signal`. A run's first event (its creation) is not sent:
 /// no one can follow a run before the commit that made it hands out its id, and a follower
@@ -80,6 +178,10 @@ enum Decoded {
     Signals(Vec<Signal>),
     /// Something changed that the payload could not name: re-read.
     CatchUp,
+    /// A peer announced itself; `hello`: it asks to be answered.
+    Peer {
+        hello: bool,
+    },
 }
 
 fn decode(schema: &str, origin: &str, payload: &str) -> Decoded {
@@ -88,6 +190,11 @@ fn decode(schema: &str, origin: &str, payload: &str) -> Decoded {
     };
     if value["s"].as_str() != Some(schema) || value["o"].as_str() == Some(origin) {
         return Decoded::Ignore;
+    }
+    match value["k"].as_str() {
+        Some("hi") => return Decoded::Peer { hello: true },
+        Some("here") => return Decoded::Peer { hello: false },
+        _ => {}
     }
     let entries = match value["all"].as_array() {
         Some(all) => all.iter().map(decode_entry).collect(),
@@ -133,6 +240,7 @@ pub(crate) struct Listener {
     pub schema: String,
     pub origin: String,
     pub signals: broadcast::Sender<Signal>,
+    pub peers: Arc<Peers>,
 }
 
 impl Listener {
@@ -175,12 +283,37 @@ impl Listener {
                 }
             }
             backoff = Duration::from_millis(100);
+            // Listening now: peers that hear this answer, and know to notify this store.
+            if let Err(e) = announce(&mut current, &self.schema, &self.origin, true).await {
+                tracing::warn!(error = %e, "signal listener: cannot announce this server");
+            }
             loop {
                 match current.try_recv().await {
                     Ok(Some(notification)) => {
                         whole_since = Instant::now();
-                        match decode(&self.schema, &self.origin, notification.payload()) {
+                        let decoded = decode(&self.schema, &self.origin, notification.payload());
+                        if decoded != Decoded::Ignore && self.peers.heard() {
+                            // A peer this store had not heard from: it may have committed
+                            // unannounced while it believed itself alone.
+                            if let Err(e) = self.catch_up(&mut current, whole_since).await {
+                                tracing::warn!(error = %e, "signal listener: catch-up failed");
+                                gap = true;
+                                break;
+                            }
+                        }
+                        match decoded {
                             Decoded::Ignore => {}
+                            Decoded::Peer { hello } => {
+                                if hello {
+                                    let answered =
+                                        announce(&mut current, &self.schema, &self.origin, false)
+                                            .await;
+                                    if let Err(e) = answered {
+                                        tracing::warn!(error = %e,
+                                            "signal listener: cannot answer a new server");
+                                    }
+                                }
+                            }
                             Decoded::Signals(signals) => {
                                 for signal in signals {
                                     // No receivers is fine: nobody is waiting.
@@ -310,6 +443,36 @@ pub(crate) async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_present_once_heard_and_a_new_store_notifies_at_first() {
+        let peers = Peers::new();
+        assert!(peers.present(), "during the start-up grace");
+        peers.end_grace();
+        assert!(!peers.present(), "alone: nothing to notify");
+        assert!(peers.heard(), "a peer not heard before");
+        assert!(peers.present());
+        assert!(!peers.heard(), "heard again within the TTL: not new");
+        // Heard long ago: gone, and new again when heard.
+        let old = Peers {
+            started: Instant::now() - PEER_TTL - Duration::from_secs(5),
+            grace_over: std::sync::atomic::AtomicBool::new(false),
+            last_heard: AtomicU64::new(1),
+        };
+        assert!(!old.present());
+        assert!(old.heard());
+        assert!(old.present());
+    }
+
+    #[test]
+    fn announcements_are_told_apart_from_signals() {
+        let hi = announcement("s1", "a", true);
+        let here = announcement("s1", "a", false);
+        assert_eq!(decode("s1", "b", &hi), Decoded::Peer { hello: true });
+        assert_eq!(decode("s1", "b", &here), Decoded::Peer { hello: false });
+        assert_eq!(decode("s1", "a", &hi), Decoded::Ignore, "our own");
+        assert_eq!(decode("s2", "b", &hi), Decoded::Ignore, "another schema");
+    }
 
     #[test]
     fn payloads_round_trip_and_foreign_ones_are_ignored() {

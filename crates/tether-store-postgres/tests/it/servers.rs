@@ -703,3 +703,75 @@ async fn a_value_postgres_refuses_as_data_is_invalid_input_not_an_outage() {
     assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
     assert!(store.list_workers().await.unwrap().is_empty());
 }
+
+/// The payloads on the signal channel for `schema`, heard by the test's own connection
+/// within `within`.
+async fn heard_on_the_channel(
+    ear: &mut sqlx::postgres::PgListener,
+    schema: &str,
+    within: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let tag = format!("\"s\":\"{schema}\"");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ear.recv()).await {
+            Ok(Ok(n)) if n.payload().contains(&tag) && wanted(n.payload()) => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_server_notifies_nothing_until_another_appears() {
+    let schema = PgSchema::new();
+    let a = open(&schema).await;
+    a.end_startup_grace();
+    let mut ear = sqlx::postgres::PgListener::connect(&schema.url)
+        .await
+        .unwrap();
+    ear.listen(tether_store_postgres::signals::CHANNEL)
+        .await
+        .unwrap();
+    let signals = |payload: &str| payload.contains("\"all\"");
+
+    // Alone: a commit that earns signals sends no notification.
+    a.create_run(&spec_with(|r| r.lane = Some("alone".into())))
+        .await
+        .unwrap();
+    assert!(
+        !heard_on_the_channel(&mut ear, &schema.name, Duration::from_millis(500), signals).await,
+        "a lone server notifies nobody"
+    );
+
+    // A second server says hi; the first answers, and notifies from then on.
+    let b = open(&schema).await;
+    assert!(
+        heard_on_the_channel(&mut ear, &schema.name, Duration::from_secs(5), |p| p
+            .contains("\"k\":\"here\""))
+        .await,
+        "the first server answers the second's hello"
+    );
+    a.create_run(&spec_with(|r| r.lane = Some("together".into())))
+        .await
+        .unwrap();
+    assert!(
+        heard_on_the_channel(&mut ear, &schema.name, Duration::from_secs(2), |p| {
+            signals(p) && p.contains("\"lane\":\"together\"")
+        })
+        .await,
+        "with a peer listening, commits notify"
+    );
+    // And the second, past its own grace, notifies the first, which it has heard.
+    b.end_startup_grace();
+    let mut on_a = a.subscribe();
+    b.create_run(&spec_with(|r| r.lane = Some("from-b".into())))
+        .await
+        .unwrap();
+    let pending = Signal::RunPending {
+        lane: "from-b".into(),
+    };
+    assert!(expect_signal(&mut on_a, Duration::from_secs(2), |s| *s == pending).await);
+}
