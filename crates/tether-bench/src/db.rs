@@ -57,6 +57,9 @@ impl BenchDb {
                 let store = PgStore::open_in_schema(url, &schema)
                     .await
                     .map_err(store_error("cannot open the PostgreSQL store"))?;
+                // The bench's own store sets up and measures; listening, it would be a second
+                // server to the one under test, which then notifies where it alone would not.
+                store.stop_listening().await;
                 Ok(BenchDb::Postgres {
                     store: Arc::new(store),
                     url: url.to_string(),

@@ -45,6 +45,15 @@ impl PgStore {
         self.inner.peers.end_grace();
     }
 
+    /// Stops listening for (and announcing to) other servers, for a tool that only sets a
+    /// schema up beside the servers it measures: it is then no peer of theirs, and they notify
+    /// only one another, as they would without it. Its own commits still notify.
+    pub async fn stop_listening(&self) {
+        self.inner.listener.abort();
+        self.inner.announcer.abort();
+        self.inner.listener_pool.close().await;
+    }
+
     /// Writes `n` runs that already `succeeded` (one attempt each, on a worker that is not
     /// registered, exit code 0, with their final `status` and `end` events), older than
     /// anything else in the table, in one transaction: one `INSERT … SELECT … FROM
