@@ -711,7 +711,10 @@ async fn play(worker: &Worker, a: Assignment, pass: &Pass) {
         error_message: None,
     };
     let finished = pass
-        .timed("finish", reporter.finish(&a.run_id, a.attempt, &finish))
+        .timed(
+            "finish",
+            reporter.finish(&a.run_id, a.attempt, &finish, std::time::Instant::now()),
+        )
         .await;
     lock(&worker.held).remove(&a.run_id);
     if let Err(e) = finished {
@@ -1162,7 +1165,7 @@ async fn finish(worker: &Worker, run_id: &str, attempt: u32) -> Result<(), Bench
     };
     worker
         .reporter
-        .finish(run_id, attempt, &finish)
+        .finish(run_id, attempt, &finish, std::time::Instant::now())
         .await
         .map_err(report_error("finish"))
 }

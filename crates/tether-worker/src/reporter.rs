@@ -95,7 +95,14 @@ pub trait AttemptReporter: Send + Sync + 'static {
     ) -> Result<AppendAck, ReportError>;
     /// The attempt ended. For a command that ended silently before its start was answered,
     /// this is called while `start` is still waiting: the start must reach the server first.
-    async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError>;
+    /// The attempt ended, `at` that moment (when its process was seen to end).
+    async fn finish(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        finish: &Finish,
+        at: std::time::Instant,
+    ) -> Result<(), ReportError>;
 }
 
 /// Reports over HTTP, as one registered worker, one call per report. Alone it does not hold a
@@ -178,7 +185,13 @@ impl AttemptReporter for HttpReporter {
         }
     }
 
-    async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError> {
+    async fn finish(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        finish: &Finish,
+        _at: std::time::Instant,
+    ) -> Result<(), ReportError> {
         let request = FinishRequest {
             worker_id: self.worker_id.clone(),
             status: finish.status,
@@ -413,14 +426,20 @@ impl AttemptReporter for BatchReporter {
         self.http.append(run_id, attempt, chunks).await
     }
 
-    async fn finish(&self, run_id: &str, attempt: u32, finish: &Finish) -> Result<(), ReportError> {
+    async fn finish(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        finish: &Finish,
+        at: std::time::Instant,
+    ) -> Result<(), ReportError> {
         self.queue
             .report(
                 run_id,
                 attempt,
                 ReportKind::Finish(finish.clone()),
                 self.first_report(),
-                std::time::Instant::now(),
+                at,
             )
             .await
     }
@@ -738,7 +757,10 @@ async fn send_alone(
             http.start(&report.run_id, report.attempt, *pid, report.at)
                 .await
         }
-        ReportKind::Finish(f) => http.finish(&report.run_id, report.attempt, f).await,
+        ReportKind::Finish(f) => {
+            http.finish(&report.run_id, report.attempt, f, report.at)
+                .await
+        }
     };
     let _ = report.reply.send(result.clone());
     ((report.run_id, report.attempt), result)

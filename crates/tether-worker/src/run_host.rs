@@ -70,7 +70,8 @@ pub struct HostedShim {
     /// Stamped by the shim as its command's exec returned, so the run's `started_at` is not
     /// pushed back by the hops that carry the answer here.
     pub started: Instant,
-    pub exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
+    /// Its status, and when the host reaped it (the run's `finished_at`, likewise).
+    pub exit: oneshot::Receiver<std::io::Result<(ExitStatus, Instant)>>,
 }
 
 type SpawnAnswer = Result<HostedShim, HostSpawnError>;
@@ -100,7 +101,7 @@ struct Waiting {
     /// The host is gone: nothing more will be answered.
     closed: bool,
     spawns: HashMap<u64, oneshot::Sender<SpawnAnswer>>,
-    exits: HashMap<u32, oneshot::Sender<std::io::Result<ExitStatus>>>,
+    exits: HashMap<u32, oneshot::Sender<std::io::Result<(ExitStatus, Instant)>>>,
 }
 
 static HOST: Mutex<Option<Arc<RunHost>>> = Mutex::new(None);
@@ -266,7 +267,7 @@ impl RunHost {
             }
             EXITED => {
                 if let Some(waiter) = state.exits.remove(&(a as u32)) {
-                    let _ = waiter.send(Ok(ExitStatus::from_raw(b)));
+                    let _ = waiter.send(Ok((ExitStatus::from_raw(b), instant_of(at))));
                 }
             }
             _ => {}
@@ -574,7 +575,7 @@ fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
         }
         if reaped == pid {
             // The worker may be gone; the shim is reaped all the same.
-            send_answer(&encode_answer(EXITED, pid as u64, status, 0));
+            send_answer(&encode_answer(EXITED, pid as u64, status, monotonic_ns()));
         }
         false
     });

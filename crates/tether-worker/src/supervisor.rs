@@ -152,7 +152,17 @@ pub async fn supervise(
             exit_code: None,
             error_message: Some("cancelled on request before it started".into()),
         };
-        return report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
+        let now = std::time::Instant::now();
+        return report_finish(
+            &*reporter,
+            &stats,
+            &run_id,
+            attempt,
+            finish,
+            now,
+            &mut orders,
+        )
+        .await;
     }
     let mut child = match spawn(&assignment, &options).await {
         Ok(child) => child,
@@ -164,7 +174,17 @@ pub async fn supervise(
                 exit_code: None,
                 error_message: Some(message),
             };
-            return report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
+            let now = std::time::Instant::now();
+            return report_finish(
+                &*reporter,
+                &stats,
+                &run_id,
+                attempt,
+                finish,
+                now,
+                &mut orders,
+            )
+            .await;
         }
     };
     let pgid = child.pid;
@@ -232,9 +252,18 @@ pub async fn supervise(
                 stats.bytes(OutputStream::Stdout) == 0 && stats.bytes(OutputStream::Stderr) == 0;
             if silent {
                 let finish = finish_for_exit(child.wait().await);
+                let ended = child.ended.unwrap_or_else(std::time::Instant::now);
                 let (started, end) = tokio::join!(
                     start,
-                    report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders)
+                    report_finish(
+                        &*reporter,
+                        &stats,
+                        &run_id,
+                        attempt,
+                        finish,
+                        ended,
+                        &mut orders
+                    )
                 );
                 return match started {
                     // Refused: so was the finish, as it came after.
@@ -383,7 +412,17 @@ pub async fn supervise(
     } else {
         tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
     }
-    report_finish(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await
+    let ended = child.ended.unwrap_or_else(std::time::Instant::now);
+    report_finish(
+        &*reporter,
+        &stats,
+        &run_id,
+        attempt,
+        finish,
+        ended,
+        &mut orders,
+    )
+    .await
 }
 
 async fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<RunProcess, String> {
@@ -466,6 +505,7 @@ async fn spawn(assignment: &Assignment, options: &SupervisorOptions) -> Result<R
         pid,
         // `spawn` returns once the exec succeeded (or, under a shim, once the shim is forked).
         started: std::time::Instant::now(),
+        ended: None,
         stdout: child
             .stdout
             .take()
@@ -502,6 +542,7 @@ async fn spawn_hosted(
     Ok(RunProcess {
         pid: shim.pid,
         started: shim.started,
+        ended: None,
         stdout: Some(stdout),
         stderr: Some(stderr),
         lifeline: Some(life_w),
@@ -518,6 +559,8 @@ struct RunProcess {
     pid: u32,
     /// When the command started: its `started_at`.
     started: std::time::Instant,
+    /// When it was seen to end (its shim reaped): its `finished_at`.
+    ended: Option<std::time::Instant>,
     stdout: Option<Box<dyn AsyncRead + Unpin + Send>>,
     stderr: Option<Box<dyn AsyncRead + Unpin + Send>>,
     /// The worker's end of a shim's lifeline.
@@ -531,7 +574,9 @@ enum Waiter {
     Child(Child),
     /// The run host's child: its status comes over the host's socket.
     Host {
-        exit: Option<tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>>,
+        exit: Option<
+            tokio::sync::oneshot::Receiver<std::io::Result<(ExitStatus, std::time::Instant)>>,
+        >,
         status: Option<Result<ExitStatus, String>>,
     },
 }
@@ -540,14 +585,22 @@ impl RunProcess {
     /// Waits for it to end; at once, and with the same answer, once it has. Cancel-safe.
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match &mut self.waiter {
-            Waiter::Child(child) => child.wait().await,
+            Waiter::Child(child) => {
+                let status = child.wait().await;
+                self.ended.get_or_insert_with(std::time::Instant::now);
+                status
+            }
             Waiter::Host { exit, status } => {
                 if let Some(rx) = exit.as_mut() {
                     let got = rx
                         .await
                         .unwrap_or_else(|_| Err(std::io::Error::other("the run host is gone")));
                     *exit = None;
-                    *status = Some(got.map_err(|e| e.to_string()));
+                    let ended = got
+                        .as_ref()
+                        .map_or_else(|_| std::time::Instant::now(), |g| g.1);
+                    self.ended.get_or_insert(ended);
+                    *status = Some(got.map(|g| g.0).map_err(|e| e.to_string()));
                 }
                 match status {
                     Some(Ok(s)) => Ok(*s),
@@ -696,13 +749,14 @@ async fn report_finish(
     run_id: &str,
     attempt: u32,
     finish: Finish,
+    at: std::time::Instant,
     orders: &mut Orders,
 ) -> AttemptEnd {
     stats.mark_finishing();
     let deadline = Instant::now() + REPORT_PATIENCE;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match reporter.finish(run_id, attempt, &finish).await {
+        match reporter.finish(run_id, attempt, &finish, at).await {
             Ok(()) => return AttemptEnd::Reported(finish),
             Err(ReportError::Stale) => {
                 tracing::info!(

@@ -146,6 +146,7 @@ impl AttemptReporter for FakeReporter {
         _run_id: &str,
         _attempt: u32,
         finish: &Finish,
+        _at: std::time::Instant,
     ) -> Result<(), ReportError> {
         let mut record = self.record.lock().unwrap();
         record.finishes.push(finish.clone());
