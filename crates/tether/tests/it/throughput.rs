@@ -473,3 +473,46 @@ async fn a_run_held_too_long_in_a_local_queue_goes_to_an_idle_worker() {
     );
     ran_once(&c, queued.len());
 }
+
+/// A run submitted while an idle worker's claim waits is claimed in the submission's own
+/// transaction (its answer says `claimed`), then runs once.
+async fn an_idle_worker_is_handed_the_run_at_its_submission(mut c: Cluster) {
+    c.start_server(&[]).await;
+    let _w = c.worker("w1", "2", &[]);
+    c.wait_workers(1).await;
+    // The worker's claim is waiting once it has registered and asked; until then a
+    // submission simply queues. Each try's run is checked below all the same.
+    let mut ids = Vec::new();
+    let handed = eventually_every(
+        "a submission handed to the waiting claim",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        async || {
+            let run = c.submit(json!({"command": ["true"]})).await;
+            ids.push(id(&run));
+            if run["status"] == "claimed" {
+                Ok(run)
+            } else {
+                Err(format!("answered {}", run["status"]))
+            }
+        },
+    )
+    .await;
+    assert_eq!(handed["attempt"], 1, "{handed}");
+    for id in &ids {
+        let run = c.wait_terminal(id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["attempt"], 1, "ran once: {run}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_worker_is_handed_the_run_at_its_submission_sqlite() {
+    an_idle_worker_is_handed_the_run_at_its_submission(Cluster::sqlite()).await;
+}
+
+#[tokio::test]
+async fn an_idle_worker_is_handed_the_run_at_its_submission_postgres() {
+    let db = PgDatabase::create();
+    an_idle_worker_is_handed_the_run_at_its_submission(Cluster::on_database(&db.url)).await;
+}
