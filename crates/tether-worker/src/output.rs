@@ -34,6 +34,10 @@ const QUEUE_CHUNKS: usize = 16 * 1024;
 /// holds it open escaped the process group.
 pub const LINGER_AFTER_EXIT: Duration = Duration::from_secs(1);
 const READ_SIZE: usize = 64 * 1024;
+/// A pipe's buffer starts this small and doubles up to [`READ_SIZE`] as output comes: most
+/// commands print little, and a 64 KiB buffer per pipe per run, freed at its end, makes the
+/// allocator consolidate its heap on every run.
+const FIRST_READ_SIZE: usize = 4 * 1024;
 
 /// A chunk with its share of the queue's byte budget, returned when it is uploaded.
 #[derive(Debug)]
@@ -101,15 +105,15 @@ pub async fn read_pipe<R>(
 ) where
     R: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut buf = BytesMut::with_capacity(FIRST_READ_SIZE);
     // `buf[..scanned]` is known to hold no `\n`.
     let mut scanned = 0;
     let mut partial_since: Option<Instant> = None;
     let mut last_read_ms = now_ms();
     let mut exit_seen = false;
     loop {
-        if buf.capacity() - buf.len() < READ_SIZE / 4 {
-            buf.reserve(READ_SIZE);
+        if buf.capacity() - buf.len() < FIRST_READ_SIZE {
+            buf.reserve(buf.capacity().clamp(FIRST_READ_SIZE, READ_SIZE));
         }
         let flush_at = partial_since.map(|t| t + PARTIAL_FLUSH);
         tokio::select! {
