@@ -450,6 +450,33 @@ pub async fn a_hand_off_takes_what_the_worker_would_claim(h: &dyn Harness) {
     };
     assert_eq!(status(store, &stands.run.id).await, RunStatus::Pending);
 
+    // The door still judges with every live worker: a run too big for the waiting worker
+    // queues for a bigger one; one too big for all is refused, hand-off or not.
+    let big = register(store, 6.0).await;
+    let needs = |cpus: f64| {
+        spec_with(|r| {
+            r.resources = Some(Resources {
+                cpus,
+                memory_mb: 256,
+            })
+        })
+    };
+    let (admission, none) = store
+        .admit_run_and_claim(&needs(4.0), &queue_policy(), &hand_off(&worker_id, &one))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(
+        matches!(admission, Admission::Accepted(c) if c.created),
+        "{big} fits it"
+    );
+    let (admission, none) = store
+        .admit_run_and_claim(&needs(64.0), &queue_policy(), &hand_off(&worker_id, &one))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(matches!(admission, Admission::NeverFits));
+
     // A replayed key creates nothing and claims nothing, even with room.
     let roomy = register(store, 8.0).await;
     let keyed_spec = keyed("once", "true");
