@@ -232,6 +232,14 @@ struct Launches {
     settled: tokio::sync::Notify,
 }
 
+impl Launches {
+    /// Whether every launch so far has settled; `settled` must have been enabled first, so a
+    /// launch settling right after this answers still wakes it.
+    fn all_settled(&self) -> bool {
+        self.unsettled.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+}
+
 /// One launch not yet settled; dropped once its first report is read, or once its
 /// supervision ends without one.
 #[derive(Debug)]
@@ -268,12 +276,7 @@ impl ReportInbox {
             let settled = self.launches.settled.notified();
             tokio::pin!(settled);
             settled.as_mut().enable();
-            if self
-                .launches
-                .unsettled
-                .load(std::sync::atomic::Ordering::Acquire)
-                == 0
-            {
+            if self.launches.all_settled() {
                 return;
             }
             tokio::select! {
@@ -324,12 +327,7 @@ impl ReportQueue {
             let settled = self.launches.settled.notified();
             tokio::pin!(settled);
             settled.as_mut().enable();
-            if self
-                .launches
-                .unsettled
-                .load(std::sync::atomic::Ordering::Acquire)
-                == 0
-            {
+            if self.launches.all_settled() {
                 return;
             }
             settled.await;

@@ -152,17 +152,7 @@ pub async fn supervise(
             exit_code: None,
             error_message: Some("cancelled on request before it started".into()),
         };
-        let now = std::time::Instant::now();
-        return report_finish(
-            &*reporter,
-            &stats,
-            &run_id,
-            attempt,
-            finish,
-            now,
-            &mut orders,
-        )
-        .await;
+        return report_unstarted(&*reporter, &stats, &run_id, attempt, finish, &mut orders).await;
     }
     let mut child = match spawn(&assignment, &options).await {
         Ok(child) => child,
@@ -174,17 +164,8 @@ pub async fn supervise(
                 exit_code: None,
                 error_message: Some(message),
             };
-            let now = std::time::Instant::now();
-            return report_finish(
-                &*reporter,
-                &stats,
-                &run_id,
-                attempt,
-                finish,
-                now,
-                &mut orders,
-            )
-            .await;
+            return report_unstarted(&*reporter, &stats, &run_id, attempt, finish, &mut orders)
+                .await;
         }
     };
     let pgid = child.pid;
@@ -741,6 +722,20 @@ async fn start_with_retry(
             }
         }
     }
+}
+
+/// The end of an attempt whose command never ran (cancelled first, or it could not start),
+/// dated now.
+async fn report_unstarted(
+    reporter: &dyn AttemptReporter,
+    stats: &AttemptStats,
+    run_id: &str,
+    attempt: u32,
+    finish: Finish,
+    orders: &mut Orders,
+) -> AttemptEnd {
+    let now = std::time::Instant::now();
+    report_finish(reporter, stats, run_id, attempt, finish, now, orders).await
 }
 
 async fn report_finish(
