@@ -33,6 +33,7 @@ pub const RETRIES: &str = "tether_retries_total";
 pub const STALE_ATTEMPT_REFUSALS: &str = "tether_stale_attempt_refusals_total";
 pub const SSE_CONNECTIONS: &str = "tether_sse_connections_total";
 pub const RUNS_CLAIMED: &str = "tether_runs_claimed_total";
+pub const RUNS_HANDED_OFF: &str = "tether_runs_handed_off_total";
 pub const RUN_DURATION: &str = "tether_run_duration_seconds";
 pub const QUEUE_WAIT: &str = "tether_queue_wait_seconds";
 pub const CLAIM_WAIT: &str = "tether_claim_wait_seconds";
@@ -116,6 +117,10 @@ fn describe() {
         "Event streams opened (GET /v1/runs/{id}/events), by format: sse or ndjson."
     );
     describe_counter!(RUNS_CLAIMED, "Runs handed to workers by claims.");
+    describe_counter!(
+        RUNS_HANDED_OFF,
+        "Runs claimed in their own submission's transaction for a claim waiting on this server (counted in tether_runs_claimed_total too)."
+    );
     describe_counter!(
         "tether_dispatch_total",
         "Endpoint dispatch answers, by pool and source (endpoint or fallback)."
@@ -281,6 +286,11 @@ pub fn run_started(run: &RunRecord) {
         metrics::histogram!(QUEUE_WAIT, "lane" => run.spec.lane.clone())
             .record(seconds(started - run.created_at));
     }
+}
+
+/// Runs a submission claimed for a waiting claim, which took them.
+pub fn runs_handed_off(count: usize) {
+    metrics::counter!(RUNS_HANDED_OFF).increment(count as u64);
 }
 
 /// A claim long-poll answered after `waited`.

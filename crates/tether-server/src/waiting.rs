@@ -179,7 +179,9 @@ impl TakenClaim {
         let Some(answer) = self.answer.take() else {
             return;
         };
+        let count = claimed.len();
         let Err(claimed) = answer.send(claimed) else {
+            crate::metrics::runs_handed_off(count);
             return;
         };
         if claimed.is_empty() {

@@ -499,6 +499,22 @@ async fn an_idle_worker_is_handed_the_run_at_its_submission(mut c: Cluster) {
     )
     .await;
     assert_eq!(handed["attempt"], 1, "{handed}");
+    // Counted as handed off.
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let handed_off: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_runs_handed_off_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tether_runs_handed_off_total in {metrics}"));
+    assert!(handed_off >= 1.0, "{handed_off}");
     for id in &ids {
         let run = c.wait_terminal(id, Duration::from_secs(30)).await;
         assert_eq!(run["status"], "succeeded", "{run}");
