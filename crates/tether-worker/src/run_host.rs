@@ -1,31 +1,41 @@
-//! The run host: one small process per worker that forks every run's shim, so the worker
-//! itself never forks.
+//! The run host: one small process per worker that keeps the shims every run starts under,
+//! so the worker itself never forks.
 //!
 //! Forking the worker is what a run cost most: a copy of a multithreaded process's page
 //! tables, TLB shootdowns on every core it runs on, then copy-on-write faults in the worker
 //! for as long as the shim lives (about 60 % of the worker's CPU per `true` run). The host is
-//! forked once, on the first spawn, and then does nothing but fork: a single thread with a
-//! small, quiet working set, so each of its forks copies little and is copied from little.
+//! forked once, on the first spawn, and then does nothing but hand out work: a single thread
+//! with a small, quiet working set. Its shims are kept between runs: a shim runs one command
+//! at a time and then waits for the next, which saves each run a fork and an exit (about
+//! 0.2 ms of CPU, a seventh of a `true` run's cost; see BENCHMARKS.md).
 //!
-//! The worker talks to it over a `SOCK_SEQPACKET` socket pair, one message per request or
+//! The worker talks to the host over a `SOCK_SEQPACKET` socket pair, one message per request or
 //! answer, the run's pipes passed with `SCM_RIGHTS`:
 //! - worker → host: `spawn` (a request id, the [`Launch`], the run's directory, and three
-//!   descriptors: stdout's and stderr's write ends and the lifeline's read end);
-//! - host → worker: `spawned` (the id, the shim's pid) or `failed` (the id, an errno), sent by
-//!   the new shim itself once its command started, so the host never waits on a spawn; then,
-//!   for each shim, `exited` (its pid and raw wait status) once the host reaped it. A shim
-//!   answers before it can exit, so its `exited` always comes after its `spawned`.
+//!   descriptors: stdout's and stderr's write ends and the lifeline's read end). The host
+//!   passes it on to a waiting shim over that shim's own socket (forking one if none waits);
+//! - shim → worker, on the host's socket, which the shims share: `spawned` (the id, the
+//!   command's pid, which leads the run's process group, and when its exec returned) or
+//!   `failed` (the id, an errno); then `exited` (the id, the command's raw wait status, and
+//!   when it was seen), once the command ended and everything it left was killed. A shim
+//!   sends `exited` after `spawned`, and its stdio is back on `/dev/null` first, so the
+//!   worker's pipes have ended;
+//! - shim → host: `I` once the run is reported: it waits again;
+//! - host → worker: `failed` for a request it could not hand out, and `exited` (the shim's
+//!   own status) for the run of a shim that died during it (killed from outside).
 //!
-//! The shim is the same as without a host (see `shim`): it leads the run's process group, its
-//! stdin is the lifeline the worker holds, and it exits with the command's status. So the
-//! worker still signals the group, still cuts the lifeline, and still reads the command's
-//! outcome from the shim's status; it just learns that status from the host.
+//! A run's shim is as it was when forked per run (see `shim`): a child subreaper, the run's
+//! lifeline on its stdin, killing every descendant when the command ends or the lifeline
+//! does. The command leads a process group of its own, so the worker's signals to that group
+//! reach the run and never the shim's next one.
 //!
-//! When the worker dies, by SIGKILL included, the kernel closes its ends: every shim reads
-//! EOF on its lifeline and kills its run, and the host reads EOF on its socket, reaps the
-//! shims as they go, and exits. When the host dies, the worker fails what it was waiting for
-//! (`lost track of the process`), and the supervisions that end drop their lifelines, so the
-//! shims, now orphans, still kill their runs; the next spawn starts a new host.
+//! When the worker dies, by SIGKILL included, the kernel closes its ends: every running shim
+//! reads EOF on its lifeline and kills its run, the host reads EOF on its socket and lets its
+//! shims go (a waiting one ends at once, a running one after its run), and exits once they
+//! have. When the host dies (the worker watches it with a pidfd: the shims hold its socket
+//! open), the worker fails what it was waiting for (`lost track of the process`), and the
+//! supervisions that end drop their lifelines, so the shims still kill their runs and end;
+//! the next spawn starts a new host.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -101,7 +111,8 @@ struct Waiting {
     /// The host is gone: nothing more will be answered.
     closed: bool,
     spawns: HashMap<u64, oneshot::Sender<SpawnAnswer>>,
-    exits: HashMap<u32, oneshot::Sender<std::io::Result<(ExitStatus, Instant)>>>,
+    /// By request id: a shim runs many commands, one after another.
+    exits: HashMap<u64, oneshot::Sender<std::io::Result<(ExitStatus, Instant)>>>,
 }
 
 static HOST: Mutex<Option<Arc<RunHost>>> = Mutex::new(None);
@@ -205,19 +216,68 @@ impl RunHost {
 
     /// The reader thread: routes every answer to whoever waits for it, until the host is gone.
     fn read_answers(&self) {
+        // The host's end: its shims share its socket and outlive it by a run, so the socket's
+        // end comes too late to tell.
+        // SAFETY: a raw system call; the descriptor it returns is ours.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.host_pid, 0_u32) } as RawFd;
         let mut buf = [0u8; ANSWER_LEN];
         loop {
-            let got = {
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, None, MsgFlags::empty())
-                    .map(|m| m.bytes)
-            };
-            match got {
-                Err(Errno::EINTR) => continue,
-                Ok(ANSWER_LEN) => self.answer(&buf),
-                // EOF, an error, or a message we cannot read: the host is of no more use.
-                _ => break,
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // Without a pidfd (a kernel before 5.3), look at the host every second instead.
+            let (count, timeout) = if pidfd >= 0 { (2, -1) } else { (1, 1000) };
+            // SAFETY: `fds` outlives the call and holds `count` entries.
+            if unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) } < 0 {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                break;
             }
+            if fds[0].revents != 0 {
+                let got = {
+                    let mut iov = [IoSliceMut::new(&mut buf)];
+                    recvmsg::<()>(
+                        self.socket.as_raw_fd(),
+                        &mut iov,
+                        None,
+                        MsgFlags::MSG_DONTWAIT,
+                    )
+                    .map(|m| m.bytes)
+                };
+                match got {
+                    Err(Errno::EINTR | Errno::EAGAIN) => {}
+                    Ok(ANSWER_LEN) => self.answer(&buf),
+                    // EOF, an error, or a message we cannot read: the host is of no more use.
+                    _ => break,
+                }
+                // What the host said before it ended is read before its end is looked at.
+                continue;
+            }
+            let host_ended = if pidfd >= 0 {
+                fds[1].revents != 0
+            } else {
+                // SAFETY: a raw system call on our own child.
+                let reaped =
+                    unsafe { libc::waitpid(self.host_pid, std::ptr::null_mut(), libc::WNOHANG) };
+                reaped == self.host_pid
+            };
+            if host_ended {
+                break;
+            }
+        }
+        if pidfd >= 0 {
+            // SAFETY: our own descriptor, closed once.
+            unsafe { libc::close(pidfd) };
         }
         let mut state = lock(&self.state);
         state.closed = true;
@@ -244,7 +304,7 @@ impl RunHost {
                 let pid = b as u32;
                 let (tx, rx) = oneshot::channel();
                 // Registered before the next answer is read, so its `exited` finds it.
-                state.exits.insert(pid, tx);
+                state.exits.insert(a, tx);
                 if let Some(waiter) = state.spawns.remove(&a) {
                     let shim = HostedShim {
                         pid,
@@ -254,7 +314,7 @@ impl RunHost {
                     if waiter.send(Ok(shim)).is_err() {
                         // Nobody waits for this run any more; its lifeline is closed, so the
                         // shim is ending it. Only its status is left to drop.
-                        state.exits.remove(&pid);
+                        state.exits.remove(&a);
                     }
                 }
             }
@@ -266,8 +326,14 @@ impl RunHost {
                 }
             }
             EXITED => {
-                if let Some(waiter) = state.exits.remove(&(a as u32)) {
+                if let Some(waiter) = state.exits.remove(&a) {
                     let _ = waiter.send(Ok((ExitStatus::from_raw(b), instant_of(at))));
+                } else if let Some(waiter) = state.spawns.remove(&a) {
+                    // Its shim was killed before the command was known to start: it is not
+                    // started again (it may have run).
+                    let _ = waiter.send(Err(HostSpawnError::Command(std::io::Error::other(
+                        "its shim was killed before the command was known to start",
+                    ))));
                 }
             }
             _ => {}
@@ -412,8 +478,16 @@ fn instant_of(at_ns: u64) -> Instant {
     now.checked_sub(ago).unwrap_or(now)
 }
 
-/// The host's side of the socket, always at this descriptor.
+/// The host's side of the socket, always at this descriptor (in its shims too).
 const SOCKET_FD: RawFd = 3;
+/// A shim's end of its own socket to the host.
+const CONTROL_FD: RawFd = 4;
+/// A shim's descriptor of the directory it was started in, to return to after each run.
+const HOME_FD: RawFd = 5;
+/// The most shims kept waiting for a run; one that comes back beyond it is let go.
+const MAX_IDLE_SHIMS: usize = 64;
+/// What a shim says on its socket to the host once its run is over and reported.
+const IDLE: u8 = b'I';
 
 /// The host: forked from the worker, it never returns. It runs in the copy of a multithreaded
 /// process, so it takes no lock another thread may have held (no stdio, no logging, no
@@ -441,6 +515,73 @@ fn host_main(socket: OwnedFd) -> ! {
         std::mem::forget(socket);
         // Nothing of the worker's stdio either: a pipe a parent reads the worker's logs from
         // must end when the worker does, not when its host does.
+        null_stdio();
+        // Nothing else of the worker's: its sockets, and the lifelines of runs that are not
+        // the host's to hold.
+        crate::shim::close_from(4);
+    }
+    let mut worker_gone = false;
+    let mut shims: Vec<Shim> = Vec::new();
+    let mut msg = vec![0u8; MAX_REQUEST];
+    loop {
+        if worker_gone && shims.is_empty() {
+            // SAFETY: `_exit` is async-signal-safe and never returns.
+            unsafe { libc::_exit(0) }
+        }
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 * shims.len() + 1);
+        fds.push(libc::pollfd {
+            fd: if worker_gone { -1 } else { SOCKET_FD },
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for shim in &shims {
+            fds.push(libc::pollfd {
+                fd: shim.pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: shim.control,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = if shims.iter().any(|s| s.pidfd < 0) {
+            20
+        } else {
+            -1
+        };
+        // SAFETY: `fds` outlives the call and holds `fds.len()` entries.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        for (i, shim) in shims.iter_mut().enumerate() {
+            if fds[2 + 2 * i].revents != 0 {
+                shim.read_idle();
+            }
+        }
+        reap_shims(&mut shims);
+        if fds[0].revents != 0 && !worker_gone {
+            worker_gone = !serve_request(&mut msg, &mut shims);
+            if worker_gone {
+                // Waiting shims end at once; busy ones once their run is over (their lifeline
+                // ended with the worker).
+                for shim in &mut shims {
+                    shim.let_go();
+                }
+            }
+        }
+        let idle = shims.iter().filter(|s| s.is_idle()).count();
+        if idle > MAX_IDLE_SHIMS {
+            if let Some(extra) = shims.iter_mut().find(|s| s.is_idle()) {
+                extra.let_go();
+            }
+        }
+    }
+}
+
+/// Points stdin, stdout and stderr at `/dev/null`.
+fn null_stdio() {
+    // SAFETY: raw system calls on this process's own descriptors.
+    unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             for fd in 0..3 {
@@ -450,50 +591,85 @@ fn host_main(socket: OwnedFd) -> ! {
                 libc::close(null);
             }
         }
-        // Nothing else of the worker's: its sockets, and the lifelines of runs that are not
-        // the host's to hold.
-        if libc::syscall(libc::SYS_close_range, 4_u32, u32::MAX, 0_u32) != 0 {
-            for fd in 4..4096 {
-                libc::close(fd);
-            }
-        }
-    }
-    let mut worker_gone = false;
-    // Each live shim, with a pidfd to wake on its exit (-1 without one: polled instead).
-    let mut shims: Vec<(i32, RawFd)> = Vec::new();
-    let mut msg = vec![0u8; MAX_REQUEST];
-    loop {
-        if worker_gone && shims.is_empty() {
-            // SAFETY: `_exit` is async-signal-safe and never returns.
-            unsafe { libc::_exit(0) }
-        }
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(shims.len() + 1);
-        fds.push(libc::pollfd {
-            fd: if worker_gone { -1 } else { SOCKET_FD },
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        fds.extend(shims.iter().map(|&(_, pidfd)| libc::pollfd {
-            fd: pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        let timeout = if shims.iter().any(|&(_, fd)| fd < 0) {
-            20
-        } else {
-            -1
-        };
-        // SAFETY: `fds` outlives the call and holds `fds.len()` entries.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if fds[0].revents != 0 {
-            worker_gone = !serve_request(&mut msg, &mut shims);
-        }
-        reap_shims(&mut shims);
     }
 }
 
-/// Reads one request and answers it; `false` once the worker is gone.
-fn serve_request(msg: &mut [u8], shims: &mut Vec<(i32, RawFd)>) -> bool {
+/// A shim the host started: it runs one command at a time, and waits for the next.
+struct Shim {
+    pid: i32,
+    /// Readable once it ended (-1 without pidfds: polled instead).
+    pidfd: RawFd,
+    /// The host's end of the shim's socket (-1 once let go).
+    control: RawFd,
+    /// The request it runs now.
+    running: Option<u64>,
+}
+
+impl Shim {
+    fn is_idle(&self) -> bool {
+        self.running.is_none() && self.control >= 0
+    }
+
+    /// Reads what the shim said: it is waiting again. An end or an error is left to its exit.
+    fn read_idle(&mut self) {
+        if self.control < 0 {
+            return;
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: reads into our own buffer from our own descriptor.
+        let n = unsafe {
+            libc::recv(
+                self.control,
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 1 && byte[0] == IDLE {
+            self.running = None;
+        } else if n == 0 {
+            self.let_go();
+        }
+    }
+
+    /// Closes its socket: waiting, it ends; running, it ends after its run.
+    fn let_go(&mut self) {
+        if self.control >= 0 {
+            // SAFETY: our own descriptor, closed once.
+            unsafe { libc::close(self.control) };
+            self.control = -1;
+        }
+    }
+
+    /// Hands it a request (the message as the worker sent it, and the run's three ends).
+    fn hand(&mut self, id: u64, msg: &[u8], fds: &[OwnedFd; 3]) -> bool {
+        let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let sent = loop {
+            match sendmsg::<()>(
+                self.control,
+                &[IoSlice::new(msg)],
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break true,
+                Err(Errno::EINTR) => {}
+                Err(_) => break false,
+            }
+        };
+        if sent {
+            self.running = Some(id);
+        } else {
+            self.let_go();
+        }
+        sent
+    }
+}
+
+/// Reads one request and hands it to a waiting shim (or a new one); `false` once the worker
+/// is gone.
+fn serve_request(msg: &mut [u8], shims: &mut Vec<Shim>) -> bool {
     let mut space = nix::cmsg_space!([RawFd; 3]);
     let (len, fds) = {
         let mut iov = [IoSliceMut::new(msg)];
@@ -528,20 +704,27 @@ fn serve_request(msg: &mut [u8], shims: &mut Vec<(i32, RawFd)>) -> bool {
     let Some(request) = decode(&msg[..len]) else {
         return true;
     };
-    // The shim answers for itself once its command started (or could not).
-    let failed = match <[OwnedFd; 3]>::try_from(fds) {
-        Ok(fds) => match spawn_shim(&request, fds) {
-            Ok(pid) => {
-                // SAFETY: a raw system call; the descriptor it returns is ours.
-                let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) } as RawFd;
-                shims.push((pid, pidfd));
+    let Ok(fds) = <[OwnedFd; 3]>::try_from(fds) else {
+        return send_answer(&encode_answer(FAILED, request.id, Errno::EBADF as i32, 0));
+    };
+    // The shim answers for itself once its command started (or could not), so the host never
+    // waits for a spawn and several shims start their commands at once.
+    for shim in shims.iter_mut().filter(|s| s.is_idle()) {
+        if shim.hand(request.id, &msg[..len], &fds) {
+            return true;
+        }
+    }
+    match fork_shim() {
+        Ok(mut shim) => {
+            let handed = shim.hand(request.id, &msg[..len], &fds);
+            shims.push(shim);
+            if handed {
                 return true;
             }
-            Err(errno) => errno,
-        },
-        Err(_) => Errno::EBADF,
-    };
-    send_answer(&encode_answer(FAILED, request.id, failed as i32, 0))
+            send_answer(&encode_answer(FAILED, request.id, Errno::EPIPE as i32, 0))
+        }
+        Err(errno) => send_answer(&encode_answer(FAILED, request.id, errno as i32, 0)),
+    }
 }
 
 fn send_answer(answer: &[u8]) -> bool {
@@ -560,77 +743,186 @@ fn send_answer(answer: &[u8]) -> bool {
     }
 }
 
-/// Reaps every shim that ended and tells the worker how.
-fn reap_shims(shims: &mut Vec<(i32, RawFd)>) {
-    shims.retain(|&(pid, pidfd)| {
+/// Reaps every shim that ended. One that ended during a run (killed: it reports its runs'
+/// ends itself) has that run's end reported here, with its own status.
+fn reap_shims(shims: &mut Vec<Shim>) {
+    shims.retain_mut(|shim| {
         let mut status = 0;
         // SAFETY: a raw system call on our own child.
-        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        let reaped = unsafe { libc::waitpid(shim.pid, &mut status, libc::WNOHANG) };
         if reaped == 0 || (reaped < 0 && Errno::last() == Errno::EINTR) {
             return true;
         }
-        if pidfd >= 0 {
+        if shim.pidfd >= 0 {
             // SAFETY: our own descriptor, closed once.
-            unsafe { libc::close(pidfd) };
+            unsafe { libc::close(shim.pidfd) };
         }
-        if reaped == pid {
+        shim.let_go();
+        if let (Some(id), true) = (shim.running, reaped == shim.pid) {
             // The worker may be gone; the shim is reaped all the same.
-            send_answer(&encode_answer(EXITED, pid as u64, status, monotonic_ns()));
+            send_answer(&encode_answer(EXITED, id, status, monotonic_ns()));
         }
         false
     });
 }
 
-/// Forks the run's shim: stdio and lifeline in place, its own process group, in the run's
-/// directory. The shim starts the command and answers the worker itself (`spawned` or
-/// `failed`, on the host's socket, which it shares), so the host never waits for a spawn and
-/// several shims start their commands at once. Returns the shim's pid.
-fn spawn_shim(request: &Request, fds: [OwnedFd; 3]) -> Result<i32, Errno> {
-    let [stdout, stderr, lifeline] = &fds;
-    // SAFETY: the host has one thread; the child only makes system calls, then becomes the
-    // shim, as the worker's own child would after a fork.
+/// Forks a shim, which waits on its own socket for runs.
+fn fork_shim() -> Result<Shim, Errno> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: the host has one thread; the child only runs `shim_main`, which never returns.
     match unsafe { libc::fork() } {
         -1 => Err(Errno::last()),
         0 => {
-            // SAFETY: raw system calls in the new child, on descriptors it owns.
-            let setup = unsafe {
-                libc::prctl(libc::PR_SET_NAME, c"tether-shim".as_ptr());
-                libc::dup2(lifeline.as_raw_fd(), 0) >= 0
-                    && libc::dup2(stdout.as_raw_fd(), 1) >= 0
-                    && libc::dup2(stderr.as_raw_fd(), 2) >= 0
-                    && libc::setpgid(0, 0) == 0
-                    && request
-                        .cwd
-                        .as_ref()
-                        .is_none_or(|dir| libc::chdir(dir.as_ptr()) == 0)
-            };
-            let started = if setup {
-                request
-                    .launch
-                    .start_command()
-                    .map_err(|err| Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO)))
-            } else {
-                Err(Errno::last())
-            };
-            match started {
-                Ok(command) => {
-                    // SAFETY: a system call without side effects.
-                    let me = unsafe { libc::getpid() };
-                    send_answer(&encode_answer(SPAWNED, request.id, me, monotonic_ns()));
-                    crate::shim::supervise(command)
-                }
-                Err(errno) => {
-                    send_answer(&encode_answer(FAILED, request.id, errno as i32, 0));
-                    // SAFETY: `_exit` is async-signal-safe and never returns.
-                    unsafe { libc::_exit(127) }
-                }
-            }
+            drop(ours);
+            shim_main(theirs)
         }
         pid => {
-            drop(fds);
-            Ok(pid)
+            drop(theirs);
+            // SAFETY: a raw system call; the descriptor it returns is ours.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) } as RawFd;
+            let control = ours.as_raw_fd();
+            std::mem::forget(ours);
+            Ok(Shim {
+                pid,
+                pidfd,
+                control,
+                running: None,
+            })
         }
     }
+}
+
+/// A shim: runs one command at a time, each as the leader of its own process group with the
+/// run's pipes as stdout and stderr and its lifeline as stdin (see `shim`), answers the worker
+/// itself (`spawned` or `failed`, then `exited`), puts stdio back on `/dev/null`, and tells
+/// the host it waits again. It ends when the host lets it go (its socket ends) or is gone.
+/// Kept between runs, it saves each run a fork and an exit.
+fn shim_main(control: OwnedFd) -> ! {
+    // SAFETY: raw system calls on this process's own descriptors and state; it has one thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"tether-shim".as_ptr());
+        // Its runs' orphans are re-parented here, never to init.
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        libc::dup3(control.as_raw_fd(), CONTROL_FD, libc::O_CLOEXEC);
+        std::mem::forget(control);
+        let home = libc::open(
+            c".".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if home >= 0 && home != HOME_FD {
+            libc::dup3(home, HOME_FD, libc::O_CLOEXEC);
+        }
+    }
+    // The worker's socket (3), this shim's (4) and its home (5); nothing of other shims.
+    crate::shim::close_from(6);
+    crate::shim::ignore_group_signals();
+    let mut msg = vec![0u8; MAX_REQUEST];
+    loop {
+        let Some((len, fds)) = next_run(&mut msg) else {
+            // SAFETY: `_exit` is async-signal-safe and never returns.
+            unsafe { libc::_exit(0) }
+        };
+        if let Some(request) = decode(&msg[..len]) {
+            run_one(&request, fds);
+        }
+        null_stdio();
+        // SAFETY: a raw system call on our own descriptor.
+        unsafe { libc::fchdir(HOME_FD) };
+        let idle = [IDLE];
+        // SAFETY: sends from our own buffer on our own descriptor.
+        let told = unsafe { libc::send(CONTROL_FD, idle.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+        if told != 1 {
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) }
+        }
+    }
+}
+
+/// The next request on the shim's socket, with the run's three ends; `None` once the host is
+/// gone or lets it go.
+fn next_run(msg: &mut [u8]) -> Option<(usize, [OwnedFd; 3])> {
+    loop {
+        let mut space = nix::cmsg_space!([RawFd; 3]);
+        let mut iov = [IoSliceMut::new(msg)];
+        match recvmsg::<()>(
+            CONTROL_FD,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => {
+                if m.bytes == 0 {
+                    return None;
+                }
+                let mut fds: Vec<OwnedFd> = Vec::new();
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: descriptors just received are ours alone.
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                }
+                let bytes = m.bytes;
+                if let Ok(fds) = <[OwnedFd; 3]>::try_from(fds) {
+                    return Some((bytes, fds));
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Runs one request to its end and reports it to the worker.
+fn run_one(request: &Request, fds: [OwnedFd; 3]) {
+    let [stdout, stderr, lifeline] = &fds;
+    // SAFETY: raw system calls on descriptors this process owns.
+    let setup = unsafe {
+        libc::dup2(lifeline.as_raw_fd(), 0) >= 0
+            && libc::dup2(stdout.as_raw_fd(), 1) >= 0
+            && libc::dup2(stderr.as_raw_fd(), 2) >= 0
+            && request
+                .cwd
+                .as_ref()
+                .is_none_or(|dir| libc::chdir(dir.as_ptr()) == 0)
+    };
+    let started = if setup {
+        request
+            .launch
+            .start_command(true)
+            .map_err(|err| Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO)))
+    } else {
+        Err(Errno::last())
+    };
+    // The copies in 0, 1 and 2 are the ones the run holds.
+    drop(fds);
+    let command = match started {
+        Ok(command) => command,
+        Err(errno) => {
+            send_answer(&encode_answer(FAILED, request.id, errno as i32, 0));
+            return;
+        }
+    };
+    let at = monotonic_ns();
+    send_answer(&encode_answer(SPAWNED, request.id, command.as_raw(), at));
+    let status = match crate::shim::watch(command) {
+        crate::shim::RunEnd::Exited(raw) => raw,
+        // As a shim that ends with its run reports it: exit code 137.
+        crate::shim::RunEnd::LifelineCut => (128 + libc::SIGKILL) << 8,
+    };
+    // Stdio back on /dev/null first: the worker reads its pipes to their end.
+    null_stdio();
+    send_answer(&encode_answer(EXITED, request.id, status, monotonic_ns()));
 }
 
 #[cfg(test)]

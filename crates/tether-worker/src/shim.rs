@@ -14,12 +14,13 @@
 //! - when the command itself exits, the shim kills what it left behind, then exits with the
 //!   command's status (re-raising its signal), so the worker sees the command's own outcome.
 //!
-//! The shim is not a program of its own: it is a forked child that never execs. Usually the
-//! run host (`crate::run_host`) forks it; without a host, the worker's own child between fork
-//! and exec (`pre_exec`) is the shim. Either way that child, leading the run's process group
-//! with the lifeline as its stdin, starts the command with `posix_spawn` (which shares memory
-//! until the exec, copying nothing) and stays behind as the shim. Exec'ing a shim binary cost
-//! 1.2–1.4 ms of CPU per run (loading and relocating 23 MB), and a second `fork` of the
+//! The shim is not a program of its own: it is a forked process that never execs. Usually
+//! it is one of the run host's (`crate::run_host`), kept between runs: it takes each run's
+//! lifeline as its stdin and starts the command with `posix_spawn` (which shares memory
+//! until the exec, copying nothing) as the leader of a process group of its own. Without a
+//! host, the worker's own child between fork and exec (`pre_exec`) is the shim, for one run:
+//! it leads the run's group, and exits with the command's status. Exec'ing a shim binary
+//! cost 1.2–1.4 ms of CPU per run (loading and relocating 23 MB), and a second `fork` of the
 //! worker's copy about 1 ms.
 //! Linux only (`/proc`, `prctl`, `pidfd_open`), and glibc's: the shim runs in a forked copy
 //! of a multithreaded process, where only async-signal-safe calls are safe in general; it
@@ -167,21 +168,23 @@ fn reap_ready() {
     }
 }
 
-/// Leaves the way the command did: with its exit code, or killed by its signal.
-fn exit_like(status: WaitStatus) -> ! {
-    match status {
-        WaitStatus::Exited(_, code) => leave(code),
-        WaitStatus::Signaled(_, sig, _) => {
-            // SAFETY: restoring the default disposition of one signal in a single-threaded
-            // process about to end; no handler is installed.
-            unsafe {
-                let _ = signal(sig, SigHandler::SigDfl);
-            }
-            let _ = kill(Pid::from_raw(std::process::id() as i32), sig);
-            leave(128 + sig as i32)
-        }
-        _ => leave(1),
+/// Leaves the way the command did (`raw`, its wait status): with its exit code, or killed by
+/// its signal.
+fn exit_like(raw: i32) -> ! {
+    if libc::WIFEXITED(raw) {
+        leave(libc::WEXITSTATUS(raw));
     }
+    if libc::WIFSIGNALED(raw) {
+        let sig = libc::WTERMSIG(raw);
+        // SAFETY: restoring the default disposition of one signal in a single-threaded
+        // process about to end; no handler is installed.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+        }
+        leave(128 + sig);
+    }
+    leave(1)
 }
 
 /// Ends the shim with `code`. `_exit`, not `exit`: the forked copy must not run the worker's
@@ -249,12 +252,14 @@ impl Launch {
     /// run's process group and is in the run's directory (std applies `process_group` and
     /// `current_dir` before `pre_exec` closures run).
     pub unsafe fn split_off(&self) -> std::io::Result<()> {
-        let command = self.start_command()?;
+        let command = self.start_command(false)?;
         supervise(command)
     }
 
-    /// Starts the command as a child of this process, made a child subreaper first.
-    pub(crate) fn start_command(&self) -> std::io::Result<Pid> {
+    /// Starts the command as a child of this process, made a child subreaper first; with
+    /// `own_group`, as the leader of a process group of its own (a shim that outlives its
+    /// runs keeps each run's signals to that run), else in the shim's group.
+    pub(crate) fn start_command(&self, own_group: bool) -> std::io::Result<Pid> {
         // Before the command starts, so every descendant of it is re-parented here, never to
         // init. Without it detached processes could escape; the lifeline and the group still
         // hold everything else.
@@ -282,10 +287,13 @@ impl Launch {
         }
         attr.set_sigdefault(&defaults)?;
         attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
-        attr.set_flags(
-            nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
-                | nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK,
-        )?;
+        let mut flags = nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+            | nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK;
+        if own_group {
+            attr.set_pgroup(Pid::from_raw(0))?;
+            flags |= nix::spawn::PosixSpawnFlags::POSIX_SPAWN_SETPGROUP;
+        }
+        attr.set_flags(flags)?;
         let command = posix_spawn(
             self.path.as_c_str(),
             &actions,
@@ -352,26 +360,53 @@ pub(crate) fn supervise(command: Pid) -> ! {
     // What the worker held open is not the shim's: its sockets, other runs' lifelines (whose
     // shims must see EOF when the worker dies), and the pipe through which std tells the worker
     // the exec succeeded (held here, it would block the worker's spawn until this shim ends).
+    close_from(3);
+    ignore_group_signals();
+    match watch(command) {
+        RunEnd::Exited(raw) => exit_like(raw),
+        RunEnd::LifelineCut => leave(128 + Signal::SIGKILL as i32),
+    }
+}
+
+/// Closes every descriptor from `first` on.
+pub(crate) fn close_from(first: u32) {
     // SAFETY: raw system calls on this process's own descriptors.
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3_u32, u32::MAX, 0_u32) };
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0_u32) };
     if closed != 0 {
-        for fd in 3..4096 {
+        for fd in first..4096 {
             // SAFETY: as above; closing a descriptor that is not open is harmless.
-            unsafe { libc::close(fd) };
+            unsafe { libc::close(fd as i32) };
         }
     }
-    // SAFETY: setting dispositions installs no handler code. The group's SIGTERM, SIGINT and
-    // SIGHUP are for the command: the shim stays to clean up after it. The worker's own
-    // SIGCHLD handler (its runtime's) is not the shim's.
+}
+
+/// A shim's signal dispositions: the group's SIGTERM, SIGINT and SIGHUP are for the command,
+/// the shim stays to clean up after it; the worker's own SIGCHLD handler (its runtime's) is
+/// not the shim's.
+pub(crate) fn ignore_group_signals() {
+    // SAFETY: setting dispositions installs no handler code.
     unsafe {
         for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
             let _ = signal(sig, SigHandler::SigIgn);
         }
         let _ = signal(Signal::SIGCHLD, SigHandler::SigDfl);
     }
+}
+
+/// How a run ended, as its shim saw it.
+pub(crate) enum RunEnd {
+    /// The command ended with this raw wait status; what it left behind is dead.
+    Exited(i32),
+    /// The lifeline (stdin) ended first: the command and everything it started are dead.
+    LifelineCut,
+}
+
+/// Waits for `command` or the end of the lifeline on stdin, whichever comes first, then
+/// kills every descendant left (a subreaper's: the command's too, however they detached).
+pub(crate) fn watch(command: Pid) -> RunEnd {
     // SAFETY: a raw system call; the descriptor it returns is this process's own.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, command.as_raw(), 0_u32) } as i32;
-    loop {
+    let end = loop {
         let mut fds = [
             libc::pollfd {
                 fd: 0,
@@ -389,26 +424,32 @@ pub(crate) fn supervise(command: Pid) -> ! {
         // SAFETY: `fds` outlives the call and holds `count` entries.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) };
         if ready < 0 && Errno::last() != Errno::EINTR {
-            leave(1);
+            break RunEnd::Exited(1 << 8);
         }
         if pidfd < 0 || fds[1].revents != 0 {
-            let flags = (pidfd < 0).then_some(WaitPidFlag::WNOHANG);
-            match waitpid(command, flags) {
-                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    // The command is done: what it left running goes with it.
-                    kill_descendants();
-                    reap_ready();
-                    exit_like(status);
-                }
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(_) => leave(1),
+            let flags = if pidfd < 0 { libc::WNOHANG } else { 0 };
+            let mut raw = 0;
+            // SAFETY: a raw system call on our own child.
+            let reaped = unsafe { libc::waitpid(command.as_raw(), &mut raw, flags) };
+            if reaped == command.as_raw() && (libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw)) {
+                // The command is done: what it left running goes with it.
+                break RunEnd::Exited(raw);
+            }
+            if reaped < 0 && Errno::last() != Errno::EINTR {
+                break RunEnd::Exited(1 << 8);
             }
         }
         if fds[0].revents != 0 && lifeline_ended() {
-            kill_descendants();
-            leave(128 + Signal::SIGKILL as i32);
+            break RunEnd::LifelineCut;
         }
+    };
+    if pidfd >= 0 {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(pidfd) };
     }
+    kill_descendants();
+    reap_ready();
+    end
 }
 
 /// Reads what the lifeline has; whether it ended (EOF or an error: the worker is gone or wants

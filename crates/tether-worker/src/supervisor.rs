@@ -40,10 +40,10 @@ pub struct SupervisorOptions {
     /// Names of the worker's own environment variables a command receives (besides the run's
     /// `env`); see `command_env`.
     pub pass_env: Arc<[String]>,
-    /// Run each command under a per-run shim (`crate::shim`), so that no process of it
+    /// Run each command under a shim (`crate::shim`), so that no process of it
     /// outlives its attempt. Off only for benchmarks; ignored where unsupported.
     pub run_shim: bool,
-    /// Under a shim: have the run host (`crate::run_host`) fork it, so the worker never forks.
+    /// Under a shim: one the run host (`crate::run_host`) keeps, so the worker never forks.
     /// Off, the worker forks each shim itself.
     pub run_host: bool,
 }

@@ -51,7 +51,7 @@ pub struct WorkerConfig {
     /// Names of this worker's environment variables its commands receive besides the run's
     /// `env` (never `TETHER_*`, never the token).
     pub pass_env: Vec<String>,
-    /// Run each command under a per-run shim, so that no process of it outlives its attempt
+    /// Run each command under a shim, so that no process of it outlives its attempt
     /// (`crate::shim`). Off only for benchmarks.
     pub run_shim: bool,
     /// Have one run host fork the shims (`crate::run_host`), so the worker never forks.

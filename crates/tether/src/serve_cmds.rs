@@ -171,8 +171,8 @@ pub struct WorkerArgs {
     /// `TETHER_*` variables and the worker's token are never passed.
     #[arg(long, env = "TETHER_PASS_ENV", value_delimiter = ',')]
     pub pass_env: Option<Vec<String>>,
-    /// For benchmarks only: run commands without their per-run supervisor (one fork fewer
-    /// per run). Gives up the guarantee that no process of a run outlives its attempt: a
+    /// For benchmarks only: run commands without their supervisor (the shim), forked by the
+    /// worker itself. Gives up the guarantee that no process of a run outlives its attempt: a
     /// process that leaves the command's group (`setsid`) survives it.
     #[arg(long, env = "TETHER_NO_RUN_SHIM")]
     pub no_run_shim: bool,

@@ -581,9 +581,12 @@ async fn the_worker_never_forks_a_run_its_run_host_does() {
 async fn a_run_host_that_dies_fails_its_runs_and_the_next_run_gets_a_new_one() {
     let fake = FakeReporter::new();
     let (control, task) = spawned(sh("echo up; sleep 30"), fake.clone(), options());
-    let shim = fake.wait_for_pid(LIMIT).await;
+    // The reported pid leads the run's group; its parent is the shim, the shim's the host.
+    let group = fake.wait_for_pid(LIMIT).await;
+    let shim = parent_of(group).expect("the command has a parent");
     let host = parent_of(shim).expect("the shim has a parent");
     assert_ne!(host, std::process::id());
+    assert_eq!(parent_of(host), Some(std::process::id()));
     kill(
         Pid::from_raw(host as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -603,7 +606,7 @@ async fn a_run_host_that_dies_fails_its_runs_and_the_next_run_gets_a_new_one() {
             .is_some_and(|m| m.contains("run host")),
         "{finish:?}"
     );
-    assert!(group_gone(shim), "the run outlived its host");
+    assert!(group_gone(group), "the run outlived its host");
 
     let next = FakeReporter::new();
     let end = run(assignment(&["echo", "again"]), next.clone(), LIMIT).await;
