@@ -832,8 +832,12 @@ fn shim_main(control: OwnedFd) -> ! {
             run_one(&request, fds);
         }
         null_stdio();
-        // SAFETY: a raw system call on our own descriptor.
-        unsafe { libc::fchdir(HOME_FD) };
+        // Back where it started, or done: the next run must not start in this one's directory.
+        // SAFETY: raw system calls on our own descriptor.
+        if unsafe { libc::fchdir(HOME_FD) } != 0 {
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) }
+        }
         let idle = [IDLE];
         // SAFETY: sends from our own buffer on our own descriptor.
         let told = unsafe { libc::send(CONTROL_FD, idle.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };

@@ -613,3 +613,34 @@ async fn a_run_host_that_dies_fails_its_runs_and_the_next_run_gets_a_new_one() {
     assert_eq!(reported(&end).status, RunStatus::Succeeded);
     assert_eq!(next.output(OutputStream::Stdout), b"again\n");
 }
+
+#[tokio::test]
+async fn a_kept_shim_starts_each_run_afresh() {
+    // The first run works in /tmp and leaves a process behind; its end kills it.
+    let first = FakeReporter::new();
+    let mut there = sh("echo $PPID; pwd; sleep 30.7321 & echo left");
+    there.cwd = Some("/tmp".into());
+    let end = run(there, first.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let out = String::from_utf8(first.output(OutputStream::Stdout)).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[1], "/tmp", "{out}");
+    assert!(
+        none_running(&["sleep", "30.7321"]),
+        "what the first run left behind outlived it"
+    );
+
+    // The next run gets the same shim, back in the worker's directory.
+    let second = FakeReporter::new();
+    let end = run(sh("echo $PPID; pwd"), second.clone(), LIMIT).await;
+    assert_eq!(reported(&end).status, RunStatus::Succeeded);
+    let again = String::from_utf8(second.output(OutputStream::Stdout)).unwrap();
+    let again: Vec<&str> = again.lines().collect();
+    assert_eq!(again[0], lines[0], "a shim kept for the next run");
+    let here = std::env::current_dir().unwrap();
+    assert_eq!(
+        again[1],
+        here.to_str().unwrap(),
+        "not the first run's directory"
+    );
+}
