@@ -222,39 +222,67 @@ pub struct QueuedReport {
 }
 
 /// Attempts launched whose first report (the start, or a spawn failure's finish) has not been
-/// read yet. Before a call goes, the sender waits for them: a claim's answer launches its
-/// runs, and their starts go together in the next call instead of one behind a call that
-/// carries only what ended meanwhile. Spawns take well under a millisecond, so this is a wait
-/// on events the worker itself is producing, not a timer.
+/// read yet. Before a call goes, the sender waits for the ones launched so far: a claim's
+/// answer launches its runs, and their starts go together in the next call instead of one
+/// behind a call that carries only what ended meanwhile. Spawns take about a millisecond, so
+/// this is a wait on events the worker itself is producing, not a timer.
+///
+/// Only the launches made before the wait began are waited for (they count in the closed
+/// epoch; later ones in the next): a worker whose slots keep launching from its local queue
+/// would otherwise rarely see none unsettled, and hold its finishes, and the claim riding on
+/// them, until the queue ran dry.
 #[derive(Debug, Default)]
 struct Launches {
-    unsettled: std::sync::atomic::AtomicUsize,
+    /// The epoch new launches count in (0 or 1).
+    epoch: std::sync::atomic::AtomicUsize,
+    unsettled: [std::sync::atomic::AtomicUsize; 2],
     settled: tokio::sync::Notify,
 }
 
 impl Launches {
-    /// Whether every launch so far has settled; `settled` must have been enabled first, so a
-    /// launch settling right after this answers still wakes it.
+    fn launch(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let epoch = self.epoch.load(Ordering::Acquire) & 1;
+        self.unsettled[epoch].fetch_add(1, Ordering::AcqRel);
+        epoch
+    }
+
+    fn settle(&self, epoch: usize) {
+        use std::sync::atomic::Ordering;
+        if self.unsettled[epoch].fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Closes the current epoch: launches from now on count in the other. Returns the closed
+    /// one, to wait on with [`Launches::settled_in`].
+    fn close_epoch(&self) -> usize {
+        self.epoch.fetch_xor(1, std::sync::atomic::Ordering::AcqRel) & 1
+    }
+
+    /// Whether every launch of `epoch` has settled; `settled` must have been enabled first,
+    /// so a launch settling right after this answers still wakes it.
+    fn settled_in(&self, epoch: usize) -> bool {
+        self.unsettled[epoch].load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    /// Whether every launch so far has settled (as [`Launches::settled_in`]).
     fn all_settled(&self) -> bool {
-        self.unsettled.load(std::sync::atomic::Ordering::Acquire) == 0
+        self.settled_in(0) && self.settled_in(1)
     }
 }
 
 /// One launch not yet settled; dropped once its first report is read, or once its
 /// supervision ends without one.
 #[derive(Debug)]
-pub struct LaunchGuard(std::sync::Arc<Launches>);
+pub struct LaunchGuard {
+    launches: std::sync::Arc<Launches>,
+    epoch: usize,
+}
 
 impl Drop for LaunchGuard {
     fn drop(&mut self) {
-        if self
-            .0
-            .unsettled
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            self.0.settled.notify_waiters();
-        }
+        self.launches.settle(self.epoch);
     }
 }
 
@@ -266,8 +294,10 @@ pub struct ReportInbox {
 }
 
 impl ReportInbox {
-    /// Waits until every launch is settled, reading what arrives meanwhile into `reports`.
+    /// Waits until every launch made before it began is settled, reading what arrives meanwhile
+    /// into `reports`.
     async fn settle_launches(&mut self, reports: &mut Vec<QueuedReport>) {
+        let epoch = self.launches.close_epoch();
         loop {
             while let Ok(mut more) = self.rx.try_recv() {
                 more.launch = None;
@@ -276,7 +306,7 @@ impl ReportInbox {
             let settled = self.launches.settled.notified();
             tokio::pin!(settled);
             settled.as_mut().enable();
-            if self.launches.all_settled() {
+            if self.launches.settled_in(epoch) {
                 return;
             }
             tokio::select! {
@@ -336,10 +366,11 @@ impl ReportQueue {
 
     /// An attempt is being launched: the next call waits for its first report.
     pub fn launching(&self) -> LaunchGuard {
-        self.launches
-            .unsettled
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        LaunchGuard(self.launches.clone())
+        let epoch = self.launches.launch();
+        LaunchGuard {
+            launches: self.launches.clone(),
+            epoch,
+        }
     }
 
     async fn report(
@@ -767,6 +798,29 @@ async fn send_alone(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_waits_only_for_the_launches_made_before_it() {
+        let (queue, mut inbox) = ReportQueue::new();
+        let before = queue.launching();
+        let mut reports = Vec::new();
+        let after = {
+            let settle = inbox.settle_launches(&mut reports);
+            tokio::pin!(settle);
+            assert!(futures::poll!(settle.as_mut()).is_pending());
+            // A launch after the wait began does not hold it.
+            let after = queue.launching();
+            drop(before);
+            assert!(futures::poll!(settle.as_mut()).is_ready());
+            after
+        };
+        // The next wait waits for it.
+        let settle = inbox.settle_launches(&mut reports);
+        tokio::pin!(settle);
+        assert!(futures::poll!(settle.as_mut()).is_pending());
+        drop(after);
+        assert!(futures::poll!(settle.as_mut()).is_ready());
+    }
 
     #[tokio::test]
     async fn launches_settle_once_every_launch_has_reported() {
