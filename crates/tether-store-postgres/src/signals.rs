@@ -84,20 +84,14 @@ impl Peers {
 
     /// Whether this store's commits should notify: a peer may be listening.
     pub(crate) fn present(&self) -> bool {
-        let now = self.started.elapsed();
-        if now < STARTUP_GRACE && !self.grace_over.load(Ordering::Acquire) {
-            return true;
-        }
-        match self.last_heard.load(Ordering::Acquire) {
-            0 => false,
-            heard => now.saturating_sub(Duration::from_millis(heard - 1)) < PEER_TTL,
-        }
+        let in_grace =
+            self.started.elapsed() < STARTUP_GRACE && !self.grace_over.load(Ordering::Acquire);
+        in_grace || self.heard_lately()
     }
 
-    /// A peer was heard now. Whether it was not present before (a peer this store must catch
-    /// up with).
-    fn heard(&self) -> bool {
-        let was_present = match self.last_heard.load(Ordering::Acquire) {
+    /// Whether a peer was heard within [`PEER_TTL`].
+    fn heard_lately(&self) -> bool {
+        match self.last_heard.load(Ordering::Acquire) {
             0 => false,
             heard => {
                 self.started
@@ -105,10 +99,16 @@ impl Peers {
                     .saturating_sub(Duration::from_millis(heard - 1))
                     < PEER_TTL
             }
-        };
+        }
+    }
+
+    /// A peer was heard now. Whether it was not present before (a peer this store must catch
+    /// up with).
+    fn heard(&self) -> bool {
+        let new = !self.heard_lately();
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.last_heard.store(now_ms + 1, Ordering::Release);
-        !was_present
+        new
     }
 }
 

@@ -72,19 +72,19 @@ const SPAWNED: u8 = 1;
 const FAILED: u8 = 2;
 const EXITED: u8 = 3;
 
-/// A shim the host started: its pid (the run's process group), when its command started, and
-/// its status once reaped.
+/// A run the host's shim started: the command's pid (the leader of the run's process group),
+/// when it started, and its status once it ended.
 #[derive(Debug)]
-pub struct HostedShim {
+pub struct HostedRun {
     pub pid: u32,
     /// Stamped by the shim as its command's exec returned, so the run's `started_at` is not
     /// pushed back by the hops that carry the answer here.
     pub started: Instant,
-    /// Its status, and when the host reaped it (the run's `finished_at`, likewise).
+    /// Its status, and when its end was seen (the run's `finished_at`, likewise).
     pub exit: oneshot::Receiver<std::io::Result<(ExitStatus, Instant)>>,
 }
 
-type SpawnAnswer = Result<HostedShim, HostSpawnError>;
+type SpawnAnswer = Result<HostedRun, HostSpawnError>;
 
 /// Why the host did not start a run.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +176,7 @@ impl RunHost {
         launch: &Launch,
         cwd: Option<&Path>,
         fds: [OwnedFd; 3],
-    ) -> Result<HostedShim, HostSpawnError> {
+    ) -> Result<HostedRun, HostSpawnError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -218,32 +218,13 @@ impl RunHost {
     fn read_answers(&self) {
         // The host's end: its shims share its socket and outlive it by a run, so the socket's
         // end comes too late to tell.
-        // SAFETY: a raw system call; the descriptor it returns is ours.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.host_pid, 0_u32) } as RawFd;
+        let pidfd = crate::shim::pidfd_open(self.host_pid);
         let mut buf = [0u8; ANSWER_LEN];
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.socket.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: pidfd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // Without a pidfd (a kernel before 5.3), look at the host every second instead.
-            let (count, timeout) = if pidfd >= 0 { (2, -1) } else { (1, 1000) };
-            // SAFETY: `fds` outlives the call and holds `count` entries.
-            if unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) } < 0 {
-                if Errno::last() == Errno::EINTR {
-                    continue;
-                }
-                break;
-            }
-            if fds[0].revents != 0 {
+        // Without a pidfd, the host is looked at every second instead.
+        while let Some((answered, ended)) =
+            crate::shim::wait_either(self.socket.as_raw_fd(), pidfd, 1000)
+        {
+            if answered {
                 let got = {
                     let mut iov = [IoSliceMut::new(&mut buf)];
                     recvmsg::<()>(
@@ -263,14 +244,14 @@ impl RunHost {
                 // What the host said before it ended is read before its end is looked at.
                 continue;
             }
-            let host_ended = if pidfd >= 0 {
-                fds[1].revents != 0
-            } else {
-                // SAFETY: a raw system call on our own child.
-                let reaped =
-                    unsafe { libc::waitpid(self.host_pid, std::ptr::null_mut(), libc::WNOHANG) };
-                reaped == self.host_pid
-            };
+            let host_ended = ended
+                && (pidfd >= 0 || {
+                    // SAFETY: a raw system call on our own child.
+                    let reaped = unsafe {
+                        libc::waitpid(self.host_pid, std::ptr::null_mut(), libc::WNOHANG)
+                    };
+                    reaped == self.host_pid
+                });
             if host_ended {
                 break;
             }
@@ -306,12 +287,12 @@ impl RunHost {
                 // Registered before the next answer is read, so its `exited` finds it.
                 state.exits.insert(a, tx);
                 if let Some(waiter) = state.spawns.remove(&a) {
-                    let shim = HostedShim {
+                    let run = HostedRun {
                         pid,
                         started: instant_of(at),
                         exit: rx,
                     };
-                    if waiter.send(Ok(shim)).is_err() {
+                    if waiter.send(Ok(run)).is_err() {
                         // Nobody waits for this run any more; its lifeline is closed, so the
                         // shim is ending it. Only its status is left to drop.
                         state.exits.remove(&a);
@@ -557,6 +538,9 @@ fn host_main(socket: OwnedFd) -> ! {
             if fds[2 + 2 * i].revents != 0 {
                 shim.read_idle();
             }
+            // Only a shim that may have ended is looked at: one system call per end, not one
+            // per shim per request.
+            shim.may_have_ended |= shim.pidfd < 0 || fds[1 + 2 * i].revents != 0;
         }
         reap_shims(&mut shims);
         if fds[0].revents != 0 && !worker_gone {
@@ -603,6 +587,8 @@ struct Shim {
     control: RawFd,
     /// The request it runs now.
     running: Option<u64>,
+    /// Its pidfd was readable (or it has none): worth a `waitpid`.
+    may_have_ended: bool,
 }
 
 impl Shim {
@@ -670,33 +656,10 @@ impl Shim {
 /// Reads one request and hands it to a waiting shim (or a new one); `false` once the worker
 /// is gone.
 fn serve_request(msg: &mut [u8], shims: &mut Vec<Shim>) -> bool {
-    let mut space = nix::cmsg_space!([RawFd; 3]);
-    let (len, fds) = {
-        let mut iov = [IoSliceMut::new(msg)];
-        match recvmsg::<()>(
-            SOCKET_FD,
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(m) => {
-                let mut fds: Vec<OwnedFd> = Vec::new();
-                if let Ok(cmsgs) = m.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(raw) = c {
-                            // SAFETY: descriptors just received are ours alone.
-                            fds.extend(
-                                raw.into_iter()
-                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
-                        }
-                    }
-                }
-                (m.bytes, fds)
-            }
-            Err(Errno::EINTR | Errno::EAGAIN) => return true,
-            Err(_) => return false,
-        }
+    let (len, fds) = match receive(SOCKET_FD, msg, MsgFlags::MSG_DONTWAIT) {
+        Ok(got) => got,
+        Err(Errno::EINTR | Errno::EAGAIN) => return true,
+        Err(_) => return false,
     };
     if len == 0 {
         return false;
@@ -747,6 +710,10 @@ fn send_answer(answer: &[u8]) -> bool {
 /// ends itself) has that run's end reported here, with its own status.
 fn reap_shims(shims: &mut Vec<Shim>) {
     shims.retain_mut(|shim| {
+        if !shim.may_have_ended {
+            return true;
+        }
+        shim.may_have_ended = false;
         let mut status = 0;
         // SAFETY: a raw system call on our own child.
         let reaped = unsafe { libc::waitpid(shim.pid, &mut status, libc::WNOHANG) };
@@ -783,8 +750,7 @@ fn fork_shim() -> Result<Shim, Errno> {
         }
         pid => {
             drop(theirs);
-            // SAFETY: a raw system call; the descriptor it returns is ours.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) } as RawFd;
+            let pidfd = crate::shim::pidfd_open(pid);
             let control = ours.as_raw_fd();
             std::mem::forget(ours);
             Ok(Shim {
@@ -792,6 +758,7 @@ fn fork_shim() -> Result<Shim, Errno> {
                 pidfd,
                 control,
                 running: None,
+                may_have_ended: false,
             })
         }
     }
@@ -852,39 +819,40 @@ fn shim_main(control: OwnedFd) -> ! {
 /// gone or lets it go.
 fn next_run(msg: &mut [u8]) -> Option<(usize, [OwnedFd; 3])> {
     loop {
-        let mut space = nix::cmsg_space!([RawFd; 3]);
-        let mut iov = [IoSliceMut::new(msg)];
-        match recvmsg::<()>(
-            CONTROL_FD,
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => {
-                if m.bytes == 0 {
-                    return None;
-                }
-                let mut fds: Vec<OwnedFd> = Vec::new();
-                if let Ok(cmsgs) = m.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(raw) = c {
-                            // SAFETY: descriptors just received are ours alone.
-                            fds.extend(
-                                raw.into_iter()
-                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
-                        }
-                    }
-                }
-                let bytes = m.bytes;
+        match receive(CONTROL_FD, msg, MsgFlags::empty()) {
+            Ok((0, _)) => return None,
+            Ok((len, fds)) => {
                 if let Ok(fds) = <[OwnedFd; 3]>::try_from(fds) {
-                    return Some((bytes, fds));
+                    return Some((len, fds));
                 }
             }
             Err(Errno::EINTR) => {}
             Err(_) => return None,
         }
     }
+}
+
+/// One message from `socket` into `msg`, with the descriptors it carries (close-on-exec).
+fn receive(socket: RawFd, msg: &mut [u8], flags: MsgFlags) -> nix::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut iov = [IoSliceMut::new(msg)];
+    let m = recvmsg::<()>(
+        socket,
+        &mut iov,
+        Some(&mut space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in m.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: descriptors just received are ours alone.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((m.bytes, fds))
 }
 
 /// Runs one request to its end and reports it to the worker.

@@ -393,6 +393,36 @@ pub(crate) fn ignore_group_signals() {
     }
 }
 
+/// A pidfd for `pid` (readable once it ended), or -1 where the kernel has none (before 5.3).
+pub(crate) fn pidfd_open(pid: i32) -> i32 {
+    // SAFETY: a raw system call; the descriptor it returns is this process's own.
+    unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0_u32) as i32 }
+}
+
+/// Waits until `fd` is readable or the process behind `pidfd` ended: whether each is. Without
+/// a pidfd (-1) it looks again every `fallback` ms, answering `(false, true)` each time, so
+/// the caller checks the process itself. `None` on a poll error other than an interruption.
+pub(crate) fn wait_either(fd: i32, pidfd: i32, fallback: i32) -> Option<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let (count, timeout) = if pidfd >= 0 { (2, -1) } else { (1, fallback) };
+    // SAFETY: `fds` outlives the call and holds `count` entries.
+    if unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) } < 0 {
+        return (Errno::last() == Errno::EINTR).then_some((false, false));
+    }
+    Some((fds[0].revents != 0, pidfd < 0 || fds[1].revents != 0))
+}
+
 /// How a run ended, as its shim saw it.
 pub(crate) enum RunEnd {
     /// The command ended with this raw wait status; what it left behind is dead.
@@ -404,29 +434,13 @@ pub(crate) enum RunEnd {
 /// Waits for `command` or the end of the lifeline on stdin, whichever comes first, then
 /// kills every descendant left (a subreaper's: the command's too, however they detached).
 pub(crate) fn watch(command: Pid) -> RunEnd {
-    // SAFETY: a raw system call; the descriptor it returns is this process's own.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, command.as_raw(), 0_u32) } as i32;
+    let pidfd = pidfd_open(command.as_raw());
     let end = loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: 0,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pidfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // Without a pidfd (a kernel before 5.3), look at the command every 20 ms instead.
-        let (count, timeout) = if pidfd >= 0 { (2, -1) } else { (1, 20) };
-        // SAFETY: `fds` outlives the call and holds `count` entries.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) };
-        if ready < 0 && Errno::last() != Errno::EINTR {
+        // Without a pidfd, look at the command every 20 ms instead.
+        let Some((lifeline, ended)) = wait_either(0, pidfd, 20) else {
             break RunEnd::Exited(1 << 8);
-        }
-        if pidfd < 0 || fds[1].revents != 0 {
+        };
+        if ended {
             let flags = if pidfd < 0 { libc::WNOHANG } else { 0 };
             let mut raw = 0;
             // SAFETY: a raw system call on our own child.
@@ -439,7 +453,7 @@ pub(crate) fn watch(command: Pid) -> RunEnd {
                 break RunEnd::Exited(1 << 8);
             }
         }
-        if fds[0].revents != 0 && lifeline_ended() {
+        if lifeline && lifeline_ended() {
             break RunEnd::LifelineCut;
         }
     };

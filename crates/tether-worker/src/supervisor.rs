@@ -233,7 +233,7 @@ pub async fn supervise(
                 stats.bytes(OutputStream::Stdout) == 0 && stats.bytes(OutputStream::Stderr) == 0;
             if silent {
                 let finish = finish_for_exit(child.wait().await);
-                let ended = child.ended.unwrap_or_else(std::time::Instant::now);
+                let ended = child.ended_at();
                 let (started, end) = tokio::join!(
                     start,
                     report_finish(
@@ -393,7 +393,7 @@ pub async fn supervise(
     } else {
         tracing::info!(run_id, attempt, status = %finish.status, error_code = ?finish.error_code, exit_code = ?finish.exit_code, "finished");
     }
-    let ended = child.ended.unwrap_or_else(std::time::Instant::now);
+    let ended = child.ended_at();
     report_finish(
         &*reporter,
         &stats,
@@ -519,16 +519,16 @@ async fn spawn_hosted(
     };
     let stdout = reader(out_r)?;
     let stderr = reader(err_r)?;
-    let shim = host.spawn(launch, cwd, [out_w, err_w, life_r]).await?;
+    let run = host.spawn(launch, cwd, [out_w, err_w, life_r]).await?;
     Ok(RunProcess {
-        pid: shim.pid,
-        started: shim.started,
+        pid: run.pid,
+        started: run.started,
         ended: None,
         stdout: Some(stdout),
         stderr: Some(stderr),
         lifeline: Some(life_w),
         waiter: Waiter::Host {
-            exit: Some(shim.exit),
+            exit: Some(run.exit),
             status: None,
         },
     })
@@ -563,6 +563,11 @@ enum Waiter {
 }
 
 impl RunProcess {
+    /// When it was seen to end: its `finished_at` (now, if that is not known).
+    fn ended_at(&self) -> std::time::Instant {
+        self.ended.unwrap_or_else(std::time::Instant::now)
+    }
+
     /// Waits for it to end; at once, and with the same answer, once it has. Cancel-safe.
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match &mut self.waiter {

@@ -134,6 +134,27 @@ impl TestServer {
         body["worker_id"].as_str().unwrap().to_string()
     }
 
+    /// Opens a claim long-poll with `body` (`max_runs`, `wait_ms`) in a task of its own: the
+    /// answer's body, and how long it took.
+    pub fn open_claim(
+        &self,
+        worker: &str,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(Value, std::time::Duration)> {
+        let request = self
+            .as_worker(
+                self.http
+                    .post(self.url(&format!("/v1/workers/{worker}/claim"))),
+                worker,
+            )
+            .json(&body);
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let answer: Value = request.send().await.unwrap().json().await.unwrap();
+            (answer, started.elapsed())
+        })
+    }
+
     /// Claims without waiting.
     pub async fn claim(&self, worker: &str, max_runs: u32) -> Vec<Value> {
         let (status, body) = self

@@ -366,22 +366,7 @@ async fn a_worker_hands_back_runs_it_never_started() {
 async fn a_claim_long_polls_until_a_run_is_submitted() {
     let s = TestServer::start().await;
     let worker = s.register(1.0).await;
-    let request = s.as_worker(
-        s.http.post(s.url(&format!("/v1/workers/{worker}/claim"))),
-        &worker,
-    );
-    let waiting = tokio::spawn(async move {
-        let started = tokio::time::Instant::now();
-        let body: Value = request
-            .json(&json!({"max_runs": 1, "wait_ms": 4000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (body, started.elapsed())
-    });
+    let waiting = s.open_claim(&worker, json!({"max_runs": 1, "wait_ms": 4000}));
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A worker that stopped heartbeating gets nothing, even with a claim open: beat first.
     let (status, _) = s
@@ -547,21 +532,7 @@ async fn a_submission_is_handed_to_a_claim_waiting_on_this_server() {
         )
         .await;
     assert_eq!(status, 200);
-    let request = s.as_worker(
-        s.http.post(s.url(&format!("/v1/workers/{worker}/claim"))),
-        &worker,
-    );
-    let waiting = tokio::spawn(async move {
-        let body: Value = request
-            .json(&json!({"max_runs": 4, "wait_ms": 10_000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body
-    });
+    let waiting = s.open_claim(&worker, json!({"max_runs": 4, "wait_ms": 10_000}));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while s.state().waiting_claims.is_empty() {
         assert!(
@@ -575,7 +546,7 @@ async fn a_submission_is_handed_to_a_claim_waiting_on_this_server() {
     assert_eq!(run["status"], "claimed", "{run}");
     assert_eq!(run["attempt"], 1);
     assert_eq!(run["worker_id"], worker.as_str());
-    let body = tokio::time::timeout(Duration::from_secs(5), waiting)
+    let (body, _) = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("the waiting claim is answered at once")
         .unwrap();

@@ -35,11 +35,18 @@ pub(super) async fn claim_runs<D: Driver>(
 
 /// What a claim took, answered once its transaction commits (the writes go out with the
 /// commit, their rows read back from it).
-pub(super) struct Claims(Vec<(u32, Ticket)>, Vec<String>);
+pub(super) struct Claims(Vec<Claim>);
+
+/// One run taken: its new attempt, and its write's place among those answered.
+struct Claim {
+    run_id: String,
+    attempt: u32,
+    ticket: Ticket,
+}
 
 impl Claims {
     pub(super) fn none() -> Claims {
-        Claims(Vec::new(), Vec::new())
+        Claims(Vec::new())
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -48,16 +55,16 @@ impl Claims {
 
     /// The runs taken.
     pub(super) fn run_ids(&self) -> std::collections::HashSet<&str> {
-        self.1.iter().map(String::as_str).collect()
+        self.0.iter().map(|c| c.run_id.as_str()).collect()
     }
 
     pub(super) fn answer(self, done: &Committed) -> StoreResult<Vec<ClaimedRun>> {
         self.0
             .into_iter()
-            .map(|(attempt, ticket)| {
+            .map(|c| {
                 Ok(ClaimedRun {
-                    attempt,
-                    run: done.written(ticket)?,
+                    attempt: c.attempt,
+                    run: done.written(c.ticket)?,
                 })
             })
             .collect()
@@ -138,8 +145,7 @@ pub(super) async fn claim_in<T: DriverTx>(
     let mut room = Room::left(&reach, &held, &Resources::NONE);
 
     let wanted = |claimed: usize| limits.max_runs == 0 || claimed < limits.max_runs as usize;
-    let mut claimed: Vec<(u32, Ticket)> = Vec::new();
-    let mut claimed_ids: Vec<String> = Vec::new();
+    let mut claimed: Vec<Claim> = Vec::new();
     let mut after_seq = 0_i64;
     let mut scanned = 0_usize;
     let mut next_page = Some(first_page);
@@ -222,12 +228,15 @@ pub(super) async fn claim_in<T: DriverTx>(
             if let Some((n, _)) = lane_count.get_mut(pending.lane.as_str()) {
                 *n += 1;
             }
-            claimed.push((attempt, ticket));
-            claimed_ids.push(pending.id.clone());
+            claimed.push(Claim {
+                run_id: pending.id.clone(),
+                attempt,
+                ticket,
+            });
         }
         if last_page || scanned >= CLAIM_SCAN_LIMIT || room.is_spent() || !wanted(claimed.len()) {
             break;
         }
     }
-    Ok(Claims(claimed, claimed_ids))
+    Ok(Claims(claimed))
 }

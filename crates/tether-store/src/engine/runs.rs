@@ -29,10 +29,7 @@ pub(super) async fn admit_one<D: Driver>(
     if policy.is_some_and(|p| p.reject_when_full) {
         work.tx().await?.lock_lane(&spec.lane).await?;
     }
-    let mut doors = Doors {
-        known: worker.clone(),
-        ..Doors::default()
-    };
+    let mut doors = Doors::default();
     let mut admission = accept(&mut work, spec, policy, &mut Places::default(), &mut doors).await?;
     let Admission::Accepted(created) = &mut admission else {
         return Ok((admission, Vec::new()));
@@ -69,10 +66,7 @@ pub(super) async fn admit_batch<D: Driver>(
     }
     let mut runs = Vec::with_capacity(batch.len());
     let mut places = Places::default();
-    let mut doors = Doors {
-        known: worker.clone(),
-        ..Doors::default()
-    };
+    let mut doors = Doors::default();
     for (index, (spec, policy)) in batch.iter().enumerate() {
         let decided = accept(&mut work, spec, Some(policy), &mut places, &mut doors).await;
         match batch_entry(&spec.lane, decided)? {
@@ -244,10 +238,6 @@ async fn find_by_key<T: DriverTx>(
 #[derive(Default)]
 struct Doors {
     serving: BTreeMap<(String, i64), Vec<(String, Resources)>>,
-    /// A live worker this transaction holds locked (a hand-off's): a queue lane it serves
-    /// and fits admits without reading the others, as one fitting worker is all that lane's
-    /// door asks.
-    known: Option<WorkerRecord>,
 }
 
 /// The lane's door for `spec` under `policy`, from what the lane holds now.
@@ -258,17 +248,6 @@ async fn judge_door<T: DriverTx>(
     doors: &mut Doors,
 ) -> StoreResult<Door> {
     let fresh_since = work.now().saturating_sub(policy.worker_fresh_ms);
-    if !policy.reject_when_full {
-        let fits_known = doors.known.as_ref().is_some_and(|w| {
-            !w.draining
-                && w.last_heartbeat_at >= fresh_since
-                && (w.lanes.is_empty() || w.lanes.contains(&spec.lane))
-                && spec.resources.fits_in(&w.capacity)
-        });
-        if fits_known {
-            return Ok(Door::Admit);
-        }
-    }
     let key = (spec.lane.clone(), fresh_since);
     let serving = match doors.serving.get(&key) {
         Some(serving) => serving.clone(),

@@ -172,6 +172,18 @@ impl Cluster {
         submit_to(&self.http, self.base(), body).await
     }
 
+    /// The server's `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        let scrape = self
+            .http
+            .get(format!("{}/metrics", self.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(scrape.status().as_u16(), 200);
+        scrape.text().await.unwrap()
+    }
+
     pub async fn run(&self, id: &str) -> Value {
         get_run(&self.http, self.base(), id).await
     }

@@ -269,14 +269,7 @@ async fn the_first_scrape_shows_every_outcome_refusal_and_reap() {
     .await;
 
     // The first scrape.
-    let scrape = c
-        .http
-        .get(format!("{}/metrics", c.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(scrape.status().as_u16(), 200);
-    let text = scrape.text().await.unwrap();
+    let text = c.metrics().await;
     let m = parse(&text);
 
     // Every series is described.

@@ -500,15 +500,7 @@ async fn an_idle_worker_is_handed_the_run_at_its_submission(mut c: Cluster) {
     .await;
     assert_eq!(handed["attempt"], 1, "{handed}");
     // Counted as handed off.
-    let metrics = c
-        .http
-        .get(format!("{}/metrics", c.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics().await;
     let handed_off: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("tether_runs_handed_off_total "))
