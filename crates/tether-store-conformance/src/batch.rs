@@ -234,6 +234,7 @@ pub async fn a_start_and_a_retried_finish_in_one_call_leave_what_two_calls_would
             &[item(&runs[0], 1)],
             &[done(&runs[0], 1, failed, 1)],
             None,
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -304,6 +305,7 @@ pub async fn a_report_starts_finishes_and_claims_the_room_freed_in_one_call(h: &
                 ),
             ],
             Some(&limits(0)),
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -419,6 +421,7 @@ pub async fn reported_times_place_starts_and_ends_when_they_happened(h: &dyn Har
             ],
             &[ended(done(&runs[0], 1, succeeded, 0), 100)],
             None,
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -432,6 +435,7 @@ pub async fn reported_times_place_starts_and_ends_when_they_happened(h: &dyn Har
                 ended(done(&runs[2], 1, succeeded, 0), 3_600_000),
             ],
             None,
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -477,6 +481,7 @@ pub async fn a_report_s_refused_claim_leaves_its_items_standing(h: &dyn Harness)
             &[item(&runs[0], 1)],
             &[done(&runs[0], 1, AttemptOutcome::Succeeded, 0)],
             Some(&limits(0)),
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -489,6 +494,7 @@ pub async fn a_report_s_refused_claim_leaves_its_items_standing(h: &dyn Harness)
             &[item(&runs[0], 1)],
             &[],
             Some(&limits(0)),
+            Instant::now(),
         )
         .await
         .expect("report_attempts");
@@ -502,4 +508,28 @@ pub async fn a_report_s_refused_claim_leaves_its_items_standing(h: &dyn Harness)
 
 fn is_terminal_answer(answer: &StoreResult<RunRecord>) -> bool {
     matches!(answer, Err(StoreError::Terminal))
+}
+
+pub async fn a_call_s_wait_for_its_transaction_counts_into_its_stamps(h: &dyn Harness) {
+    let fx = h.fresh().await;
+    let store = &fx.store;
+    let (worker, runs) = claimed(store, 1, 3).await;
+    let claimed_at = store.get_run(&runs[0]).await.unwrap().unwrap().claimed_at;
+    let claimed_at = claimed_at.expect("a claimed run has its claim's stamp");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Reported as it happened (`ago_ms` 0), by a call that arrived 400 ms before its
+    // transaction: the start is placed when the call arrived, not when it got its turn.
+    let received = Instant::now() - Duration::from_millis(400);
+    store
+        .report_attempts(&worker, &[item(&runs[0], 1)], &[], None, received)
+        .await
+        .expect("report_attempts");
+    let now = store.now().await.unwrap();
+    let started = store.get_run(&runs[0]).await.unwrap().unwrap().started_at;
+    let started = started.expect("started");
+    assert!(started <= now - 350, "{started} vs now {now}");
+    assert!(
+        started >= claimed_at + 100,
+        "{started} vs claim {claimed_at}"
+    );
 }

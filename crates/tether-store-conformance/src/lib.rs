@@ -125,6 +125,7 @@ macro_rules! store_conformance_tests {
             batched_starts_judge_each_item_and_answer_in_order,
             batched_finishes_judge_each_item_and_answer_in_order,
             batched_finishes_retry_or_end_as_single_finishes_do,
+            a_call_s_wait_for_its_transaction_counts_into_its_stamps,
             a_report_starts_finishes_and_claims_the_room_freed_in_one_call,
             a_start_and_a_retried_finish_in_one_call_leave_what_two_calls_would,
             reported_times_place_starts_and_ends_when_they_happened,

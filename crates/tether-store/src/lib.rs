@@ -228,36 +228,19 @@ pub trait Store: EndpointStore + Send + Sync + 'static {
 
     /// One worker call's reports: `starts`, then `finishes`, each judged exactly as its
     /// single call would be, then, if `claim` is given, a claim for the room they freed, as
-    /// [`Store::claim_runs`] would make it; in one transaction where the store can. A refusal
+    /// [`Store::claim_runs`] would make it; in one transaction. A refusal
     /// of one item, or of the claim, is its own answer; a database failure fails the whole
-    /// call, which then writes nothing.
+    /// call, which then writes nothing. `received`: when the call arrived; the time it waited
+    /// for its transaction counts into each item's `ago_ms`, so a call that queued behind
+    /// others does not stamp what it reports late.
     async fn report_attempts(
         &self,
         worker_id: &str,
         starts: &[AttemptStart],
         finishes: &[AttemptFinish],
         claim: Option<&ClaimLimits>,
-    ) -> StoreResult<AttemptReports> {
-        let starts = if starts.is_empty() {
-            Vec::new()
-        } else {
-            self.start_attempts(worker_id, starts).await?
-        };
-        let finishes = if finishes.is_empty() {
-            Vec::new()
-        } else {
-            self.finish_attempts(worker_id, finishes).await?
-        };
-        let claimed = match claim {
-            Some(limits) => Some(self.claim_runs(worker_id, limits).await),
-            None => None,
-        };
-        Ok(AttemptReports {
-            starts,
-            finishes,
-            claimed,
-        })
-    }
+        received: std::time::Instant,
+    ) -> StoreResult<AttemptReports>;
 
     // ---- events -----------------------------------------------------------------------
 

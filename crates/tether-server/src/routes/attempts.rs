@@ -199,6 +199,8 @@ pub async fn report_attempts(
     ApiPath(worker_id): ApiPath<String>,
     ApiJson(request): ApiJson<AttemptReportsRequest>,
 ) -> ApiResult<Response> {
+    // The items' `ago_ms` count from the call; its wait for the store counts from here.
+    let received = std::time::Instant::now();
     state
         .worker_secrets
         .verify(&state.store, &worker_id, &headers)
@@ -266,7 +268,7 @@ pub async fn report_attempts(
     let waited = std::time::Instant::now();
     let reports = state
         .store
-        .report_attempts(&worker_id, &refs, &valid, limits.as_ref())
+        .report_attempts(&worker_id, &refs, &valid, limits.as_ref(), received)
         .await?;
 
     let starts = refs

@@ -69,8 +69,12 @@ pub(super) async fn report<D: Driver>(
     starts: &[AttemptStart],
     finishes: &[AttemptFinish],
     claim: Option<&ClaimLimits>,
+    received: std::time::Instant,
 ) -> StoreResult<AttemptReports> {
     let mut work = Work::begin(d).await?;
+    // How long the call waited for its transaction (a connection, the writer, the worker's
+    // row): its items happened that much longer before the transaction's clock.
+    let waited = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
     let worker = match claim {
         Some(_) => Some(claims::lock_worker(&mut work, worker_id).await?),
         None => None,
@@ -80,7 +84,7 @@ pub(super) async fn report<D: Driver>(
         .map(Call::Start)
         .chain(finishes.iter().map(Call::Finish))
         .collect();
-    let answers = calls_in(&mut work, worker_id, &calls).await?;
+    let answers = calls_in(&mut work, worker_id, &calls, waited).await?;
     let answers = place_now(&mut work, answers).await?;
     let claimed = match (claim, worker) {
         (Some(limits), Some(Ok(worker))) => Some(Ok(claims::claim_in(
@@ -129,7 +133,7 @@ async fn in_one_transaction<D: Driver>(
     calls: Vec<Call<'_>>,
 ) -> StoreResult<Vec<StoreResult<RunRecord>>> {
     let mut work = Work::begin(d).await?;
-    let answers = calls_in(&mut work, worker_id, &calls).await?;
+    let answers = calls_in(&mut work, worker_id, &calls, 0).await?;
     let answers = place_now(&mut work, answers).await?;
     let done = work.commit(d).await?;
     after_commit(answers, &done)
@@ -137,19 +141,25 @@ async fn in_one_transaction<D: Driver>(
 
 /// The calls judged in order inside the caller's transaction, their runs locked and loaded
 /// up front in one statement; their answers wait for [`place_now`] and [`after_commit`].
+/// `waited`: how long the call waited for the transaction, added to each item's `ago_ms`.
 async fn calls_in<T: DriverTx>(
     work: &mut Work<T>,
     worker_id: &str,
     calls: &[Call<'_>],
+    waited: u64,
 ) -> StoreResult<Vec<StoreResult<Answer>>> {
     let ids: Vec<&str> = calls.iter().map(Call::run_id).collect();
     work.load(&ids, Lock::Wait).await?;
     let mut answers = Vec::with_capacity(calls.len());
     for call in calls {
         let answer = match call {
-            Call::Start(s) => start_in(work, &s.run_id, s.attempt, worker_id, s.ago_ms).await,
+            Call::Start(s) => {
+                let ago_ms = s.ago_ms.saturating_add(waited);
+                start_in(work, &s.run_id, s.attempt, worker_id, ago_ms).await
+            }
             Call::Finish(f) => {
-                finish_in(work, &f.run_id, f.attempt, worker_id, &f.report, f.ago_ms).await
+                let ago_ms = f.ago_ms.saturating_add(waited);
+                finish_in(work, &f.run_id, f.attempt, worker_id, &f.report, ago_ms).await
             }
         };
         answers.push(per_item(answer)?);

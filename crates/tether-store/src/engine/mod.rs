@@ -189,8 +189,9 @@ impl<D: Driver + EndpointStore> Store for D {
         starts: &[AttemptStart],
         finishes: &[AttemptFinish],
         claim: Option<&ClaimLimits>,
+        received: std::time::Instant,
     ) -> StoreResult<AttemptReports> {
-        attempts::report(self, worker_id, starts, finishes, claim).await
+        attempts::report(self, worker_id, starts, finishes, claim, received).await
     }
 
     async fn events_after(
